@@ -1,0 +1,237 @@
+"""Run configuration: pydantic models loaded from ``configs/*.yaml``, with CLI overrides.
+
+- Unknown keys are rejected (``extra="forbid"``) with the dotted key and a close match.
+- CLI options and ``--set section.key=value`` override YAML values (values parsed as YAML).
+- Every run writes the resolved config, stamped with the package version and command line,
+  next to its outputs (:func:`write_stamped_config`); a stamped file loads back as a config.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import os
+import platform
+import shlex
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cryoorient_ray import __version__
+from cryoorient_ray.core.symmetry import normalize_symmetry_name
+from cryoorient_ray.errors import CryoOrientError
+from cryoorient_ray.io.files import atomic_write_text
+
+STAMPED_CONFIG_NAME = "config.yaml"
+
+
+class StrictModel(BaseModel):
+    """Base model: unknown keys are errors; values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OrientationConfig(StrictModel):
+    """How orientations are drawn (see :func:`cryoorient_ray.core.sampling.sample_orientations`)."""
+
+    sampler: Literal["uniform", "euler"] = Field("uniform", description="uniform on SO(3), or uniform Euler angles")
+    coverage: Literal["full", "half", "quarter"] = Field("full", description="part of the viewing sphere")
+    symmetry: str = Field("C1", description="point group of the protein: C1, Cn, Dn, T, O, I")
+
+    @field_validator("symmetry")
+    @classmethod
+    def _symmetry(cls, value: str) -> str:
+        return normalize_symmetry_name(value)
+
+
+class SimulateConfig(StrictModel):
+    """Projection simulation settings."""
+
+    n_per_map: int = Field(1000, ge=1, description="projections per density map")
+    orientations: OrientationConfig = Field(default_factory=OrientationConfig)
+
+
+class RayConfig(StrictModel):
+    """Where stages run: local Ray (address null) or an existing cluster."""
+
+    address: str | None = Field(None, description="Ray address (e.g. 'auto' or 'ray://host:10001'); null = local")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs for a local Ray (null = all)")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray (null = all)")
+
+
+class Stamp(StrictModel):
+    """Provenance written into every resolved config."""
+
+    version: str
+    command: str
+    created: str
+    host: str
+    python: str
+
+
+class RunConfig(StrictModel):
+    """A whole run: the root of every ``configs/*.yaml``."""
+
+    name: str = Field("run", min_length=1, description="name of the run")
+    seed: int = Field(0, ge=0, description="seed for every random draw")
+    output_dir: Path = Field(Path("runs/run"), description="folder the run writes to")
+    simulate: SimulateConfig = Field(default_factory=SimulateConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    stamp: Stamp | None = Field(None, description="filled in when the config is written next to outputs")
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (sub)model at ``loc`` (for 'did you mean' hints)."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] = RunConfig) -> str:
+    """One line naming every bad key of a config, e.g. ``demo.yaml: unknown key 'simulate.n'``."""
+    parts = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        dotted = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            hint = (
+                f" (did you mean '{close[0]}'?)" if close else (f" (allowed: {', '.join(allowed)})" if allowed else "")
+            )
+            parts.append(f"unknown key '{dotted}'{hint}")
+        else:
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+            parts.append(f"'{dotted}': {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` (value as YAML) into ``(["section", "key"], value)``."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise CryoOrientError(f"override {text!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise CryoOrientError(f"override {text!r}: value is not valid YAML ({exc.problem})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any] | list[str] | None) -> dict:
+    """Set dotted keys in a nested dict (a copy): from ``--set`` strings or a ``{dotted: value}`` map.
+
+    ``None`` values in a mapping are skipped, so unset CLI options leave the YAML value alone.
+    """
+    out = _deepcopy(data)
+    if not overrides:
+        return out
+    items = (
+        [parse_override(o) for o in overrides]
+        if isinstance(overrides, list)
+        else [(k.split("."), v) for k, v in overrides.items() if v is not None]
+    )
+    for path, value in items:
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise CryoOrientError(f"cannot set '{'.'.join(path)}': '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
+
+
+def read_yaml_mapping(path: str | os.PathLike) -> dict:
+    """Read a YAML file that must hold a mapping; every failure is one clear :class:`CryoOrientError`."""
+    p = Path(path)
+    if not p.exists():
+        raise CryoOrientError(f"config file not found: {p}")
+    if not p.is_file():
+        raise CryoOrientError(f"config path is not a file: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CryoOrientError(f"{p}: not a text file ({exc.reason})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise CryoOrientError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CryoOrientError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    sets: list[str] | None = None,
+) -> RunConfig:
+    """Load and validate a run config.
+
+    Args:
+        path: a YAML file, or None for the defaults.
+        overrides: ``{dotted.key: value}`` from typed CLI options (None values ignored).
+        sets: ``["section.key=value", ...]`` from ``--set``; applied last.
+
+    Raises:
+        CryoOrientError: missing/unreadable file, invalid YAML, unknown key or invalid value.
+    """
+    source = str(path) if path is not None else "config"
+    data = read_yaml_mapping(path) if path is not None else {}
+    data = apply_overrides(apply_overrides(data, overrides), sets)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise CryoOrientError(format_validation_error(exc, source)) from None
+
+
+def make_stamp(argv: list[str] | None = None) -> Stamp:
+    """Provenance for a run: version, command line, time, host, Python."""
+    args = list(sys.argv if argv is None else argv)
+    if args:
+        args[0] = Path(args[0]).name
+    return Stamp(
+        version=__version__,
+        command=shlex.join(args),
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        host=socket.gethostname(),
+        python=platform.python_version(),
+    )
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The config as YAML text (the same form :func:`load_config` reads)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def write_stamped_config(cfg: RunConfig, out_dir: str | os.PathLike, argv: list[str] | None = None) -> Path:
+    """Write ``out_dir/config.yaml``: the resolved config plus its stamp. Returns the path."""
+    stamped = cfg.model_copy(update={"stamp": make_stamp(argv)})
+    header = f"# Resolved config written by cryoorient_ray {__version__}; load it with `cryoorient run <this file>`.\n"
+    return atomic_write_text(Path(out_dir) / STAMPED_CONFIG_NAME, header + dump_config(stamped))

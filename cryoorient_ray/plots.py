@@ -1,0 +1,77 @@
+"""Figures a user can look at (PNG, matplotlib's Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cryoorient_ray.core.euler import unitquat_to_euler_relion  # noqa: E402
+from cryoorient_ray.core.quaternion import quat_distance  # noqa: E402
+from cryoorient_ray.core.sampling import rotation_angle_pdf  # noqa: E402
+from cryoorient_ray.core.symmetry import symmetric_quat_distance  # noqa: E402
+from cryoorient_ray.io.files import atomic_path  # noqa: E402
+
+
+def random_pair_distances(
+    quaternions: np.ndarray, n_pairs: int = 20000, symmetry: str = "C1", seed: int = 0
+) -> np.ndarray:
+    """d_q (or the symmetry-aware d_G) of ``n_pairs`` random pairs ``i != j``."""
+    q = np.asarray(quaternions, dtype=np.float64)
+    n = len(q)
+    if n < 2:
+        return np.zeros(0)
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, n, n_pairs)
+    j = (i + rng.integers(1, n, n_pairs)) % n
+    if symmetry.upper() == "C1":
+        return quat_distance(q[i], q[j])
+    return symmetric_quat_distance(q[i], q[j], symmetry)
+
+
+def plot_orientations(quaternions: np.ndarray, path: str | os.PathLike, title: str = "", symmetry: str = "C1") -> Path:
+    """Three panels: viewing directions (Mollweide), in-plane angle, and pair distances d_q.
+
+    The pair-distance panel overlays ``(1 - cos d)/π``, the density for uniform SO(3) with no
+    symmetry, so a non-uniform sampler or a restricted coverage shows at a glance.
+    """
+    q = np.asarray(quaternions, dtype=np.float64)
+    angles = unitquat_to_euler_relion(q)
+    rot, tilt, psi = np.radians(angles[:, 0]), np.radians(angles[:, 1]), angles[:, 2]
+    fig = plt.figure(figsize=(15, 4.4))
+    ax = fig.add_subplot(1, 3, 1, projection="mollweide")
+    lon = (rot + np.pi) % (2 * np.pi) - np.pi
+    ax.scatter(lon, np.pi / 2 - tilt, s=2, alpha=0.5)
+    ax.set_title("viewing directions (rot, 90° − tilt)")
+    ax.grid(True, alpha=0.4)
+    ax.tick_params(labelsize=7)
+
+    ax = fig.add_subplot(1, 3, 2)
+    ax.hist(psi, bins=36, range=(-180, 180), color="tab:orange", alpha=0.8)
+    ax.set_xlabel("psi (degrees)")
+    ax.set_ylabel("count")
+    ax.set_title("in-plane angle")
+
+    ax = fig.add_subplot(1, 3, 3)
+    d = random_pair_distances(q, symmetry=symmetry)
+    ax.hist(
+        d, bins=45, range=(0, np.pi), density=True, color="tab:green", alpha=0.7, label=f"random pairs ({symmetry})"
+    )
+    theta = np.linspace(0, np.pi, 200)
+    ax.plot(theta, rotation_angle_pdf(theta), "k--", label="uniform SO(3), C1")
+    ax.set_xlabel("d_q (radians)")
+    ax.set_ylabel("density")
+    ax.set_title("pair distances")
+    ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return Path(path)
