@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cryoorient_ray import __version__
 from cryoorient_ray.core.symmetry import normalize_symmetry_name
@@ -48,11 +48,87 @@ class OrientationConfig(StrictModel):
         return normalize_symmetry_name(value)
 
 
-class SimulateConfig(StrictModel):
-    """Projection simulation settings."""
+class InputSpec(StrictModel):
+    """One density source with its own settings (a plain string in ``inputs`` uses the defaults)."""
 
+    source: str = Field(..., min_length=1, description="model/map file, folder, PDB/EMDB id, or pseudo[:SEED]")
+    name: str | None = Field(None, description="name in the store (default: from the source)")
+    symmetry: str | None = Field(None, description="point group (default: orientations.symmetry)")
+    heldout: bool = Field(False, description="hold this protein out of training (tests generalisation)")
+
+    @field_validator("symmetry")
+    @classmethod
+    def _symmetry(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_symmetry_name(value)
+
+
+class NoiseConfig(StrictModel):
+    """Additive Gaussian noise; the paper's σ² = 16 against a signal variance ≈ 1 is about -12 dB."""
+
+    snr_db: float | None = Field(None, description="signal-to-noise ratio in dB per image; null = noiseless")
+
+
+class ShiftConfig(StrictModel):
+    """Off-centring shifts S_t (sub-pixel, no wrap-around)."""
+
+    max_shift: float = Field(0.0, ge=0, description="largest shift along x and y, in pixels")
+    distribution: Literal["triangular", "uniform"] = "triangular"
+
+
+class CTFConfig(StrictModel):
+    """Contrast transfer function (RELION convention); off by default."""
+
+    enabled: bool = False
+    defocus_min: float = Field(5000.0, ge=0, description="Å")
+    defocus_max: float = Field(25000.0, ge=0, description="Å")
+    astigmatism_max: float = Field(500.0, ge=0, description="largest defocus_u - defocus_v, Å")
+    voltage: float = Field(300.0, gt=0, description="kV")
+    cs: float = Field(2.7, ge=0, description="spherical aberration, mm")
+    amplitude_contrast: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> CTFConfig:
+        if self.defocus_min > self.defocus_max:
+            raise ValueError(f"defocus_min {self.defocus_min} is larger than defocus_max {self.defocus_max}")
+        return self
+
+
+class SplitConfig(StrictModel):
+    """Fractions of each protein's projections in train/val/test (the paper's Table 1: 50/17/33 %)."""
+
+    train: float = Field(0.50, ge=0, le=1)
+    val: float = Field(0.17, ge=0, le=1)
+    test: float = Field(0.33, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum(self) -> SplitConfig:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {self.train + self.val + self.test:g}")
+        return self
+
+    def fractions(self) -> tuple[float, float, float]:
+        return (self.train, self.val, self.test)
+
+
+class SimulateConfig(StrictModel):
+    """Projection simulation: density sources → projections in a sharded Zarr store."""
+
+    inputs: list[str | InputSpec] = Field(
+        default_factory=lambda: ["pseudo"], description="files, folders, PDB/EMDB ids or pseudo[:SEED]"
+    )
     n_per_map: int = Field(1000, ge=1, description="projections per density map")
+    image_size: int = Field(64, ge=8, le=1024, description="projection size L (pixels); maps are boxed to L³")
+    voxel_size: float | None = Field(None, gt=0, description="Å per voxel/pixel; null = the map's own (3 Å for models)")
+    resolution: float | None = Field(None, gt=0, description="Å, for maps made from atomic models (default 2·voxel)")
     orientations: OrientationConfig = Field(default_factory=OrientationConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
+    shifts: ShiftConfig = Field(default_factory=ShiftConfig)
+    ctf: CTFConfig = Field(default_factory=CTFConfig)
+    splits: SplitConfig = Field(default_factory=SplitConfig)
+    shard_size: int = Field(256, ge=1, description="projections per shard (one Ray task writes one shard)")
+    backend: Literal["auto", "torch", "real", "astra"] = Field("auto", description="projector; auto = ASTRA with CUDA")
+    skip_failed_inputs: bool = Field(False, description="skip sources that fail to load instead of stopping")
+    store: str | None = Field(None, description="output store (default: <output_dir>/projections.zarr)")
 
 
 class RayConfig(StrictModel):

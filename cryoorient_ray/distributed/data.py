@@ -1,0 +1,194 @@
+"""Ray Data streams over projection stores: samples, and training pairs (p_i, p_j, d_q).
+
+Zarr v3 stores are read with a small reader of our own (Ray's ``read_zarr`` does not read Zarr 3):
+a dataset of shard descriptors ``{store, shard}`` is mapped, one block per shard, to the
+shard's rows. Only completed shards are read.
+
+Pairs are formed *within* a shard, between projections of the same protein and the same split
+(so train/val/test pairs stay disjoint), with the symmetry-aware distance d_G of the protein's
+point group, and resampled so their distances are uniform on [0, π]
+(:mod:`cryoorient_ray.core.pairs`). Batches come out ready for ``iter_torch_batches``:
+``image_i (B, L, L)``, ``image_j (B, L, L)``, ``distance (B,)`` float32, plus ``protein``,
+``index_i``, ``index_j`` and ``store`` for bookkeeping.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import ray
+
+from cryoorient_ray.core.pairs import candidate_pairs, uniform_resample
+from cryoorient_ray.core.symmetry import symmetric_quat_distance
+from cryoorient_ray.errors import CryoOrientError
+from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
+
+PROTEIN_SETS = ("all", "seen", "heldout")
+
+
+def _split_codes(splits: str | Sequence[str]) -> list[int]:
+    names = [splits] if isinstance(splits, str) else list(splits)
+    bad = [s for s in names if s not in SPLIT_CODES]
+    if bad:
+        raise CryoOrientError(f"unknown split(s) {', '.join(bad)}; use train, val or test")
+    return [SPLIT_CODES[s] for s in names]
+
+
+def _protein_mask(store: ProjectionStore, proteins: str) -> np.ndarray:
+    if proteins not in PROTEIN_SETS:
+        raise CryoOrientError(f"proteins must be one of {', '.join(PROTEIN_SETS)}, got {proteins!r}")
+    held = np.array([bool(p.get("heldout")) for p in store.proteins], dtype=bool)
+    if proteins == "seen":
+        return ~held
+    if proteins == "heldout":
+        return held
+    return np.ones(len(held), dtype=bool)
+
+
+def shard_descriptors(
+    stores: Sequence[str | os.PathLike], splits: str | Sequence[str], proteins: str = "all"
+) -> list[dict]:
+    """One ``{store, store_id, shard}`` per completed shard that holds rows of the wanted splits/proteins."""
+    codes = _split_codes(splits)
+    out = []
+    for sid, path in enumerate(stores):
+        store = ProjectionStore.open(path)
+        keep_protein = _protein_mask(store, proteins)
+        meta = store.read_metadata(names=["protein", "split"])
+        wanted = np.isin(meta["split"], codes) & keep_protein[np.clip(meta["protein"], 0, None)]
+        for k in np.flatnonzero(store.done_shards()):
+            start, stop = store.shard_range(int(k))
+            if wanted[start:stop].any():
+                out.append({"store": str(path), "store_id": sid, "shard": int(k)})
+    if not out:
+        raise CryoOrientError(
+            f"no completed shard holds {proteins} proteins in split(s) {splits} of {list(map(str, stores))}"
+        )
+    return out
+
+
+def _read_rows(store_path: str, shard: int, codes: list[int], protein_keep: np.ndarray) -> dict:
+    store = ProjectionStore.open(store_path)
+    data = store.read_shard(shard)
+    keep = np.isin(data["split"], codes) & protein_keep[np.clip(data["protein"], 0, None)]
+    return {k: v[keep] for k, v in data.items()}
+
+
+def _read_batch(batch: dict, codes: list[int], proteins: str) -> dict:
+    out: dict[str, list] = {}
+    for path, sid, shard in zip(batch["store"], batch["store_id"], batch["shard"], strict=True):
+        store = ProjectionStore.open(str(path))
+        rows = _read_rows(str(path), int(shard), codes, _protein_mask(store, proteins))
+        rows["store_id"] = np.full(len(rows["index"]), int(sid), dtype=np.int32)
+        for k, v in rows.items():
+            out.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def sample_dataset(
+    stores: Sequence[str | os.PathLike],
+    splits: str | Sequence[str] = "test",
+    proteins: str = "all",
+    num_cpus: float = 0.5,
+) -> ray.data.Dataset:
+    """Every projection (``images``, ``quaternion``, ``shift``, ``protein``, ``split``, ``index`` …) of the splits."""
+    items = shard_descriptors(stores, splits, proteins)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.map_batches(
+        _read_batch,
+        fn_kwargs={"codes": _split_codes(splits), "proteins": proteins},
+        batch_size=1,
+        num_cpus=num_cpus,
+    )
+
+
+PAIR_COLUMNS = ("image_i", "image_j", "distance", "protein", "index_i", "index_j", "store_id")
+
+
+def _make_pairs_batch(
+    batch: dict,
+    codes: list[int],
+    proteins: str,
+    pairs_per_shard: int | None,
+    n_bins: int,
+    seed: int,
+    max_candidates: int,
+) -> dict:
+    outs = []
+    size = 0
+    for path, sid, shard in zip(batch["store"], batch["store_id"], batch["shard"], strict=True):
+        store = ProjectionStore.open(str(path))
+        size = store.image_size
+        rows = _read_rows(str(path), int(shard), codes, _protein_mask(store, proteins))
+        rng = np.random.default_rng([seed, int(sid), int(shard)])
+        # candidates: same protein and same split, so train/val/test pairs stay disjoint
+        group = rows["protein"].astype(np.int64) * 8 + rows["split"].astype(np.int64)
+        i, j = candidate_pairs(group, max_candidates, rng)
+        if len(i) == 0:
+            continue
+        d = np.empty(len(i))
+        for p in np.unique(rows["protein"][i]):
+            sel = rows["protein"][i] == p
+            sym = store.proteins[int(p)].get("symmetry", "C1")
+            d[sel] = symmetric_quat_distance(rows["quaternion"][i[sel]], rows["quaternion"][j[sel]], sym)
+        if np.isnan(d).any():
+            raise CryoOrientError(f"{path}: training pairs need true orientations, and this store has none")
+        n = pairs_per_shard or len(rows["index"])
+        pick = uniform_resample(d, n, n_bins, rng) if n_bins else rng.choice(len(d), n, replace=n > len(d))
+        i, j = i[pick], j[pick]
+        outs.append(
+            {
+                "image_i": rows["images"][i],
+                "image_j": rows["images"][j],
+                "distance": d[pick].astype(np.float32),
+                "protein": rows["protein"][i].astype(np.int32),
+                "index_i": rows["index"][i].astype(np.int64),
+                "index_j": rows["index"][j].astype(np.int64),
+                "store_id": np.full(len(i), int(sid), dtype=np.int32),
+            }
+        )
+    if not outs:
+        empty = {k: np.zeros(0, np.int64) for k in PAIR_COLUMNS}
+        empty.update(image_i=np.zeros((0, size, size), np.float32), image_j=np.zeros((0, size, size), np.float32))
+        empty["distance"] = np.zeros(0, np.float32)
+        return empty
+    return {k: np.concatenate([o[k] for o in outs]) for k in PAIR_COLUMNS}
+
+
+def pair_dataset(
+    stores: Sequence[str | os.PathLike],
+    split: str = "train",
+    proteins: str = "all",
+    pairs_per_shard: int | None = None,
+    n_bins: int = 32,
+    seed: int = 0,
+    max_candidates: int = 200_000,
+    num_cpus: float = 0.5,
+) -> ray.data.Dataset:
+    """Pairs ``(image_i, image_j, distance)`` of one split, distances uniform on [0, π].
+
+    Args:
+        stores: projection stores (local paths or URLs).
+        split: ``train``, ``val`` or ``test``.
+        proteins: ``all``, ``seen`` (not held out) or ``heldout``.
+        pairs_per_shard: pairs drawn per shard (default: as many as the shard's rows in the split).
+        n_bins: bins of the flattening; 0 keeps the natural distance distribution.
+        seed: change it every epoch for fresh pairs.
+        max_candidates: cap on the candidate pairs considered per shard.
+        num_cpus: CPUs reserved per read task (fractional, so training workers never starve them).
+    """
+    if n_bins < 0:
+        raise CryoOrientError(f"n_bins must be >= 0, got {n_bins}")
+    items = shard_descriptors(stores, split, proteins)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    kwargs = {
+        "codes": _split_codes(split),
+        "proteins": proteins,
+        "pairs_per_shard": pairs_per_shard,
+        "n_bins": n_bins,
+        "seed": seed,
+        "max_candidates": max_candidates,
+    }
+    return ds.map_batches(_make_pairs_batch, fn_kwargs=kwargs, batch_size=1, num_cpus=num_cpus)

@@ -1,0 +1,279 @@
+"""RELION particle stacks (.star + .mrcs) to and from projection stores.
+
+Export writes a RELION 3.1+ star file (``data_optics`` + ``data_particles``) and one .mrcs
+stack. Import reads RELION 3.1+ files (optics groups) and RELION 3.0 files (optics values in the
+particles table), with images in any number of .mrcs stacks, into a new projection store.
+
+Conventions:
+- Angles: ``rlnAngleRot/Tilt/Psi`` (degrees) ↔ quaternions, as in docs/CONVENTIONS.md.
+- Shifts: our shift ``t`` (pixels) moves the object's centre to ``L//2 + t``. RELION's
+  ``rlnOriginX/YAngst`` is the translation that re-centres the particle (``relion_project``
+  shifts a centred projection by ``-origin``), so ``rlnOriginXAngst = -t_x · pixel_size``.
+- CTF: ``rlnDefocusU/V`` (Å), ``rlnDefocusAngle`` (degrees), ``rlnVoltage`` (kV),
+  ``rlnSphericalAberration`` (mm), ``rlnAmplitudeContrast``.
+- ``rlnMicrographName`` carries the protein name, ``rlnRandomSubset`` alternates 1/2 for half maps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+
+from cryoorient_ray.core.euler import euler_relion_to_unitquat
+from cryoorient_ray.errors import CryoOrientError
+from cryoorient_ray.io.files import atomic_path
+from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
+
+log = logging.getLogger(__name__)
+
+
+def export_relion(
+    store: ProjectionStore,
+    out_dir: str | os.PathLike,
+    rows: np.ndarray | None = None,
+    name: str = "particles",
+) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<name>.star`` and ``<name>.mrcs`` for ``rows`` (default: all completed rows).
+
+    Returns ``(star_path, mrcs_path)``. Both appear only when fully written.
+    """
+    done = store.done_rows()
+    rows = done if rows is None else np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        raise CryoOrientError(f"{store.path}: nothing to export (no completed rows selected)")
+    missing = np.setdiff1d(rows, done)
+    if len(missing):
+        raise CryoOrientError(f"{store.path}: {len(missing)} selected rows are in shards not yet written")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    m = store.manifest
+    pix, size = float(m["pixel_size"]), store.image_size
+    meta = store.read_metadata(rows)
+    optics = m.get("optics", {})
+    mrcs_path, star_path = out / f"{name}.mrcs", out / f"{name}.star"
+
+    with atomic_path(mrcs_path) as tmp:
+        with mrcfile.new_mmap(tmp, shape=(len(rows), size, size), mrc_mode=2, overwrite=True) as mrc:
+            mrc.set_image_stack()
+            mrc.voxel_size = pix
+            for a in range(0, len(rows), 1024):
+                mrc.data[a : a + 1024] = store.read_images(rows[a : a + 1024])
+
+    optics_df = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnAmplitudeContrast": [float(optics.get("amplitude_contrast", 0.1))],
+            "rlnSphericalAberration": [float(optics.get("cs", 2.7))],
+            "rlnVoltage": [float(optics.get("voltage", 300.0))],
+            "rlnImagePixelSize": [pix],
+            "rlnImageSize": [size],
+            "rlnImageDimensionality": [2],
+        }
+    )
+    names = [p["name"] for p in m.get("proteins", [])]
+    particles = {"rlnImageName": [f"{k + 1:06d}@{mrcs_path.name}" for k in range(len(rows))]}
+    if m.get("has_orientations", True):
+        for k, col in enumerate(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
+            particles[col] = meta["euler"][:, k]
+    particles["rlnOriginXAngst"] = -meta["shift"][:, 0].astype(np.float64) * pix
+    particles["rlnOriginYAngst"] = -meta["shift"][:, 1].astype(np.float64) * pix
+    if m.get("ctf_applied", False):
+        particles["rlnDefocusU"] = meta["defocus_u"].astype(np.float64)
+        particles["rlnDefocusV"] = meta["defocus_v"].astype(np.float64)
+        particles["rlnDefocusAngle"] = meta["defocus_angle"].astype(np.float64)
+    particles["rlnOpticsGroup"] = np.ones(len(rows), dtype=int)
+    particles["rlnRandomSubset"] = (np.arange(len(rows)) % 2) + 1
+    if names:
+        particles["rlnMicrographName"] = [names[p] if 0 <= p < len(names) else "unknown" for p in meta["protein"]]
+    with atomic_path(star_path) as tmp:
+        starfile.write({"optics": optics_df, "particles": pd.DataFrame(particles)}, tmp, overwrite=True)
+    return star_path, mrcs_path
+
+
+def _read_star(path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    if not path.is_file():
+        raise CryoOrientError(f"star file not found: {path}")
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:
+        raise CryoOrientError(f"cannot read {path} as a .star file: {exc}") from None
+    particles = blocks.get("particles")
+    if particles is None:  # RELION 3.0 and older: one unnamed block
+        particles = next((b for b in blocks.values() if isinstance(b, pd.DataFrame) and "rlnImageName" in b), None)
+    if not isinstance(particles, pd.DataFrame) or "rlnImageName" not in particles:
+        raise CryoOrientError(f"{path} has no particles table with rlnImageName")
+    optics = blocks.get("optics")
+    return particles.reset_index(drop=True), optics if isinstance(optics, pd.DataFrame) else None
+
+
+def _optics_value(particles: pd.DataFrame, optics: pd.DataFrame | None, label: str, default=None):
+    """Per-particle values of ``label`` from the particles table, else via the optics group."""
+    if label in particles:
+        return particles[label].to_numpy()
+    if optics is not None and label in optics:
+        if "rlnOpticsGroup" in particles and "rlnOpticsGroup" in optics:
+            table = dict(zip(optics["rlnOpticsGroup"], optics[label], strict=True))
+            return particles["rlnOpticsGroup"].map(table).to_numpy()
+        return np.full(len(particles), optics[label].iloc[0])
+    if default is None:
+        return None
+    return np.full(len(particles), default)
+
+
+def _pixel_size(particles: pd.DataFrame, optics: pd.DataFrame | None, path: Path) -> float:
+    pix = _optics_value(particles, optics, "rlnImagePixelSize")
+    if pix is None:
+        det, mag = particles.get("rlnDetectorPixelSize"), particles.get("rlnMagnification")
+        if det is not None and mag is not None:
+            pix = det.to_numpy() * 1e4 / mag.to_numpy()
+    if pix is None:
+        raise CryoOrientError(f"{path}: no pixel size (rlnImagePixelSize, or rlnDetectorPixelSize + rlnMagnification)")
+    pix = np.asarray(pix, dtype=float)
+    if np.ptp(pix) > 1e-4 * pix.max():
+        raise CryoOrientError(f"{path}: optics groups have different pixel sizes ({sorted(set(pix))}); split the file")
+    return float(pix[0])
+
+
+def _load_images(particles: pd.DataFrame, star_path: Path) -> np.ndarray:
+    """All particle images, in table order, from ``index@stack.mrcs`` names (relative to the star file)."""
+    parsed = []
+    for name in particles["rlnImageName"].astype(str):
+        idx, sep, file = name.partition("@")
+        if not sep or not idx.strip().isdigit():
+            raise CryoOrientError(f"{star_path}: rlnImageName {name!r} is not of the form index@stack.mrcs")
+        parsed.append((int(idx) - 1, file))
+    files = {f for _, f in parsed}
+    stacks = {}
+    for f in files:
+        p = Path(f) if Path(f).is_absolute() else star_path.parent / f
+        if not p.is_file():
+            raise CryoOrientError(f"{star_path}: image stack not found: {p}")
+        try:
+            stacks[f] = mrcfile.mmap(p, mode="r", permissive=True)
+        except Exception as exc:
+            raise CryoOrientError(f"cannot read image stack {p}: {exc}") from None
+    try:
+        first = next(iter(stacks.values())).data
+        size = first.shape[-1]
+        images = np.empty((len(parsed), size, size), dtype=np.float32)
+        for k, (idx, f) in enumerate(parsed):
+            data = stacks[f].data
+            data = data[None] if data.ndim == 2 else data
+            if data.shape[-2:] != (size, size):
+                raise CryoOrientError(f"{star_path}: stack {f} has images of {data.shape[-2:]}, others {size}²")
+            if not 0 <= idx < data.shape[0]:
+                raise CryoOrientError(f"{star_path}: image {idx + 1}@{f} is beyond the stack's {data.shape[0]} images")
+            images[k] = data[idx]
+    finally:
+        for s in stacks.values():
+            s.close()
+    return images
+
+
+def import_relion(
+    star_path: str | os.PathLike,
+    store_path: str | os.PathLike,
+    shard_size: int = 256,
+    symmetry: str = "C1",
+    split: str = "test",
+    name: str | None = None,
+) -> ProjectionStore:
+    """Read a RELION particle stack into a new projection store (all rows in ``split``).
+
+    Angles (if present) become the store's orientations; without them the store records
+    ``has_orientations: false`` and its quaternions are NaN.
+    """
+    from cryoorient_ray.core.symmetry import normalize_symmetry_name
+
+    star_path = Path(star_path)
+    if split not in SPLIT_CODES:
+        raise CryoOrientError(f"unknown split {split!r}; use train, val or test")
+    symmetry = normalize_symmetry_name(symmetry)
+    particles, optics = _read_star(star_path)
+    pix = _pixel_size(particles, optics, star_path)
+    images = _load_images(particles, star_path)
+    if not np.isfinite(images).all():
+        raise CryoOrientError(f"{star_path}: images contain NaN or inf")
+    n, size = images.shape[0], images.shape[-1]
+
+    angle_cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+    has_angles = all(c in particles for c in angle_cols)
+    euler = particles[list(angle_cols)].to_numpy(float) if has_angles else np.full((n, 3), np.nan)
+    quat = euler_relion_to_unitquat(euler) if has_angles else np.full((n, 4), np.nan)
+    if "rlnOriginXAngst" in particles:
+        origin = particles[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float) / pix
+    elif "rlnOriginX" in particles:  # RELION 3.0: pixels
+        origin = particles[["rlnOriginX", "rlnOriginY"]].to_numpy(float)
+    else:
+        origin = np.zeros((n, 2))
+    has_ctf = "rlnDefocusU" in particles
+    du = particles["rlnDefocusU"].to_numpy(float) if has_ctf else np.zeros(n)
+    dv = particles["rlnDefocusV"].to_numpy(float) if "rlnDefocusV" in particles else du
+    da = particles["rlnDefocusAngle"].to_numpy(float) if "rlnDefocusAngle" in particles else np.zeros(n)
+    optics_values = {
+        key: _optics_value(particles, optics, label, default)
+        for key, label, default in (
+            ("voltage", "rlnVoltage", 300.0),
+            ("cs", "rlnSphericalAberration", 2.7),
+            ("amplitude_contrast", "rlnAmplitudeContrast", 0.1),
+        )
+    }
+    for key, vals in optics_values.items():
+        if np.ptp(np.asarray(vals, float)) > 0:
+            log.warning("%s: optics groups differ in %s; the store keeps the first group's value", star_path, key)
+
+    manifest = {
+        "config": {"imported_from": str(star_path)},
+        "config_hash": "",
+        "pixel_size": pix,
+        "proteins": [
+            {
+                "name": name or star_path.stem,
+                "source": str(star_path),
+                "symmetry": symmetry,
+                "heldout": False,
+                "start": 0,
+                "count": n,
+            }
+        ],
+        "has_orientations": has_angles,
+        "optics": {k: float(np.asarray(v, float)[0]) for k, v in optics_values.items()},
+        "ctf_applied": has_ctf,
+        "source": "relion",
+    }
+    target = Path(store_path)
+    if target.exists():
+        raise CryoOrientError(f"{target} already exists; choose another output store")
+    tmp = target.with_name(f".{target.name}.creating-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        store = ProjectionStore.create(tmp, manifest, n, size, shard_size)
+        store.write_metadata(
+            {
+                "quaternion": quat,
+                "euler": euler,
+                "shift": -origin,
+                "defocus_u": du,
+                "defocus_v": dv,
+                "defocus_angle": da,
+                "protein": np.zeros(n, dtype=np.int32),
+                "split": np.full(n, SPLIT_CODES[split], dtype=np.uint8),
+            }
+        )
+        for k in range(store.n_shards):
+            a, b = store.shard_range(k)
+            store.write_shard(k, images[a:b], np.full(b - a, np.nan, dtype=np.float32))
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return ProjectionStore.open(target)

@@ -1,0 +1,302 @@
+"""Sharded Zarr v3 projection stores: one store per dataset.
+
+Layout of ``<name>.zarr`` (Zarr format 3):
+
+    zarr.json                  group attributes: ``cryoorient`` = the manifest (below)
+    images        (N, L, L)    float32, one chunk per image, ``shard_size`` images per shard file
+    noise_variance (N,)        float32, variance of the added noise (0 when noiseless)
+    quaternion    (N, 4)       float64, wxyz, the true orientation (NaN when unknown)
+    euler         (N, 3)       float64, RELION rot/tilt/psi in degrees (NaN when unknown)
+    shift         (N, 2)       float32, (x, y) in pixels: the object's centre sits at (L//2 + x, L//2 + y)
+    defocus_u, defocus_v, defocus_angle (N,)  float32, Å, Å, degrees (RELION)
+    protein       (N,)         int32, index into manifest["proteins"]
+    split         (N,)         uint8, 0 = train, 1 = val, 2 = test
+    shard_done    (n_shards,)  uint8, 1 once a shard's images are completely written
+    volumes/p0000 (D, D, D)    float32, the prepared density map of each protein (when known)
+
+Per-sample arrays other than ``images`` and ``noise_variance`` are written once by the driver
+before any shard; each shard task then writes its block of ``images`` and ``noise_variance`` and,
+last, its ``shard_done`` flag. Readers only use shards whose flag is set, so an interrupted run
+never exposes a half-written shard, and re-running the same config writes only missing shards.
+
+The manifest records the format, package version, the generating config and its hash, image
+size, pixel size, shard size, proteins (name, source, symmetry, start/count, held out or not),
+optics (voltage, Cs, amplitude contrast) and split names. Paths may be local folders or fsspec
+URLs (``s3://``, ``gs://``) that zarr understands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryoorient_ray import __version__
+from cryoorient_ray.errors import CryoOrientError
+
+FORMAT = "cryoorient-projections/1"
+SPLITS = ("train", "val", "test")
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+
+# name -> (trailing shape, dtype, fill value)
+METADATA_ARRAYS: dict[str, tuple[tuple[int, ...], str, Any]] = {
+    "quaternion": ((4,), "float64", np.nan),
+    "euler": ((3,), "float64", np.nan),
+    "shift": ((2,), "float32", 0.0),
+    "defocus_u": ((), "float32", 0.0),
+    "defocus_v": ((), "float32", 0.0),
+    "defocus_angle": ((), "float32", 0.0),
+    "protein": ((), "int32", -1),
+    "split": ((), "uint8", 0),
+}
+SHARD_ARRAYS = ("images", "noise_variance")
+
+
+def config_hash(config: dict) -> str:
+    """Stable short hash of a JSON-able config (key order does not matter)."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _is_url(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def _zarr():
+    import zarr  # imported lazily: core and the CLI start without it
+
+    return zarr
+
+
+class ProjectionStore:
+    """A projection dataset on disk (or object storage). Open with :meth:`create` or :meth:`open`."""
+
+    def __init__(self, path: str | os.PathLike, group: Any):
+        self.path = str(path)
+        self.group = group
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        manifest: dict,
+        n_samples: int,
+        image_size: int,
+        shard_size: int,
+    ) -> ProjectionStore:
+        """Create an empty store (all shards missing). Fails if something already exists there."""
+        zarr = _zarr()
+        if n_samples < 1 or image_size < 1 or shard_size < 1:
+            raise CryoOrientError(f"invalid store shape: {n_samples} samples of {image_size}², shards of {shard_size}")
+        if not _is_url(path) and Path(path).exists():
+            raise CryoOrientError(f"{path} already exists")
+        shard_size = min(shard_size, n_samples)
+        n_shards = -(-n_samples // shard_size)
+        full = dict(manifest)
+        full.update(
+            format=FORMAT,
+            version=__version__,
+            n_samples=int(n_samples),
+            image_size=int(image_size),
+            shard_size=int(shard_size),
+            n_shards=int(n_shards),
+            splits=list(SPLITS),
+            metadata_written=False,
+        )
+        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        group.create_array(
+            "images",
+            shape=(n_samples, image_size, image_size),
+            chunks=(1, image_size, image_size),
+            shards=(shard_size, image_size, image_size),
+            dtype="float32",
+            fill_value=0.0,
+        )
+        group.create_array("noise_variance", shape=(n_samples,), chunks=(shard_size,), dtype="float32", fill_value=0.0)
+        for name, (trail, dtype, fill) in METADATA_ARRAYS.items():
+            group.create_array(
+                name, shape=(n_samples, *trail), chunks=(shard_size, *trail), dtype=dtype, fill_value=fill
+            )
+        group.create_array("shard_done", shape=(n_shards,), chunks=(1,), dtype="uint8", fill_value=0)
+        group.require_group("volumes")
+        group.attrs["cryoorient"] = full
+        return cls(path, group)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r") -> ProjectionStore:
+        """Open an existing store (``mode`` "r" or "r+"), checking that it is one of ours."""
+        zarr = _zarr()
+        if not _is_url(path) and not Path(path).exists():
+            raise CryoOrientError(f"projection store not found: {path}")
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+        except Exception as exc:  # zarr raises several types for non-stores
+            raise CryoOrientError(f"{path} is not a Zarr store: {exc}") from None
+        manifest = group.attrs.get("cryoorient")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise CryoOrientError(f"{path} is not a cryoorient projection store (no '{FORMAT}' manifest)")
+        return cls(path, group)
+
+    # ------------------------------------------------------------------ manifest
+    @property
+    def manifest(self) -> dict:
+        return dict(self.group.attrs["cryoorient"])
+
+    def update_manifest(self, **values: Any) -> None:
+        m = self.manifest
+        m.update(values)
+        self.group.attrs["cryoorient"] = m
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.manifest["n_samples"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.manifest["shard_size"])
+
+    @property
+    def n_shards(self) -> int:
+        return int(self.manifest["n_shards"])
+
+    @property
+    def pixel_size(self) -> float:
+        return float(self.manifest["pixel_size"])
+
+    @property
+    def proteins(self) -> list[dict]:
+        return list(self.manifest.get("proteins", []))
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Sample rows ``[start, stop)`` of a shard."""
+        if not 0 <= shard < self.n_shards:
+            raise CryoOrientError(f"shard {shard} out of range 0..{self.n_shards - 1}")
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.n_samples)
+
+    # ------------------------------------------------------------------ state
+    def done_shards(self) -> np.ndarray:
+        """Boolean mask over shards: True where the shard is completely written."""
+        return self.group["shard_done"][:].astype(bool)
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.manifest.get("metadata_written")) and bool(self.done_shards().all())
+
+    def done_rows(self) -> np.ndarray:
+        """Indices of the samples in completed shards."""
+        rows = [np.arange(*self.shard_range(k)) for k in np.flatnonzero(self.done_shards())]
+        return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+
+    # ------------------------------------------------------------------ writing
+    def write_metadata(self, arrays: dict[str, np.ndarray]) -> None:
+        """Write every per-sample metadata array at once (driver side), then mark it written."""
+        missing = set(METADATA_ARRAYS) - set(arrays)
+        if missing:
+            raise CryoOrientError(f"metadata is missing {', '.join(sorted(missing))}")
+        for name, values in arrays.items():
+            if name not in METADATA_ARRAYS:
+                raise CryoOrientError(f"unknown metadata array {name!r}")
+            trail, dtype, _ = METADATA_ARRAYS[name]
+            values = np.asarray(values, dtype=dtype)
+            if values.shape != (self.n_samples, *trail):
+                raise CryoOrientError(f"{name} has shape {values.shape}, expected {(self.n_samples, *trail)}")
+            self.group[name][...] = values
+        self.update_manifest(metadata_written=True)
+
+    def write_shard(self, shard: int, images: np.ndarray, noise_variance: np.ndarray) -> None:
+        """Write one shard's images and noise variances, then set its done flag (last)."""
+        start, stop = self.shard_range(shard)
+        n, size = stop - start, self.image_size
+        images = np.asarray(images, dtype=np.float32)
+        if images.shape != (n, size, size):
+            raise CryoOrientError(f"shard {shard} needs images of shape {(n, size, size)}, got {images.shape}")
+        if not np.isfinite(images).all():
+            raise CryoOrientError(f"shard {shard}: images contain NaN or inf")
+        self.group["images"][start:stop] = images
+        self.group["noise_variance"][start:stop] = np.asarray(noise_variance, dtype=np.float32).reshape(n)
+        self.group["shard_done"][shard] = 1
+
+    def write_volume(self, protein: int, data: np.ndarray) -> None:
+        """Store the prepared density map of protein ``protein``."""
+        vols = self.group["volumes"]
+        name = f"p{protein:04d}"
+        data = np.asarray(data, dtype=np.float32)
+        arr = vols.create_array(name, shape=data.shape, chunks=data.shape, dtype="float32", overwrite=True)
+        arr[...] = data
+
+    # ------------------------------------------------------------------ reading
+    def has_volume(self, protein: int) -> bool:
+        return f"p{protein:04d}" in self.group["volumes"]
+
+    def read_volume(self, protein: int) -> np.ndarray:
+        name = f"p{protein:04d}"
+        if name not in self.group["volumes"]:
+            raise CryoOrientError(f"{self.path} has no density map for protein {protein}")
+        return self.group["volumes"][name][...]
+
+    def read_metadata(self, rows: slice | np.ndarray | None = None, names: Iterable[str] | None = None) -> dict:
+        """Per-sample metadata (and ``noise_variance``) for ``rows`` (all rows by default)."""
+        sel = slice(None) if rows is None else rows
+        wanted = list(names) if names is not None else [*METADATA_ARRAYS, "noise_variance"]
+        out = {}
+        for name in wanted:
+            arr = self.group[name]
+            out[name] = arr[sel] if isinstance(sel, slice) else arr.get_orthogonal_selection((np.asarray(sel),))
+        return out
+
+    def read_shard(self, shard: int) -> dict:
+        """Everything of one completed shard: ``images``, metadata and ``index`` (global rows)."""
+        if not self.done_shards()[shard]:
+            raise CryoOrientError(f"shard {shard} of {self.path} is not complete")
+        start, stop = self.shard_range(shard)
+        out = self.read_metadata(slice(start, stop))
+        out["images"] = self.group["images"][start:stop]
+        out["index"] = np.arange(start, stop)
+        return out
+
+    def read_images(self, rows: slice | np.ndarray) -> np.ndarray:
+        arr = self.group["images"]
+        if isinstance(rows, slice):
+            return arr[rows]
+        return arr.get_orthogonal_selection((np.asarray(rows),))
+
+    def to_dask(self):
+        """The images as a dask array with one dask chunk per shard (for analysis)."""
+        import dask.array as da
+
+        return da.from_zarr(self.group["images"], chunks=(self.shard_size, self.image_size, self.image_size))
+
+    def summary(self) -> dict:
+        """Counts per protein and split, shard progress, shapes: what `cryoorient store info` prints."""
+        m = self.manifest
+        meta = self.read_metadata(names=["protein", "split"]) if m.get("metadata_written") else None
+        proteins = []
+        for k, p in enumerate(m.get("proteins", [])):
+            row = {"name": p.get("name"), "symmetry": p.get("symmetry", "C1"), "heldout": bool(p.get("heldout"))}
+            if meta is not None:
+                mine = meta["protein"] == k
+                row.update({s: int(np.sum(mine & (meta["split"] == c))) for s, c in SPLIT_CODES.items()})
+            proteins.append(row)
+        done = self.done_shards()
+        return {
+            "path": self.path,
+            "samples": int(m["n_samples"]),
+            "image_size": int(m["image_size"]),
+            "pixel_size": m.get("pixel_size"),
+            "shards_done": int(done.sum()),
+            "shards": int(m["n_shards"]),
+            "complete": self.is_complete,
+            "has_orientations": bool(m.get("has_orientations", True)),
+            "proteins": proteins,
+        }

@@ -1,0 +1,46 @@
+"""Small builders shared by tests: a synthetic projection store without any projector."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cryoorient_ray.core.parameters import sample_projection_parameters
+from cryoorient_ray.io.store import ProjectionStore
+
+
+def make_store(path, n_per_protein=40, proteins=("a", "b"), size=8, shard_size=16, seed=0, symmetry="C1",
+               heldout=(), write_shards=True, ctf=True):
+    """A complete store whose images encode their own row (pixel [0, 0] = row) for checks."""
+    parts = []
+    for k in range(len(proteins)):
+        p = sample_projection_parameters(
+            n_per_protein, seed, k, max_shift=2.0,
+            ctf={"defocus_min": 8000, "defocus_max": 20000, "astigmatism_max": 400} if ctf else None,
+        )
+        p["protein"] = np.full(n_per_protein, k, dtype=np.int32)
+        parts.append(p)
+    meta = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    n = n_per_protein * len(proteins)
+    manifest = {
+        "config": {"test": True},
+        "config_hash": "test",
+        "pixel_size": 2.5,
+        "proteins": [
+            {"name": name, "source": "test", "symmetry": symmetry, "heldout": name in heldout,
+             "start": k * n_per_protein, "count": n_per_protein}
+            for k, name in enumerate(proteins)
+        ],
+        "has_orientations": True,
+        "optics": {"voltage": 300.0, "cs": 2.7, "amplitude_contrast": 0.1},
+        "ctf_applied": ctf,
+    }
+    store = ProjectionStore.create(path, manifest, n, size, shard_size)
+    store.write_metadata(meta)
+    if write_shards:
+        rng = np.random.default_rng(seed)
+        for k in range(store.n_shards):
+            a, b = store.shard_range(k)
+            imgs = rng.standard_normal((b - a, size, size)).astype(np.float32)
+            imgs[:, 0, 0] = np.arange(a, b)
+            store.write_shard(k, imgs, np.ones(b - a))
+    return store
