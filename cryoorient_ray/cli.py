@@ -34,6 +34,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and validate run configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config", rich_help_panel=TOOLS_PANEL)
+store_app = typer.Typer(help="Inspect projection stores.", no_args_is_help=True)
+app.add_typer(store_app, name="store", rich_help_panel=TOOLS_PANEL)
+maps_app = typer.Typer(help="Density maps: fetch by id, preview.", no_args_is_help=True)
+app.add_typer(maps_app, name="maps", rich_help_panel=TOOLS_PANEL)
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -150,6 +154,161 @@ def run(config: ConfigArg, out: OutOption = None, seed: SeedOption = None, sets:
     stdout.print(f"Summary: {out_dir / SUMMARY_NAME}")
 
 
+@app.command(rich_help_panel=PIPELINE_PANEL)
+@guarded
+def simulate(
+    config: OptionalConfigArg = None,
+    inputs: Annotated[
+        Optional[list[str]],
+        typer.Option("--input", "-i", help="Model/map file, folder, PDB/EMDB id or pseudo[:SEED] (repeatable)."),
+    ] = None,
+    n: Annotated[Optional[int], typer.Option("--n", "-n", help="Projections per map.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Image size L in pixels (maps are boxed to L³).")] = None,
+    voxel_size: Annotated[Optional[float], typer.Option(help="Å per pixel (default: the map's own).")] = None,
+    snr_db: Annotated[
+        Optional[float], typer.Option(help="Noise: SNR in dB per image (-12 ≈ the paper's σ²=16).")
+    ] = None,
+    max_shift: Annotated[Optional[float], typer.Option(help="Largest off-centring shift, pixels.")] = None,
+    ctf: Annotated[Optional[bool], typer.Option("--ctf/--no-ctf", help="Apply a CTF (RELION convention).")] = None,
+    symmetry: Annotated[Optional[str], typer.Option(help="Default point group of the inputs.")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="Projections per shard (one Ray task each).")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="Projector: auto, torch, real or astra.")] = None,
+    seed: SeedOption = None,
+    out: OutOption = None,
+    sets: SetOption = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Simulate projections (orientation, shift, CTF, noise) of density maps into a sharded Zarr store.
+
+    Runs one Ray task per shard; re-running the same command resumes an interrupted store.
+    """
+    from cryoorient_ray.config import load_config
+    from cryoorient_ray.pipeline import run_simulate
+
+    overrides = {
+        "seed": seed,
+        "simulate.inputs": inputs or None,
+        "simulate.n_per_map": n,
+        "simulate.image_size": image_size,
+        "simulate.voxel_size": voxel_size,
+        "simulate.noise.snr_db": snr_db,
+        "simulate.shifts.max_shift": max_shift,
+        "simulate.ctf.enabled": ctf,
+        "simulate.orientations.symmetry": symmetry,
+        "simulate.shard_size": shard_size,
+        "simulate.backend": backend,
+    }
+    cfg = load_config(config, overrides, sets)
+    out_dir, result = run_simulate(cfg, out, argv=sys.argv, progress=progress)
+    _print_stages(out_dir, [result])
+
+
+@store_app.command("info")
+@guarded
+def store_info(
+    store: Annotated[str, typer.Argument(help="Projection store (folder or URL).", show_default=False)],
+    png: Annotated[Optional[Path], typer.Option(help="Preview image to write (default: <store>_samples.png).")] = None,
+) -> None:
+    """Counts, shapes, splits and shard progress of a store, and a PNG grid of sample images."""
+    import json as _json
+
+    from cryoorient_ray.io.store import ProjectionStore
+    from cryoorient_ray.pipeline import write_store_preview
+
+    st = ProjectionStore.open(store)
+    summary = st.summary()
+    table = Table(title=f"{store}", title_justify="left")
+    for col in ("protein", "symmetry", "held out", "train", "val", "test"):
+        table.add_column(col)
+    for p in summary["proteins"]:
+        table.add_row(
+            str(p["name"]),
+            p["symmetry"],
+            "yes" if p["heldout"] else "",
+            *(str(p.get(s, "")) for s in ("train", "val", "test")),
+        )
+    stdout.print(table)
+    state = "complete" if summary["complete"] else "INCOMPLETE (re-run the same simulate command to finish it)"
+    stdout.print(
+        f"{summary['samples']} projections of {summary['image_size']}² px at {summary['pixel_size']} Å/px; "
+        f"shards {summary['shards_done']}/{summary['shards']} ({state}); "
+        f"orientations {'known' if summary['has_orientations'] else 'unknown'}",
+        highlight=False,
+    )
+    if summary["shards_done"]:
+        target = png or Path(str(store).rstrip("/")).with_name(Path(str(store).rstrip("/")).stem + "_samples.png")
+        write_store_preview(st, target)
+        stdout.print(f"Preview: {target}")
+    logging.getLogger(__name__).debug(_json.dumps(summary))
+
+
+@app.command("export-star", rich_help_panel=TOOLS_PANEL)
+@guarded
+def export_star(
+    store: Annotated[str, typer.Argument(help="Projection store.", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="Output folder for <name>.star and <name>.mrcs.", show_default=False)],
+    split: Annotated[Optional[str], typer.Option(help="Only this split: train, val or test.")] = None,
+    protein: Annotated[Optional[str], typer.Option(help="Only this protein (name as in `store info`).")] = None,
+    name: Annotated[str, typer.Option(help="Base name of the files.")] = "particles",
+) -> None:
+    """Export a store (or a subset) to RELION .star + .mrcs (angles, shifts, CTF, optics group)."""
+    import numpy as np
+
+    from cryoorient_ray.io.relion import export_relion
+    from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
+
+    st = ProjectionStore.open(store)
+    rows = st.done_rows()
+    meta = st.read_metadata(rows, names=["split", "protein"]) if len(rows) else {"split": [], "protein": []}
+    keep = np.ones(len(rows), dtype=bool)
+    if split is not None:
+        if split not in SPLIT_CODES:
+            raise CryoOrientError(f"unknown split {split!r}; use train, val or test")
+        keep &= np.asarray(meta["split"]) == SPLIT_CODES[split]
+    if protein is not None:
+        names = [p["name"] for p in st.proteins]
+        if protein not in names:
+            raise CryoOrientError(f"no protein {protein!r} in {store}; it has {', '.join(names)}")
+        keep &= np.asarray(meta["protein"]) == names.index(protein)
+    star, mrcs = export_relion(st, out, rows[keep], name=name)
+    stdout.print(f"Wrote {int(keep.sum())} particles: {star} and {mrcs}", highlight=False)
+
+
+@app.command("import-star", rich_help_panel=TOOLS_PANEL)
+@guarded
+def import_star(
+    star: Annotated[Path, typer.Argument(help="RELION particles .star (3.0 or 3.1+).", show_default=False)],
+    store: Annotated[Path, typer.Argument(help="New projection store to create.", show_default=False)],
+    symmetry: Annotated[str, typer.Option(help="Point group of the particle.")] = "C1",
+    split: Annotated[str, typer.Option(help="Split the particles go to (test = to recover).")] = "test",
+    shard_size: Annotated[int, typer.Option(help="Particles per shard.")] = 256,
+) -> None:
+    """Import a RELION particle stack (.star + .mrcs) into a projection store."""
+    from cryoorient_ray.io.relion import import_relion
+    from cryoorient_ray.pipeline import write_store_preview
+
+    st = import_relion(star, store, shard_size=shard_size, symmetry=symmetry, split=split)
+    preview = write_store_preview(st, store.with_name(store.stem + "_samples.png"))
+    stdout.print(
+        f"Imported {st.n_samples} particles of {st.image_size}² px at {st.pixel_size:g} Å/px into {store} "
+        f"(orientations {'known' if st.manifest['has_orientations'] else 'unknown'}); preview: {preview}",
+        highlight=False,
+    )
+
+
+@maps_app.command("fetch")
+@guarded
+def maps_fetch(
+    entry: Annotated[str, typer.Argument(help="PDB id (e.g. 5j0n) or EMDB id (e.g. EMD-1234).", show_default=False)],
+    cache: Annotated[Path, typer.Option(help="Folder to keep downloads in.")] = Path("data/fetched"),
+) -> None:
+    """Download a model (RCSB) or a map (EMDB) by id; the file can then be given to `simulate -i`."""
+    from cryoorient_ray.io.fetch import fetch_entry
+
+    path = fetch_entry(entry, cache)
+    stdout.print(f"{entry}: {path}", highlight=False)
+
+
 def _not_yet(stage: str) -> Callable[..., None]:
     def command(ctx: typer.Context) -> None:
         raise CryoOrientError(f"'cryoorient {stage}' is not available in cryoorient_ray {__version__} yet")
@@ -159,7 +318,6 @@ def _not_yet(stage: str) -> Callable[..., None]:
 
 
 _COMING = {
-    "simulate": "Simulate projections of density maps (orientations, shifts, CTF, noise) into a sharded Zarr store.",
     "train": "Train the Siamese distance network data-parallel with Ray Train.",
     "tune": "Search the architecture and n_f with Ray Tune.",
     "recover": "Recover orientations from learned distances on a sparse pair graph with Ray actors.",

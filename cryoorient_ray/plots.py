@@ -75,3 +75,27 @@ def plot_orientations(quaternions: np.ndarray, path: str | os.PathLike, title: s
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_image_grid(
+    images: np.ndarray, path: str | os.PathLike, titles: list[str] | None = None, title: str = "", cols: int = 8
+) -> Path:
+    """A grid of images ``(N, L, L)`` (each with its own grey scale), with optional captions."""
+    images = np.asarray(images)
+    n = len(images)
+    cols = max(1, min(cols, n))
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.8 * rows + (0.4 if title else 0)), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(images[k], cmap="gray", origin="lower")
+            if titles:
+                ax.set_title(titles[k], fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -8,13 +8,26 @@ from cryoorient_ray.core.parameters import sample_projection_parameters
 from cryoorient_ray.io.store import ProjectionStore
 
 
-def make_store(path, n_per_protein=40, proteins=("a", "b"), size=8, shard_size=16, seed=0, symmetry="C1",
-               heldout=(), write_shards=True, ctf=True):
+def make_store(
+    path,
+    n_per_protein=40,
+    proteins=("a", "b"),
+    size=8,
+    shard_size=16,
+    seed=0,
+    symmetry="C1",
+    heldout=(),
+    write_shards=True,
+    ctf=True,
+):
     """A complete store whose images encode their own row (pixel [0, 0] = row) for checks."""
     parts = []
     for k in range(len(proteins)):
         p = sample_projection_parameters(
-            n_per_protein, seed, k, max_shift=2.0,
+            n_per_protein,
+            seed,
+            k,
+            max_shift=2.0,
             ctf={"defocus_min": 8000, "defocus_max": 20000, "astigmatism_max": 400} if ctf else None,
         )
         p["protein"] = np.full(n_per_protein, k, dtype=np.int32)
@@ -26,8 +39,14 @@ def make_store(path, n_per_protein=40, proteins=("a", "b"), size=8, shard_size=1
         "config_hash": "test",
         "pixel_size": 2.5,
         "proteins": [
-            {"name": name, "source": "test", "symmetry": symmetry, "heldout": name in heldout,
-             "start": k * n_per_protein, "count": n_per_protein}
+            {
+                "name": name,
+                "source": "test",
+                "symmetry": symmetry,
+                "heldout": name in heldout,
+                "start": k * n_per_protein,
+                "count": n_per_protein,
+            }
             for k, name in enumerate(proteins)
         ],
         "has_orientations": True,

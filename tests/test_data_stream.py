@@ -38,7 +38,9 @@ def test_pair_stream_is_uniform_symmetric_and_split_disjoint(ray_local, tmp_path
         assert np.all(meta["split"][i] == 0) and np.all(meta["split"][j] == 0)
         assert np.all(meta["protein"][i] == meta["protein"][j])
         d = batch["distance"].numpy()
-        np.testing.assert_allclose(d, symmetric_quat_distance(meta["quaternion"][i], meta["quaternion"][j], "D2"), atol=1e-5)
+        np.testing.assert_allclose(
+            d, symmetric_quat_distance(meta["quaternion"][i], meta["quaternion"][j], "D2"), atol=1e-5
+        )
         dists.append(d)
         n += len(d)
     d = np.concatenate(dists)

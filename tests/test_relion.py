@@ -49,8 +49,15 @@ def test_import_without_angles_and_relion30_layout(tmp_path):
         m.set_data(imgs)
     import pandas as pd
 
-    df = pd.DataFrame({"rlnImageName": [f"{k}@st.mrcs" for k in (4, 3, 2, 1)], "rlnDetectorPixelSize": 5.0,
-                       "rlnMagnification": 10000.0, "rlnOriginX": [1.0, 0, 0, 0], "rlnOriginY": 0.0})
+    df = pd.DataFrame(
+        {
+            "rlnImageName": [f"{k}@st.mrcs" for k in (4, 3, 2, 1)],
+            "rlnDetectorPixelSize": 5.0,
+            "rlnMagnification": 10000.0,
+            "rlnOriginX": [1.0, 0, 0, 0],
+            "rlnOriginY": 0.0,
+        }
+    )
     starfile.write(df, tmp_path / "old.star")
     store = import_relion(tmp_path / "old.star", tmp_path / "old.zarr")
     assert store.manifest["has_orientations"] is False and store.pixel_size == pytest.approx(5.0)

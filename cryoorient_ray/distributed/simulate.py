@@ -1,0 +1,332 @@
+"""Simulation at scale: density maps prepared in parallel, one Ray task per store shard.
+
+Flow (driver):
+  1. expand the inputs (files, folders, ids, ``pseudo[:SEED]``) into one entry per protein;
+  2. if the store exists with the same config, resume: read its maps back and render only the
+     shards whose done flag is missing; with a different config, stop with an error;
+  3. otherwise prepare every map in parallel (Ray tasks), draw every projection's parameters
+     (deterministic for the seed), write the store skeleton into a temporary folder and move it
+     into place, so a store at the final path always has its maps and metadata;
+  4. render the missing shards as Ray tasks (bounded in flight), with a progress bar.
+A shard becomes visible (done flag) only after all its images are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from cryoorient_ray.config import InputSpec, SimulateConfig
+from cryoorient_ray.core.parameters import sample_projection_parameters
+from cryoorient_ray.errors import CryoOrientError
+from cryoorient_ray.io.store import ProjectionStore, _is_url, config_hash
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL_VOXEL_SIZE = 3.0
+MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
+
+
+@dataclass
+class ProteinEntry:
+    """One protein of the dataset, as recorded in the store manifest."""
+
+    name: str
+    source: str
+    symmetry: str
+    heldout: bool
+
+
+def resolve_inputs(sim: SimulateConfig) -> list[ProteinEntry]:
+    """Expand folders, apply defaults, and give every protein a unique name."""
+    from cryoorient_ray.io.maps import expand_sources
+
+    entries: list[ProteinEntry] = []
+    for item in sim.inputs:
+        spec = item if isinstance(item, InputSpec) else InputSpec(source=item)
+        sources = expand_sources([spec.source])
+        for src in sources:
+            name = spec.name if (spec.name and len(sources) == 1) else _name_of(src)
+            entries.append(
+                ProteinEntry(
+                    name=name,
+                    source=str(src),
+                    symmetry=spec.symmetry or sim.orientations.symmetry,
+                    heldout=spec.heldout,
+                )
+            )
+    if not entries:
+        raise CryoOrientError("simulate.inputs is empty: give at least one model, map, id or 'pseudo'")
+    seen: dict[str, int] = {}
+    for e in entries:
+        if e.name in seen:
+            seen[e.name] += 1
+            e.name = f"{e.name}_{seen[e.name]}"
+        else:
+            seen[e.name] = 0
+    return entries
+
+
+def _name_of(source: str) -> str:
+    base = Path(str(source)).name
+    for suffix in (".gz", ".mrc", ".map", ".ccp4", ".mrcs", *MODEL_SUFFIXES):
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+    return base.replace(":", "_") or "map"
+
+
+def _is_model(source: str) -> bool:
+    s = source.lower().removesuffix(".gz")
+    return s.endswith(MODEL_SUFFIXES)
+
+
+def _unwrap(exc: Exception, what: str) -> CryoOrientError:
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, CryoOrientError):
+        text = str(cause)
+        return CryoOrientError(text if text.startswith(what) else f"{what}: {text}")
+    return CryoOrientError(f"{what}: {type(cause).__name__}: {cause}")
+
+
+@ray.remote(num_cpus=1)
+def _prepare_map_task(source: str, voxel_size: float | None, resolution: float | None, image_size: int, cache_dir):
+    import torch
+
+    from cryoorient_ray.core.volume import prepare_map
+    from cryoorient_ray.io.maps import load_density
+
+    torch.set_num_threads(1)
+    if voxel_size is None and _is_model(source):
+        voxel_size = DEFAULT_MODEL_VOXEL_SIZE
+    density = load_density(source, voxel_size=voxel_size, resolution=resolution, cache_dir=cache_dir)
+    prepared = prepare_map(density, box_size=image_size, voxel_size=voxel_size)
+    return prepared.data.astype(np.float32), float(prepared.voxel_size)
+
+
+@ray.remote(num_cpus=1)
+def _render_shard_task(store_path: str, shard: int, volume_refs: dict, settings: dict) -> tuple[int, float]:
+    import torch
+
+    from cryoorient_ray.core.forward import render_projections
+    from cryoorient_ray.core.projection import make_projector
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, int(settings.get("threads", 1))))
+    store = ProjectionStore.open(store_path, mode="r+")
+    start, stop = store.shard_range(shard)
+    meta = store.read_metadata(slice(start, stop))
+    size = store.image_size
+    images = np.zeros((stop - start, size, size), dtype=np.float32)
+    noise_var = np.zeros(stop - start, dtype=np.float32)
+    generator = torch.Generator().manual_seed(int(settings["seed"]) * 1_000_003 + int(shard))
+    ctf = settings.get("ctf")
+    for protein in np.unique(meta["protein"]):
+        rows = np.flatnonzero(meta["protein"] == protein)
+        volume = np.array(ray.get(volume_refs[int(protein)]))  # a writable copy of the shared map
+        projector = make_projector(torch.as_tensor(volume), backend=settings["backend"])
+        imgs, nv = render_projections(
+            volume,
+            meta["quaternion"][rows],
+            meta["shift"][rows],
+            pixel_size=settings["pixel_size"],
+            ctf=ctf,
+            defocus_u=meta["defocus_u"][rows],
+            defocus_v=meta["defocus_v"][rows],
+            defocus_angle=meta["defocus_angle"][rows],
+            snr_db=settings.get("snr_db"),
+            generator=generator,
+            projector=projector,
+        )
+        images[rows], noise_var[rows] = imgs, nv
+    store.write_shard(shard, images, noise_var)
+    return shard, time.perf_counter() - t0
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _prepare_maps(
+    entries: list[ProteinEntry], sim: SimulateConfig, cache_dir, progress: bool
+) -> tuple[list[ProteinEntry], list[np.ndarray], float]:
+    refs = [
+        _prepare_map_task.remote(e.source, sim.voxel_size, sim.resolution, sim.image_size, cache_dir) for e in entries
+    ]
+    kept, volumes, sizes, failed = [], [], [], []
+    with _progress(progress) as bar:
+        task = bar.add_task("preparing maps", total=len(refs))
+        pending = dict(zip(refs, entries, strict=True))
+        results: dict[int, tuple] = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            entry = pending.pop(ref)
+            try:
+                results[id(entry)] = ray.get(ref)
+            except Exception as exc:  # a RayTaskError wrapping the loader's error
+                err = _unwrap(exc, entry.source)
+                if not sim.skip_failed_inputs:
+                    for r in pending:
+                        ray.cancel(r)
+                    raise err from None
+                failed.append(str(err))
+            bar.advance(task)
+    for entry in entries:
+        if id(entry) in results:
+            data, vs = results[id(entry)]
+            kept.append(entry)
+            volumes.append(data)
+            sizes.append(vs)
+    for msg in failed:
+        log.warning("skipped %s", msg)
+    if not kept:
+        raise CryoOrientError("no input could be loaded")
+    if max(sizes) - min(sizes) > 1e-3 * max(sizes):
+        detail = ", ".join(f"{e.name} {s:.3g} Å" for e, s in zip(kept, sizes, strict=True))
+        raise CryoOrientError(f"inputs have different voxel sizes ({detail}); set simulate.voxel_size")
+    return kept, volumes, float(sizes[0])
+
+
+def _settings_fingerprint(sim: SimulateConfig, seed: int) -> tuple[dict, str]:
+    cfg = sim.model_dump(mode="json", exclude={"store", "backend"})
+    cfg["seed"] = seed
+    return cfg, config_hash(cfg)
+
+
+def _build_store(
+    path: str, sim: SimulateConfig, seed: int, fingerprint: tuple[dict, str], progress: bool, cache_dir
+) -> ProjectionStore:
+    entries = resolve_inputs(sim)
+    entries, volumes, pixel_size = _prepare_maps(entries, sim, cache_dir, progress)
+    n = sim.n_per_map
+    parts = []
+    ctf_ranges = (
+        {
+            "defocus_min": sim.ctf.defocus_min,
+            "defocus_max": sim.ctf.defocus_max,
+            "astigmatism_max": sim.ctf.astigmatism_max,
+        }
+        if sim.ctf.enabled
+        else None
+    )
+    for k in range(len(entries)):
+        p = sample_projection_parameters(
+            n,
+            seed,
+            k,
+            sampler=sim.orientations.sampler,
+            coverage=sim.orientations.coverage,
+            max_shift=sim.shifts.max_shift,
+            shift_distribution=sim.shifts.distribution,
+            ctf=ctf_ranges,
+            split_fractions=sim.splits.fractions(),
+        )
+        p["protein"] = np.full(n, k, dtype=np.int32)
+        parts.append(p)
+    metadata = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    proteins = [
+        {"name": e.name, "source": e.source, "symmetry": e.symmetry, "heldout": e.heldout, "start": k * n, "count": n}
+        for k, e in enumerate(entries)
+    ]
+    manifest = {
+        "config": fingerprint[0],
+        "config_hash": fingerprint[1],
+        "pixel_size": pixel_size,
+        "proteins": proteins,
+        "has_orientations": True,
+        "optics": {"voltage": sim.ctf.voltage, "cs": sim.ctf.cs, "amplitude_contrast": sim.ctf.amplitude_contrast},
+        "ctf_applied": sim.ctf.enabled,
+        "source": "simulated",
+    }
+    local = not _is_url(path)
+    target = Path(path)
+    build_path = str(target.with_name(f".{target.name}.creating-{os.getpid()}")) if local else path
+    if local and Path(build_path).exists():
+        shutil.rmtree(build_path)
+    store = ProjectionStore.create(build_path, manifest, n * len(entries), sim.image_size, sim.shard_size)
+    for k, vol in enumerate(volumes):
+        store.write_volume(k, vol)
+    store.write_metadata(metadata)
+    if local:
+        os.replace(build_path, target)
+        store = ProjectionStore.open(target, mode="r+")
+    return store
+
+
+def simulate_store(
+    sim: SimulateConfig,
+    seed: int,
+    path: str | os.PathLike,
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    max_in_flight: int | None = None,
+) -> ProjectionStore:
+    """Create (or finish) the projection store at ``path`` for ``sim``. Ray must be initialised."""
+    path = str(path)
+    fingerprint = _settings_fingerprint(sim, seed)
+    if _is_url(path) or Path(path).exists():
+        store = ProjectionStore.open(path, mode="r+")
+        if store.manifest.get("config_hash") != fingerprint[1]:
+            raise CryoOrientError(
+                f"{path} exists and was made with a different config; choose another output or delete it"
+            )
+        log.info("resuming %s: %d/%d shards already done", path, store.done_shards().sum(), store.n_shards)
+    else:
+        store = _build_store(path, sim, seed, fingerprint, progress, cache_dir)
+
+    todo = np.flatnonzero(~store.done_shards())
+    if len(todo):
+        proteins = store.manifest["proteins"]
+        volume_refs = {k: ray.put(store.read_volume(k)) for k in range(len(proteins))}
+        settings = {
+            "seed": seed,
+            "pixel_size": store.pixel_size,
+            "backend": sim.backend,
+            "snr_db": sim.noise.snr_db,
+            "ctf": (
+                {"voltage": sim.ctf.voltage, "cs": sim.ctf.cs, "amplitude_contrast": sim.ctf.amplitude_contrast}
+                if sim.ctf.enabled
+                else None
+            ),
+        }
+        shard_proteins = store.group["protein"]
+        limit = max_in_flight or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
+        queue = list(int(k) for k in todo)
+        in_flight: dict = {}
+        with _progress(progress) as bar:
+            task = bar.add_task("rendering shards", total=store.n_shards, completed=store.n_shards - len(todo))
+            while queue or in_flight:
+                while queue and len(in_flight) < limit:
+                    k = queue.pop(0)
+                    start, stop = store.shard_range(k)
+                    used = {int(p) for p in np.unique(shard_proteins[start:stop])}
+                    refs = {p: volume_refs[p] for p in used}
+                    in_flight[_render_shard_task.remote(path, k, refs, settings)] = k
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                shard = in_flight.pop(done[0])
+                try:
+                    ray.get(done[0])
+                except Exception as exc:
+                    for r in in_flight:
+                        ray.cancel(r)
+                    raise _unwrap(exc, f"shard {shard}") from None
+                bar.advance(task)
+    store = ProjectionStore.open(path, mode="r")
+    if not store.is_complete:
+        raise CryoOrientError(f"{path} is still incomplete after simulation")
+    return store

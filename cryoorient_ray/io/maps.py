@@ -1,0 +1,174 @@
+"""One entry point for density sources: models, maps, database ids and the pseudo-protein.
+
+:func:`load_density` dispatches on what ``source`` is:
+
+  ==============================================  ==========================================
+  ``*.pdb``, ``*.ent``, ``*.cif``, ``*.mmcif``    :func:`~cryoorient_ray.io.models.map_from_model`
+  (optionally ``.gz``)
+  ``*.mrc``, ``*.map``, ``*.ccp4``, ``*.mrcs``    :func:`~cryoorient_ray.io.mrc.read_map`
+  (optionally ``.gz``)
+  ``pseudo`` or ``pseudo:SEED``                   :func:`~cryoorient_ray.core.phantom.pseudo_protein`
+  a PDB id (``5j0n``) or EMDB id (``EMD-1234``)   :func:`~cryoorient_ray.io.fetch.fetch_entry`, then
+                                                  the downloaded file as above
+  ==============================================  ==========================================
+
+An existing file is always taken as a file (its extension decides); an id is only downloaded
+when no file of that name exists (and only from a ``str``: a ``pathlib.Path`` is never an id).
+Folders are refused: :func:`expand_sources` turns them into the files they hold first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryoorient_ray.core.phantom import pseudo_protein
+from cryoorient_ray.core.volume import DensityMap
+from cryoorient_ray.errors import CryoOrientError
+from cryoorient_ray.io.fetch import default_cache_dir, fetch_entry, is_entry_id
+from cryoorient_ray.io.models import MODEL_SUFFIXES, map_from_model
+from cryoorient_ray.io.mrc import MAP_SUFFIXES, read_map
+
+PSEUDO_DEFAULTS = {"box_size": 64, "voxel_size": 3.0, "resolution": 8.0}
+
+
+def source_kind(path: str | os.PathLike) -> str | None:
+    """``"model"``, ``"map"`` or ``None`` from a file name (``.gz`` allowed, case ignored)."""
+    name = Path(path).name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    if name.endswith(MODEL_SUFFIXES):
+        return "model"
+    if name.endswith(MAP_SUFFIXES):
+        return "map"
+    return None
+
+
+def _cannot_tell(source) -> CryoOrientError:
+    return CryoOrientError(
+        f"cannot tell what {str(source)!r} is (expected a .pdb/.cif model, a .mrc/.map map, "
+        "an id like 5j0n or EMD-1234, or pseudo[:SEED])"
+    )
+
+
+def _pseudo_seed(text: str) -> int | None:
+    """The seed of ``pseudo`` / ``pseudo:SEED`` (0 for ``pseudo``); ``None`` if not a pseudo source."""
+    low = text.strip().lower()
+    if low == "pseudo":
+        return 0
+    if not low.startswith("pseudo:"):
+        return None
+    seed = low.split(":", 1)[1].strip()
+    if not seed.isdigit():
+        raise CryoOrientError(f"invalid pseudo-protein source {text!r}: the seed must be a non-negative integer")
+    return int(seed)
+
+
+def _load_file(
+    path: Path,
+    kind: str,
+    voxel_size: float | None,
+    resolution: float | None,
+    box_size: int | None,
+) -> DensityMap:
+    if kind == "model":
+        if voxel_size is None:
+            raise CryoOrientError(f"{path}: making a map from a model needs a voxel size (voxel_size, Å)")
+        res = 2.0 * float(voxel_size) if resolution is None else resolution
+        return map_from_model(path, voxel_size=voxel_size, resolution=res, box_size=box_size)
+    return read_map(path, default_voxel_size=voxel_size)
+
+
+def load_density(
+    source: str | os.PathLike,
+    voxel_size: float | None = None,
+    resolution: float | None = None,
+    box_size: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> DensityMap:
+    """Load a density map from a model, a map, a database id or the pseudo-protein.
+
+    Args:
+        source: a file path, ``pseudo`` / ``pseudo:SEED``, or a PDB / EMDB id (module docstring).
+        voxel_size: Å per voxel.
+            Models: the grid spacing (required).
+            Maps: used only when the file's header has no voxel size (0); a header voxel size
+            is always kept (:func:`~cryoorient_ray.core.volume.prepare_map` resamples later).
+            Pseudo-protein: its voxel size (default 3 Å).
+        resolution: Å. Models: the molmap resolution, default ``2 · voxel_size`` (Nyquist).
+            Pseudo-protein: default ``max(8 Å, 2 · voxel_size)``. Maps: not used.
+        box_size: voxels. Models: the box edge (default: one that holds the molecule).
+            Pseudo-protein: the box edge (default 64). Maps: not used (``prepare_map`` fits them).
+        cache_dir: download folder for ids (default
+            :func:`~cryoorient_ray.io.fetch.default_cache_dir`).
+
+    Returns:
+        A :class:`DensityMap`, not yet prepared for the simulator (see ``prepare_map``).
+
+    Raises:
+        CryoOrientError: a folder, a missing file, an unknown kind of source, or any error of
+            the loader it dispatches to.
+    """
+    if isinstance(source, os.PathLike):
+        text = os.fspath(source)
+        as_path_only = True
+    elif isinstance(source, str):
+        text = source.strip()
+        as_path_only = False
+    else:
+        raise CryoOrientError(f"a density source must be a path or a string; got {type(source).__name__}")
+    if not text:
+        raise _cannot_tell(source)
+
+    if not as_path_only:
+        seed = _pseudo_seed(text)
+        if seed is not None:
+            vs = PSEUDO_DEFAULTS["voxel_size"] if voxel_size is None else voxel_size
+            res = max(PSEUDO_DEFAULTS["resolution"], 2.0 * float(vs)) if resolution is None else resolution
+            box = PSEUDO_DEFAULTS["box_size"] if box_size is None else box_size
+            return pseudo_protein(seed=seed, box_size=box, voxel_size=vs, resolution=res)
+
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise CryoOrientError(f"{path} is a folder; pass the model or map files in it (e.g. {path}/*.cif.gz)")
+    kind = source_kind(path)
+    if path.exists():
+        if kind is None:
+            raise _cannot_tell(source)
+        return _load_file(path, kind, voxel_size, resolution, box_size)
+    if kind is not None:
+        raise CryoOrientError(f"file not found: {path}")
+    if not as_path_only and is_entry_id(text):
+        folder = default_cache_dir() if cache_dir is None else Path(cache_dir)
+        downloaded = fetch_entry(text, folder)
+        downloaded_kind = source_kind(downloaded)
+        if downloaded_kind is None:
+            raise CryoOrientError(f"{downloaded}: downloaded for {text}, but its kind is unknown from its name")
+        return _load_file(downloaded, downloaded_kind, voxel_size, resolution, box_size)
+    raise _cannot_tell(source)
+
+
+def expand_sources(items: list[str]) -> list[str]:
+    """Replace every folder in ``items`` by the model and map files directly in it (sorted by name,
+    not recursive); keep every other item (files, ids, ``pseudo``) as it is, in order.
+
+    Raises:
+        CryoOrientError: a folder with no model or map file in it.
+    """
+    out: list[str] = []
+    for item in items:
+        path = Path(os.fspath(item)).expanduser()
+        if path.is_dir():
+            files = sorted(
+                (f for f in path.iterdir() if f.is_file() and not f.name.startswith(".") and source_kind(f)),
+                key=lambda f: f.name,
+            )
+            if not files:
+                raise CryoOrientError(
+                    f"folder {path} has no model or map files (.pdb/.ent/.cif/.mmcif, .mrc/.map/.ccp4/.mrcs, "
+                    "optionally .gz)"
+                )
+            out.extend(str(f) for f in files)
+        else:
+            out.append(item if isinstance(item, str) else os.fspath(item))
+    return out
