@@ -123,7 +123,8 @@ def _check_volume(data: np.ndarray, what: str = "map") -> np.ndarray:
     return arr
 
 
-def _check_voxel_size(value, what: str) -> float:
+def check_positive_angstrom(value, what: str) -> float:
+    """``value`` as a positive finite float (Å), else a CryoOrientError naming ``what``."""
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -358,12 +359,12 @@ def resample(
     """
     arr = _check_volume(data)
     if np.ndim(voxel_size) == 0:
-        old = [_check_voxel_size(voxel_size, "voxel size")] * 3
+        old = [check_positive_angstrom(voxel_size, "voxel size")] * 3
     else:
         if len(voxel_size) != 3:
             raise CryoOrientError(f"voxel size must be a number or a (z, y, x) triple; got {voxel_size!r}")
-        old = [_check_voxel_size(v, "voxel size") for v in voxel_size]
-    new = _check_voxel_size(new_voxel_size, "new voxel size")
+        old = [check_positive_angstrom(v, "voxel size") for v in voxel_size]
+    new = check_positive_angstrom(new_voxel_size, "new voxel size")
     steps = [new / v for v in old]  # old voxels per new voxel
     if all(abs(s - 1) < 1e-6 for s in steps):
         return arr.copy()
@@ -448,7 +449,7 @@ def prepare_map(
         raise CryoOrientError(f"prepare_map needs a DensityMap; got {type(density).__name__}")
     box = _check_box_size(box_size)
     old_vs = density.voxel_size
-    new_vs = old_vs if voxel_size is None else _check_voxel_size(voxel_size, "voxel size")
+    new_vs = old_vs if voxel_size is None else check_positive_angstrom(voxel_size, "voxel size")
     label = density.label
     data = density.data
     w = molecule_weights(data, label)

@@ -27,11 +27,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cryoorient_ray.config import InputSpec, SimulateConfig
 from cryoorient_ray.core.parameters import sample_projection_parameters
 from cryoorient_ray.errors import CryoOrientError
-from cryoorient_ray.io.store import ProjectionStore, _is_url, config_hash
+from cryoorient_ray.io.files import strip_suffixes
+from cryoorient_ray.io.store import ProjectionStore, config_hash, is_url
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL_VOXEL_SIZE = 3.0
-MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
 
 
 @dataclass
@@ -75,16 +75,16 @@ def resolve_inputs(sim: SimulateConfig) -> list[ProteinEntry]:
 
 
 def _name_of(source: str) -> str:
-    base = Path(str(source)).name
-    for suffix in (".gz", ".mrc", ".map", ".ccp4", ".mrcs", *MODEL_SUFFIXES):
-        if base.lower().endswith(suffix):
-            base = base[: -len(suffix)]
-    return base.replace(":", "_") or "map"
+    from cryoorient_ray.io.models import MODEL_SUFFIXES
+    from cryoorient_ray.io.mrc import MAP_SUFFIXES
+
+    return strip_suffixes(Path(str(source)).name, MAP_SUFFIXES + MODEL_SUFFIXES).replace(":", "_") or "map"
 
 
 def _is_model(source: str) -> bool:
-    s = source.lower().removesuffix(".gz")
-    return s.endswith(MODEL_SUFFIXES)
+    from cryoorient_ray.io.maps import source_kind
+
+    return source_kind(source) == "model"
 
 
 def _unwrap(exc: Exception, what: str) -> CryoOrientError:
@@ -253,7 +253,7 @@ def _build_store(
         "ctf_applied": sim.ctf.enabled,
         "source": "simulated",
     }
-    local = not _is_url(path)
+    local = not is_url(path)
     target = Path(path)
     build_path = str(target.with_name(f".{target.name}.creating-{os.getpid()}")) if local else path
     if local and Path(build_path).exists():
@@ -279,7 +279,7 @@ def simulate_store(
     """Create (or finish) the projection store at ``path`` for ``sim``. Ray must be initialised."""
     path = str(path)
     fingerprint = _settings_fingerprint(sim, seed)
-    if _is_url(path) or Path(path).exists():
+    if is_url(path) or Path(path).exists():
         store = ProjectionStore.open(path, mode="r+")
         if store.manifest.get("config_hash") != fingerprint[1]:
             raise CryoOrientError(

@@ -42,3 +42,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def strip_suffixes(name: str, suffixes: tuple[str, ...]) -> str:
+    """``name`` without a trailing ``.gz`` and then one of ``suffixes`` (case-insensitive)."""
+    if name.lower().endswith(".gz"):
+        name = name[:-3]
+    for suffix in suffixes:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name

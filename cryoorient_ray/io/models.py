@@ -29,8 +29,9 @@ from pathlib import Path
 import gemmi
 import numpy as np
 
-from cryoorient_ray.core.volume import DensityMap
+from cryoorient_ray.core.volume import DensityMap, check_positive_angstrom
 from cryoorient_ray.errors import CryoOrientError
+from cryoorient_ray.io.files import strip_suffixes
 
 MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
 SIGMA_FACTOR = 0.225  # Chimera molmap: σ = 0.225 · resolution
@@ -38,28 +39,12 @@ SIGMA_FACTOR = 0.225  # Chimera molmap: σ = 0.225 · resolution
 
 def model_stem(path: str | os.PathLike) -> str:
     """The file name without ``.gz`` and the model suffix: ``1crn.pdb.gz`` → ``1crn``."""
-    name = Path(path).name
-    if name.lower().endswith(".gz"):
-        name = name[:-3]
-    for suffix in MODEL_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return strip_suffixes(Path(path).name, MODEL_SUFFIXES)
 
 
 def molmap_blur(resolution: float) -> float:
     """Extra isotropic B-factor (Å²) that makes gemmi's density a molmap at ``resolution`` Å."""
     return 8 * math.pi**2 * (SIGMA_FACTOR * resolution) ** 2
-
-
-def _positive(value, what: str, path: Path) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise CryoOrientError(f"{path}: {what} must be a number of Å; got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise CryoOrientError(f"{path}: {what} must be a positive number of Å; got {value!r}")
-    return v
 
 
 def read_polymer_model(path: str | os.PathLike, assembly: bool = False) -> gemmi.Model:
@@ -130,8 +115,8 @@ def map_from_model(
             small for the molecule.
     """
     p = Path(path)
-    vs = _positive(voxel_size, "voxel size", p)
-    res = _positive(resolution, "resolution", p)
+    vs = check_positive_angstrom(voxel_size, f"{p}: voxel size")
+    res = check_positive_angstrom(resolution, f"{p}: resolution")
     if box_size is not None and (isinstance(box_size, bool) or not isinstance(box_size, (int, np.integer))):
         raise CryoOrientError(f"{p}: box size must be an integer number of voxels; got {box_size!r}")
     model = read_polymer_model(p, assembly=assembly)

@@ -32,7 +32,7 @@ import numpy as np
 
 from cryoorient_ray.core.volume import DensityMap, resample
 from cryoorient_ray.errors import CryoOrientError
-from cryoorient_ray.io.files import atomic_path
+from cryoorient_ray.io.files import atomic_path, strip_suffixes
 
 MAP_SUFFIXES = (".mrc", ".map", ".ccp4", ".mrcs")
 ANISOTROPY_TOLERANCE = 1e-3  # relative difference of x/y/z voxel sizes still treated as cubic
@@ -40,13 +40,7 @@ ANISOTROPY_TOLERANCE = 1e-3  # relative difference of x/y/z voxel sizes still tr
 
 def map_stem(path: str | os.PathLike) -> str:
     """The file name without ``.gz`` and the map suffix: ``emd_1155.ccp4.gz`` → ``emd_1155``."""
-    name = Path(path).name
-    if name.lower().endswith(".gz"):
-        name = name[:-3]
-    for suffix in MAP_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return strip_suffixes(Path(path).name, MAP_SUFFIXES)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -63,7 +63,7 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _is_url(path: str | os.PathLike) -> bool:
+def is_url(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
@@ -94,7 +94,7 @@ class ProjectionStore:
         zarr = _zarr()
         if n_samples < 1 or image_size < 1 or shard_size < 1:
             raise CryoOrientError(f"invalid store shape: {n_samples} samples of {image_size}², shards of {shard_size}")
-        if not _is_url(path) and Path(path).exists():
+        if not is_url(path) and Path(path).exists():
             raise CryoOrientError(f"{path} already exists")
         shard_size = min(shard_size, n_samples)
         n_shards = -(-n_samples // shard_size)
@@ -132,7 +132,7 @@ class ProjectionStore:
     def open(cls, path: str | os.PathLike, mode: str = "r") -> ProjectionStore:
         """Open an existing store (``mode`` "r" or "r+"), checking that it is one of ours."""
         zarr = _zarr()
-        if not _is_url(path) and not Path(path).exists():
+        if not is_url(path) and not Path(path).exists():
             raise CryoOrientError(f"projection store not found: {path}")
         try:
             group = zarr.open_group(str(path), mode=mode)
