@@ -160,3 +160,19 @@ def test_ids_and_default_urls():
     )
     with pytest.raises(CryoOrientError, match="template"):
         entry_url(parse_entry_id("5j0n"), "http://127.0.0.1/{nope}.cif")
+
+
+def test_cli_maps_fetch(server, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cryoorient_ray.cli import app
+
+    base, _ = server
+    monkeypatch.setenv("CRYOORIENT_PDB_URL", base + "/{ID}.pdb.gz")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["maps", "fetch", "1crn", "--cache", str(tmp_path / "c")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "c" / "1crn.pdb.gz").is_file()
+    missing = runner.invoke(app, ["maps", "fetch", "9zzz", "--cache", str(tmp_path / "c")])
+    lines = [line for line in missing.stderr.splitlines() if line.strip()]
+    assert missing.exit_code == 1 and len(lines) == 1 and "9zzz" in lines[0].lower(), missing.stderr

@@ -168,3 +168,61 @@ def test_bad_inputs_fail_in_one_line_and_write_no_store(ray_local, tmp_path):
     assert not (out / "projections.zarr").exists()
     missing = runner.invoke(app, ["simulate", "-i", str(tmp_path / "nope.mrc"), *SMALL, "-o", str(out)])
     assert missing.exit_code == 1 and "nope.mrc" in missing.stderr
+
+
+@pytest.mark.parametrize("case", ["nan", "zero", "too_small"])
+def test_bad_maps_are_one_line_errors(ray_local, tmp_path, case):
+    import mrcfile
+
+    args = ["simulate", *SMALL, "-o", str(tmp_path / "run")]
+    if case == "too_small":
+        args += ["-i", "pseudo:1", "--image-size", "12"]
+        expected = "does not fit"
+    else:
+        data = np.zeros((20, 20, 20), np.float32)
+        if case == "nan":
+            data[3, 4, 5] = np.nan
+            data[8:12, 8:12, 8:12] = 1
+        path = tmp_path / f"{case}.mrc"
+        with mrcfile.new(path) as m:
+            m.set_data(data)
+            m.voxel_size = 6.0
+        args += ["-i", str(path)]
+        expected = "NaN" if case == "nan" else "zero"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (tmp_path / "run" / "projections.zarr").exists()
+
+
+def test_simulate_every_shared_model_into_one_store(ray_local, shared_data, tmp_path):
+    models = sorted((shared_data / "models").iterdir())
+    out = tmp_path / "all"
+    args = [
+        "simulate",
+        "-i",
+        str(shared_data / "models"),
+        "-n",
+        "4",
+        "--image-size",
+        "64",
+        "--voxel-size",
+        "6",
+        "--set",
+        "simulate.resolution=12",
+        "--snr-db",
+        "-12",
+        "--ctf",
+        "--shard-size",
+        "16",
+        "--no-progress",
+        "-o",
+        str(out),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    store = ProjectionStore.open(out / "projections.zarr")
+    assert store.is_complete and len(store.proteins) == len(models)
+    assert np.bincount(store.read_metadata(names=["protein"])["protein"]).tolist() == [4] * len(models)
+    assert len({p["name"] for p in store.proteins}) == len(models)

@@ -36,7 +36,7 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
         ray.init(address=address, **kwargs)
     except ConnectionError as exc:
         raise CryoOrientError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
-    log.info("Ray %s: %s", "cluster " + address if address else "local", ray.cluster_resources())
+    log.debug("Ray %s: %s", "cluster " + address if address else "local", ray.cluster_resources())
     return True
 
 
