@@ -131,6 +131,56 @@ class SimulateConfig(StrictModel):
     store: str | None = Field(None, description="output store (default: <output_dir>/projections.zarr)")
 
 
+class ModelConfig(StrictModel):
+    """Siamese feature extractor and distance head (see cryoorient_ray.core.model)."""
+
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], description="width of each conv block")
+    kernel_size: int = Field(3, ge=1, description="odd convolution kernel size")
+    convs_per_block: int = Field(1, ge=1, le=4)
+    norm: Literal["batch", "group", "none"] = "group"
+    n_features: int = Field(64, ge=2, le=4096, description="n_f, the embedding size")
+    head: Literal["angle", "paper"] = Field("angle", description="angle in [0, π], or the paper's 2·acos")
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {value}")
+        return value
+
+
+class AugmentConfig(StrictModel):
+    """On-the-fly augmentation of training pairs (on top of what the store holds)."""
+
+    snr_db: tuple[float, float] | None = Field(None, description="add noise with an SNR drawn in [lo, hi] dB")
+    max_shift: int = Field(0, ge=0, description="random integer shifts up to this many pixels (zero fill)")
+
+
+class TrainConfig(StrictModel):
+    """Data-parallel training of the distance with Ray Train."""
+
+    stores: list[str] = Field(default_factory=list, description="projection stores (default: the run's own)")
+    epochs: int = Field(20, ge=1)
+    pairing: Literal["batch", "stream"] = Field(
+        "batch",
+        description="batch: all pairs within each image batch, weighted uniform in d_q (B²/2 pairs per B images); "
+        "stream: the paper's pre-drawn pairs from the Ray Data pair stream",
+    )
+    batch_size: int = Field(128, ge=2, description="images (batch) or pairs (stream) per step per worker")
+    pairs_per_shard: int | None = Field(None, ge=1, description="training pairs drawn per shard per epoch")
+    val_pairs_per_shard: int | None = Field(None, ge=1)
+    optimizer: Literal["adam", "rmsprop"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    num_workers: int = Field(2, ge=1, description="Ray Train workers")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional, so Ray Data read tasks are not starved")
+    mixed_precision: bool = Field(True, description="bf16/fp16 autocast on GPU")
+    max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
 class RayConfig(StrictModel):
     """Where stages run: local Ray (address null) or an existing cluster."""
 
@@ -156,6 +206,7 @@ class RunConfig(StrictModel):
     seed: int = Field(0, ge=0, description="seed for every random draw")
     output_dir: Path = Field(Path("runs/run"), description="folder the run writes to")
     simulate: SimulateConfig = Field(default_factory=SimulateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     stamp: Stamp | None = Field(None, description="filled in when the config is written next to outputs")
 

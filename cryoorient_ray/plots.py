@@ -99,3 +99,46 @@ def plot_image_grid(
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_distance_scatter(panels: dict[str, tuple[np.ndarray, np.ndarray, dict]], path: str | os.PathLike) -> Path:
+    """d̂ against d_q, one panel per estimator (as the paper's Figures 8b and 16): ``name -> (true, pred, report)``."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
+    for ax, (name, (true, pred, rep)) in zip(axes[0], panels.items(), strict=True):
+        ax.scatter(true, pred, s=3, alpha=0.35)
+        top = max(np.pi, float(np.max(pred)) if len(pred) else np.pi)
+        ax.plot([0, np.pi], [0, np.pi], "k--", lw=1)
+        ax.set_xlim(0, np.pi)
+        ax.set_ylim(0, top * 1.02)
+        ax.set_xlabel("true d_q (rad)")
+        ax.set_ylabel("estimated d̂ (rad)")
+        ax.set_title(f"{name}: L_DE={rep['L_DE']:.3f}, r={rep['pearson']:.2f} ({rep['pairs']} pairs)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
+    """L_DE per epoch: train, validation (seen proteins), held-out proteins; the untrained value at epoch 0."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [h["epoch"] + 1 for h in history]
+    for key, label in (("train_loss", "train"), ("val_loss", "validation"), ("heldout_loss", "held-out proteins")):
+        values = [h.get(key) for h in history]
+        if any(v is not None for v in values):
+            xs = [e for e, v in zip(epochs, values, strict=True) if v is not None]
+            ys = [v for v in values if v is not None]
+            if key == "val_loss" and history and history[0].get("initial_val_loss") is not None:
+                xs, ys = [0, *xs], [history[0]["initial_val_loss"], *ys]
+            ax.plot(xs, ys, marker="o", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("L_DE = mean |d̂ − d_q|² (rad²)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -19,6 +19,7 @@ def make_store(
     heldout=(),
     write_shards=True,
     ctf=True,
+    split_fractions=(0.5, 0.17, 0.33),
 ):
     """A complete store whose images encode their own row (pixel [0, 0] = row) for checks."""
     parts = []
@@ -29,6 +30,7 @@ def make_store(
             k,
             max_shift=2.0,
             ctf={"defocus_min": 8000, "defocus_max": 20000, "astigmatism_max": 400} if ctf else None,
+            split_fractions=split_fractions,
         )
         p["protein"] = np.full(n_per_protein, k, dtype=np.int32)
         parts.append(p)

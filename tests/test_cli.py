@@ -60,7 +60,7 @@ def test_missing_config_and_bad_option(tmp_path):
 
 
 def test_stages_not_in_this_version_say_so():
-    _one_error_line(runner.invoke(app, ["train", "--epochs", "3"]), "not available")
+    _one_error_line(runner.invoke(app, ["recover", "--k", "3"]), "not available")
 
 
 def test_orientations_writes_star_npy_png(tmp_path):
@@ -80,16 +80,27 @@ def test_orientations_writes_star_npy_png(tmp_path):
 @pytest.mark.timeout(300)
 def test_run_demo_config_writes_summary(ray_local, tmp_path):
     out = tmp_path / "demo"
-    small = ["simulate.n_per_map=40", "simulate.image_size=32", "simulate.voxel_size=6", "simulate.shard_size=20"]
+    small = [
+        "simulate.n_per_map=40",
+        "simulate.image_size=32",
+        "simulate.voxel_size=6",
+        "simulate.shard_size=20",
+        "train.epochs=1",
+        "train.model.channels=[4,8]",
+        "train.model.n_features=8",
+        "train.val_pairs_per_shard=20",
+    ]
     args = ["run", "configs/demo.yaml", "--out", str(out)] + [a for s in small for a in ("--set", s)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     stages = {s["name"]: s for s in summary["stages"]}
     assert stages["simulate"]["status"] == "done" and stages["simulate"]["metrics"]["projections"] == 40
-    assert stages["train"]["status"] == "not available"
+    assert stages["train"]["status"] == "done" and stages["train"]["metrics"]["epochs"] == 1
+    assert stages["recover"]["status"] == "not available"
     assert "n_per_map: 40" in (out / "config.yaml").read_text()
-    assert (out / "projections.png").is_file()
+    for name in ("projections.png", "model.pt", "training.png", "distances.png", "history.json"):
+        assert (out / name).is_file(), name
 
 
 def test_config_show_prints_resolved_yaml():

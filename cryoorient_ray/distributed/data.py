@@ -76,11 +76,14 @@ def _read_rows(store_path: str, shard: int, codes: list[int], protein_keep: np.n
     return {k: v[keep] for k, v in data.items()}
 
 
-def _read_batch(batch: dict, codes: list[int], proteins: str) -> dict:
+def _read_batch(batch: dict, codes: list[int], proteins: str, shuffle: bool = False) -> dict:
     out: dict[str, list] = {}
     for path, sid, shard in zip(batch["store"], batch["store_id"], batch["shard"], strict=True):
         store = ProjectionStore.open(str(path))
         rows = _read_rows(str(path), int(shard), codes, _protein_mask(store, proteins))
+        if shuffle:  # a fresh order every time the dataset is iterated (every epoch)
+            order = np.random.default_rng().permutation(len(rows["index"]))
+            rows = {k: v[order] for k, v in rows.items()}
         rows["store_id"] = np.full(len(rows["index"]), int(sid), dtype=np.int32)
         for k, v in rows.items():
             out.setdefault(k, []).append(v)
@@ -92,13 +95,18 @@ def sample_dataset(
     splits: str | Sequence[str] = "test",
     proteins: str = "all",
     num_cpus: float = 0.5,
+    shuffle: bool = False,
 ) -> ray.data.Dataset:
-    """Every projection (``images``, ``quaternion``, ``shift``, ``protein``, ``split``, ``index`` …) of the splits."""
+    """Every projection (``images``, ``quaternion``, ``shift``, ``protein``, ``split``, ``index`` …) of the splits.
+
+    One block per shard, so consecutive rows share a protein; ``shuffle`` permutes the rows
+    within each shard afresh on every iteration.
+    """
     items = shard_descriptors(stores, splits, proteins)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
         _read_batch,
-        fn_kwargs={"codes": _split_codes(splits), "proteins": proteins},
+        fn_kwargs={"codes": _split_codes(splits), "proteins": proteins, "shuffle": shuffle},
         batch_size=1,
         num_cpus=num_cpus,
     )
@@ -113,7 +121,7 @@ def _make_pairs_batch(
     proteins: str,
     pairs_per_shard: int | None,
     n_bins: int,
-    seed: int,
+    seed: int | None,
     max_candidates: int,
 ) -> dict:
     outs = []
@@ -122,7 +130,8 @@ def _make_pairs_batch(
         store = ProjectionStore.open(str(path))
         size = store.image_size
         rows = _read_rows(str(path), int(shard), codes, _protein_mask(store, proteins))
-        rng = np.random.default_rng([seed, int(sid), int(shard)])
+        # seed None: fresh pairs every time the dataset is iterated (every training epoch)
+        rng = np.random.default_rng() if seed is None else np.random.default_rng([seed, int(sid), int(shard)])
         # candidates: same protein and same split, so train/val/test pairs stay disjoint
         group = rows["protein"].astype(np.int64) * 8 + rows["split"].astype(np.int64)
         i, j = candidate_pairs(group, max_candidates, rng)
@@ -163,7 +172,7 @@ def pair_dataset(
     proteins: str = "all",
     pairs_per_shard: int | None = None,
     n_bins: int = 32,
-    seed: int = 0,
+    seed: int | None = 0,
     max_candidates: int = 200_000,
     num_cpus: float = 0.5,
 ) -> ray.data.Dataset:
@@ -175,7 +184,7 @@ def pair_dataset(
         proteins: ``all``, ``seen`` (not held out) or ``heldout``.
         pairs_per_shard: pairs drawn per shard (default: as many as the shard's rows in the split).
         n_bins: bins of the flattening; 0 keeps the natural distance distribution.
-        seed: change it every epoch for fresh pairs.
+        seed: fixes the pairs; None draws fresh pairs each time the dataset is iterated (each epoch).
         max_candidates: cap on the candidate pairs considered per shard.
         num_cpus: CPUs reserved per read task (fractional, so training workers never starve them).
     """

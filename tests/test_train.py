@@ -1,0 +1,137 @@
+"""Ray Train: data-parallel training on 2 CPU workers, a worker killed mid-run, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cryoorient_ray.cli import app
+from cryoorient_ray.config import TrainConfig, load_config
+from cryoorient_ray.core.model import load_distance_model
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+runner = CliRunner()
+TINY_MODEL = {"channels": [8, 16, 32], "n_features": 16}
+
+
+@pytest.fixture(scope="module")
+def two_protein_store(ray_local, tmp_path_factory):
+    from cryoorient_ray.distributed.simulate import simulate_store
+
+    cfg = load_config(
+        None,
+        None,
+        [
+            "simulate.inputs=[pseudo:1, {source: 'pseudo:2', heldout: true}]",
+            "simulate.n_per_map=240",
+            "simulate.image_size=32",
+            "simulate.voxel_size=6",
+            "simulate.shard_size=60",
+            "simulate.backend=torch",
+        ],
+    )
+    path = tmp_path_factory.mktemp("train") / "store.zarr"
+    simulate_store(cfg.simulate, 0, path, progress=False)
+    return str(path)
+
+
+def test_train_two_workers_kill_one_and_resume(two_protein_store, tmp_path):
+    from cryoorient_ray.distributed.train import train_distance
+
+    # small batches: the tiny store gives each worker only ~30 training images per shard
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=5e-3, val_pairs_per_shard=150, num_workers=2, model=TINY_MODEL)
+    marker = tmp_path / "killed"
+    summary = train_distance(cfg, [two_protein_store], tmp_path, fault_injection={"epoch": 2, "marker": str(marker)})
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert marker.read_text().startswith("killed at epoch 2")  # a worker really died
+    assert [h["epoch"] for h in history] == list(range(6))  # no epoch repeated or lost
+    assert history[1]["resumed_from_epoch"] == -1 and history[2]["resumed_from_epoch"] == 1
+    # learning: validation L_DE below that of the untrained model
+    assert summary["best_val_loss"] < 0.8 * history[0]["initial_val_loss"]
+    # held-out protein is reported separately and was not trained on
+    assert "heldout_loss" in history[-1] and summary["proteins_heldout"] == ["pseudo_2"]
+    assert summary["proteins_seen"] == ["pseudo_1"]
+    # the exported model works without Ray
+    model, meta = load_distance_model(tmp_path / "model.pt")
+    import torch
+
+    d = model(torch.randn(4, 32, 32), torch.randn(4, 32, 32))
+    assert torch.isfinite(d).all() and meta["training"]["best_epoch"] == summary["best_epoch"]
+    assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
+
+
+def test_distances_command_plots_learned_and_euclidean(two_protein_store, tmp_path):
+    from cryoorient_ray.core.model import SiameseDistance, save_distance_model
+
+    save_distance_model(tmp_path / "m.pt", SiameseDistance(TINY_MODEL))
+    result = runner.invoke(
+        app,
+        [
+            "distances",
+            two_protein_store,
+            "--model",
+            str(tmp_path / "m.pt"),
+            "--euclidean",
+            "--pairs",
+            "200",
+            "-o",
+            str(tmp_path / "d"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "d" / "distances.json").read_text())
+    assert report["learned"]["pairs"] == 200 and report["euclidean"]["pairs"] == 200
+    assert report["euclidean"]["scale"] > 0 and np.isfinite(report["learned"]["L_DE"])
+    assert (tmp_path / "d" / "distances.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _one_line(result, pattern):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and pattern in lines[0], result.stderr
+
+
+def test_bad_training_input(two_protein_store, tmp_path):
+    # images too small for the architecture
+    _one_line(
+        runner.invoke(
+            app,
+            [
+                "train",
+                "-s",
+                two_protein_store,
+                "--set",
+                "train.model.channels=[4,4,4,4,4,4]",
+                "-o",
+                str(tmp_path / "a"),
+                "--no-progress",
+            ],
+        ),
+        "need at least 64",
+    )
+    # a model file from another architecture
+    from cryoorient_ray.core.model import SiameseDistance, save_distance_model
+
+    save_distance_model(tmp_path / "m.pt", SiameseDistance(TINY_MODEL))
+    import torch
+
+    payload = torch.load(tmp_path / "m.pt", weights_only=False)
+    payload["spec"]["n_features"] = 99
+    torch.save(payload, tmp_path / "m.pt")
+    _one_line(runner.invoke(app, ["distances", two_protein_store, "--model", str(tmp_path / "m.pt")]), "do not match")
+    # an unknown split, and a store without the split training needs
+    _one_line(
+        runner.invoke(app, ["distances", two_protein_store, "--euclidean", "--split", "holdout"]), "unknown split"
+    )
+    from tests.helpers import make_store
+
+    make_store(tmp_path / "test_only.zarr", size=32, split_fractions=(0.0, 0.0, 1.0))
+    _one_line(
+        runner.invoke(
+            app, ["train", "-s", str(tmp_path / "test_only.zarr"), "-o", str(tmp_path / "b"), "--no-progress"]
+        ),
+        "split(s) train",
+    )
