@@ -252,6 +252,7 @@ def distances(
     euclidean: Annotated[bool, typer.Option("--euclidean", help="Also the Euclidean baseline ‖p_i − p_j‖.")] = False,
     split: Annotated[str, typer.Option(help="Split the pairs come from.")] = "test",
     pairs: Annotated[int, typer.Option(help="Number of pairs (uniform in d_q).")] = 1000,
+    proteins: Annotated[str, typer.Option(help="all, seen (trained on) or heldout proteins.")] = "all",
     seed: Annotated[int, typer.Option(help="Seed of the pair draw.")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for distances.png and distances.json.")] = Path(
         "runs/distances"
@@ -261,11 +262,11 @@ def distances(
     from cryoorient_ray.pipeline import evaluate_distances
 
     out.mkdir(parents=True, exist_ok=True)
-    reports = evaluate_distances(store, out, model, euclidean, split, pairs, seed)
+    reports = evaluate_distances(store, out, model, euclidean, split, pairs, seed, proteins)
     for name, rep in reports.items():
         stdout.print(
             f"{name:10s} L_DE = {rep['L_DE']:.4f} rad²  MAE = {rep['mae']:.3f} rad  r = {rep['pearson']:.3f}  "
-            f"({rep['pairs']} {split} pairs)",
+            f"({rep['pairs']} {split} pairs, {proteins} proteins)",
             highlight=False,
         )
     stdout.print(f"Plot: {out / 'distances.png'}")

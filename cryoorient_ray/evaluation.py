@@ -29,9 +29,14 @@ def embed_rows(model, store: ProjectionStore, rows: np.ndarray, batch_size: int 
 
 
 def sample_pairs(
-    store: ProjectionStore, split: str, n_pairs: int, seed: int = 0
+    store: ProjectionStore, split: str, n_pairs: int, seed: int = 0, proteins: str = "all"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(row_i, row_j, d_q)`` for ``n_pairs`` pairs of completed rows of ``split``, uniform in d_q."""
+    """``(row_i, row_j, d_q)`` for ``n_pairs`` pairs of completed rows of ``split``, uniform in d_q.
+
+    ``proteins``: ``all``, ``seen`` (not held out from training) or ``heldout``.
+    """
+    if proteins not in ("all", "seen", "heldout"):
+        raise CryoOrientError(f"proteins must be all, seen or heldout, got {proteins!r}")
     if split not in SPLIT_CODES:
         raise CryoOrientError(f"unknown split {split!r}; use train, val or test")
     if not store.manifest.get("has_orientations", True):
@@ -39,9 +44,14 @@ def sample_pairs(
     rows = store.done_rows()
     meta = store.read_metadata(rows, names=["split", "protein", "quaternion"])
     keep = meta["split"] == SPLIT_CODES[split]
+    if proteins != "all":
+        held = np.array([bool(p.get("heldout")) for p in store.proteins])
+        keep &= held[meta["protein"]] if proteins == "heldout" else ~held[meta["protein"]]
     rows, prot, quat = rows[keep], meta["protein"][keep], meta["quaternion"][keep]
     if len(rows) < 2:
-        raise CryoOrientError(f"{store.path} has fewer than 2 completed projections in split '{split}'")
+        raise CryoOrientError(
+            f"{store.path} has fewer than 2 completed projections of {proteins} proteins in split '{split}'"
+        )
     rng = np.random.default_rng(seed)
     i, j = candidate_pairs(prot, max_pairs=500_000, rng=rng)
     d = np.empty(len(i))

@@ -142,6 +142,7 @@ def evaluate_distances(
     split: str = "test",
     n_pairs: int = 1000,
     seed: int = 0,
+    proteins: str = "all",
 ) -> dict[str, dict]:
     """d̂ vs d_q on the same ``n_pairs`` pairs for the learned model and/or the Euclidean baseline.
 
@@ -164,7 +165,7 @@ def evaluate_distances(
         estimators["learned"] = model
     if euclidean:
         estimators["euclidean"] = fit_euclidean(store, n_pairs=max(500, n_pairs), seed=seed + 1)
-    row_i, row_j, true = sample_pairs(store, split, n_pairs, seed)
+    row_i, row_j, true = sample_pairs(store, split, n_pairs, seed, proteins)
     panels, reports = {}, {}
     for name, est in estimators.items():
         pred = predict_pairs(est, store, row_i, row_j)
@@ -173,7 +174,9 @@ def evaluate_distances(
     if "euclidean" in estimators:
         reports["euclidean"]["scale"] = float(estimators["euclidean"].scale)
     plot_distance_scatter(panels, out / "distances.png")
-    atomic_write_text(out / "distances.json", json.dumps({"split": split, **reports}, indent=2) + "\n")
+    atomic_write_text(
+        out / "distances.json", json.dumps({"split": split, "proteins": proteins, **reports}, indent=2) + "\n"
+    )
     return reports
 
 

@@ -86,6 +86,29 @@ def test_distances_command_plots_learned_and_euclidean(two_protein_store, tmp_pa
     assert report["learned"]["pairs"] == 200 and report["euclidean"]["pairs"] == 200
     assert report["euclidean"]["scale"] > 0 and np.isfinite(report["learned"]["L_DE"])
     assert (tmp_path / "d" / "distances.png").read_bytes()[:4] == b"\x89PNG"
+    # pairs of the held-out protein only
+    from cryoorient_ray.evaluation import sample_pairs
+    from cryoorient_ray.io.store import ProjectionStore
+
+    store = ProjectionStore.open(two_protein_store)
+    i, j, _ = sample_pairs(store, "test", 100, proteins="heldout")
+    protein = store.read_metadata(names=["protein"])["protein"]
+    assert set(protein[i]) == set(protein[j]) == {1}  # pseudo:2 is the held-out one
+    held = runner.invoke(
+        app,
+        [
+            "distances",
+            two_protein_store,
+            "--euclidean",
+            "--proteins",
+            "heldout",
+            "--pairs",
+            "50",
+            "-o",
+            str(tmp_path / "h"),
+        ],
+    )
+    assert held.exit_code == 0 and json.loads((tmp_path / "h" / "distances.json").read_text())["proteins"] == "heldout"
 
 
 def _one_line(result, pattern):
