@@ -116,6 +116,10 @@ def _root(
     """Recover particle orientations in single-particle cryo-EM from a learned distance, on Ray."""
     _state["verbose"] = verbose
     _setup_logging(verbose)
+    if verbose:  # Ray workers' own logs too
+        import os
+
+        os.environ["CRYOORIENT_RAY_LOGS"] = "1"
 
 
 def _print_stages(out: Path, results: list) -> None:

@@ -187,6 +187,7 @@ class RayConfig(StrictModel):
     address: str | None = Field(None, description="Ray address (e.g. 'auto' or 'ray://host:10001'); null = local")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs for a local Ray (null = all)")
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray (null = all)")
+    log_to_driver: bool = Field(False, description="show Ray workers' logs (also on with --verbose)")
 
 
 class Stamp(StrictModel):

@@ -188,7 +188,7 @@ def stage_train(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult
     t0 = time.perf_counter()
     stores = list(cfg.train.stores) or [store_path_for(cfg, out)]
     with ray_runtime(cfg.ray):
-        summary = train_distance(cfg.train, stores, out, seed=cfg.seed)
+        summary = train_distance(cfg.train, stores, out, seed=cfg.seed, progress=progress)
     history = json.loads((out / "history.json").read_text())
     plot_training_curves(history, out / "training.png")
     reports = evaluate_distances(stores[0], out, out / MODEL_NAME, euclidean=True, seed=cfg.seed)

@@ -26,12 +26,17 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+    show_logs = cfg.log_to_driver or os.environ.get("CRYOORIENT_RAY_LOGS") == "1"
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": show_logs, "configure_logging": False}
     if address is None:
         if cfg.num_cpus is not None:
             kwargs["num_cpus"] = cfg.num_cpus
         if cfg.num_gpus is not None:
             kwargs["num_gpus"] = cfg.num_gpus
+    if not show_logs:  # our own progress bars stand in for Ray Data's log lines
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         ray.init(address=address, **kwargs)
     except ConnectionError as exc:

@@ -212,6 +212,9 @@ def train_loop_per_worker(config: dict) -> None:
         if metrics["val_loss"] < best["val_loss"]:
             state_cpu = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
             best = {"val_loss": metrics["val_loss"], "epoch": epoch, "state": state_cpu}
+        if rank == 0 and config.get("progress_file"):
+            with open(config["progress_file"], "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(metrics) + "\n")
         if writer is not None:
             for key in ("train_loss", "val_loss", "val_mae", "heldout_loss", "heldout_mae"):
                 if key in metrics:
@@ -237,6 +240,47 @@ def train_loop_per_worker(config: dict) -> None:
         writer.close()
 
 
+def _fit_with_progress(trainer: TorchTrainer, progress_file: Path, epochs: int, show: bool):
+    """``trainer.fit()`` in a thread while a progress bar follows the epochs rank 0 appends to
+    ``progress_file`` (a local file; on a cluster whose workers do not share it the bar just waits)."""
+    import threading
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    columns = (
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
+    with Progress(*columns, disable=not show) as bar:
+        task = bar.add_task("training", total=epochs, status="starting workers")
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            if progress_file.exists():
+                lines = progress_file.read_text(encoding="utf-8").splitlines()
+                if lines:
+                    last = json.loads(lines[-1])
+                    status = f"L_DE train {last['train_loss']:.3f} val {last['val_loss']:.3f}"
+                    if "heldout_loss" in last:
+                        status += f" held-out {last['heldout_loss']:.3f}"
+                    bar.update(task, completed=last["epoch"] + 1, status=status)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def _root_error(exc: BaseException) -> str:
     """The innermost ``SomeError: message`` line of a Ray error, else the first line."""
     import re
@@ -254,6 +298,7 @@ def train_distance(
     seed: int = 0,
     name: str = "train",
     fault_injection: dict | None = None,
+    progress: bool = True,
 ) -> dict:
     """Train on ``stores`` and write ``model.pt``, ``history.json`` and TensorBoard logs into ``out_dir``.
 
@@ -318,6 +363,7 @@ def train_distance(
         "threads": max(1, int(round(cfg.cpus_per_worker))) if not cfg.use_gpu else 2,
         "seed": seed,
         "fault_injection": fault_injection,
+        "progress_file": str(out / "progress.jsonl"),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -332,8 +378,9 @@ def train_distance(
         ),
     )
     t0 = time.perf_counter()
+    (out / "progress.jsonl").unlink(missing_ok=True)
     try:
-        result = trainer.fit()
+        result = _fit_with_progress(trainer, out / "progress.jsonl", cfg.epochs, progress)
     except Exception as exc:
         raise CryoOrientError(f"training failed: {_root_error(exc)}") from None
     seconds = time.perf_counter() - t0
