@@ -34,7 +34,7 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
         if cfg.num_gpus is not None:
             kwargs["num_gpus"] = cfg.num_gpus
     if not show_logs:  # our own progress bars stand in for Ray Data's log lines
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         logging.getLogger("ray.train").setLevel(logging.WARNING)
         ray.data.DataContext.get_current().enable_progress_bars = False
     try:
