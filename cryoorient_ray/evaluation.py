@@ -11,8 +11,7 @@ import numpy as np
 import torch
 
 from cryoorient_ray.core.model import EuclideanDistance
-from cryoorient_ray.core.pairs import candidate_pairs, uniform_resample
-from cryoorient_ray.core.symmetry import symmetric_quat_distance
+from cryoorient_ray.core.pairs import candidate_pairs, pair_distances, uniform_resample
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
 
@@ -35,18 +34,13 @@ def sample_pairs(
 
     ``proteins``: ``all``, ``seen`` (not held out from training) or ``heldout``.
     """
-    if proteins not in ("all", "seen", "heldout"):
-        raise CryoOrientError(f"proteins must be all, seen or heldout, got {proteins!r}")
     if split not in SPLIT_CODES:
         raise CryoOrientError(f"unknown split {split!r}; use train, val or test")
     if not store.manifest.get("has_orientations", True):
         raise CryoOrientError(f"{store.path} has no true orientations: distances cannot be compared to d_q")
     rows = store.done_rows()
     meta = store.read_metadata(rows, names=["split", "protein", "quaternion"])
-    keep = meta["split"] == SPLIT_CODES[split]
-    if proteins != "all":
-        held = np.array([bool(p.get("heldout")) for p in store.proteins])
-        keep &= held[meta["protein"]] if proteins == "heldout" else ~held[meta["protein"]]
+    keep = (meta["split"] == SPLIT_CODES[split]) & store.protein_mask(proteins)[meta["protein"]]
     rows, prot, quat = rows[keep], meta["protein"][keep], meta["quaternion"][keep]
     if len(rows) < 2:
         raise CryoOrientError(
@@ -54,10 +48,7 @@ def sample_pairs(
         )
     rng = np.random.default_rng(seed)
     i, j = candidate_pairs(prot, max_pairs=500_000, rng=rng)
-    d = np.empty(len(i))
-    for p in np.unique(prot[i]):
-        sel = prot[i] == p
-        d[sel] = symmetric_quat_distance(quat[i[sel]], quat[j[sel]], store.proteins[int(p)].get("symmetry", "C1"))
+    d = pair_distances(quat, i, j, prot, store.symmetries())
     pick = uniform_resample(d, n_pairs, 32, rng)
     return rows[i[pick]], rows[j[pick]], d[pick]
 

@@ -43,6 +43,13 @@ def to_output(t: torch.Tensor, was_numpy: bool) -> ArrayLike:
     return t
 
 
+def safe_norm(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm over the last axis whose gradient at 0 is 0 instead of NaN."""
+    sq = (v * v).sum(-1)
+    positive = sq > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+
+
 def check_last_dim(t: torch.Tensor, size: int, name: str) -> None:
     """Raise a clear error if ``t`` is not ``(..., size)``."""
     if t.ndim == 0 or t.shape[-1] != size:

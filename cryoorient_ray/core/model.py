@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from cryoorient_ray.core._array import safe_norm
 from cryoorient_ray.errors import CryoOrientError
 
 NORMS = ("batch", "group", "none")
@@ -69,9 +70,7 @@ def angle_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Angle in [0, π] between feature vectors ``(..., n)`` (accurate, finite gradients)."""
     a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    diff, summ = (a - b).pow(2).sum(-1), (a + b).pow(2).sum(-1)
-    safe = lambda x: torch.where(x > 0, torch.sqrt(torch.where(x > 0, x, torch.ones_like(x))), torch.zeros_like(x))  # noqa: E731
-    return 2.0 * torch.atan2(safe(diff), safe(summ))
+    return 2.0 * torch.atan2(safe_norm(a - b), safe_norm(a + b))
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

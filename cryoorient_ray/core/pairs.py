@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from cryoorient_ray.core.symmetry import symmetric_quat_distance
 from cryoorient_ray.errors import CryoOrientError
 
 
@@ -42,6 +43,23 @@ def candidate_pairs(
     return i, j
 
 
+def pair_distances(
+    quaternions: np.ndarray, i: np.ndarray, j: np.ndarray, groups: np.ndarray, symmetry: dict[int, str]
+) -> np.ndarray:
+    """d_G between rows ``i`` and ``j`` (same group), each group with its point group ``symmetry[g]`` (default C1)."""
+    g = np.asarray(groups)[i]
+    d = np.empty(len(i))
+    for key in np.unique(g):
+        sel = g == key
+        d[sel] = symmetric_quat_distance(quaternions[i[sel]], quaternions[j[sel]], symmetry.get(int(key), "C1"))
+    return d
+
+
+def distance_bins(distances: np.ndarray, n_bins: int) -> np.ndarray:
+    """Index of the equal-width bin of [0, π] each distance falls in (π goes to the last bin)."""
+    return np.clip((np.asarray(distances, dtype=np.float64) / math.pi * n_bins).astype(np.int64), 0, n_bins - 1)
+
+
 def uniform_resample(
     distances: np.ndarray, n: int, n_bins: int = 32, rng: np.random.Generator | None = None
 ) -> np.ndarray:
@@ -58,7 +76,7 @@ def uniform_resample(
     rng = rng or np.random.default_rng(0)
     if n == 0 or len(d) == 0:
         return np.zeros(0, dtype=np.int64)
-    bins = np.clip((d / math.pi * n_bins).astype(np.int64), 0, n_bins - 1)
+    bins = distance_bins(d, n_bins)
     members = [np.flatnonzero(bins == b) for b in range(n_bins)]
     filled = [b for b in range(n_bins) if len(members[b])]
     quota = np.full(len(filled), n // len(filled))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import roma
 import torch
 
-from cryoorient_ray.core._array import ArrayLike, as_tensor, check_last_dim, check_matrix, to_output
+from cryoorient_ray.core._array import ArrayLike, as_tensor, check_last_dim, check_matrix, safe_norm, to_output
 from cryoorient_ray.errors import CryoOrientError
 
 
@@ -34,13 +34,6 @@ def quat_xyzw_to_wxyz(q: ArrayLike) -> ArrayLike:
     t, was_np = as_tensor(q)
     check_last_dim(t, 4, "q")
     return to_output(t[..., [3, 0, 1, 2]], was_np)
-
-
-def _safe_norm(v: torch.Tensor) -> torch.Tensor:
-    """Euclidean norm over the last axis whose gradient at 0 is 0 instead of NaN."""
-    sq = (v * v).sum(-1)
-    positive = sq > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
 def _normalize(t: torch.Tensor) -> torch.Tensor:
@@ -109,7 +102,7 @@ def rotation_angle(q: ArrayLike) -> ArrayLike:
     """Angle in radians, in ``[0, π]``, of the rotation of each ``(..., 4)`` quaternion."""
     t, was_np = as_tensor(q)
     check_last_dim(t, 4, "q")
-    return to_output(2.0 * torch.atan2(_safe_norm(t[..., 1:]), t[..., 0].abs()), was_np)
+    return to_output(2.0 * torch.atan2(safe_norm(t[..., 1:]), t[..., 0].abs()), was_np)
 
 
 def quat_distance(q1: ArrayLike, q2: ArrayLike) -> ArrayLike:
@@ -134,7 +127,7 @@ def quat_distance(q1: ArrayLike, q2: ArrayLike) -> ArrayLike:
     a, b = _normalize(a), _normalize(b)
     sign = torch.where((a * b).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(a.dtype)
     b = b * sign
-    return to_output(4.0 * torch.atan2(_safe_norm(a - b), _safe_norm(a + b)), was_np)
+    return to_output(4.0 * torch.atan2(safe_norm(a - b), safe_norm(a + b)), was_np)
 
 
 def pairwise_quat_distance(q1: ArrayLike, q2: ArrayLike | None = None) -> ArrayLike:

@@ -20,12 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 import ray
 
-from cryoorient_ray.core.pairs import candidate_pairs, uniform_resample
-from cryoorient_ray.core.symmetry import symmetric_quat_distance
+from cryoorient_ray.core.pairs import candidate_pairs, pair_distances, uniform_resample
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
-
-PROTEIN_SETS = ("all", "seen", "heldout")
 
 
 def _split_codes(splits: str | Sequence[str]) -> list[int]:
@@ -36,17 +33,6 @@ def _split_codes(splits: str | Sequence[str]) -> list[int]:
     return [SPLIT_CODES[s] for s in names]
 
 
-def _protein_mask(store: ProjectionStore, proteins: str) -> np.ndarray:
-    if proteins not in PROTEIN_SETS:
-        raise CryoOrientError(f"proteins must be one of {', '.join(PROTEIN_SETS)}, got {proteins!r}")
-    held = np.array([bool(p.get("heldout")) for p in store.proteins], dtype=bool)
-    if proteins == "seen":
-        return ~held
-    if proteins == "heldout":
-        return held
-    return np.ones(len(held), dtype=bool)
-
-
 def shard_descriptors(
     stores: Sequence[str | os.PathLike], splits: str | Sequence[str], proteins: str = "all"
 ) -> list[dict]:
@@ -55,7 +41,7 @@ def shard_descriptors(
     out = []
     for sid, path in enumerate(stores):
         store = ProjectionStore.open(path)
-        keep_protein = _protein_mask(store, proteins)
+        keep_protein = store.protein_mask(proteins)
         meta = store.read_metadata(names=["protein", "split"])
         wanted = np.isin(meta["split"], codes) & keep_protein[np.clip(meta["protein"], 0, None)]
         for k in np.flatnonzero(store.done_shards()):
@@ -69,18 +55,16 @@ def shard_descriptors(
     return out
 
 
-def _read_rows(store_path: str, shard: int, codes: list[int], protein_keep: np.ndarray) -> dict:
-    store = ProjectionStore.open(store_path)
+def _read_rows(store: ProjectionStore, shard: int, codes: list[int], proteins: str) -> dict:
     data = store.read_shard(shard)
-    keep = np.isin(data["split"], codes) & protein_keep[np.clip(data["protein"], 0, None)]
+    keep = np.isin(data["split"], codes) & store.protein_mask(proteins)[np.clip(data["protein"], 0, None)]
     return {k: v[keep] for k, v in data.items()}
 
 
 def _read_batch(batch: dict, codes: list[int], proteins: str, shuffle: bool = False) -> dict:
     out: dict[str, list] = {}
     for path, sid, shard in zip(batch["store"], batch["store_id"], batch["shard"], strict=True):
-        store = ProjectionStore.open(str(path))
-        rows = _read_rows(str(path), int(shard), codes, _protein_mask(store, proteins))
+        rows = _read_rows(ProjectionStore.open(str(path)), int(shard), codes, proteins)
         if shuffle:  # a fresh order every time the dataset is iterated (every epoch)
             order = np.random.default_rng().permutation(len(rows["index"]))
             rows = {k: v[order] for k, v in rows.items()}
@@ -129,7 +113,7 @@ def _make_pairs_batch(
     for path, sid, shard in zip(batch["store"], batch["store_id"], batch["shard"], strict=True):
         store = ProjectionStore.open(str(path))
         size = store.image_size
-        rows = _read_rows(str(path), int(shard), codes, _protein_mask(store, proteins))
+        rows = _read_rows(store, int(shard), codes, proteins)
         # seed None: fresh pairs every time the dataset is iterated (every training epoch)
         rng = np.random.default_rng() if seed is None else np.random.default_rng([seed, int(sid), int(shard)])
         # candidates: same protein and same split, so train/val/test pairs stay disjoint
@@ -137,11 +121,7 @@ def _make_pairs_batch(
         i, j = candidate_pairs(group, max_candidates, rng)
         if len(i) == 0:
             continue
-        d = np.empty(len(i))
-        for p in np.unique(rows["protein"][i]):
-            sel = rows["protein"][i] == p
-            sym = store.proteins[int(p)].get("symmetry", "C1")
-            d[sel] = symmetric_quat_distance(rows["quaternion"][i[sel]], rows["quaternion"][j[sel]], sym)
+        d = pair_distances(rows["quaternion"], i, j, rows["protein"], store.symmetries())
         if np.isnan(d).any():
             raise CryoOrientError(f"{path}: training pairs need true orientations, and this store has none")
         n = pairs_per_shard or len(rows["index"])

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -72,7 +73,7 @@ def batch_pair_loss(
         symmetry: point group per group key; head_scale: 1 for the "angle" head, 2 for the "paper" head.
     """
     from cryoorient_ray.core.model import angle_between
-    from cryoorient_ray.core.symmetry import symmetric_quat_distance
+    from cryoorient_ray.core.pairs import distance_bins, pair_distances
 
     b = emb.shape[0]
     iu, ju = torch.triu_indices(b, b, offset=1)
@@ -80,18 +81,13 @@ def batch_pair_loss(
     iu, ju = iu[same], ju[same]
     if len(iu) == 0:
         return emb.sum() * 0.0, 0
-    target = torch.empty(len(iu), dtype=torch.float64)
-    for g in torch.unique(groups[iu]).tolist():
-        sel = groups[iu] == g
-        target[sel] = torch.as_tensor(
-            symmetric_quat_distance(quat[iu[sel]].double(), quat[ju[sel]].double(), symmetry.get(int(g), "C1"))
-        )
-    bins = torch.clamp((target / torch.pi * n_bins).long(), 0, n_bins - 1)
-    counts = torch.bincount(bins, minlength=n_bins).double()
-    weight = 1.0 / counts[bins]
-    weight = (weight / weight.sum()).to(emb.dtype)
+    d = pair_distances(quat.double().numpy(), iu.numpy(), ju.numpy(), groups.numpy(), symmetry)
+    bins = distance_bins(d, n_bins)
+    weight = 1.0 / np.bincount(bins, minlength=n_bins)[bins]
+    weight = torch.as_tensor(weight / weight.sum(), dtype=emb.dtype, device=emb.device)
+    target = torch.as_tensor(d, dtype=emb.dtype, device=emb.device)
     pred = head_scale * angle_between(emb[iu], emb[ju])
-    return torch.sum(weight * (pred - target.to(emb.dtype)) ** 2), len(iu)
+    return torch.sum(weight * (pred - target) ** 2), len(iu)
 
 
 def _all_reduce(values: list[float]) -> list[float]:

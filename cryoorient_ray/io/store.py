@@ -42,6 +42,7 @@ from cryoorient_ray.errors import CryoOrientError
 FORMAT = "cryoorient-projections/1"
 SPLITS = ("train", "val", "test")
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+PROTEIN_SETS = ("all", "seen", "heldout")
 
 # name -> (trailing shape, dtype, fill value)
 METADATA_ARRAYS: dict[str, tuple[tuple[int, ...], str, Any]] = {
@@ -176,6 +177,21 @@ class ProjectionStore:
     @property
     def proteins(self) -> list[dict]:
         return list(self.manifest.get("proteins", []))
+
+    def protein_mask(self, proteins: str = "all") -> np.ndarray:
+        """Boolean mask over proteins: ``all``, ``seen`` (not held out from training) or ``heldout``."""
+        if proteins not in PROTEIN_SETS:
+            raise CryoOrientError(f"proteins must be one of {', '.join(PROTEIN_SETS)}, got {proteins!r}")
+        held = np.array([bool(p.get("heldout")) for p in self.proteins], dtype=bool)
+        if proteins == "seen":
+            return ~held
+        if proteins == "heldout":
+            return held
+        return np.ones(len(held), dtype=bool)
+
+    def symmetries(self) -> dict[int, str]:
+        """Point group of each protein index."""
+        return {k: p.get("symmetry", "C1") for k, p in enumerate(self.proteins)}
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         """Sample rows ``[start, stop)`` of a shard."""
