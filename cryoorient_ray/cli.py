@@ -382,6 +382,103 @@ def maps_fetch(
     stdout.print(f"{entry}: {path}", highlight=False)
 
 
+@app.command(rich_help_panel=PIPELINE_PANEL)
+@guarded
+def recover(
+    store: Annotated[str, typer.Argument(help="Projection store (simulated or imported with import-star).")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config (recover section).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Trained model.pt (the learned distance).")] = None,
+    euclidean: Annotated[bool, typer.Option("--euclidean", help="Use the Euclidean baseline ‖p_i − p_j‖.")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help="Use the true distances d_q (experiment).")] = False,
+    perturb: Annotated[
+        Optional[float],
+        typer.Option("--perturb", help="True distances plus Gaussian noise of this variance σ² (rad²)."),
+    ] = None,
+    protein: Annotated[Optional[str], typer.Option(help="Protein name or index in the store.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split to recover: train, val or test.")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", "-n", help="Recover a random subset of this many.")] = None,
+    k: Annotated[Optional[int], typer.Option(help="Nearest neighbours per projection in the pair graph.")] = None,
+    n_random: Annotated[Optional[int], typer.Option(help="Random long-range pairs per projection.")] = None,
+    actors: Annotated[Optional[int], typer.Option(help="Ray actors holding edge partitions (0 = in-process).")] = None,
+    gauge: Annotated[
+        Optional[bool], typer.Option("--gauge/--no-gauge", help="Resolve the physical solution from the images.")
+    ] = None,
+    seed: SeedOption = None,
+    out: OutOption = None,
+    sets: SetOption = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Recover orientations from estimated distances on a sparse pair graph (kNN + random pairs), on Ray actors.
+
+    Writes recovered.star + recovered.mrcs (RELION: reconstruct with relion_reconstruct),
+    recovered_orientations.npz, the L_OR curve, the recovered viewing directions and, when the
+    store knows the truth, E_OR (O(4)), the registration error and their histogram.
+    """
+    from cryoorient_ray.config import load_config
+    from cryoorient_ray.pipeline import run_recover
+
+    chosen = [
+        name for name, on in (("--euclidean", euclidean), ("--exact", exact), ("--perturb", perturb is not None)) if on
+    ]
+    if model is not None:
+        chosen.insert(0, "--model")
+    if len(chosen) > 1 and chosen != ["--exact", "--perturb"]:
+        raise CryoOrientError(f"choose one distance estimator; got {' and '.join(chosen)}")
+    estimator = "euclidean" if euclidean else "exact" if (exact or perturb is not None) else "model" if model else None
+    overrides = {
+        "seed": seed,
+        "recover.estimator": estimator,
+        "recover.model": str(model) if model else None,
+        "recover.perturb_sigma2": perturb,
+        "recover.protein": protein,
+        "recover.split": split,
+        "recover.max_projections": n,
+        "recover.k": k,
+        "recover.n_random": n_random,
+        "recover.actors": actors,
+        "recover.gauge.enabled": gauge,
+    }
+    cfg = load_config(config, overrides, sets)
+    if out is None and config is None:
+        out = Path("runs/recover")
+    out_dir, result = run_recover(cfg, store, out_dir=out, argv=sys.argv, progress=progress)
+    m = result.metrics
+    line = f"recovered {m.get('recovered')} orientations: L_OR {m.get('L_OR', float('nan')):.4f}"
+    if "e_or_o4" in m:
+        line += f", E_OR {m['e_or_o4']:.4f} rad (O(4)), registration {m['registration']:.4f} rad (rotation + hand)"
+    if "gauge_physical" in m:
+        line += (
+            f", gauge {'found the physical solution' if m['gauge_physical'] else 'did NOT find the physical solution'}"
+        )
+    stdout.print(line, highlight=False)
+    _print_stages(out_dir, [result])
+
+
+@app.command(rich_help_panel=TOOLS_PANEL)
+@guarded
+def align(
+    truth: Annotated[Path, typer.Argument(help=".star with the true (or reference) orientations.")],
+    estimate: Annotated[
+        Path, typer.Argument(help=".star with the estimated orientations, same particles, same order.")
+    ],
+    symmetry: Annotated[str, typer.Option(help="Point group of the particle.")] = "C1",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for align.json and align_errors.png.")] = Path(
+        "runs/align"
+    ),
+) -> None:
+    """E_OR (the paper's min over O(4)) and the registration error (global rotation + hand) between two .star files."""
+    from cryoorient_ray.pipeline import run_align
+
+    rep = run_align(str(truth), str(estimate), out, symmetry)
+    stdout.print(
+        f"E_OR {rep['e_or_o4']:.4f} rad ({rep['o4_component']}), median {rep['e_or_o4_median']:.4f}; "
+        f"registration {rep['registration']:.4f} rad (hand {rep['hand']}), median {rep['registration_median']:.4f}; "
+        f"{rep['n']} orientations in {rep['seconds']:.2f} s",
+        highlight=False,
+    )
+    stdout.print(f"Histogram: {out / 'align_errors.png'}")
+
+
 def _not_yet(stage: str) -> Callable[..., None]:
     def command(ctx: typer.Context) -> None:
         raise CryoOrientError(f"'cryoorient {stage}' is not available in cryoorient_ray {__version__} yet")
@@ -392,8 +489,6 @@ def _not_yet(stage: str) -> Callable[..., None]:
 
 _COMING = {
     "tune": "Search the architecture and n_f with Ray Tune.",
-    "recover": "Recover orientations from learned distances on a sparse pair graph with Ray actors.",
-    "align": "Align recovered orientations to the truth: E_OR (O(4)) and O(3)+hand registration error.",
     "reconstruct": "Reconstruct a volume from projections and orientations; FSC and resolution.",
 }
 for _stage, _help in _COMING.items():

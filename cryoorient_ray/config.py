@@ -181,6 +181,42 @@ class TrainConfig(StrictModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
+class GaugeConfig(StrictModel):
+    """Picking the physical solution among the distance-equivalent ones, from the images."""
+
+    enabled: bool = Field(True, description="resolve the left rotation/conjugation from the images")
+    max_images: int = Field(1500, ge=50, description="images used by the cross-validated reconstruction search")
+    image_size: int = Field(32, ge=8, description="images are Fourier-cropped to at most this size for the search")
+    phi_steps: int = Field(24, ge=4, description="coarse grid of the global in-plane angle over [0, π)")
+    polish_rounds: int = Field(3, ge=0, description="rounds of the final local search of the correction")
+
+
+class RecoverConfig(StrictModel):
+    """Orientation recovery on a sparse pair graph (optionally on Ray actors)."""
+
+    estimator: Literal["model", "euclidean", "exact"] = Field(
+        "model", description="model: the trained distance; euclidean: the baseline; exact: true d_q (experiments)"
+    )
+    model: str | None = Field(None, description="trained model file (default: the run's model.pt)")
+    perturb_sigma2: float = Field(0.0, ge=0, description="with exact: add Gaussian noise of this variance (rad²)")
+    split: Literal["train", "val", "test"] = "test"
+    protein: str | None = Field(None, description="protein name or index in the store (default: the first)")
+    max_projections: int | None = Field(None, ge=3, description="recover a random subset of this many")
+    k: int = Field(10, ge=0, description="nearest neighbours per projection in the pair graph")
+    n_random: int = Field(20, ge=0, description="random long-range partners per projection")
+    actors: int = Field(0, ge=0, description="Ray actors holding edge partitions (0 = in-process)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    init: Literal["gram", "random"] = Field(
+        "gram", description="gram: rank-9 Gram completion rounded to rotations; random: the paper's random start"
+    )
+    lr: float = Field(0.05, gt=0)
+    warmup_steps: int = Field(300, ge=0, description="with init random: steps of the smooth cosine loss")
+    max_steps: int = Field(2000, ge=1, description="L_OR steps at most")
+    restarts: int = Field(1, ge=1, description="starts of the initialisation; the lowest L_OR goes on")
+    tol: float = Field(1e-3, gt=0, description="stop when L_OR improves less than this fraction over 100 steps")
+    gauge: GaugeConfig = Field(default_factory=GaugeConfig)
+
+
 class RayConfig(StrictModel):
     """Where stages run: local Ray (address null) or an existing cluster."""
 
@@ -208,6 +244,7 @@ class RunConfig(StrictModel):
     output_dir: Path = Field(Path("runs/run"), description="folder the run writes to")
     simulate: SimulateConfig = Field(default_factory=SimulateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    recover: RecoverConfig = Field(default_factory=RecoverConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     stamp: Stamp | None = Field(None, description="filled in when the config is written next to outputs")
 

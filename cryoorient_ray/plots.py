@@ -77,6 +77,29 @@ def plot_orientations(quaternions: np.ndarray, path: str | os.PathLike, title: s
     return Path(path)
 
 
+def plot_error_histogram(errors_rad: dict[str, np.ndarray], path: str | os.PathLike, title: str = "") -> Path:
+    """Histograms of per-image orientation errors (given in radians, drawn in degrees), one per entry.
+
+    ``errors_rad`` maps a label (e.g. ``"E_OR (O(4))"``, ``"registration"``) to the ``(N,)`` errors of
+    :mod:`cryoorient_ray.core.align`; the legend gives each one's mean and median.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, err in errors_rad.items():
+        deg = np.degrees(np.asarray(err, dtype=np.float64).ravel())
+        label = f"{name}: mean {deg.mean():.1f}°, median {np.median(deg):.1f}°" if deg.size else f"{name}: no data"
+        ax.hist(deg, bins=60, range=(0, 180), alpha=0.55, label=label)
+    ax.set_xlim(0, 180)
+    ax.set_xlabel("orientation error (degrees)")
+    ax.set_ylabel("images")
+    ax.set_title(title or "per-image orientation error")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_image_grid(
     images: np.ndarray, path: str | os.PathLike, titles: list[str] | None = None, title: str = "", cols: int = 8
 ) -> Path:
@@ -120,6 +143,29 @@ def plot_distance_scatter(panels: dict[str, tuple[np.ndarray, np.ndarray, dict]]
     return Path(path)
 
 
+def plot_recovery_loss(loss: list[float], phase: list[str], path: str | os.PathLike, title: str = "") -> Path:
+    """L_OR per step (log scale), the warm-up (smooth cosine loss) shaded: the paper's Figure 6-style curve."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = np.arange(len(loss))
+    ph = np.asarray(phase)
+    warm = ph == "init"
+    if warm.any():
+        ax.axvspan(0, int(warm.sum()), color="0.9", label="initialisation (Gram completion / warm-up)")
+    ax.plot(steps, np.maximum(np.asarray(loss, dtype=float), 1e-12), lw=1.2, label="L_OR")
+    ax.set_xlabel("step")
+    ax.set_ylabel("L_OR = mean |d̂ − d_q(q̂_i, q̂_j)|² (rad²)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
     """L_DE per epoch: train, validation (seen proteins), held-out proteins; the untrained value at epoch 0."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -137,6 +183,84 @@ def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_fsc(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: str | os.PathLike,
+    thresholds: tuple[float, ...] = (0.5, 0.143),
+    title: str = "",
+) -> Path:
+    """FSC against spatial frequency (as the paper's Figure 11e): ``name -> (frequency 1/Å, fsc)``.
+
+    The x axis is linear in frequency (1/Å) with its ticks labelled in Å (1/f); a dashed line
+    marks each threshold, and the legend gives each curve's resolution at every threshold
+    (first crossing, interpolated: :func:`cryoorient_ray.core.fsc.fsc_resolution`).
+    """
+    from cryoorient_ray.core.fsc import fsc_resolution
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fmax = 0.0
+    for name, (freq, curve) in curves.items():
+        freq = np.asarray(freq, dtype=np.float64)
+        curve = np.asarray(curve, dtype=np.float64)
+        fmax = max(fmax, float(freq.max()) if len(freq) else 0.0)
+        res = ", ".join(f"{fsc_resolution(curve, freq, t):.2f} Å @ {t:g}" for t in thresholds)
+        ax.plot(freq, curve, marker="o", ms=2.5, lw=1.4, label=f"{name} ({res})")
+    for t, style in zip(thresholds, ("--", ":", "-.", "--"), strict=False):
+        ax.axhline(t, color="grey", ls=style, lw=1)
+        ax.annotate(f"{t:g}", (fmax, t), xytext=(2, 2), textcoords="offset points", fontsize=7, color="grey")
+    ax.set_xlim(0, fmax if fmax > 0 else 1)
+    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.05)
+    # Linear in 1/Å, labelled in Å (1/f), as the paper's figure.
+    ticks = np.linspace(0, fmax, 6) if fmax > 0 else np.array([0.0])
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(["∞" if f == 0 else f"{1 / f:.1f}" for f in ticks])
+    ax.set_xlabel("resolution (Å)")
+    ax.set_ylabel("FSC")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_volume_slices(volumes: dict[str, np.ndarray], path: str | os.PathLike, title: str = "") -> Path:
+    """One row per volume ``(D, D, D)`` ``[z, y, x]``: central slices z, y, x and the sum along z.
+
+    The slices go through voxel ``D // 2`` (the origin). Each panel has its own grey scale; images
+    are drawn with the origin at the lower left (x to the right, y up, as :func:`plot_image_grid`).
+    """
+    rows = max(1, len(volumes))
+    fig, axes = plt.subplots(rows, 4, figsize=(8.0, 2.1 * rows + (0.4 if title else 0)), squeeze=False)
+    for row, (name, vol) in zip(axes, volumes.items(), strict=False):
+        v = np.asarray(vol, dtype=np.float64)
+        c = v.shape[0] // 2
+        panels = (
+            (v[c], "z slice (y, x)"),
+            (v[:, c, :], "y slice (z, x)"),
+            (v[:, :, c], "x slice (z, y)"),
+            (v.sum(0), "projection along z"),
+        )
+        for ax, (img, label) in zip(row, panels, strict=True):
+            ax.imshow(img, cmap="gray", origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(label, fontsize=7)
+        row[0].set_ylabel(name, fontsize=8)
+    for ax in axes.flat[len(volumes) * 4 :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)

@@ -65,3 +65,44 @@ def make_store(
             imgs[:, 0, 0] = np.arange(a, b)
             store.write_shard(k, imgs, np.ones(b - a))
     return store
+
+
+def make_projection_store(
+    path,
+    n=400,
+    size=24,
+    voxel_size=8.0,
+    snr_db=None,
+    seed=0,
+    split_fractions=(0.0, 0.0, 1.0),
+    has_orientations=True,
+):
+    """A one-protein store of real projections of the pseudo-protein (no Ray), all rows in ``test``."""
+    from cryoorient_ray.core.forward import render_projections
+    from cryoorient_ray.core.phantom import pseudo_protein
+
+    vol = pseudo_protein(seed=0, box_size=size, voxel_size=voxel_size).data.astype(np.float32)
+    meta = sample_projection_parameters(n, seed, 0, split_fractions=split_fractions)
+    meta["protein"] = np.zeros(n, dtype=np.int32)
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    images, noise_var = render_projections(vol, meta["quaternion"], snr_db=snr_db, generator=gen, backend="torch")
+    if not has_orientations:
+        meta["quaternion"] = np.full((n, 4), np.nan)
+        meta["euler"] = np.full((n, 3), np.nan)
+    manifest = {
+        "config": {"test": True},
+        "config_hash": "test",
+        "pixel_size": float(voxel_size),
+        "proteins": [{"name": "pseudo", "source": "test", "symmetry": "C1", "heldout": False, "start": 0, "count": n}],
+        "has_orientations": has_orientations,
+        "optics": {"voltage": 300.0, "cs": 2.7, "amplitude_contrast": 0.1},
+        "ctf_applied": False,
+    }
+    store = ProjectionStore.create(path, manifest, n, size, max(16, n // 4))
+    store.write_metadata(meta)
+    for k in range(store.n_shards):
+        a, b = store.shard_range(k)
+        store.write_shard(k, images[a:b], noise_var[a:b])
+    return store, vol

@@ -60,7 +60,7 @@ def test_missing_config_and_bad_option(tmp_path):
 
 
 def test_stages_not_in_this_version_say_so():
-    _one_error_line(runner.invoke(app, ["recover", "--k", "3"]), "not available")
+    _one_error_line(runner.invoke(app, ["reconstruct", "--k", "3"]), "not available")
 
 
 def test_orientations_writes_star_npy_png(tmp_path):

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryoorient_ray.core.euler import euler_relion_to_unitquat
+from cryoorient_ray.core.euler import euler_relion_to_unitquat, unitquat_to_euler_relion
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_path
 from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
@@ -39,9 +39,12 @@ def export_relion(
     out_dir: str | os.PathLike,
     rows: np.ndarray | None = None,
     name: str = "particles",
+    quaternions: np.ndarray | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<out_dir>/<name>.star`` and ``<name>.mrcs`` for ``rows`` (default: all completed rows).
 
+    ``quaternions`` (``(len(rows), 4)``, wxyz) replaces the store's orientations in the .star
+    (recovered orientations); by default the store's own (true) angles are written, if any.
     Returns ``(star_path, mrcs_path)``. Both appear only when fully written.
     """
     done = store.done_rows()
@@ -80,7 +83,14 @@ def export_relion(
     )
     names = [p["name"] for p in m.get("proteins", [])]
     particles = {"rlnImageName": [f"{k + 1:06d}@{mrcs_path.name}" for k in range(len(rows))]}
-    if m.get("has_orientations", True):
+    if quaternions is not None:
+        quaternions = np.asarray(quaternions, dtype=np.float64)
+        if quaternions.shape != (len(rows), 4):
+            raise CryoOrientError(f"{len(rows)} rows but quaternions of shape {quaternions.shape}")
+        euler = np.asarray(unitquat_to_euler_relion(quaternions))
+        for k, col in enumerate(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
+            particles[col] = euler[:, k]
+    elif m.get("has_orientations", True):
         for k, col in enumerate(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
             particles[col] = meta["euler"][:, k]
     particles["rlnOriginXAngst"] = -meta["shift"][:, 0].astype(np.float64) * pix

@@ -1,0 +1,429 @@
+"""The physical gauge: pick, from the images alone, the one solution that reconstruction can use.
+
+Distances between orientations fix the recovered quaternions only up to the O(4) maps of S³
+that preserve every distance: ``q → a⊗q⊗b`` (``R → A·R·B``) and ``q → a⊗q*⊗b``
+(``R → A·Rᵀ·B``). With this project's convention (``p = ∫ V(Rᵀ r) dz``, docs/CONVENTIONS.md)
+a rotation of the object by ``G`` changes every orientation to ``R·Gᵀ``: the right factor ``B``
+is physically free. The left factor ``A`` is not — it tilts every viewing direction and rotates
+every image in-plane — and neither is the transpose. Writing such orientations to RELION would
+give a reconstruction of nothing. This module finds the correction ``C`` (a left rotation, plus
+whether to conjugate) so that ``C·R̂_i`` equals the truth up to the physical freedom, using only
+the images:
+
+1. **Conjugate or not, and the viewing axis.** For near neighbours ``(i, j)`` (small d̂) the
+   relative rotation ``R_j·R_iᵀ`` is small and its component about the beam axis ``z`` is the
+   in-plane rotation ``ψ_ij`` that turns image ``i`` into image ``j``, which the images show
+   (rotational cross-correlation on a polar grid). With estimates ``R̂ = A·R·B`` the rotation
+   vector of ``R̂_j·R̂_iᵀ`` is ``ω̂ = A·ω``, hence ``ψ_ij = ω_z = n·ω̂_ij`` with ``n = Aᵀ e_z``
+   (the third row of ``C = Aᵀ``): a linear least-squares fit for ``n`` (robust, iteratively
+   trimmed). For transposed estimates no ``n`` fits, so the fit's residual tells the two
+   components apart.
+2. **The in-plane angle.** ``n`` fixes ``C`` up to a global in-plane rotation ``C = Rz(φ)·C₀``,
+   which relative in-plane angles cannot see. ``φ`` is found by cross-validated reconstruction:
+   reconstruct from half of the images, re-project at the other half's orientations and
+   correlate with those images; the right ``φ`` makes the volume consistent with both halves.
+   ``φ`` and ``φ + π`` give the two hands of the object (``Rz(π)·R = J·R·J·Rz(π)``,
+   ``J = diag(1, 1, −1)``), which no set of projections can tell apart: the search covers
+   ``[0, π)`` and the hand stays the user's choice, as in every cryo-EM reconstruction.
+
+Quaternions are scalar-first ``(w, x, y, z)``; images ``(P, L, L)`` indexed ``[y, x]``, centred
+(shifts undone). Pure numpy/torch: no ray, no zarr.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cryoorient_ray.core.quaternion import (
+    quat_conjugate,
+    quat_product,
+    rotmat_to_unitquat,
+    unitquat_to_rotmat,
+)
+from cryoorient_ray.errors import CryoOrientError
+
+__all__ = [
+    "GaugeResult",
+    "apply_gauge",
+    "fit_view_axis",
+    "fourier_crop",
+    "inplane_angles",
+    "resolve_gauge",
+]
+
+
+@dataclass
+class GaugeResult:
+    """The correction found by :func:`resolve_gauge`.
+
+    Attributes:
+        correction: ``(4,)`` unit quaternion ``c`` of the left correction ``C``.
+        conjugate: whether the estimates are conjugated first (``q̂ → q̂*``).
+        view_axis: ``(3,)`` fitted ``n`` (the third row of ``C``).
+        axis_residual: robust RMS residual (rad) of the in-plane fit of the chosen component.
+        axis_residual_other: the same for the other component (much larger when the choice is clear).
+        phi: the in-plane angle ``φ`` (rad, in ``[0, π)``).
+        phi_scores: ``(angles, scores)`` of the cross-validation search.
+        n_pairs: neighbour pairs used in the fit.
+    """
+
+    correction: np.ndarray
+    conjugate: bool
+    view_axis: np.ndarray
+    axis_residual: float
+    axis_residual_other: float
+    phi: float
+    phi_scores: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (np.zeros(0), np.zeros(0)))
+    n_pairs: int = 0
+
+    def apply(self, q: np.ndarray) -> np.ndarray:
+        return apply_gauge(q, self.correction, self.conjugate)
+
+    def to_dict(self) -> dict:
+        return {
+            "correction_wxyz": [float(x) for x in self.correction],
+            "conjugate": bool(self.conjugate),
+            "view_axis": [float(x) for x in self.view_axis],
+            "axis_residual_rad": float(self.axis_residual),
+            "axis_residual_other_rad": float(self.axis_residual_other),
+            "phi_deg": float(np.degrees(self.phi)),
+            "n_pairs": int(self.n_pairs),
+        }
+
+
+def apply_gauge(q: np.ndarray, correction: np.ndarray, conjugate: bool) -> np.ndarray:
+    """``c ⊗ q̂`` (or ``c ⊗ q̂*``) for ``(P, 4)`` quaternions, canonical ``w ≥ 0``."""
+    q = np.asarray(q, dtype=np.float64)
+    if conjugate:
+        q = quat_conjugate(q)
+    out = quat_product(np.broadcast_to(np.asarray(correction, np.float64), q.shape), q)
+    return np.where(out[:, :1] < 0, -out, out)
+
+
+def fourier_crop(images, size: int) -> torch.Tensor:
+    """Downsample ``(B, L, L)`` images to ``(B, size, size)`` by cropping their Fourier transform.
+
+    The pixel size grows by ``L / size``; the centre pixel ``L // 2`` maps to ``size // 2``.
+    ``size ≥ L`` returns the images unchanged.
+    """
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images, dtype=torch.float32)
+    lsize = x.shape[-1]
+    if size >= lsize:
+        return x
+    ft = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1))), dim=(-2, -1))
+    a = lsize // 2 - size // 2
+    ft = ft[..., a : a + size, a : a + size]
+    out = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(ft, dim=(-2, -1))), dim=(-2, -1)).real
+    return out * (size * size) / (lsize * lsize)
+
+
+def _polar(images: torch.Tensor, n_angles: int, lowpass: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low-passed, standardised images sampled on a polar grid ``(B, n_r, n_angles)``, radii weights."""
+    b, lsize = images.shape[0], images.shape[-1]
+    f = torch.fft.fftfreq(lsize)
+    g = torch.exp(-(f[:, None] ** 2 + f[None, :] ** 2) / (2 * lowpass**2))
+    x = torch.fft.ifft2(torch.fft.fft2(images) * g).real
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    x = x / x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
+    r = torch.arange(1, lsize // 2, dtype=torch.float32)
+    th = torch.arange(n_angles, dtype=torch.float32) * (2 * math.pi / n_angles)
+    px = lsize // 2 + r[:, None] * torch.cos(th)[None, :]
+    py = lsize // 2 + r[:, None] * torch.sin(th)[None, :]
+    grid = torch.stack([2 * px / (lsize - 1) - 1, 2 * py / (lsize - 1) - 1], -1)  # (n_r, n_a, 2) as (x, y)
+    polar = F.grid_sample(x[:, None], grid.expand(b, -1, -1, -1), mode="bilinear", align_corners=True)[:, 0]
+    return polar, r
+
+
+def inplane_angles(
+    images,
+    i: np.ndarray,
+    j: np.ndarray,
+    max_angle: float = math.radians(45),
+    n_angles: int = 360,
+    lowpass: float = 0.15,
+    batch_size: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane rotation ``ψ_ij`` (rad) that best turns image ``i`` into image ``j``.
+
+    Image ``j`` is compared with image ``i`` rotated by ``ψ`` about the centre pixel
+    (counter-clockwise from +x to +y; ``p_j(u) ≈ p_i(Rz(−ψ)·u)``), by circular cross-correlation
+    of their polar resamplings (radius-weighted), refined by a parabola through the peak.
+
+    Args:
+        images: ``(P, L, L)`` centred images.
+        i, j: ``(M,)`` pair indices.
+        max_angle: only ``|ψ| ≤ max_angle`` is searched (near neighbours rotate little).
+        n_angles: angular samples of the polar grid.
+        lowpass: Gaussian low-pass width in cycles/pixel applied first (noise).
+
+    Returns:
+        ``(psi (M,), peak correlation (M,))``.
+    """
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images, dtype=torch.float32)
+    polar, r = _polar(x, n_angles, lowpass)
+    ft = torch.fft.rfft(polar, dim=-1) * r[None, :, None]
+    norm = float((r * polar.shape[-1]).sum())
+    step = 2 * math.pi / n_angles
+    lag = torch.arange(n_angles)
+    lag = torch.where(lag > n_angles // 2, lag - n_angles, lag).float() * step
+    allowed = lag.abs() <= max_angle
+    psi_out, peak_out = [], []
+    i = np.asarray(i, np.int64)
+    j = np.asarray(j, np.int64)
+    for a in range(0, len(i), batch_size):
+        fi, fj = ft[i[a : a + batch_size]], ft[j[a : a + batch_size]]
+        cc = torch.fft.irfft((fj * fi.conj()).sum(1), n=n_angles, dim=-1) / norm  # cc[s] = Σ P_j(θ+s)·P_i(θ)
+        cc = torch.where(allowed[None, :], cc, torch.full_like(cc, -math.inf))
+        k = cc.argmax(-1)
+        c0 = cc.gather(1, k[:, None])[:, 0]
+        cm = cc.gather(1, ((k - 1) % n_angles)[:, None])[:, 0]
+        cp = cc.gather(1, ((k + 1) % n_angles)[:, None])[:, 0]
+        cm = torch.where(torch.isfinite(cm), cm, c0)
+        cp = torch.where(torch.isfinite(cp), cp, c0)
+        den = cm - 2 * c0 + cp
+        off = torch.where(den.abs() > 1e-12, 0.5 * (cm - cp) / den, torch.zeros_like(den)).clamp(-0.5, 0.5)
+        psi_out.append((lag[k] + off * step).numpy())
+        peak_out.append(c0.numpy())
+    if not psi_out:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(psi_out).astype(np.float64), np.concatenate(peak_out).astype(np.float64)
+
+
+def _rotation_vectors(q: np.ndarray) -> np.ndarray:
+    """Rotation vectors (axis·angle) of ``(M, 4)`` quaternions."""
+    q = np.where(q[:, :1] < 0, -q, q)
+    v = q[:, 1:]
+    s = np.linalg.norm(v, axis=1)
+    ang = 2 * np.arctan2(s, q[:, 0])
+    scale = np.where(s > 1e-12, ang / np.maximum(s, 1e-12), 2.0)
+    return v * scale[:, None]
+
+
+def fit_view_axis(
+    q_est: np.ndarray, i: np.ndarray, j: np.ndarray, psi: np.ndarray, weights: np.ndarray | None = None, n_iter: int = 5
+) -> tuple[np.ndarray, float]:
+    """Robust least squares for ``n`` in ``ψ_ij ≈ n·ω̂_ij``, ``ω̂`` the rotation vector of ``R̂_j·R̂_iᵀ``.
+
+    Returns ``(n (3,) unit vector, robust RMS residual in rad)``. Iteratively trimmed: pairs
+    whose residual exceeds 2.5 robust standard deviations are dropped and the fit repeated.
+    """
+    q = np.asarray(q_est, np.float64)
+    rel = quat_product(q[j], quat_conjugate(q[i]))
+    om = _rotation_vectors(rel)
+    w = np.ones(len(psi)) if weights is None else np.asarray(weights, np.float64)
+    keep = w > 0
+    n = np.zeros(3)
+    for _ in range(max(1, n_iter)):
+        a = om[keep] * np.sqrt(w[keep])[:, None]
+        y = psi[keep] * np.sqrt(w[keep])
+        n, *_ = np.linalg.lstsq(a, y, rcond=None)
+        res = psi - om @ n
+        scale = 1.4826 * np.median(np.abs(res[keep])) + 1e-9
+        keep = (np.abs(res) < 2.5 * scale) & (w > 0)
+        if keep.sum() < 6:
+            break
+    norm = np.linalg.norm(n)
+    if norm < 1e-9:
+        return np.array([0.0, 0.0, 1.0]), float("inf")
+    nu = n / norm
+    res = psi - om @ nu
+    return nu, float(1.4826 * np.median(np.abs(res)))
+
+
+def _frame_with_third_row(n: np.ndarray) -> np.ndarray:
+    """A rotation matrix whose third row is the unit vector ``n``."""
+    helper = np.array([1.0, 0.0, 0.0]) if abs(n[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    e1 = np.cross(helper, n)
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(n, e1)
+    return np.stack([e1, e2, n])
+
+
+def _axis_angle_matrix(rv: np.ndarray) -> np.ndarray:
+    """Rotation matrix of the rotation vector ``rv`` (Rodrigues)."""
+    ang = float(np.linalg.norm(rv))
+    if ang < 1e-15:
+        return np.eye(3)
+    k = rv / ang
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(ang) * kx + (1 - math.cos(ang)) * kx @ kx
+
+
+def _rz(phi: float) -> np.ndarray:
+    c, s = math.cos(phi), math.sin(phi)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+ScoreFn = Callable[[np.ndarray], float]
+
+
+def crossval_score_fn(
+    images,
+    ctf: dict | None = None,
+    pixel_size: float = 1.0,
+    seed: int = 0,
+    lowpass: float = 0.2,
+) -> ScoreFn:
+    """Score of a set of rotation matrices: cross-validated re-projection correlation.
+
+    The images are split in two random halves; a volume reconstructed from each half
+    (:func:`~cryoorient_ray.core.reconstruct.reconstruct_fourier`, CTF-corrected when ``ctf``
+    is given) is re-projected at the other half's orientations (times their CTF) and correlated
+    (Pearson, per image, after a Gaussian low-pass of ``lowpass`` cycles/pixel) with those
+    images; the score is the mean over both directions.
+
+    Args:
+        images: ``(P, L, L)`` centred images.
+        ctf: optional dict of per-image CTF parameters (``(P,)`` arrays or scalars, keys of
+            :data:`~cryoorient_ray.core.reconstruct.CTF_KEYS`).
+        pixel_size: Å per pixel of ``images`` (for the CTF).
+    """
+    from cryoorient_ray.core.ctf import apply_ctf
+    from cryoorient_ray.core.projection import FourierSliceProjector
+    from cryoorient_ray.core.reconstruct import reconstruct_fourier
+
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images, dtype=torch.float32)
+    p, lsize = x.shape[0], x.shape[-1]
+    f = torch.fft.fftfreq(lsize)
+    g = torch.exp(-(f[:, None] ** 2 + f[None, :] ** 2) / (2 * lowpass**2))
+
+    def filt(im: torch.Tensor) -> torch.Tensor:
+        y = torch.fft.ifft2(torch.fft.fft2(im) * g).real
+        y = y - y.mean(dim=(-2, -1), keepdim=True)
+        return y / y.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
+
+    def ctf_of(rows: np.ndarray) -> dict | None:
+        if ctf is None:
+            return None
+        return {k: (np.asarray(v)[rows] if np.ndim(v) else v) for k, v in ctf.items()}
+
+    perm = np.random.default_rng(seed).permutation(p)
+    halves = (np.sort(perm[: p // 2]), np.sort(perm[p // 2 :]))
+    targets = [filt(x[h]) for h in halves]
+
+    def score(rotmats: np.ndarray) -> float:
+        r = torch.as_tensor(np.asarray(rotmats), dtype=torch.float32)
+        total = 0.0
+        for k in (0, 1):
+            src, dst = halves[k], halves[1 - k]
+            vol = reconstruct_fourier(x[src], r[src], ctf=ctf_of(src), pixel_size=pixel_size if ctf else None)
+            rep = FourierSliceProjector(vol)(r[dst])
+            if ctf is not None:
+                rep = torch.as_tensor(apply_ctf(rep, pixel_size, **ctf_of(dst)), dtype=torch.float32)
+            total += float((filt(rep) * targets[1 - k]).sum(dim=(-2, -1)).mean())
+        return total / 2
+
+    return score
+
+
+def resolve_gauge(
+    q_est: np.ndarray,
+    images,
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    score_fn: ScoreFn | None = None,
+    max_pair_distance: float = math.radians(25),
+    max_pairs: int = 20000,
+    phi_steps: int = 24,
+    phi_refine: int = 2,
+    polish_rounds: int = 3,
+    seed: int = 0,
+) -> GaugeResult:
+    """Find the left correction (and conjugation) that makes ``q_est`` physical.
+
+    Args:
+        q_est: ``(P, 4)`` recovered quaternions.
+        images: ``(P, L, L)`` the projections, centred (shifts undone), in the order of ``q_est``.
+        pairs: ``(i, j, d̂)`` candidate neighbour pairs (e.g. the pair graph's kNN edges) with
+            their estimated distances; those with ``d̂ ≤ max_pair_distance`` are used.
+        score_fn: ``f(rotmats (P, 3, 3)) -> float`` (higher = more consistent), for the in-plane
+            angle ``φ``; see :func:`crossval_score_fn`. ``None`` skips the search (``φ = 0``).
+        phi_steps: coarse grid over ``[0, π)``; then ``phi_refine`` rounds of local refinement.
+        polish_rounds: rounds of a final coordinate search of the whole correction (small
+            rotations about x, y, z, halving the step each round) on ``score_fn``; it removes
+            the few degrees of error the neighbour fit of ``n`` leaves.
+
+    Returns:
+        :class:`GaugeResult`; ``result.apply(q_est)`` gives the physical orientations.
+    """
+    q = np.asarray(q_est, np.float64)
+    i, j, d = (np.asarray(a) for a in pairs)
+    if q.ndim != 2 or q.shape[1] != 4:
+        raise CryoOrientError(f"q_est must be (P, 4); got {q.shape}")
+    if np.shape(images)[0] != len(q):
+        raise CryoOrientError(f"{np.shape(images)[0]} images but {len(q)} orientations")
+    near = np.flatnonzero(d <= max_pair_distance)
+    if len(near) < 20:
+        near = np.argsort(d)[: min(len(d), 200)]
+    if len(near) < 10:
+        raise CryoOrientError("too few neighbour pairs to resolve the gauge (need at least 10)")
+    rng = np.random.default_rng(seed)
+    if len(near) > max_pairs:
+        near = rng.choice(near, max_pairs, replace=False)
+    i, j = i[near], j[near]
+    psi, peak = inplane_angles(images, i, j)
+    weights = np.clip(peak, 0, None)
+    fits = {}
+    for conj in (False, True):
+        qq = quat_conjugate(q) if conj else q
+        fits[conj] = fit_view_axis(qq, i, j, psi, weights)
+    conj = fits[True][1] < fits[False][1]
+    n, res = fits[conj]
+    c0 = _frame_with_third_row(n)
+    qq = quat_conjugate(q) if conj else q
+    r_est = unitquat_to_rotmat(qq)
+
+    angles = np.zeros(0)
+    scores = np.zeros(0)
+    phi = 0.0
+    if score_fn is not None:
+        grid = np.arange(phi_steps) * (math.pi / phi_steps)
+        vals = [score_fn(_rz(a) @ c0 @ r_est) for a in grid]
+        angles, scores = list(grid), list(vals)
+        phi = float(grid[int(np.argmax(vals))])
+        step = math.pi / phi_steps
+        for _ in range(phi_refine):
+            step /= 3
+            for a in (phi - step, phi + step):
+                angles.append(a)
+                scores.append(score_fn(_rz(a) @ c0 @ r_est))
+            k = int(np.argmax(scores))
+            phi = float(angles[k])
+        phi = phi % math.pi
+        angles, scores = np.asarray(angles) % math.pi, np.asarray(scores)
+    corr_mat = _rz(phi) @ c0
+    if score_fn is not None and polish_rounds > 0:
+        # Pattern search: try ± small rotations about x, y, z; move while it improves, then halve.
+        best = max(scores)
+        step = math.radians(3.0)
+        for _ in range(polish_rounds):
+            improved, moves = True, 0
+            while improved and moves < 6:
+                improved = False
+                for axis in range(3):
+                    for sign in (1.0, -1.0):
+                        rv = np.zeros(3)
+                        rv[axis] = sign * step
+                        trial = _axis_angle_matrix(rv) @ corr_mat
+                        val = score_fn(trial @ r_est)
+                        if val > best:
+                            best, corr_mat, improved = val, trial, True
+                            moves += 1
+                            break
+            step /= 2
+    corr = rotmat_to_unitquat(corr_mat)
+    return GaugeResult(
+        correction=np.asarray(corr, np.float64),
+        conjugate=bool(conj),
+        view_axis=n,
+        axis_residual=res,
+        axis_residual_other=fits[not conj][1],
+        phi=phi,
+        phi_scores=(angles, scores),
+        n_pairs=int(len(i)),
+    )

@@ -1,0 +1,95 @@
+"""Orientation recovery with the pair graph's edges partitioned across Ray actors.
+
+Design (synchronous data parallelism, parameter server on the driver):
+
+- The edges ``(i, j, d̂)`` are cut into ``n_actors`` contiguous partitions (edges are sorted by
+  ``i``, so each partition touches a compact block of nodes plus its long-range partners). Each
+  :class:`EdgePartitionActor` holds its partition for the whole run — edges travel once.
+- At every step the driver puts the current ``(P, 4)`` quaternions in the object store once
+  (``ray.put``: actors on one node read them zero-copy), every actor returns the L_OR sum and the
+  gradient of its partition, and the driver adds them and takes the Adam step (and the
+  renormalisation to S³). All actors see the same quaternions at every step, so the result is
+  the same as in-process recovery, whatever the number of actors.
+- Traffic per step is ``2·n_actors·P·16`` bytes: 3 MB for P = 10⁵ with 2 actors, against ~10⁶
+  edges of work per actor; for small graphs the per-call overhead (~1 ms) dominates and the
+  in-process path (``n_actors = 0``) is faster.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from cryoorient_ray.core.recover import EdgeObjective, RecoveryResult, RecoverySettings, recover_orientations
+from cryoorient_ray.errors import CryoOrientError
+
+__all__ = ["EdgePartitionActor", "partition_edges", "recover_on_actors"]
+
+
+@ray.remote
+class EdgePartitionActor:
+    """One partition of the pair graph: returns its L_OR sum and gradient for given quaternions."""
+
+    def __init__(self, i: np.ndarray, j: np.ndarray, d: np.ndarray, threads: int = 1):
+        torch.set_num_threads(max(1, int(threads)))
+        self.objective = EdgeObjective(i, j, d)
+
+    def n_edges(self) -> int:
+        return self.objective.n_edges
+
+    def loss_and_grad(self, q: np.ndarray, loss: str) -> tuple[float, float, np.ndarray]:
+        # Object-store arrays are read-only views; torch needs writable memory.
+        return self.objective.loss_and_grad(torch.from_numpy(np.array(q, copy=True)), loss)
+
+
+def partition_edges(n_edges: int, n_parts: int) -> list[slice]:
+    """``n_parts`` contiguous, nearly equal slices of ``range(n_edges)``."""
+    bounds = np.linspace(0, n_edges, n_parts + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def recover_on_actors(
+    n_nodes: int,
+    i: np.ndarray,
+    j: np.ndarray,
+    d: np.ndarray,
+    n_actors: int = 2,
+    settings: RecoverySettings | None = None,
+    cpus_per_actor: float = 1.0,
+    threads_per_actor: int = 1,
+    progress=None,
+) -> RecoveryResult:
+    """Recover ``(n_nodes, 4)`` quaternions from edges ``(i, j, d̂)`` with ``n_actors`` Ray actors.
+
+    ``n_actors = 0`` runs in-process (no Ray). Ray must already be initialised otherwise
+    (:func:`cryoorient_ray.distributed.runtime.ray_runtime`). Actors are killed at the end,
+    also on error or Ctrl-C.
+    """
+    i, j, d = np.asarray(i), np.asarray(j), np.asarray(d, dtype=np.float32)
+    if n_actors < 0:
+        raise CryoOrientError(f"actors must be >= 0; got {n_actors}")
+    if n_actors == 0:
+        return recover_orientations(n_nodes, EdgeObjective(i, j, d), settings=settings, progress=progress)
+    if not ray.is_initialized():
+        raise CryoOrientError("Ray is not initialised: start it before recovering on actors")
+    order = np.argsort(i, kind="stable")
+    i, j, d = i[order], j[order], d[order]
+    parts = partition_edges(len(i), n_actors)
+    actor_cls = EdgePartitionActor.options(num_cpus=cpus_per_actor)
+    actors = [actor_cls.remote(i[s], j[s], d[s], threads_per_actor) for s in parts]
+    try:
+        ray.get([a.n_edges.remote() for a in actors])  # fail early if an actor cannot start
+
+        def grad_fn(q: torch.Tensor, loss: str):
+            ref = ray.put(q.detach().cpu().numpy())
+            results = ray.get([a.loss_and_grad.remote(ref, loss) for a in actors])
+            l_or = sum(r[0] for r in results)
+            l_used = sum(r[1] for r in results)
+            grad = torch.from_numpy(np.sum([r[2] for r in results], axis=0))
+            return l_or, l_used, grad
+
+        return recover_orientations(n_nodes, grad_fn, n_edges=len(i), settings=settings, progress=progress)
+    finally:
+        for a in actors:
+            ray.kill(a)

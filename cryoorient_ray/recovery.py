@@ -1,0 +1,366 @@
+"""Orientation recovery on a projection store: pair graph → L_OR on actors → physical gauge → errors.
+
+What `cryoorient recover` runs (and the `recover` stage of `cryoorient run`):
+
+1. pick the projections (one protein, one split, optionally a random subset);
+2. the distance estimator gives features for the neighbour search and d̂ on the graph's edges:
+   the trained model (embeddings computed once per image), the Euclidean baseline (flattened
+   images) or — for experiments — the exact d_q, optionally perturbed by Gaussian noise;
+3. the sparse pair graph (kNN + random edges); only its largest connected component is
+   recovered when it falls apart (with a warning);
+4. recovery (:mod:`cryoorient_ray.core.recover`, in-process or on Ray actors);
+5. the physical gauge from the images (:mod:`cryoorient_ray.core.gauge`);
+6. when the store knows the true orientations: E_OR (O(4), as the paper) and the registration
+   error (global rotation + hand, as peers report), and whether the gauge found the physical
+   solution.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cryoorient_ray.config import RecoverConfig
+from cryoorient_ray.core.graph import PairGraph, build_pair_graph, knn_edges
+from cryoorient_ray.core.recover import RecoveryResult, RecoverySettings, check_distances
+from cryoorient_ray.core.symmetry import symmetric_quat_distance
+from cryoorient_ray.errors import CryoOrientError
+from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
+
+log = logging.getLogger(__name__)
+
+# Registration error may exceed E_OR (O(4)) by this much and still count as the physical solution.
+GAUGE_TOLERANCE = 0.05
+
+
+@dataclass
+class Selection:
+    """The projections one recovery works on."""
+
+    rows: np.ndarray
+    protein: int
+    protein_name: str
+    symmetry: str
+    q_true: np.ndarray | None
+    shifts: np.ndarray
+    ctf: dict | None
+
+
+@dataclass
+class Estimator:
+    """Features for the neighbour search and d̂ for any edge list."""
+
+    name: str
+    features: np.ndarray | torch.Tensor
+    metric: str
+    distance: callable
+    info: dict = field(default_factory=dict)
+
+
+def select_projections(store: ProjectionStore, cfg: RecoverConfig, seed: int = 0) -> Selection:
+    """Rows of one protein in ``cfg.split`` (a random subset of ``cfg.max_projections``)."""
+    proteins = store.proteins
+    if not proteins:
+        raise CryoOrientError(f"{store.path} lists no proteins")
+    if cfg.protein is None:
+        pid = 0
+    else:
+        names = [p["name"] for p in proteins]
+        if cfg.protein in names:
+            pid = names.index(cfg.protein)
+        elif cfg.protein.isdigit() and int(cfg.protein) < len(proteins):
+            pid = int(cfg.protein)
+        else:
+            raise CryoOrientError(f"protein {cfg.protein!r} is not in {store.path} (it has: {', '.join(names)})")
+    rows = store.done_rows()
+    meta = store.read_metadata(rows, names=["split", "protein"])
+    keep = (meta["protein"] == pid) & (meta["split"] == SPLIT_CODES[cfg.split])
+    rows = rows[keep]
+    if cfg.max_projections is not None and len(rows) > cfg.max_projections:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, cfg.max_projections, replace=False))
+    if len(rows) < 3:
+        raise CryoOrientError(
+            f"{store.path}: protein {proteins[pid]['name']!r} has {len(rows)} completed projections in split "
+            f"'{cfg.split}'; recovery needs at least 3"
+        )
+    meta = store.read_metadata(rows)
+    has_truth = bool(store.manifest.get("has_orientations", True)) and np.isfinite(meta["quaternion"]).all()
+    ctf = None
+    if store.manifest.get("ctf_applied", False):
+        optics = store.manifest.get("optics", {})
+        ctf = {
+            "defocus_u": meta["defocus_u"].astype(np.float64),
+            "defocus_v": meta["defocus_v"].astype(np.float64),
+            "defocus_angle": meta["defocus_angle"].astype(np.float64),
+            "voltage": float(optics.get("voltage", 300.0)),
+            "cs": float(optics.get("cs", 2.7)),
+            "amplitude_contrast": float(optics.get("amplitude_contrast", 0.1)),
+        }
+    return Selection(
+        rows=rows,
+        protein=pid,
+        protein_name=proteins[pid]["name"],
+        symmetry=proteins[pid].get("symmetry", "C1") or "C1",
+        q_true=meta["quaternion"].astype(np.float64) if has_truth else None,
+        shifts=meta["shift"].astype(np.float64),
+        ctf=ctf,
+    )
+
+
+def make_estimator(
+    store: ProjectionStore, sel: Selection, cfg: RecoverConfig, model_path: str | None, seed: int = 0
+) -> Estimator:
+    """The distance estimator named by ``cfg.estimator``."""
+    from cryoorient_ray.core.model import load_distance_model
+    from cryoorient_ray.evaluation import embed_rows, fit_euclidean
+
+    if cfg.estimator == "exact":
+        if sel.q_true is None:
+            raise CryoOrientError(f"{store.path} has no true orientations: --exact/--perturb need them")
+        q = sel.q_true
+        sigma = math.sqrt(cfg.perturb_sigma2)
+
+        def exact(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+            d = np.asarray(symmetric_quat_distance(q[i], q[j], sel.symmetry), dtype=np.float64)
+            if sigma > 0:
+                # Deterministic per edge: the noise of (i, j) does not depend on which edges are asked.
+                rng = np.random.default_rng([seed, 7919])
+                noise_table = rng.normal(0.0, sigma, size=len(q) * 64)
+                key = (np.minimum(i, j) * 2654435761 + np.maximum(i, j) * 40503) % len(noise_table)
+                d = d + noise_table[key]
+            return np.clip(d, 0.0, math.pi)
+
+        return Estimator("exact", q, "quaternion", exact, {"perturb_sigma2": cfg.perturb_sigma2})
+    if cfg.estimator == "euclidean":
+        if not store.manifest.get("has_orientations", True):
+            raise CryoOrientError("the Euclidean baseline is scaled on true distances, which this store does not have")
+        model = fit_euclidean(store, n_pairs=2000, seed=seed + 1)
+        images = store.read_images(sel.rows).reshape(len(sel.rows), -1).astype(np.float32)
+        feats = torch.from_numpy(images)
+
+        def euclid(i, j):
+            with torch.no_grad():
+                return model.distance(feats[i], feats[j]).double().numpy()
+
+        return Estimator("euclidean", feats, "euclidean", euclid, {"scale": float(model.scale)})
+    if model_path is None:
+        raise CryoOrientError("no trained model: give --model, or --euclidean / --exact")
+    model, _ = load_distance_model(model_path)
+    if store.image_size < model.spec.min_image_size:
+        raise CryoOrientError(
+            f"{store.path} has {store.image_size}² images; {model_path} needs at least {model.spec.min_image_size}²"
+        )
+    emb = embed_rows(model, store, sel.rows)
+
+    def learned(i, j):
+        with torch.no_grad():
+            return model.distance(emb[i], emb[j]).double().numpy()
+
+    return Estimator("model", emb, "angle", learned, {"model": str(model_path), "n_features": model.spec.n_features})
+
+
+def _restrict(graph: PairGraph, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges of ``graph`` inside the node subset ``keep`` (bool mask), renumbered."""
+    new = np.full(graph.n_nodes, -1, np.int64)
+    new[keep] = np.arange(int(keep.sum()))
+    inside = keep[graph.i] & keep[graph.j]
+    return new[graph.i[inside]], new[graph.j[inside]]
+
+
+def gauge_inputs(store: ProjectionStore, sel: Selection, nodes: np.ndarray, size: int):
+    """Centred, Fourier-cropped images of ``nodes`` (indices into ``sel.rows``), CTF and pixel size."""
+    from cryoorient_ray.core.gauge import fourier_crop
+    from cryoorient_ray.core.projection import shift_images
+
+    imgs = torch.as_tensor(store.read_images(sel.rows[nodes]), dtype=torch.float32)
+    shifts = sel.shifts[nodes]
+    if np.abs(shifts).max(initial=0.0) > 0:
+        imgs = shift_images(imgs, torch.as_tensor(-shifts, dtype=torch.float32))
+    small = fourier_crop(imgs, size)
+    pixel = store.pixel_size * imgs.shape[-1] / small.shape[-1]
+    ctf = None
+    if sel.ctf is not None:
+        ctf = {k: (v[nodes] if np.ndim(v) else v) for k, v in sel.ctf.items()}
+    return small, ctf, pixel
+
+
+def run_gauge(store: ProjectionStore, sel: Selection, est: Estimator, q_est: np.ndarray, cfg: RecoverConfig, seed: int):
+    """Resolve the gauge on a random subset of the recovered projections; returns the GaugeResult."""
+    from cryoorient_ray.core.gauge import crossval_score_fn, resolve_gauge
+
+    rng = np.random.default_rng(seed + 11)
+    p = len(q_est)
+    nodes = np.sort(rng.choice(p, min(p, cfg.gauge.max_images), replace=False))
+    feats = est.features[nodes] if not isinstance(est.features, torch.Tensor) else est.features[torch.as_tensor(nodes)]
+    i, j = knn_edges(feats, 8, est.metric)
+    d = est.distance(nodes[i], nodes[j])
+    imgs, ctf, pixel = gauge_inputs(store, sel, nodes, cfg.gauge.image_size)
+    score = crossval_score_fn(imgs, ctf=ctf, pixel_size=pixel, seed=seed)
+    res = resolve_gauge(
+        q_est[nodes],
+        imgs,
+        (i, j, d),
+        score_fn=score,
+        phi_steps=cfg.gauge.phi_steps,
+        polish_rounds=cfg.gauge.polish_rounds,
+        seed=seed,
+    )
+    return res
+
+
+@dataclass
+class RecoveryOutcome:
+    """Everything a recovery produced (the pipeline writes the files)."""
+
+    selection: Selection
+    estimator: str
+    graph: PairGraph
+    nodes: np.ndarray  # indices into selection.rows that were recovered (the largest component)
+    result: RecoveryResult
+    q_raw: np.ndarray
+    q_final: np.ndarray
+    gauge: object | None
+    metrics: dict
+    errors: dict = field(default_factory=dict)  # "o4", "registration": AlignResult (truth known)
+
+
+def recover_store(
+    store_path: str,
+    cfg: RecoverConfig,
+    model_path: str | None = None,
+    seed: int = 0,
+    progress=None,
+    status=None,
+) -> RecoveryOutcome:
+    """Run the whole recovery on ``store_path``. Ray must be running when ``cfg.actors > 0``."""
+    from cryoorient_ray.core.align import align_o4, align_rotation
+    from cryoorient_ray.distributed.recover import recover_on_actors
+
+    def say(msg: str) -> None:
+        if status is not None:
+            status(msg)
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    store = ProjectionStore.open(store_path)
+    sel = select_projections(store, cfg, seed)
+    say(f"{len(sel.rows)} projections of {sel.protein_name}: distances ({cfg.estimator})")
+    est = make_estimator(store, sel, cfg, model_path, seed)
+    timings["estimator_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    say("pair graph")
+    graph = build_pair_graph(est.features, k=cfg.k, n_random=cfg.n_random, metric=est.metric, seed=seed)
+    nodes = np.arange(graph.n_nodes)
+    gi, gj = graph.i, graph.j
+    if graph.n_components > 1:
+        keep = graph.component == 0
+        log.warning(
+            "the pair graph has %d connected components; recovering the largest (%d of %d projections) — "
+            "raise recover.n_random to connect them",
+            graph.n_components,
+            int(keep.sum()),
+            graph.n_nodes,
+        )
+        nodes = np.flatnonzero(keep)
+        gi, gj = _restrict(graph, keep)
+        if len(nodes) < 3:
+            raise CryoOrientError("the pair graph's largest connected component has fewer than 3 projections")
+    d_hat = check_distances(est.distance(nodes[gi], nodes[gj]))
+    timings["graph_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    settings = RecoverySettings(
+        init=cfg.init,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.max_steps,
+        restarts=cfg.restarts,
+        tol=cfg.tol,
+        seed=seed,
+    )
+    say(f"recovery: {len(nodes)} projections, {len(gi)} edges, {cfg.actors or 'no'} actors")
+    result = recover_on_actors(
+        len(nodes),
+        gi,
+        gj,
+        d_hat,
+        n_actors=cfg.actors,
+        settings=settings,
+        cpus_per_actor=cfg.cpus_per_actor,
+        progress=progress,
+    )
+    timings["recovery_s"] = time.perf_counter() - t2
+    q_raw = result.quaternions
+
+    gauge = None
+    q_final = q_raw
+    if cfg.gauge.enabled:
+        t3 = time.perf_counter()
+        say("gauge: in-plane fit and cross-validated reconstructions")
+        sub = Selection(
+            rows=sel.rows[nodes],
+            protein=sel.protein,
+            protein_name=sel.protein_name,
+            symmetry=sel.symmetry,
+            q_true=None,
+            shifts=sel.shifts[nodes],
+            ctf=None if sel.ctf is None else {k: (v[nodes] if np.ndim(v) else v) for k, v in sel.ctf.items()},
+        )
+        sub_est = Estimator(
+            est.name,
+            est.features[nodes] if not isinstance(est.features, torch.Tensor) else est.features[torch.as_tensor(nodes)],
+            est.metric,
+            lambda a, b: est.distance(nodes[a], nodes[b]),
+        )
+        gauge = run_gauge(store, sub, sub_est, q_raw, cfg, seed)
+        q_final = gauge.apply(q_raw)
+        timings["gauge_s"] = time.perf_counter() - t3
+
+    metrics: dict = {
+        "protein": sel.protein_name,
+        "symmetry": sel.symmetry,
+        "estimator": est.name,
+        "projections": int(len(sel.rows)),
+        "recovered": int(len(nodes)),
+        "edges": int(len(gi)),
+        "components": int(graph.n_components),
+        "L_OR": float(result.final_loss),
+        "steps": int(result.steps),
+        "converged": bool(result.converged),
+        "restart_L_OR": [float(x) for x in result.restart_losses],
+        "actors": int(cfg.actors),
+        **{k: round(v, 3) for k, v in timings.items()},
+        **est.info,
+    }
+    if gauge is not None:
+        metrics["gauge"] = gauge.to_dict()
+    if sel.q_true is not None:
+        t4 = time.perf_counter()
+        qt = sel.q_true[nodes]
+        o4 = align_o4(qt, q_final, symmetry=sel.symmetry, seed=seed)
+        reg = align_rotation(qt, q_final, symmetry=sel.symmetry, allow_mirror=True, seed=seed)
+        errors = {"o4": o4, "registration": reg}
+        metrics.update(
+            {
+                "e_or_o4": float(o4.mean),
+                "e_or_o4_median": float(o4.median),
+                "o4_component": "conjugate" if o4.conjugate else "SO(4)",
+                "registration": float(reg.mean),
+                "registration_median": float(reg.median),
+                "hand": reg.hand,
+            }
+        )
+        if gauge is not None:
+            metrics["gauge_physical"] = bool(reg.mean <= o4.mean + GAUGE_TOLERANCE)
+        timings["align_s"] = time.perf_counter() - t4
+        metrics["align_s"] = round(timings["align_s"], 3)
+    else:
+        errors = {}
+    metrics["total_s"] = round(time.perf_counter() - t0, 3)
+    return RecoveryOutcome(sel, est.name, graph, nodes, result, q_raw, q_final, gauge, metrics, errors)
