@@ -41,7 +41,7 @@ def _machine() -> dict:
     }
 
 
-def _problem(p: int, sigma2: float, seed: int = 0):
+def _problem(p: int, sigma2: float, seed: int = 0, k: int = 10, n_random: int = 20):
     from cryoorient_ray.core.graph import build_pair_graph
     from cryoorient_ray.core.quaternion import quat_distance
     from cryoorient_ray.core.recover import check_distances
@@ -49,7 +49,7 @@ def _problem(p: int, sigma2: float, seed: int = 0):
 
     q = sample_orientations(p, seed=seed)
     t0 = time.perf_counter()
-    g = build_pair_graph(q, k=10, n_random=20, metric="quaternion", seed=seed)
+    g = build_pair_graph(q, k=k, n_random=n_random, metric="quaternion", seed=seed)
     graph_s = time.perf_counter() - t0
     d = np.asarray(quat_distance(q[g.i], q[g.j]))
     if sigma2 > 0:
@@ -58,12 +58,16 @@ def _problem(p: int, sigma2: float, seed: int = 0):
 
 
 def _recover(p, g, d, actors: int, device: str | None = None):
-    from cryoorient_ray.core.recover import RecoverySettings
-    from cryoorient_ray.distributed.recover import recover_on_actors
+    from cryoorient_ray.core.recover import EdgeObjective, RecoverySettings, recover_orientations
 
     settings = RecoverySettings(seed=0, device=device)
     t0 = time.perf_counter()
-    res = recover_on_actors(p, g.i, g.j, d, n_actors=actors, settings=settings)
+    if actors == 0:  # in-process: no Ray needed (also on a bare GPU machine)
+        res = recover_orientations(p, EdgeObjective(g.i, g.j, d, device=device), settings=settings)
+    else:
+        from cryoorient_ray.distributed.recover import recover_on_actors
+
+        res = recover_on_actors(p, g.i, g.j, d, n_actors=actors, settings=settings)
     return res, time.perf_counter() - t0
 
 
@@ -138,7 +142,7 @@ def bench_figure7(args) -> dict:
 
     rows = []
     for s2 in args.sigma2s:
-        q, g, d, _ = _problem(args.p, s2)
+        q, g, d, _ = _problem(args.p, s2, k=args.k, n_random=args.n_random)
         res, secs = _recover(args.p, g, d, 0, args.device)
         rows.append(
             {
@@ -149,7 +153,7 @@ def bench_figure7(args) -> dict:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    return {"P": args.p, "rows": rows}
+    return {"P": args.p, "k": args.k, "n_random": args.n_random, "edges_per_node": 2 * g.n_edges / args.p, "rows": rows}
 
 
 def bench_gauge(args) -> dict:
@@ -219,6 +223,8 @@ def main() -> None:
     ap.add_argument("--sigma2", type=float, default=0.0)
     ap.add_argument("--sigma2s", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8])
     ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--k", type=int, default=10, help="nearest neighbours per node (figure7)")
+    ap.add_argument("--n-random", type=int, default=20, help="random partners per node (figure7)")
     ap.add_argument("--gauge-p", type=int, default=1000)
     ap.add_argument("--snr-db", type=float, default=None)
     ap.add_argument("--device", default=None, help="torch device of the in-process recovery (e.g. cuda)")
@@ -233,8 +239,13 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for what in todo:
         t0 = time.perf_counter()
-        res = {"figure7": bench_figure7, "exact": bench_exact, "align": bench_align, "scaling": bench_scaling,
-               "gauge": bench_gauge}[what](args)
+        res = {
+            "figure7": bench_figure7,
+            "exact": bench_exact,
+            "align": bench_align,
+            "scaling": bench_scaling,
+            "gauge": bench_gauge,
+        }[what](args)
         res["command"] = "python benchmarks/bench_recover.py " + " ".join(sys.argv[1:])
         res["machine"] = _machine()
         res["wall_s"] = round(time.perf_counter() - t0, 1)

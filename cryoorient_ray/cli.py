@@ -7,6 +7,7 @@ and exits with code 1. ``--verbose`` turns on debug logging and full tracebacks.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -134,7 +135,7 @@ def _print_stages(out: Path, results: list) -> None:
         if r.metrics:
             detail += ("; " if detail else "") + ", ".join(f"{k}={v}" for k, v in r.metrics.items())
         table.add_row(
-            r.name, f"[{style}]{r.status}[/{style}]", f"{r.seconds:.2f}" if r.status == "done" else "", detail
+            r.name, f"[{style}]{r.status}[/{style}]", f"{r.seconds:.2f}" if r.status != "not available" else "", detail
         )
     stdout.print(table)
 
@@ -144,18 +145,29 @@ def _print_stages(out: Path, results: list) -> None:
 
 @app.command(rich_help_panel=PIPELINE_PANEL)
 @guarded
-def run(config: ConfigArg, out: OutOption = None, seed: SeedOption = None, sets: SetOption = None) -> None:
-    """Run the whole pipeline from one config: map → projections → distances → orientations → volume."""
+def run(
+    config: ConfigArg,
+    out: OutOption = None,
+    seed: SeedOption = None,
+    sets: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-run every stage, even those already done.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Run the whole pipeline from one config: map → projections → distances → orientations → volume.
+
+    Stages already done with the same settings are skipped (re-running resumes). Ends with
+    report.html (figures and numbers), summary.json, recovered.star and reconstruction.mrc.
+    """
     from cryoorient_ray.config import load_config
     from cryoorient_ray.pipeline import SUMMARY_NAME, run_pipeline
 
     cfg = load_config(config, {"seed": seed}, sets)
-    out_dir, results = run_pipeline(cfg, out, argv=sys.argv)
+    out_dir, results = run_pipeline(cfg, out, argv=sys.argv, progress=progress, force=force)
     _print_stages(out_dir, results)
-    missing = [r.name for r in results if r.status != "done"]
-    if missing:
-        stdout.print(f"[dim]Not in cryoorient_ray {__version__} yet: {', '.join(missing)}.[/dim]")
-    stdout.print(f"Summary: {out_dir / SUMMARY_NAME}")
+    summary = json.loads((out_dir / SUMMARY_NAME).read_text())
+    for key, value in summary.get("headline", {}).items():
+        stdout.print(f"  {key}: [bold]{value}[/bold]", highlight=False)
+    stdout.print(f"Report: {out_dir / 'report.html'}  Summary: {out_dir / SUMMARY_NAME}")
 
 
 @app.command(rich_help_panel=PIPELINE_PANEL)
@@ -454,6 +466,31 @@ def recover(
     _print_stages(out_dir, [result])
 
 
+@app.command(rich_help_panel=PIPELINE_PANEL)
+@guarded
+def reconstruct(
+    store: Annotated[str, typer.Argument(help="Projection store the orientations belong to.")],
+    orientations: Annotated[
+        Path,
+        typer.Argument(help="recovered_orientations.npz (from recover) or a .star with one row per store image."),
+    ],
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="YAML run config (reconstruct section).")
+    ] = None,
+    refine: Annotated[Optional[int], typer.Option(help="Rounds of projection-matching refinement.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="auto, fourier, cg or astra.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/reconstruct"),
+    sets: SetOption = None,
+) -> None:
+    """Reconstruct a volume from projections + orientations: .mrc maps, half-map FSC, FSC vs truth when known."""
+    from cryoorient_ray.config import load_config
+    from cryoorient_ray.pipeline import run_reconstruct
+
+    cfg = load_config(config, {"reconstruct.refine_rounds": refine, "reconstruct.method": method}, sets)
+    out_dir, result = run_reconstruct(cfg, store, str(orientations), out, argv=sys.argv)
+    _print_stages(out_dir, [result])
+
+
 @app.command(rich_help_panel=TOOLS_PANEL)
 @guarded
 def align(
@@ -489,7 +526,6 @@ def _not_yet(stage: str) -> Callable[..., None]:
 
 _COMING = {
     "tune": "Search the architecture and n_f with Ray Tune.",
-    "reconstruct": "Reconstruct a volume from projections and orientations; FSC and resolution.",
 }
 for _stage, _help in _COMING.items():
     app.command(

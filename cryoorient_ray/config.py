@@ -206,6 +206,9 @@ class RecoverConfig(StrictModel):
     n_random: int = Field(20, ge=0, description="random long-range partners per projection")
     actors: int = Field(0, ge=0, description="Ray actors holding edge partitions (0 = in-process)")
     cpus_per_actor: float = Field(1.0, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="torch device of in-process recovery (auto: cuda when a GPU is visible)"
+    )
     init: Literal["gram", "random"] = Field(
         "gram", description="gram: rank-9 Gram completion rounded to rotations; random: the paper's random start"
     )
@@ -215,6 +218,17 @@ class RecoverConfig(StrictModel):
     restarts: int = Field(1, ge=1, description="starts of the initialisation; the lowest L_OR goes on")
     tol: float = Field(1e-3, gt=0, description="stop when L_OR improves less than this fraction over 100 steps")
     gauge: GaugeConfig = Field(default_factory=GaugeConfig)
+
+
+class ReconstructConfig(StrictModel):
+    """Volume from the projections and recovered orientations; FSC; optional refinement."""
+
+    method: Literal["auto", "fourier", "cg", "astra"] = Field(
+        "auto", description="auto: ASTRA CGLS on a GPU when installed, else Fourier inversion (CPU/GPU)"
+    )
+    wiener: float | None = Field(None, gt=0, description="Wiener constant; null = from the simulated SNR")
+    mask_radius: float | None = Field(None, gt=0, description="soft spherical mask radius in voxels")
+    refine_rounds: int = Field(0, ge=0, description="rounds of projection-matching refinement (0 = none)")
 
 
 class RayConfig(StrictModel):
@@ -245,6 +259,7 @@ class RunConfig(StrictModel):
     simulate: SimulateConfig = Field(default_factory=SimulateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     recover: RecoverConfig = Field(default_factory=RecoverConfig)
+    reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     stamp: Stamp | None = Field(None, description="filled in when the config is written next to outputs")
 

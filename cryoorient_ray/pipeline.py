@@ -32,7 +32,7 @@ from cryoorient_ray.plots import (
 log = logging.getLogger(__name__)
 
 # The end-to-end order of `cryoorient run`. Stages not yet in this version are listed as such.
-PIPELINE_STAGES: tuple[str, ...] = ("simulate", "train", "recover", "align", "reconstruct")
+PIPELINE_STAGES: tuple[str, ...] = ("simulate", "train", "recover", "reconstruct")
 MODEL_NAME = "model.pt"
 SUMMARY_NAME = "summary.json"
 STORE_NAME = "projections.zarr"
@@ -233,7 +233,7 @@ def _recovery_progress(show: bool):
     def callback(phase: str, step: int, total: int, value: float) -> None:
         if phase != state["phase"]:
             state["phase"] = phase
-            bar.reset(task, total=total, phase=phase)
+            bar.reset(task, total=total, phase=phase, status="")
         if step % 10 == 0 or step == total:
             bar.update(task, completed=step, status=f"L_OR {value:.4f}")
 
@@ -391,11 +391,102 @@ def run_align(
     return report
 
 
-def write_summary(out: Path, cfg: RunConfig, results: list[StageResult]) -> Path:
-    """``summary.json``: version, run name, and every stage's result."""
+def stage_reconstruct(cfg: RunConfig, out: Path, progress: bool = True, store_path: str | None = None) -> StageResult:
+    """Volumes from the recovered orientations (and, with the truth, the Figure 11 comparison); FSC."""
+    from cryoorient_ray.core.volume import DensityMap
+    from cryoorient_ray.io.mrc import write_map
+    from cryoorient_ray.plots import plot_fsc, plot_refinement, plot_volume_slices
+    from cryoorient_ray.reconstruction import load_recovered, reconstruct_from_recovery
+
+    t0 = time.perf_counter()
+    store_path = store_path or store_path_for(cfg, out)
+    recovered = load_recovered(out / "recovered_orientations.npz")
+    outcome = reconstruct_from_recovery(store_path, recovered, cfg)
+    files: dict[str, str] = {}
+    names = {
+        "recovered": "reconstruction.mrc",
+        "recovered (aligned)": "reconstruction_aligned.mrc",
+        "true orientations": "reconstruction_true_orientations.mrc",
+        "random orientations": "reconstruction_random_orientations.mrc",
+    }
+    for key, fname in names.items():
+        if key in outcome.volumes:
+            write_map(out / fname, DensityMap(outcome.volumes[key], outcome.pixel_size, name=key))
+            files[key.split(" ")[0] + "_map"] = fname
+    curves = {name: (res.frequency, res.fsc) for name, res in outcome.fsc.items()}
+    plot_fsc(curves, out / "fsc.png", title=f"{outcome.metrics['projections']} projections")
+    files["fsc"] = "fsc.png"
+    shown = {k: v for k, v in outcome.volumes.items() if k != "recovered (aligned)" or "true map" in outcome.volumes}
+    if "true map" in outcome.volumes:
+        shown.pop("recovered", None)
+    plot_volume_slices(shown, out / "volumes.png")
+    files["slices"] = "volumes.png"
+    fsc_json = {name: res.to_dict() for name, res in outcome.fsc.items()}
+    atomic_write_text(out / "fsc.json", json.dumps(fsc_json, indent=2) + "\n")
+    files["fsc_data"] = "fsc.json"
+    if outcome.refined is not None:
+        from cryoorient_ray.io.relion import export_relion
+        from cryoorient_ray.io.store import ProjectionStore
+
+        star, mrcs = export_relion(
+            ProjectionStore.open(store_path), out, rows=outcome.rows, name="refined", quaternions=outcome.refined
+        )
+        files["refined_star"] = star.name
+        files["refined_stack"] = mrcs.name
+    if outcome.refine_history:
+        plot_refinement(outcome.refine_history, out / "refinement.png")
+        files["refinement"] = "refinement.png"
+        atomic_write_text(out / "refinement.json", json.dumps(outcome.refine_history, indent=2) + "\n")
+    return StageResult(
+        name="reconstruct",
+        status="done",
+        seconds=round(time.perf_counter() - t0, 3),
+        outputs=files,
+        metrics={k: v for k, v in outcome.metrics.items() if v is not None},
+    )
+
+
+def run_reconstruct(
+    cfg: RunConfig,
+    store_path: str,
+    orientations: str,
+    out_dir: str | os.PathLike,
+    argv: list[str] | None = None,
+) -> tuple[Path, StageResult]:
+    """`cryoorient reconstruct`: from a store and recovered orientations (.npz) or a .star of the whole store."""
+    import shutil
+
+    from cryoorient_ray.io.star import read_orientations_star
+    from cryoorient_ray.io.store import ProjectionStore
+
+    src = Path(orientations)
+    if not src.is_file():
+        raise CryoOrientError(f"orientations file not found: {src}")
+    out = prepare_output_dir(cfg, out_dir, argv)
+    target = out / "recovered_orientations.npz"
+    if src.suffix == ".npz":
+        if src.resolve() != target.resolve():
+            shutil.copyfile(src, target)
+    else:
+        q = read_orientations_star(src)
+        store = ProjectionStore.open(store_path)
+        rows = store.done_rows()
+        if len(rows) != len(q):
+            raise CryoOrientError(f"{src} has {len(q)} orientations but {store_path} has {len(rows)} images")
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, rows=rows, quaternions=q, quaternions_true=np.full_like(q, np.nan))
+    result = stage_reconstruct(cfg, out, store_path=store_path)
+    write_summary(out, cfg, [result])
+    return out, result
+
+
+def write_summary(out: Path, cfg: RunConfig, results: list[StageResult], head: dict | None = None) -> Path:
+    """``summary.json``: version, run name, the headline numbers and every stage's result."""
     summary = {
         "cryoorient_ray": __version__,
         "name": cfg.name,
+        "headline": head or {},
         "stages": [asdict(r) for r in results],
     }
     return atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
@@ -432,18 +523,111 @@ def run_train(
     return out, results
 
 
+STAGE_SECTIONS = {
+    "simulate": ("seed", "simulate"),
+    "train": ("seed", "simulate", "train"),
+    "recover": ("seed", "simulate", "train", "recover"),
+    "reconstruct": ("seed", "simulate", "train", "recover", "reconstruct"),
+}
+
+
+def stage_key(cfg: RunConfig, name: str) -> str:
+    """Hash of the config sections a stage's result depends on (its own and every earlier one)."""
+    import hashlib
+
+    data = cfg.model_dump(mode="json")
+    picked = {k: data.get(k) for k in STAGE_SECTIONS[name]}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cached_stage(out: Path, name: str, key: str) -> StageResult | None:
+    marker = out / ".stages" / f"{name}.json"
+    if not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("key") != key:
+        return None
+    result = StageResult(**data["result"])
+    for rel in result.outputs.values():
+        if "://" not in rel and not (out / rel.rstrip("/")).exists():
+            return None
+    result.status = "cached"
+    return result
+
+
+def _mark_stage(out: Path, name: str, key: str, result: StageResult) -> None:
+    (out / ".stages").mkdir(exist_ok=True)
+    atomic_write_text(out / ".stages" / f"{name}.json", json.dumps({"key": key, "result": asdict(result)}) + "\n")
+
+
+def headline(results: list[StageResult]) -> dict[str, str]:
+    """The numbers a user looks at first, in words."""
+    m: dict = {}
+    for r in results:
+        m.update({f"{r.name}.{k}": v for k, v in r.metrics.items()})
+    lines = {}
+    if "train.test_L_DE" in m:
+        lines["learned distance L_DE (test)"] = (
+            f"{m['train.test_L_DE']} rad² (Euclidean baseline {m.get('train.euclidean_test_L_DE')})"
+        )
+    if "recover.e_or_o4" in m:
+        lines["orientation error E_OR (O(4), as the paper)"] = f"{m['recover.e_or_o4']} rad"
+        lines["orientation error after rotation + hand only"] = (
+            f"{m.get('recover.registration')} rad "
+            f"(gauge {'physical' if m.get('recover.gauge_physical') else 'NOT physical'})"
+        )
+    if "reconstruct.recovered_fsc05_A" in m:
+        lines["resolution FSC0.5 vs true map"] = (
+            f"recovered {m['reconstruct.recovered_fsc05_A']} Å, true orientations "
+            f"{m.get('reconstruct.true_fsc05_A')} Å, random {m.get('reconstruct.random_fsc05_A')} Å"
+        )
+    if "reconstruct.halfmap_fsc0143_A" in m:
+        lines["half-map resolution (no ground truth)"] = (
+            f"FSC0.143 {m['reconstruct.halfmap_fsc0143_A']} Å, FSC0.5 {m.get('reconstruct.halfmap_fsc05_A')} Å"
+        )
+    lines["wall time"] = f"{sum(r.seconds for r in results):.0f} s"
+    return lines
+
+
 def run_pipeline(
-    cfg: RunConfig, out_dir: str | os.PathLike | None = None, argv: list[str] | None = None
+    cfg: RunConfig,
+    out_dir: str | os.PathLike | None = None,
+    argv: list[str] | None = None,
+    progress: bool = True,
+    force: bool = False,
 ) -> tuple[Path, list[StageResult]]:
-    """`cryoorient run`: every stage in :data:`PIPELINE_STAGES` that this version has, in order."""
+    """`cryoorient run`: every stage of :data:`PIPELINE_STAGES`, skipping those already done.
+
+    A stage is skipped when ``<out>/.stages/<stage>.json`` records the same hash of the config
+    sections it depends on and its outputs still exist (``force`` re-runs everything). Ends with
+    ``summary.json`` and ``report.html``.
+    """
+    from cryoorient_ray.report import write_report
+
     out = prepare_output_dir(cfg, out_dir, argv)
-    runners = {"simulate": stage_simulate, "train": stage_train}
+    runners = {
+        "simulate": stage_simulate,
+        "train": stage_train,
+        "recover": stage_recover,
+        "reconstruct": stage_reconstruct,
+    }
     results = []
     for name in PIPELINE_STAGES:
-        if name in runners:
-            log.info("stage %s", name)
-            results.append(runners[name](cfg, out))
-        else:
-            results.append(StageResult(name=name, status="not available"))
-    write_summary(out, cfg, results)
+        if name not in runners:
+            continue
+        key = stage_key(cfg, name)
+        cached = None if force else _cached_stage(out, name, key)
+        if cached is not None:
+            log.info("stage %s: already done (cached), skipping", name)
+            results.append(cached)
+            continue
+        log.info("stage %s", name)
+        result = runners[name](cfg, out, progress=progress)
+        _mark_stage(out, name, key, result)
+        results.append(result)
+    summary = write_summary(out, cfg, results, headline(results))
+    write_report(out, json.loads(summary.read_text()))
     return out, results

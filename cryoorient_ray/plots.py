@@ -266,3 +266,30 @@ def plot_volume_slices(volumes: dict[str, np.ndarray], path: str | os.PathLike, 
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_refinement(history: list[dict], path: str | os.PathLike) -> Path:
+    """Projection-matching rounds: orientation error vs truth (when known) and FSC0.5 resolution."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = [h.get("round", k + 1) for k, h in enumerate(history)]
+    err = [h.get("error") for h in history]
+    change = [h.get("change") for h in history]
+    if any(e is not None for e in err):
+        ax.plot(rounds, np.degrees([np.nan if e is None else e for e in err]), "o-", label="error vs truth (°)")
+    if any(c is not None for c in change):
+        ax.plot(rounds, np.degrees([np.nan if c is None else c for c in change]), "s--", label="mean change (°)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("degrees")
+    res = [h.get("resolution_05") for h in history]
+    if any(r is not None for r in res):
+        ax2 = ax.twinx()
+        ax2.plot(rounds, [np.nan if r is None else r for r in res], "^:", color="C3", label="FSC0.5 (Å)")
+        ax2.set_ylabel("FSC0.5 resolution (Å)")
+        ax2.legend(loc="upper center")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -27,6 +27,7 @@ import torch
 
 from cryoorient_ray.config import RecoverConfig
 from cryoorient_ray.core.graph import PairGraph, build_pair_graph, knn_edges
+from cryoorient_ray.core.quaternion import quat_distance
 from cryoorient_ray.core.recover import RecoveryResult, RecoverySettings, check_distances
 from cryoorient_ray.core.symmetry import symmetric_quat_distance
 from cryoorient_ray.errors import CryoOrientError
@@ -155,7 +156,14 @@ def make_estimator(
         raise CryoOrientError(
             f"{store.path} has {store.image_size}² images; {model_path} needs at least {model.spec.min_image_size}²"
         )
-    emb = embed_rows(model, store, sel.rows)
+    if cfg.actors > 0:  # Ray is running: stream the images through Ray Data workers
+        from cryoorient_ray.distributed.recover import embed_with_ray_data
+
+        emb = torch.as_tensor(
+            embed_with_ray_data(str(store.path), cfg.split, str(model_path), sel.rows, concurrency=cfg.actors)
+        )
+    else:
+        emb = embed_rows(model, store, sel.rows)
 
     def learned(i, j):
         with torch.no_grad():
@@ -189,16 +197,18 @@ def gauge_inputs(store: ProjectionStore, sel: Selection, nodes: np.ndarray, size
     return small, ctf, pixel
 
 
-def run_gauge(store: ProjectionStore, sel: Selection, est: Estimator, q_est: np.ndarray, cfg: RecoverConfig, seed: int):
+def run_gauge(store: ProjectionStore, sel: Selection, q_est: np.ndarray, cfg: RecoverConfig, seed: int):
     """Resolve the gauge on a random subset of the recovered projections; returns the GaugeResult."""
     from cryoorient_ray.core.gauge import crossval_score_fn, resolve_gauge
 
     rng = np.random.default_rng(seed + 11)
     p = len(q_est)
     nodes = np.sort(rng.choice(p, min(p, cfg.gauge.max_images), replace=False))
-    feats = est.features[nodes] if not isinstance(est.features, torch.Tensor) else est.features[torch.as_tensor(nodes)]
-    i, j = knn_edges(feats, 8, est.metric)
-    d = est.distance(nodes[i], nodes[j])
+    # Neighbours by the recovered orientations: d_q(q̂_i, q̂_j) does not depend on the gauge, and
+    # it is what the recovery settled on (it averages the estimator's errors over the graph).
+    q_sub = q_est[nodes]
+    i, j = knn_edges(q_sub, 8, "quaternion")
+    d = np.asarray(quat_distance(q_sub[i], q_sub[j]))
     imgs, ctf, pixel = gauge_inputs(store, sel, nodes, cfg.gauge.image_size)
     score = crossval_score_fn(imgs, ctf=ctf, pixel_size=pixel, seed=seed)
     res = resolve_gauge(
@@ -283,6 +293,7 @@ def recover_store(
         restarts=cfg.restarts,
         tol=cfg.tol,
         seed=seed,
+        device=("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device,
     )
     say(f"recovery: {len(nodes)} projections, {len(gi)} edges, {cfg.actors or 'no'} actors")
     result = recover_on_actors(
@@ -312,13 +323,7 @@ def recover_store(
             shifts=sel.shifts[nodes],
             ctf=None if sel.ctf is None else {k: (v[nodes] if np.ndim(v) else v) for k, v in sel.ctf.items()},
         )
-        sub_est = Estimator(
-            est.name,
-            est.features[nodes] if not isinstance(est.features, torch.Tensor) else est.features[torch.as_tensor(nodes)],
-            est.metric,
-            lambda a, b: est.distance(nodes[a], nodes[b]),
-        )
-        gauge = run_gauge(store, sub, sub_est, q_raw, cfg, seed)
+        gauge = run_gauge(store, sub, q_raw, cfg, seed)
         q_final = gauge.apply(q_raw)
         timings["gauge_s"] = time.perf_counter() - t3
 

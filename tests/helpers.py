@@ -105,4 +105,5 @@ def make_projection_store(
     for k in range(store.n_shards):
         a, b = store.shard_range(k)
         store.write_shard(k, images[a:b], noise_var[a:b])
+    store.write_volume(0, vol)
     return store, vol

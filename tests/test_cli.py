@@ -60,7 +60,7 @@ def test_missing_config_and_bad_option(tmp_path):
 
 
 def test_stages_not_in_this_version_say_so():
-    _one_error_line(runner.invoke(app, ["reconstruct", "--k", "3"]), "not available")
+    _one_error_line(runner.invoke(app, ["tune", "--k", "3"]), "not available")
 
 
 def test_orientations_writes_star_npy_png(tmp_path):
@@ -81,7 +81,7 @@ def test_orientations_writes_star_npy_png(tmp_path):
 def test_run_demo_config_writes_summary(ray_local, tmp_path):
     out = tmp_path / "demo"
     small = [
-        "simulate.n_per_map=40",
+        "simulate.n_per_map=90",
         "simulate.image_size=32",
         "simulate.voxel_size=6",
         "simulate.shard_size=20",
@@ -89,18 +89,43 @@ def test_run_demo_config_writes_summary(ray_local, tmp_path):
         "train.model.channels=[4,8]",
         "train.model.n_features=8",
         "train.val_pairs_per_shard=20",
+        "recover.gauge.phi_steps=6",
+        "recover.gauge.polish_rounds=1",
+        "recover.max_steps=200",
     ]
     args = ["run", "configs/demo.yaml", "--out", str(out)] + [a for s in small for a in ("--set", s)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     stages = {s["name"]: s for s in summary["stages"]}
-    assert stages["simulate"]["status"] == "done" and stages["simulate"]["metrics"]["projections"] == 40
+    assert stages["simulate"]["status"] == "done" and stages["simulate"]["metrics"]["projections"] == 90
     assert stages["train"]["status"] == "done" and stages["train"]["metrics"]["epochs"] == 1
-    assert stages["recover"]["status"] == "not available"
-    assert "n_per_map: 40" in (out / "config.yaml").read_text()
-    for name in ("projections.png", "model.pt", "training.png", "distances.png", "history.json"):
+    assert stages["recover"]["status"] == "done" and stages["recover"]["metrics"]["recovered"] >= 20
+    assert stages["reconstruct"]["status"] == "done"
+    assert "e_or_o4" in stages["recover"]["metrics"] and "halfmap_fsc05_A" in stages["reconstruct"]["metrics"]
+    assert "n_per_map: 90" in (out / "config.yaml").read_text()
+    for name in (
+        "projections.png",
+        "model.pt",
+        "training.png",
+        "distances.png",
+        "history.json",
+        "recovered.star",
+        "recovered_loss.png",
+        "reconstruction.mrc",
+        "reconstruction_aligned.mrc",
+        "fsc.png",
+        "volumes.png",
+        "report.html",
+    ):
         assert (out / name).is_file(), name
+    html = (out / "report.html").read_text()
+    assert html.count("<img") >= 8 and "Orientation recovery" in html
+    # re-running the same config skips every finished stage
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    stages = {s["name"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}
+    assert all(s["status"] == "cached" for s in stages.values())
 
 
 def test_config_show_prints_resolved_yaml():

@@ -101,3 +101,20 @@ def test_nan_distances_are_a_clear_error():
         check_distances(np.array([0.1, np.nan, 0.3]))
     with pytest.raises(CryoOrientError, match="no edges"):
         recover_orientations(5, EdgeObjective(np.zeros(0), np.zeros(0), np.zeros(0)))
+
+
+@pytest.mark.timeout(180)
+def test_ray_data_embeddings_match_in_process(ray_local, tmp_path):
+    from cryoorient_ray.core.model import SiameseDistance, load_distance_model, save_distance_model
+    from cryoorient_ray.distributed.recover import embed_with_ray_data
+    from cryoorient_ray.evaluation import embed_rows
+    from tests.helpers import make_store
+
+    store = make_store(tmp_path / "s.zarr", n_per_protein=40, proteins=("a", "b"), size=16, shard_size=16)
+    save_distance_model(tmp_path / "m.pt", SiameseDistance({"channels": [4, 8], "n_features": 6}))
+    model, _ = load_distance_model(tmp_path / "m.pt")
+    meta = store.read_metadata(names=["split", "protein"])
+    rows = np.flatnonzero((meta["split"] == 2) & (meta["protein"] == 1))[::-1]  # any order
+    got = embed_with_ray_data(str(store.path), "test", str(tmp_path / "m.pt"), rows, concurrency=1)
+    want = embed_rows(model, store, rows).numpy()
+    assert got.shape == want.shape and np.allclose(got, want, atol=1e-5)

@@ -104,3 +104,33 @@ def test_recover_bad_input_is_one_line(store_path, tmp_path):
     write_orientations_star(a, np.tile([1.0, 0, 0, 0], (5, 1)))
     write_orientations_star(b, np.tile([1.0, 0, 0, 0], (4, 1)))
     _one_error_line(runner.invoke(app, ["align", str(a), str(b), "-o", str(tmp_path / "al")]), "has 5 orientations")
+
+
+@pytest.mark.timeout(300)
+def test_reconstruct_from_recovered_orientations_with_refinement(store_path, tmp_path):
+    rec = tmp_path / "r"
+    res = runner.invoke(app, ["recover", store_path, "--exact", "--no-progress", "-o", str(rec), *FAST_GAUGE])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "v"
+    res = runner.invoke(
+        app, ["reconstruct", store_path, str(rec / "recovered_orientations.npz"), "--refine", "1", "-o", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    for name in (
+        "reconstruction.mrc",
+        "reconstruction_aligned.mrc",
+        "fsc.png",
+        "volumes.png",
+        "refined.star",
+        "refinement.png",
+        "fsc.json",
+        "summary.json",
+    ):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "summary.json").read_text())["stages"][0]["metrics"]
+    # exact orientations: as good as the true ones, far better than random
+    assert metrics["recovered_fsc05_A"] <= metrics["true_fsc05_A"] + 2.0 < metrics["random_fsc05_A"]
+    # a .star that does not match the stack is one clear line
+    bad = tmp_path / "bad.star"
+    write_orientations_star(bad, np.tile([1.0, 0, 0, 0], (7, 1)))
+    _one_error_line(runner.invoke(app, ["reconstruct", store_path, str(bad), "-o", str(tmp_path / "b")]), "has 7")

@@ -72,16 +72,19 @@ class EdgeObjective:
         chunk_size: edges per pass (bounds memory).
     """
 
-    def __init__(self, i, j, d, weights=None, chunk_size: int = 1 << 20):
-        self.i = torch.as_tensor(np.asarray(i), dtype=torch.int64)
-        self.j = torch.as_tensor(np.asarray(j), dtype=torch.int64)
-        self.d = torch.as_tensor(np.asarray(d), dtype=torch.float32)
+    def __init__(self, i, j, d, weights=None, chunk_size: int = 1 << 20, device=None):
+        self.device = torch.device(device or "cpu")
+        self.i = torch.as_tensor(np.asarray(i), dtype=torch.int64, device=self.device)
+        self.j = torch.as_tensor(np.asarray(j), dtype=torch.int64, device=self.device)
+        self.d = torch.as_tensor(np.asarray(d), dtype=torch.float32, device=self.device)
         if not (self.i.shape == self.j.shape == self.d.shape) or self.i.ndim != 1:
             raise CryoOrientError(
                 f"edge arrays must be (E,) of one length; got {tuple(self.i.shape)}, "
                 f"{tuple(self.j.shape)}, {tuple(self.d.shape)}"
             )
-        self.w = None if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+        self.w = (
+            None if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32, device=self.device)
+        )
         self.cos_d = torch.cos(self.d)
         self.chunk_size = int(chunk_size)
 
@@ -102,7 +105,7 @@ class EdgeObjective:
         if loss not in LOSSES:
             raise CryoOrientError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
         was_np = not isinstance(q, torch.Tensor)
-        qt = torch.as_tensor(np.asarray(q) if was_np else q, dtype=torch.float32)
+        qt = torch.as_tensor(np.asarray(q) if was_np else q, dtype=torch.float32, device=self.device)
         grad = torch.zeros_like(qt)
         l_or = 0.0
         l_used = 0.0
@@ -138,7 +141,9 @@ class EdgeObjective:
                 g_dot = g_dot * w
             grad.index_add_(0, i, g_dot[:, None] * qj)
             grad.index_add_(0, j, g_dot[:, None] * qi)
-        return l_or, l_used, (grad.numpy() if was_np else grad)
+        if was_np:
+            return l_or, l_used, grad.cpu().numpy()
+        return l_or, l_used, grad.to(q.device)
 
 
 GradientFn = Callable[[torch.Tensor, str], tuple[float, float, torch.Tensor]]
@@ -173,6 +178,8 @@ class RecoverySettings:
         restarts: starts of the initialisation; the lowest L_OR after it goes on.
         lr_final: the L_OR step size decays geometrically from ``lr`` to ``lr_final`` over ``max_steps``.
         seed: of the random starts.
+        device: torch device of the optimiser state and of in-process edge partitions
+            (``None``: CPU; ``"cuda"`` on a GPU machine).
     """
 
     init: str = "gram"
@@ -187,6 +194,7 @@ class RecoverySettings:
     restarts: int = 1
     lr_final: float = 0.002
     seed: int = 0
+    device: str | None = None
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
@@ -259,7 +267,7 @@ def _run_phase(
     for _ in range(steps):
         _, l_used, g = grad_fn(param, loss)
         trace.append(l_used / n_edges)
-        g = torch.as_tensor(g, dtype=param.dtype)
+        g = torch.as_tensor(g, dtype=param.dtype, device=param.device)
         # Riemannian gradient: drop the radial part (the norm is fixed by the renormalisation).
         g = g - (g * param).sum(1, keepdim=True) * param
         param.grad = g / n_edges
@@ -328,12 +336,12 @@ def _gram_start(n_nodes, grad_fn, n_edges, s: RecoverySettings, seed: int, trace
 
     g = torch.Generator().manual_seed(int(seed))
     y0 = torch.randn(n_nodes, 9, generator=g)
-    y0 = y0 / y0.norm(dim=1, keepdim=True)
+    y0 = (y0 / y0.norm(dim=1, keepdim=True)).to(s.device or "cpu")
     y, taken, _ = _run_phase(
         y0, grad_fn, n_edges, "gram", s.init_steps, s.lr, s.lr_final * 5, trace, on_step, _converged(s, s.min_steps)
     )
-    rot, _ = round_to_rotations(y, starts=s.rounding_starts, seed=seed)
-    q = torch.as_tensor(np.asarray(rotmat_to_unitquat(rot)), dtype=torch.float32)
+    rot, _ = round_to_rotations(y.cpu(), starts=s.rounding_starts, seed=seed)
+    q = torch.as_tensor(np.asarray(rotmat_to_unitquat(rot)), dtype=torch.float32, device=s.device or "cpu")
     return q, taken
 
 
@@ -388,7 +396,7 @@ def recover_orientations(
         return lambda k, val: progress(phase, k, total, val)
 
     if init is not None:
-        init_t = torch.as_tensor(np.asarray(init), dtype=torch.float32)
+        init_t = torch.as_tensor(np.asarray(init), dtype=torch.float32, device=s.device or "cpu")
         if init_t.shape != (n_nodes, 4):
             raise CryoOrientError(f"init must be ({n_nodes}, 4); got {tuple(init_t.shape)}")
         best = init_t / init_t.norm(dim=1, keepdim=True)
@@ -409,7 +417,7 @@ def recover_orientations(
                     reporter("init (Gram)" + suffix, s.init_steps),
                 )
             else:
-                q0 = random_unit_quaternions(n_nodes, seed=s.seed * 1000 + r)
+                q0 = random_unit_quaternions(n_nodes, seed=s.seed * 1000 + r).to(s.device or "cpu")
                 q, taken, _ = _run_phase(
                     q0,
                     grad_fn,
@@ -442,7 +450,7 @@ def recover_orientations(
     )
     total_steps += taken
     final_or = grad_fn(q, "paper")[0] / n_edges
-    qn = q.double()
+    qn = q.detach().cpu().double()
     qn = qn / qn.norm(dim=1, keepdim=True)
     qn = torch.where(qn[:, :1] < 0, -qn, qn)
     result.quaternions = qn.numpy()

@@ -24,7 +24,7 @@ import torch
 from cryoorient_ray.core.recover import EdgeObjective, RecoveryResult, RecoverySettings, recover_orientations
 from cryoorient_ray.errors import CryoOrientError
 
-__all__ = ["EdgePartitionActor", "partition_edges", "recover_on_actors"]
+__all__ = ["EdgePartitionActor", "embed_with_ray_data", "partition_edges", "recover_on_actors"]
 
 
 @ray.remote
@@ -70,7 +70,9 @@ def recover_on_actors(
     if n_actors < 0:
         raise CryoOrientError(f"actors must be >= 0; got {n_actors}")
     if n_actors == 0:
-        return recover_orientations(n_nodes, EdgeObjective(i, j, d), settings=settings, progress=progress)
+        device = settings.device if settings is not None else None
+        objective = EdgeObjective(i, j, d, device=device)
+        return recover_orientations(n_nodes, objective, settings=settings, progress=progress)
     if not ray.is_initialized():
         raise CryoOrientError("Ray is not initialised: start it before recovering on actors")
     order = np.argsort(i, kind="stable")
@@ -93,3 +95,56 @@ def recover_on_actors(
     finally:
         for a in actors:
             ray.kill(a)
+
+
+class _Embedder:
+    """Ray Data map_batches worker: loads the model once, embeds a batch of images."""
+
+    def __init__(self, model_path: str):
+        from cryoorient_ray.core.model import load_distance_model
+
+        torch.set_num_threads(1)
+        self.model, _ = load_distance_model(model_path)
+
+    def __call__(self, batch: dict) -> dict:
+        with torch.no_grad():
+            emb = self.model.embed(torch.as_tensor(np.asarray(batch["images"]), dtype=torch.float32))
+        return {"index": np.asarray(batch["index"]), "embedding": emb.numpy()}
+
+
+def embed_with_ray_data(
+    store_path: str,
+    split: str,
+    model_path: str,
+    rows: np.ndarray,
+    concurrency: int = 2,
+    num_cpus: float = 0.5,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Embeddings ``(len(rows), n_f)`` of store rows, streamed with Ray Data (one block per shard).
+
+    The store's ``split`` is read shard by shard and embedded by ``concurrency`` model-holding
+    workers; only ``rows`` are kept, in their order. For large stacks (10⁵+ images) on a cluster.
+    """
+    from cryoorient_ray.distributed.data import sample_dataset
+
+    ds = sample_dataset([store_path], splits=split, num_cpus=num_cpus).map_batches(
+        _Embedder,
+        fn_constructor_kwargs={"model_path": str(model_path)},
+        batch_size=batch_size,
+        concurrency=concurrency,
+        num_cpus=num_cpus,
+    )
+    index, emb = [], []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        index.append(batch["index"])
+        emb.append(batch["embedding"])
+    if not index:
+        raise CryoOrientError(f"{store_path}: no images in split '{split}' to embed")
+    index = np.concatenate(index)
+    emb = np.concatenate(emb)
+    pos = {int(r): k for k, r in enumerate(index)}
+    missing = [int(r) for r in rows if int(r) not in pos]
+    if missing:
+        raise CryoOrientError(f"{store_path}: {len(missing)} rows to recover were not found in split '{split}'")
+    return emb[[pos[int(r)] for r in rows]]
