@@ -357,7 +357,7 @@ def run_align(
     symmetry: str = "C1",
 ) -> dict:
     """`cryoorient align`: E_OR (O(4)) and registration error between two .star files of one stack."""
-    from cryoorient_ray.core.align import align_o4, align_rotation
+    from cryoorient_ray.core.align import align_o4, align_rotation, error_report
     from cryoorient_ray.io.star import read_orientations_star
     from cryoorient_ray.plots import plot_error_histogram
 
@@ -371,21 +371,11 @@ def run_align(
     o4 = align_o4(qt, qe, symmetry=symmetry)
     reg = align_rotation(qt, qe, symmetry=symmetry, allow_mirror=True)
     seconds = time.perf_counter() - t0
-    report = {
-        "n": int(len(qt)),
-        "symmetry": symmetry,
-        "e_or_o4": float(o4.mean),
-        "e_or_o4_median": float(o4.median),
-        "o4_component": "conjugate" if o4.conjugate else "SO(4)",
-        "registration": float(reg.mean),
-        "registration_median": float(reg.median),
-        "hand": reg.hand,
-        "seconds": round(seconds, 3),
-    }
+    report = {"n": int(len(qt)), **error_report(o4, reg), "seconds": round(seconds, 3)}
     plot_error_histogram(
         {"after O(4) alignment (E_OR)": o4.errors, "after rotation + hand": reg.errors},
         out / "align_errors.png",
-        title=f"E_OR {o4.mean:.3f} rad, registration {reg.mean:.3f} rad ({len(qt)} orientations)",
+        title=f"E_OR {report['e_or_o4']:.3f} rad, registration {reg.mean:.3f} rad ({len(qt)} orientations)",
     )
     atomic_write_text(out / "align.json", json.dumps(report, indent=2) + "\n")
     return report

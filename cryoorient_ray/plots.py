@@ -18,6 +18,16 @@ from cryoorient_ray.core.symmetry import symmetric_quat_distance  # noqa: E402
 from cryoorient_ray.io.files import atomic_path  # noqa: E402
 
 
+def _save(fig, path: str | os.PathLike, tight: bool = True, dpi: int = 110, savefig_kwargs: dict | None = None) -> Path:
+    """Lay out (optionally), write ``fig`` to ``path`` atomically as PNG, close it; return the path."""
+    if tight:
+        fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, **(savefig_kwargs or {}))
+    plt.close(fig)
+    return Path(path)
+
+
 def random_pair_distances(
     quaternions: np.ndarray, n_pairs: int = 20000, symmetry: str = "C1", seed: int = 0
 ) -> np.ndarray:
@@ -70,11 +80,7 @@ def plot_orientations(quaternions: np.ndarray, path: str | os.PathLike, title: s
     ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_error_histogram(errors_rad: dict[str, np.ndarray], path: str | os.PathLike, title: str = "") -> Path:
@@ -93,11 +99,7 @@ def plot_error_histogram(errors_rad: dict[str, np.ndarray], path: str | os.PathL
     ax.set_ylabel("images")
     ax.set_title(title or "per-image orientation error")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_image_grid(
@@ -117,11 +119,7 @@ def plot_image_grid(
                 ax.set_title(titles[k], fontsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_distance_scatter(panels: dict[str, tuple[np.ndarray, np.ndarray, dict]], path: str | os.PathLike) -> Path:
@@ -136,11 +134,7 @@ def plot_distance_scatter(panels: dict[str, tuple[np.ndarray, np.ndarray, dict]]
         ax.set_xlabel("true d_q (rad)")
         ax.set_ylabel("estimated d̂ (rad)")
         ax.set_title(f"{name}: L_DE={rep['L_DE']:.3f}, r={rep['pearson']:.2f} ({rep['pairs']} pairs)", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_recovery_loss(loss: list[float], phase: list[str], path: str | os.PathLike, title: str = "") -> Path:
@@ -159,11 +153,7 @@ def plot_recovery_loss(loss: list[float], phase: list[str], path: str | os.PathL
     ax.legend()
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
@@ -183,11 +173,7 @@ def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_fsc(
@@ -227,11 +213,7 @@ def plot_fsc(
     ax.legend(fontsize=7, loc="lower left")
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_volume_slices(volumes: dict[str, np.ndarray], path: str | os.PathLike, title: str = "") -> Path:
@@ -261,11 +243,7 @@ def plot_volume_slices(volumes: dict[str, np.ndarray], path: str | os.PathLike, 
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_refinement(history: list[dict], path: str | os.PathLike) -> Path:
@@ -288,8 +266,4 @@ def plot_refinement(history: list[dict], path: str | os.PathLike) -> Path:
         ax2.legend(loc="upper center")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

@@ -64,20 +64,6 @@ def load_recovered(path: Path) -> dict:
         return {k: z[k] for k in z.files}
 
 
-def _ctf_for(store: ProjectionStore, meta: dict) -> dict | None:
-    if not store.manifest.get("ctf_applied", False):
-        return None
-    optics = store.manifest.get("optics", {})
-    return {
-        "defocus_u": meta["defocus_u"].astype(np.float64),
-        "defocus_v": meta["defocus_v"].astype(np.float64),
-        "defocus_angle": meta["defocus_angle"].astype(np.float64),
-        "voltage": float(optics.get("voltage", 300.0)),
-        "cs": float(optics.get("cs", 2.7)),
-        "amplitude_contrast": float(optics.get("amplitude_contrast", 0.1)),
-    }
-
-
 def reconstruct_from_recovery(
     store_path: str,
     recovered: dict,
@@ -100,7 +86,7 @@ def reconstruct_from_recovery(
     images = torch.as_tensor(store.read_images(rows), dtype=torch.float32)
     shifts = meta["shift"].astype(np.float32)
     shifts_t = torch.as_tensor(shifts) if np.abs(shifts).max(initial=0.0) > 0 else None
-    ctf = _ctf_for(store, meta)
+    ctf = store.ctf_parameters(meta)
     pixel = store.pixel_size
     size = store.image_size
     kwargs = {"pixel_size": pixel, "wiener": wiener_constant(rcfg, store)}

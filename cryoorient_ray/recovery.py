@@ -91,17 +91,7 @@ def select_projections(store: ProjectionStore, cfg: RecoverConfig, seed: int = 0
         )
     meta = store.read_metadata(rows)
     has_truth = bool(store.manifest.get("has_orientations", True)) and np.isfinite(meta["quaternion"]).all()
-    ctf = None
-    if store.manifest.get("ctf_applied", False):
-        optics = store.manifest.get("optics", {})
-        ctf = {
-            "defocus_u": meta["defocus_u"].astype(np.float64),
-            "defocus_v": meta["defocus_v"].astype(np.float64),
-            "defocus_angle": meta["defocus_angle"].astype(np.float64),
-            "voltage": float(optics.get("voltage", 300.0)),
-            "cs": float(optics.get("cs", 2.7)),
-            "amplitude_contrast": float(optics.get("amplitude_contrast", 0.1)),
-        }
+    ctf = store.ctf_parameters(meta)
     return Selection(
         rows=rows,
         protein=pid,
@@ -248,7 +238,7 @@ def recover_store(
     status=None,
 ) -> RecoveryOutcome:
     """Run the whole recovery on ``store_path``. Ray must be running when ``cfg.actors > 0``."""
-    from cryoorient_ray.core.align import align_o4, align_rotation
+    from cryoorient_ray.core.align import align_o4, align_rotation, error_report
     from cryoorient_ray.distributed.recover import recover_on_actors
 
     def say(msg: str) -> None:
@@ -351,18 +341,9 @@ def recover_store(
         o4 = align_o4(qt, q_final, symmetry=sel.symmetry, seed=seed)
         reg = align_rotation(qt, q_final, symmetry=sel.symmetry, allow_mirror=True, seed=seed)
         errors = {"o4": o4, "registration": reg}
-        metrics.update(
-            {
-                "e_or_o4": float(o4.mean),
-                "e_or_o4_median": float(o4.median),
-                "o4_component": "conjugate" if o4.conjugate else "SO(4)",
-                "registration": float(reg.mean),
-                "registration_median": float(reg.median),
-                "hand": reg.hand,
-            }
-        )
+        metrics.update(error_report(o4, reg))
         if gauge is not None:
-            metrics["gauge_physical"] = bool(reg.mean <= o4.mean + GAUGE_TOLERANCE)
+            metrics["gauge_physical"] = bool(metrics["registration"] <= metrics["e_or_o4"] + GAUGE_TOLERANCE)
         timings["align_s"] = time.perf_counter() - t4
         metrics["align_s"] = round(timings["align_s"], 3)
     else:

@@ -7,6 +7,7 @@ in, a tensor out (same device and dtype, autograd intact).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -60,3 +61,14 @@ def check_matrix(t: torch.Tensor, name: str) -> None:
     """Raise a clear error if ``t`` is not ``(..., 3, 3)``."""
     if t.ndim < 2 or tuple(t.shape[-2:]) != (3, 3):
         raise CryoOrientError(f"{name} must have shape (..., 3, 3); got {tuple(t.shape)}")
+
+
+def check_pixel_size(pixel_size) -> float:
+    """``pixel_size`` as a float, or a clear error if it is not a finite positive number (Å)."""
+    try:
+        px = float(pixel_size)
+    except (TypeError, ValueError):
+        raise CryoOrientError(f"pixel_size must be a positive number (Å); got {pixel_size!r}") from None
+    if not (math.isfinite(px) and px > 0):
+        raise CryoOrientError(f"pixel_size must be a positive number (Å); got {pixel_size!r}")
+    return px

@@ -637,30 +637,36 @@ def _align_rotation(
     return RegistrationResult(**fields, g=quat_canonicalize(gq.detach().cpu().numpy()), mirrored=mirrored)
 
 
+def error_report(o4: AlignResult, reg: RegistrationResult) -> dict:
+    """The numbers of both alignments for a report: E_OR (O(4)) and the rotation + hand error, in radians.
+
+    A registration is one of the O(4) maps, so if it fits better than what :func:`align_o4` found
+    (possible only where that search ended in a local minimum), it is reported as E_OR too.
+    """
+    if reg.mean < o4.mean:
+        o4 = reg
+    return {
+        "e_or_o4": float(o4.mean),
+        "e_or_o4_median": float(o4.median),
+        "o4_component": "conjugate" if o4.conjugate else "SO(4)",
+        "registration": float(reg.mean),
+        "registration_median": float(reg.median),
+        "hand": reg.hand,
+        "symmetry": o4.symmetry,
+    }
+
+
 def orientation_errors(
     q_true: ArrayLike, q_est: ArrayLike, symmetry: SymmetryGroup | str = "C1", seed: int = 0
 ) -> dict:
-    """Both error measures for a report, in radians.
+    """Both error measures for a report, in radians (:func:`error_report` of both alignments).
 
     Returns:
         ``{"e_or_o4", "e_or_o4_median"}`` (:func:`align_o4`), ``{"registration",
         "registration_median"}`` (:func:`align_rotation` with the hand free), ``"hand"``
         (``"same"``/``"mirrored"``), ``"o4_component"`` (``"SO(4)"``/``"conjugate"``) and
         ``"symmetry"``.
-
-    A registration is one of the O(4) maps, so if it fits better than what :func:`align_o4` found
-    (possible only where that search ended in a local minimum), it is reported as E_OR too.
     """
     o4 = align_o4(q_true, q_est, symmetry=symmetry, seed=seed)
     reg = align_rotation(q_true, q_est, symmetry=symmetry, allow_mirror=True, seed=seed)
-    if reg.mean < o4.mean:
-        o4 = reg
-    return {
-        "e_or_o4": o4.mean,
-        "e_or_o4_median": o4.median,
-        "registration": reg.mean,
-        "registration_median": reg.median,
-        "hand": reg.hand,
-        "o4_component": "conjugate" if o4.conjugate else "SO(4)",
-        "symmetry": o4.symmetry,
-    }
+    return error_report(o4, reg)

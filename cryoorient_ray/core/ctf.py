@@ -39,7 +39,7 @@ import math
 import numpy as np
 import torch
 
-from cryoorient_ray.core._array import ArrayLike, as_tensor, to_output
+from cryoorient_ray.core._array import ArrayLike, as_tensor, check_pixel_size, to_output
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = ["apply_ctf", "ctf_2d", "ctf_at", "electron_wavelength"]
@@ -152,12 +152,7 @@ def ctf_at(
 def _check_size(image_size: int, pixel_size: float) -> tuple[int, float]:
     if isinstance(image_size, bool) or int(image_size) != image_size or int(image_size) < 1:
         raise CryoOrientError(f"image_size must be a positive integer; got {image_size!r}")
-    try:
-        px = float(pixel_size)
-    except (TypeError, ValueError):
-        raise CryoOrientError(f"pixel_size must be a positive number (Å); got {pixel_size!r}") from None
-    if not (math.isfinite(px) and px > 0):
-        raise CryoOrientError(f"pixel_size must be a positive number (Å); got {pixel_size!r}")
+    px = check_pixel_size(pixel_size)
     return int(image_size), px
 
 

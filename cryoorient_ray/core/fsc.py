@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cryoorient_ray.core._array import ArrayLike, as_tensor, to_output
+from cryoorient_ray.core._array import ArrayLike, as_tensor, check_pixel_size, to_output
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = ["FSCResult", "best_hand", "fsc", "fsc_resolution", "mirror_volume", "soft_mask"]
@@ -78,16 +78,6 @@ class FSCResult:
             "resolution_0.5": self.resolution_05,
             "resolution_0.143": self.resolution_0143,
         }
-
-
-def _pixel_size(pixel_size: float) -> float:
-    try:
-        px = float(pixel_size)
-    except (TypeError, ValueError):
-        raise CryoOrientError(f"pixel_size must be a positive number (Å); got {pixel_size!r}") from None
-    if not (math.isfinite(px) and px > 0):
-        raise CryoOrientError(f"pixel_size must be a positive number (Å); got {pixel_size!r}")
-    return px
 
 
 def _cubic(volume: ArrayLike, name: str) -> tuple[torch.Tensor, bool]:
@@ -142,7 +132,7 @@ def fsc(vol1: ArrayLike, vol2: ArrayLike, pixel_size: float = 1.0, mask: ArrayLi
     Returns:
         :class:`FSCResult` with ``frequency`` (1/Å) and ``fsc`` for the shells ``0 … D // 2``.
     """
-    px = _pixel_size(pixel_size)
+    px = check_pixel_size(pixel_size)
     a, _ = _cubic(vol1, "vol1")
     b, _ = _cubic(vol2, "vol2")
     if a.shape != b.shape:

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cryoorient_ray.core._array import ArrayLike, as_tensor
+from cryoorient_ray.core._array import ArrayLike, as_tensor, check_pixel_size
 from cryoorient_ray.core.align import align_rotation
 from cryoorient_ray.core.fsc import best_hand, fsc, soft_mask
 from cryoorient_ray.core.quaternion import quat_canonicalize, quat_distance, quat_product, unitquat_to_rotmat
@@ -447,12 +447,7 @@ def refine_orientations(
         mask_radius = lsize / 2 - 4
     if isinstance(mask_radius, bool) or not isinstance(mask_radius, (int, float, np.number)) or not mask_radius > 0:
         raise CryoOrientError(f"mask_radius must be a positive number of pixels; got {mask_radius!r}")
-    try:
-        px = float(pixel_size)
-    except (TypeError, ValueError):
-        raise CryoOrientError(f"pixel_size must be a positive number (Å); got {pixel_size!r}") from None
-    if not (math.isfinite(px) and px > 0):
-        raise CryoOrientError(f"pixel_size must be a positive number (Å); got {pixel_size!r}")
+    px = check_pixel_size(pixel_size)
     t = None
     if shifts is not None:
         t, _ = as_tensor(shifts)

@@ -287,6 +287,21 @@ class ProjectionStore:
             return arr[rows]
         return arr.get_orthogonal_selection((np.asarray(rows),))
 
+    def ctf_parameters(self, meta: dict) -> dict | None:
+        """CTF parameters of rows read with :meth:`read_metadata` (``(n,)`` defoci plus the optics
+        scalars), as :func:`cryoorient_ray.core.ctf.ctf_2d` takes them; None if no CTF was applied."""
+        if not self.manifest.get("ctf_applied", False):
+            return None
+        optics = self.manifest.get("optics", {})
+        return {
+            "defocus_u": np.asarray(meta["defocus_u"], dtype=np.float64),
+            "defocus_v": np.asarray(meta["defocus_v"], dtype=np.float64),
+            "defocus_angle": np.asarray(meta["defocus_angle"], dtype=np.float64),
+            "voltage": float(optics.get("voltage", 300.0)),
+            "cs": float(optics.get("cs", 2.7)),
+            "amplitude_contrast": float(optics.get("amplitude_contrast", 0.1)),
+        }
+
     def to_dask(self):
         """The images as a dask array with one dask chunk per shard (for analysis)."""
         import dask.array as da
