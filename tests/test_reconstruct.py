@@ -32,13 +32,7 @@ N_IMAGES = 2000
 MIRROR = np.diag([1.0, 1.0, -1.0])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a small shared machine two threads busy-wait against each other (10× slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def blob_volume(d=D, seed=0, n=6, sigma=(1.2, 2.5), symmetry=1):

@@ -26,13 +26,7 @@ VOXEL = 6.0
 START_DEG = 9.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a small shared machine two threads busy-wait against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def perturb(q: np.ndarray, deg: float, seed: int) -> np.ndarray:
