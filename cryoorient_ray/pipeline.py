@@ -19,7 +19,7 @@ from cryoorient_ray import __version__
 from cryoorient_ray.config import RunConfig, write_stamped_config
 from cryoorient_ray.core.sampling import sample_orientations
 from cryoorient_ray.errors import CryoOrientError
-from cryoorient_ray.io.files import atomic_path, atomic_write_text
+from cryoorient_ray.io.files import atomic_path, atomic_savez, atomic_write_text
 from cryoorient_ray.io.star import write_orientations_star
 from cryoorient_ray.plots import (
     plot_distance_scatter,
@@ -254,16 +254,14 @@ def write_recovery_outputs(outcome, store_path: str, out: Path, prefix: str = "r
     store = ProjectionStore.open(store_path)
     star, mrcs = export_relion(store, out, rows=rows, name=prefix, quaternions=outcome.q_final)
     q_true = sel.q_true[nodes] if sel.q_true is not None else np.full((len(rows), 4), np.nan)
-    with atomic_path(out / f"{prefix}_orientations.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                rows=rows,
-                quaternions=outcome.q_final,
-                quaternions_before_gauge=outcome.q_raw,
-                quaternions_true=q_true,
-                loss=np.asarray(outcome.result.loss),
-            )
+    atomic_savez(
+        out / f"{prefix}_orientations.npz",
+        rows=rows,
+        quaternions=outcome.q_final,
+        quaternions_before_gauge=outcome.q_raw,
+        quaternions_true=q_true,
+        loss=np.asarray(outcome.result.loss),
+    )
     m = outcome.metrics
     files = {
         "star": star.name,
@@ -463,9 +461,7 @@ def run_reconstruct(
         rows = store.done_rows()
         if len(rows) != len(q):
             raise CryoOrientError(f"{src} has {len(q)} orientations but {store_path} has {len(rows)} images")
-        with atomic_path(target) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, rows=rows, quaternions=q, quaternions_true=np.full_like(q, np.nan))
+        atomic_savez(target, rows=rows, quaternions=q, quaternions_true=np.full_like(q, np.nan))
     result = stage_reconstruct(cfg, out, store_path=store_path)
     write_summary(out, cfg, [result])
     return out, result

@@ -93,6 +93,10 @@ def reconstruct_from_recovery(
     if rcfg.mask_radius is not None:
         kwargs["mask_radius"] = rcfg.mask_radius
     method = rcfg.method
+    protein = int(meta["protein"][0])
+    q_true = recovered.get("quaternions_true")
+    has_truth = q_true is not None and bool(np.isfinite(q_true).all())
+    truth = store.read_volume(protein).astype(np.float32) if has_truth and store.has_volume(protein) else None
 
     def rec(quats: np.ndarray) -> np.ndarray:
         r = torch.as_tensor(unitquat_to_rotmat(quats), dtype=torch.float32)
@@ -104,11 +108,6 @@ def reconstruct_from_recovery(
     if rcfg.refine_rounds > 0:
         from cryoorient_ray.core.refine import refine_orientations
 
-        q_true = recovered.get("quaternions_true")
-        has_truth = q_true is not None and np.isfinite(q_true).all()
-        reference = None
-        if has_truth and store.has_volume(int(meta["protein"][0])):
-            reference = store.read_volume(int(meta["protein"][0]))
         res = refine_orientations(
             images.numpy(),
             q,
@@ -118,15 +117,13 @@ def reconstruct_from_recovery(
             rounds=rcfg.refine_rounds,
             wiener=kwargs["wiener"],
             q_true=q_true if has_truth else None,
-            reference=reference,
+            reference=truth,
             progress=progress,
             seed=cfg.seed,
         )
         q_use = np.asarray(res.quaternions, dtype=np.float64)
         out.refined = q_use
-        out.refine_history = (
-            [dict(res.initial, round=0), *res.history] if getattr(res, "initial", None) else list(res.history)
-        )
+        out.refine_history = [dict(res.initial, round=0), *res.history] if res.initial else list(res.history)
         out.metrics["refine_s"] = round(time.perf_counter() - t0, 2)
     out.metrics["refined"] = bool(rcfg.refine_rounds > 0)
 
@@ -139,17 +136,14 @@ def reconstruct_from_recovery(
     out.metrics["halfmap_fsc05_A"] = _res(half.resolution_05)
     out.metrics["halfmap_fsc0143_A"] = _res(half.resolution_0143)
 
-    q_true = recovered.get("quaternions_true")
-    protein = int(meta["protein"][0])
-    if q_true is not None and np.isfinite(q_true).all() and store.has_volume(protein):
-        truth = store.read_volume(protein)
-        reg = align_rotation(q_true, q_use, symmetry=_symmetry(store, protein))
+    if truth is not None:
+        reg = align_rotation(q_true, q_use, symmetry=store.symmetries().get(protein) or "C1")
         out.metrics["registration_rad"] = round(float(reg.mean), 4)
         q_aligned = np.asarray(reg.apply(q_use))
         out.volumes["recovered (aligned)"] = rec(q_aligned)
         out.volumes["true orientations"] = rec(q_true)
         out.volumes["random orientations"] = rec(sample_orientations(len(q), seed=cfg.seed + 99))
-        out.volumes["true map"] = truth.astype(np.float32)
+        out.volumes["true map"] = truth
         for name in ("recovered (aligned)", "true orientations", "random orientations"):
             res = fsc(out.volumes[name], truth, pixel_size=pixel, mask=size / 2 - 1)
             out.fsc[name + " vs true map"] = res
@@ -164,7 +158,3 @@ def reconstruct_from_recovery(
 
 def _res(value: float) -> float | None:
     return None if not math.isfinite(value) else round(float(value), 2)
-
-
-def _symmetry(store: ProjectionStore, protein: int) -> str:
-    return store.symmetries().get(protein, "C1") or "C1"

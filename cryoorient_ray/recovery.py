@@ -51,6 +51,20 @@ class Selection:
     shifts: np.ndarray
     ctf: dict | None
 
+    def subset(self, nodes: np.ndarray) -> Selection:
+        """The projections ``nodes`` (indices into ``rows``) of this selection."""
+        from cryoorient_ray.core.reconstruct import subset_ctf
+
+        return Selection(
+            rows=self.rows[nodes],
+            protein=self.protein,
+            protein_name=self.protein_name,
+            symmetry=self.symmetry,
+            q_true=None if self.q_true is None else self.q_true[nodes],
+            shifts=self.shifts[nodes],
+            ctf=subset_ctf(self.ctf, nodes),
+        )
+
 
 @dataclass
 class Estimator:
@@ -170,21 +184,17 @@ def _restrict(graph: PairGraph, keep: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return new[graph.i[inside]], new[graph.j[inside]]
 
 
-def gauge_inputs(store: ProjectionStore, sel: Selection, nodes: np.ndarray, size: int):
-    """Centred, Fourier-cropped images of ``nodes`` (indices into ``sel.rows``), CTF and pixel size."""
+def gauge_inputs(store: ProjectionStore, sel: Selection, size: int):
+    """Centred, Fourier-cropped images of ``sel``, their CTF and the cropped pixel size."""
     from cryoorient_ray.core.gauge import fourier_crop
     from cryoorient_ray.core.projection import shift_images
 
-    imgs = torch.as_tensor(store.read_images(sel.rows[nodes]), dtype=torch.float32)
-    shifts = sel.shifts[nodes]
-    if np.abs(shifts).max(initial=0.0) > 0:
-        imgs = shift_images(imgs, torch.as_tensor(-shifts, dtype=torch.float32))
+    imgs = torch.as_tensor(store.read_images(sel.rows), dtype=torch.float32)
+    if np.abs(sel.shifts).max(initial=0.0) > 0:
+        imgs = shift_images(imgs, torch.as_tensor(-sel.shifts, dtype=torch.float32))
     small = fourier_crop(imgs, size)
     pixel = store.pixel_size * imgs.shape[-1] / small.shape[-1]
-    ctf = None
-    if sel.ctf is not None:
-        ctf = {k: (v[nodes] if np.ndim(v) else v) for k, v in sel.ctf.items()}
-    return small, ctf, pixel
+    return small, sel.ctf, pixel
 
 
 def run_gauge(store: ProjectionStore, sel: Selection, q_est: np.ndarray, cfg: RecoverConfig, seed: int):
@@ -199,10 +209,10 @@ def run_gauge(store: ProjectionStore, sel: Selection, q_est: np.ndarray, cfg: Re
     q_sub = q_est[nodes]
     i, j = knn_edges(q_sub, 8, "quaternion")
     d = np.asarray(quat_distance(q_sub[i], q_sub[j]))
-    imgs, ctf, pixel = gauge_inputs(store, sel, nodes, cfg.gauge.image_size)
+    imgs, ctf, pixel = gauge_inputs(store, sel.subset(nodes), cfg.gauge.image_size)
     score = crossval_score_fn(imgs, ctf=ctf, pixel_size=pixel, seed=seed)
     res = resolve_gauge(
-        q_est[nodes],
+        q_sub,
         imgs,
         (i, j, d),
         score_fn=score,
@@ -298,21 +308,13 @@ def recover_store(
     )
     timings["recovery_s"] = time.perf_counter() - t2
     q_raw = result.quaternions
+    sub = sel.subset(nodes)  # the recovered projections
 
     gauge = None
     q_final = q_raw
     if cfg.gauge.enabled:
         t3 = time.perf_counter()
         say("gauge: in-plane fit and cross-validated reconstructions")
-        sub = Selection(
-            rows=sel.rows[nodes],
-            protein=sel.protein,
-            protein_name=sel.protein_name,
-            symmetry=sel.symmetry,
-            q_true=None,
-            shifts=sel.shifts[nodes],
-            ctf=None if sel.ctf is None else {k: (v[nodes] if np.ndim(v) else v) for k, v in sel.ctf.items()},
-        )
         gauge = run_gauge(store, sub, q_raw, cfg, seed)
         q_final = gauge.apply(q_raw)
         timings["gauge_s"] = time.perf_counter() - t3
@@ -337,15 +339,14 @@ def recover_store(
         metrics["gauge"] = gauge.to_dict()
     if sel.q_true is not None:
         t4 = time.perf_counter()
-        qt = sel.q_true[nodes]
+        qt = sub.q_true
         o4 = align_o4(qt, q_final, symmetry=sel.symmetry, seed=seed)
         reg = align_rotation(qt, q_final, symmetry=sel.symmetry, allow_mirror=True, seed=seed)
         errors = {"o4": o4, "registration": reg}
         metrics.update(error_report(o4, reg))
         if gauge is not None:
             metrics["gauge_physical"] = bool(metrics["registration"] <= metrics["e_or_o4"] + GAUGE_TOLERANCE)
-        timings["align_s"] = time.perf_counter() - t4
-        metrics["align_s"] = round(timings["align_s"], 3)
+        metrics["align_s"] = round(time.perf_counter() - t4, 3)
     else:
         errors = {}
     metrics["total_s"] = round(time.perf_counter() - t0, 3)

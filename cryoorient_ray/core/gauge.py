@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cryoorient_ray.core._array import as_tensor
 from cryoorient_ray.core.quaternion import (
     quat_conjugate,
     quat_product,
@@ -106,13 +107,25 @@ def apply_gauge(q: np.ndarray, correction: np.ndarray, conjugate: bool) -> np.nd
     return np.where(out[:, :1] < 0, -out, out)
 
 
+def _images(images) -> torch.Tensor:
+    """``(B, L, L)`` numpy or torch images as a float32 tensor."""
+    return as_tensor(images)[0].to(torch.float32)
+
+
+def _gaussian_lowpass(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``images (B, L, L)`` times a Gaussian of width ``sigma`` cycles/pixel in Fourier space."""
+    f = torch.fft.fftfreq(images.shape[-1])
+    g = torch.exp(-(f[:, None] ** 2 + f[None, :] ** 2) / (2 * sigma**2))
+    return torch.fft.ifft2(torch.fft.fft2(images) * g).real
+
+
 def fourier_crop(images, size: int) -> torch.Tensor:
     """Downsample ``(B, L, L)`` images to ``(B, size, size)`` by cropping their Fourier transform.
 
     The pixel size grows by ``L / size``; the centre pixel ``L // 2`` maps to ``size // 2``.
     ``size ≥ L`` returns the images unchanged.
     """
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images, dtype=torch.float32)
+    x = _images(images)
     lsize = x.shape[-1]
     if size >= lsize:
         return x
@@ -126,9 +139,7 @@ def fourier_crop(images, size: int) -> torch.Tensor:
 def _polar(images: torch.Tensor, n_angles: int, lowpass: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-passed, standardised images sampled on a polar grid ``(B, n_r, n_angles)``, radii weights."""
     b, lsize = images.shape[0], images.shape[-1]
-    f = torch.fft.fftfreq(lsize)
-    g = torch.exp(-(f[:, None] ** 2 + f[None, :] ** 2) / (2 * lowpass**2))
-    x = torch.fft.ifft2(torch.fft.fft2(images) * g).real
+    x = _gaussian_lowpass(images, lowpass)
     x = x - x.mean(dim=(-2, -1), keepdim=True)
     x = x / x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
     r = torch.arange(1, lsize // 2, dtype=torch.float32)
@@ -165,7 +176,7 @@ def inplane_angles(
     Returns:
         ``(psi (M,), peak correlation (M,))``.
     """
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images, dtype=torch.float32)
+    x = _images(images)
     polar, r = _polar(x, n_angles, lowpass)
     ft = torch.fft.rfft(polar, dim=-1) * r[None, :, None]
     norm = float((r * polar.shape[-1]).sum())
@@ -286,36 +297,30 @@ def crossval_score_fn(
     """
     from cryoorient_ray.core.ctf import apply_ctf
     from cryoorient_ray.core.projection import FourierSliceProjector
-    from cryoorient_ray.core.reconstruct import reconstruct_fourier
+    from cryoorient_ray.core.reconstruct import reconstruct_fourier, subset_ctf
 
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images, dtype=torch.float32)
-    p, lsize = x.shape[0], x.shape[-1]
-    f = torch.fft.fftfreq(lsize)
-    g = torch.exp(-(f[:, None] ** 2 + f[None, :] ** 2) / (2 * lowpass**2))
+    x = _images(images)
+    p = x.shape[0]
 
     def filt(im: torch.Tensor) -> torch.Tensor:
-        y = torch.fft.ifft2(torch.fft.fft2(im) * g).real
+        y = _gaussian_lowpass(im, lowpass)
         y = y - y.mean(dim=(-2, -1), keepdim=True)
         return y / y.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
-
-    def ctf_of(rows: np.ndarray) -> dict | None:
-        if ctf is None:
-            return None
-        return {k: (np.asarray(v)[rows] if np.ndim(v) else v) for k, v in ctf.items()}
 
     perm = np.random.default_rng(seed).permutation(p)
     halves = (np.sort(perm[: p // 2]), np.sort(perm[p // 2 :]))
     targets = [filt(x[h]) for h in halves]
+    ctfs = [subset_ctf(ctf, h) for h in halves]
 
     def score(rotmats: np.ndarray) -> float:
         r = torch.as_tensor(np.asarray(rotmats), dtype=torch.float32)
         total = 0.0
         for k in (0, 1):
             src, dst = halves[k], halves[1 - k]
-            vol = reconstruct_fourier(x[src], r[src], ctf=ctf_of(src), pixel_size=pixel_size if ctf else None)
+            vol = reconstruct_fourier(x[src], r[src], ctf=ctfs[k], pixel_size=pixel_size if ctf else None)
             rep = FourierSliceProjector(vol)(r[dst])
             if ctf is not None:
-                rep = torch.as_tensor(apply_ctf(rep, pixel_size, **ctf_of(dst)), dtype=torch.float32)
+                rep = torch.as_tensor(apply_ctf(rep, pixel_size, **ctfs[1 - k]), dtype=torch.float32)
             total += float((filt(rep) * targets[1 - k]).sum(dim=(-2, -1)).mean())
         return total / 2
 

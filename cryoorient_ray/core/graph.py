@@ -20,6 +20,7 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from cryoorient_ray.core._array import as_tensor
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = ["METRICS", "PairGraph", "build_pair_graph", "graph_components", "knn_edges", "random_edges", "unique_edges"]
@@ -76,8 +77,7 @@ def knn_edges(features, k: int, metric: str = "angle", chunk_size: int = 1024) -
     """
     if metric not in METRICS:
         raise CryoOrientError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    feats = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
-    feats = feats.detach().to(torch.float32)
+    feats = as_tensor(features)[0].detach().to(torch.float32)
     if feats.ndim != 2:
         raise CryoOrientError(f"features must be (P, n); got shape {tuple(feats.shape)}")
     p = feats.shape[0]

@@ -62,6 +62,7 @@ __all__ = [
     "reconstruct_astra",
     "reconstruct_cg",
     "reconstruct_fourier",
+    "subset_ctf",
 ]
 
 METHODS = ("auto", "fourier", "cg", "astra")
@@ -734,7 +735,9 @@ def _options(function) -> set[str]:
     return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def _subset_ctf(ctf, idx: np.ndarray, b: int):
+def subset_ctf(ctf, idx: np.ndarray, n_images: int | None = None):
+    """The CTF of the images ``idx`` of a stack: per-image entries of a parameter dict indexed,
+    scalars kept; a ``(n_images, N, N//2 + 1)`` grid indexed; ``None`` and shared grids unchanged."""
     if ctf is None:
         return None
     if isinstance(ctf, dict):
@@ -745,7 +748,7 @@ def _subset_ctf(ctf, idx: np.ndarray, b: int):
             out[key] = value if v.numel() == 1 else to_output(v[torch.as_tensor(idx, device=v.device)], was_np)
         return out
     grid, was_np = as_tensor(ctf)
-    if grid.ndim == 3 and grid.shape[0] == b:
+    if grid.ndim == 3 and grid.shape[0] == n_images:
         return to_output(grid[torch.as_tensor(idx, device=grid.device)], was_np)
     return ctf
 
@@ -804,7 +807,7 @@ def half_maps(
                 take(images, idx),
                 take(rotmats, idx),
                 take(shifts, idx),
-                _subset_ctf(ctf, idx, b),
+                subset_ctf(ctf, idx, b),
                 method=method,
                 **kwargs,
             )

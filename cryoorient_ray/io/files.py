@@ -44,6 +44,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def atomic_savez(path: str | os.PathLike, **arrays) -> Path:
+    """Write ``arrays`` to the ``.npz`` file ``path`` atomically (:func:`numpy.savez`) and return the path."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:  # a file object: numpy would append ".npz" to the temporary name
+            np.savez(fh, **arrays)
+    return Path(path)
+
+
 def strip_suffixes(name: str, suffixes: tuple[str, ...]) -> str:
     """``name`` without a trailing ``.gz`` and then one of ``suffixes`` (case-insensitive)."""
     if name.lower().endswith(".gz"):
