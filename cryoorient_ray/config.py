@@ -139,7 +139,14 @@ class ModelConfig(StrictModel):
     convs_per_block: int = Field(1, ge=1, le=4)
     norm: Literal["batch", "group", "none"] = "group"
     n_features: int = Field(64, ge=2, le=4096, description="n_f, the embedding size")
-    head: Literal["angle", "paper"] = Field("angle", description="angle in [0, π], or the paper's 2·acos")
+    head: Literal["angle", "paper", "so3"] = Field(
+        "angle", description="angle in [0, π]; the paper's 2·acos; so3: arccos((3cos θ−1)/2), exact for SO(3)"
+    )
+    pool: Literal["global", "grid"] = Field(
+        "global", description="global: 1×1 conv + global average pool (paper); grid: grid×grid average pool + MLP"
+    )
+    grid: int = Field(4, ge=1, le=16, description="cells per side of the grid pool")
+    hidden: int = Field(256, ge=1, description="hidden units of the grid pool's perceptron")
 
     @field_validator("kernel_size")
     @classmethod
@@ -171,6 +178,12 @@ class TrainConfig(StrictModel):
     val_pairs_per_shard: int | None = Field(None, ge=1)
     optimizer: Literal["adam", "rmsprop"] = "adam"
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="cosine: linear warm-up over 5% of the steps, then cosine decay to 1% of lr"
+    )
+    passes_per_epoch: int = Field(
+        1, ge=1, description="passes over the train split per epoch (one checkpoint/validation per epoch)"
+    )
     weight_decay: float = Field(0.0, ge=0)
     num_workers: int = Field(2, ge=1, description="Ray Train workers")
     use_gpu: bool = False

@@ -14,6 +14,7 @@ from cryoorient_ray.core.model import (
     angle_between,
     load_distance_model,
     save_distance_model,
+    so3_distance_from_angle,
 )
 from cryoorient_ray.errors import CryoOrientError
 
@@ -54,6 +55,41 @@ def test_paper_head_doubles_the_angle():
     p.load_state_dict(a.state_dict())
     x, y = torch.randn(4, 16, 16), torch.randn(4, 16, 16)
     torch.testing.assert_close(p(x, y), 2 * a(x, y))
+
+
+def test_so3_head_is_exact_on_rotation_matrix_features():
+    """With features vec(R) the "so3" head returns d_q exactly, including large distances that
+    the plain angle head cannot represent (only one point on a sphere is at angle π)."""
+    from cryoorient_ray.core.quaternion import quat_distance, unitquat_to_rotmat
+
+    rng = torch.Generator().manual_seed(6)
+    q = torch.nn.functional.normalize(torch.randn(300, 4, generator=rng, dtype=torch.float64), dim=1)
+    feats = torch.as_tensor(unitquat_to_rotmat(q.numpy())).reshape(300, 9)
+    i, j = torch.arange(150), torch.arange(150, 300)
+    d_true = torch.as_tensor(quat_distance(q[i].numpy(), q[j].numpy()))
+    d_hat = so3_distance_from_angle(angle_between(feats[i], feats[j]))
+    torch.testing.assert_close(d_hat, d_true, atol=1e-6, rtol=0)
+    assert float(d_true.max()) > 2.8  # the test covers large distances
+    # the same through the model's head, finite gradients at d = 0 and d = π
+    model = SiameseDistance({**SMALL, "n_features": 9, "head": "so3"})
+    torch.testing.assert_close(model.distance(feats[i], feats[j]), d_true, atol=1e-6, rtol=0)
+    x = feats[:3].clone().requires_grad_(True)
+    y = torch.stack([feats[0], feats[1] * -1.0, feats[2] + 1e-9])
+    model.distance(x, y).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("size", [16, 24, 40])
+def test_grid_pool_takes_any_size(size):
+    torch.manual_seed(7)
+    model = SiameseDistance({**SMALL, "pool": "grid", "grid": 2, "hidden": 16, "head": "so3"}).eval()
+    xi, xj = torch.randn(5, size, size), torch.randn(5, size, size)
+    d = model(xi, xj)
+    assert d.shape == (5,) and torch.all((d >= 0) & (d <= math.pi))
+    assert model.embed(xi).shape == (5, 8)
+    torch.testing.assert_close(model(xj, xi), d)
+    with pytest.raises(CryoOrientError, match="pool"):
+        SiameseSpec(pool="max")
 
 
 def test_spec_validation_and_small_images():

@@ -20,7 +20,8 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
 
     If Ray is already initialised in this process (a test session, a notebook) it is reused.
     ``address`` (or the ``RAY_ADDRESS`` environment variable) connects to a running cluster;
-    otherwise a local runtime starts with ``num_cpus``/``num_gpus`` from the config.
+    otherwise a new local runtime starts with ``num_cpus``/``num_gpus`` from the config (never
+    a silent attach to a cluster some other ``ray start`` left running on this machine).
     """
     cfg = cfg or RayConfig()
     if ray.is_initialized():
@@ -38,7 +39,7 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
         logging.getLogger("ray.train").setLevel(logging.WARNING)
         ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address or "local", **kwargs)
     except ConnectionError as exc:
         raise CryoOrientError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
     log.debug("Ray %s: %s", "cluster " + address if address else "local", ray.cluster_resources())

@@ -34,7 +34,7 @@ from cryoorient_ray.config import TrainConfig
 from cryoorient_ray.core.model import SiameseDistance, SiameseSpec, save_distance_model
 from cryoorient_ray.distributed.data import pair_dataset, sample_dataset
 from cryoorient_ray.errors import CryoOrientError
-from cryoorient_ray.io.store import ProjectionStore
+from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "state.pt"
@@ -62,7 +62,7 @@ def batch_pair_loss(
     quat: torch.Tensor,
     groups: torch.Tensor,
     symmetry: dict[int, str],
-    head_scale: float,
+    distance,
     n_bins: int = 32,
 ) -> tuple[torch.Tensor, int]:
     """L_DE over all pairs ``i < j`` of one image batch that share a group (protein), each distance
@@ -70,9 +70,8 @@ def batch_pair_loss(
 
     Args:
         emb: ``(B, n)`` embeddings; quat: ``(B, 4)`` true orientations (wxyz); groups: ``(B,)`` protein keys;
-        symmetry: point group per group key; head_scale: 1 for the "angle" head, 2 for the "paper" head.
+        symmetry: point group per group key; distance: the model's head, ``(emb_i, emb_j) -> d̂``.
     """
-    from cryoorient_ray.core.model import angle_between
     from cryoorient_ray.core.pairs import distance_bins, pair_distances
 
     b = emb.shape[0]
@@ -86,8 +85,24 @@ def batch_pair_loss(
     weight = 1.0 / np.bincount(bins, minlength=n_bins)[bins]
     weight = torch.as_tensor(weight / weight.sum(), dtype=emb.dtype, device=emb.device)
     target = torch.as_tensor(d, dtype=emb.dtype, device=emb.device)
-    pred = head_scale * angle_between(emb[iu], emb[ju])
+    pred = distance(emb[iu], emb[ju])
     return torch.sum(weight * (pred - target) ** 2), len(iu)
+
+
+def lr_factor(step: int, total_steps: int, schedule: str, warmup: float = 0.05, floor: float = 0.01) -> float:
+    """Multiplier of the base learning rate at optimiser ``step`` (0-based) of ``total_steps``.
+
+    ``"constant"``: 1. ``"cosine"``: linear warm-up over the first ``warmup`` fraction of the
+    steps, then a cosine decay to ``floor``. Past ``total_steps`` (an estimate when the pair stream
+    is not a fixed size) it stays at ``floor``.
+    """
+    if schedule == "constant" or total_steps <= 0:
+        return 1.0
+    n_warm = max(1, int(warmup * total_steps))
+    if step < n_warm:
+        return (step + 1) / n_warm
+    t = min(1.0, (step - n_warm) / max(1, total_steps - n_warm))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + np.cos(np.pi * t))
 
 
 def _all_reduce(values: list[float]) -> list[float]:
@@ -125,6 +140,7 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         opt = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     start_epoch, history, best = 0, [], {"val_loss": float("inf"), "epoch": -1, "state": None}
+    step = 0
     resumed_from = -1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -133,6 +149,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        step = int(state.get("step", 0))
         resumed_from = state["epoch"]
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
@@ -159,10 +176,13 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         model.train()
         sq = n = 0.0
-        head_scale = 2.0 if spec.head == "paper" else 1.0
-        for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=config["batch_size"], device=device
-        ):
+        shard = ray.train.get_dataset_shard("train")
+        batches = (
+            batch
+            for _ in range(int(config.get("passes_per_epoch", 1)))
+            for batch in shard.iter_torch_batches(batch_size=config["batch_size"], device=device)
+        )
+        for batch in batches:
             if config["pairing"] == "batch":
                 x = batch["images"].float()
                 if config.get("augment"):
@@ -171,7 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
                     emb = model(x)  # one argument: embeddings, through DDP so gradients are synchronised
                 groups = batch["store_id"].long() * 100_000 + batch["protein"].long()
                 loss, pairs = batch_pair_loss(
-                    emb.float(), batch["quaternion"].cpu(), groups.cpu(), config["symmetry"], head_scale
+                    emb.float(), batch["quaternion"].cpu(), groups.cpu(), config["symmetry"], core.distance
                 )
             else:
                 xi, xj = batch["image_i"].float(), batch["image_j"].float()
@@ -181,9 +201,13 @@ def train_loop_per_worker(config: dict) -> None:
                     pred = model(xi, xj)
                 loss = torch.mean((pred.float() - batch["distance"].float()) ** 2)
                 pairs = len(pred)
+            factor = lr_factor(step, int(config.get("total_steps", 0)), config.get("lr_schedule", "constant"))
+            for group in opt.param_groups:
+                group["lr"] = config["lr"] * factor
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            step += 1
             sq += float(loss.detach()) * pairs
             n += pairs
         sq, n = _all_reduce([sq, n])
@@ -192,6 +216,8 @@ def train_loop_per_worker(config: dict) -> None:
             "train_loss": sq / n if n else float("nan"),
             "train_pairs": int(n),
             "seconds": time.perf_counter() - t0,
+            "steps": step,
+            "lr": opt.param_groups[0]["lr"],
             "pairs_per_second_per_worker": n / max(1e-9, time.perf_counter() - t0) / ctx.get_world_size(),
             "resumed_from_epoch": resumed_from,
         }
@@ -224,6 +250,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "model": core.state_dict(),
                         "optimizer": opt.state_dict(),
                         "epoch": epoch,
+                        "step": step,
                         "history": history,
                         "best": best,
                         "spec": spec.to_dict(),
@@ -343,8 +370,23 @@ def train_distance(
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
+    # optimiser steps per worker, for the learning-rate schedule (an estimate: the stream is split
+    # across workers by blocks, and stream pairing draws pairs_per_shard pairs per shard)
+    n_rows = 0
+    for st in manifests:
+        meta = st.read_metadata(st.done_rows(), names=["split", "protein"])
+        seen = st.protein_mask("seen")[np.clip(meta["protein"], 0, None)]
+        in_train = (meta["split"] == SPLIT_CODES["train"]) & seen
+        if cfg.pairing == "stream" and cfg.pairs_per_shard:
+            n_rows += cfg.pairs_per_shard * len(np.unique(st.done_rows()[in_train] // st.shard_size))
+        else:
+            n_rows += int(in_train.sum())
+    steps_per_epoch = max(1, int(np.ceil(n_rows / (cfg.batch_size * cfg.num_workers)))) * cfg.passes_per_epoch
     loop_config = {
         "model": spec.to_dict(),
+        "lr_schedule": cfg.lr_schedule,
+        "passes_per_epoch": cfg.passes_per_epoch,
+        "total_steps": steps_per_epoch * cfg.epochs,
         "epochs": cfg.epochs,
         "pairing": cfg.pairing,
         "symmetry": symmetry,
@@ -398,6 +440,7 @@ def train_distance(
         "epochs_run": len(state["history"]),
         "seconds": seconds,
         "workers": cfg.num_workers,
+        "steps_per_worker": int(state.get("step", 0)),
         "use_gpu": cfg.use_gpu,
         "proteins_seen": sorted({p["name"] for st in manifests for p in st.proteins if not p.get("heldout")}),
         "proteins_heldout": sorted({p["name"] for st in manifests for p in st.proteins if p.get("heldout")}),
