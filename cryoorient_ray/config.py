@@ -140,10 +140,10 @@ class ModelConfig(StrictModel):
     norm: Literal["batch", "group", "none"] = "group"
     n_features: int = Field(64, ge=2, le=4096, description="n_f, the embedding size")
     head: Literal["angle", "paper", "so3"] = Field(
-        "angle", description="angle in [0, π]; the paper's 2·acos; so3: arccos((3cos θ−1)/2), exact for SO(3)"
+        "so3", description="angle in [0, π]; the paper's 2·acos; so3: arccos((3cos θ−1)/2), exact for SO(3)"
     )
     pool: Literal["global", "grid"] = Field(
-        "global", description="global: 1×1 conv + global average pool (paper); grid: grid×grid average pool + MLP"
+        "grid", description="global: 1×1 conv + global average pool (paper); grid: grid×grid average pool + MLP"
     )
     grid: int = Field(4, ge=1, le=16, description="cells per side of the grid pool")
     hidden: int = Field(256, ge=1, description="hidden units of the grid pool's perceptron")

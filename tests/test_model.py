@@ -130,6 +130,13 @@ def test_save_load_roundtrip_and_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(CryoOrientError, match="cannot read"):
         load_distance_model(tmp_path / "junk.pt")
+    # a file written before the grid pool existed (no "pool" in its spec) loads as the global pool
+    old = SiameseDistance({**SMALL, "pool": "global"}).eval()
+    save_distance_model(tmp_path / "old.pt", old)
+    payload = torch.load(tmp_path / "old.pt", weights_only=False)
+    del payload["spec"]["pool"]
+    torch.save(payload, tmp_path / "old.pt")
+    torch.testing.assert_close(load_distance_model(tmp_path / "old.pt")[0](x, y), old(x, y))
     payload = torch.load(tmp_path / "m.pt", weights_only=False)
     payload["spec"]["channels"] = [4, 8, 16]  # weights from another architecture
     torch.save(payload, tmp_path / "other.pt")

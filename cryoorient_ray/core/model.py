@@ -17,9 +17,9 @@ The distance head compares two feature vectors by their angle, computed as
 ``2·atan2(‖â − b̂‖, ‖â + b̂‖)`` of the unit vectors (equal to ``arccos`` of the cosine
 similarity, accurate near 0 and π and with finite gradients):
 
-- ``"angle"`` (default): the angle itself, in [0, π], the range of d_q;
+- ``"angle"``: the angle itself, in [0, π], the range of d_q;
 - ``"paper"``: twice the angle, as in the paper's original code (``2·acos(cosine)``);
-- ``"so3"``: ``d̂ = arccos((3·cos θ − 1)/2)`` of the angle θ between the feature vectors. Points
+- ``"so3"`` (default): ``d̂ = arccos((3·cos θ − 1)/2)`` of the angle θ between the feature vectors. Points
   on a sphere cannot have the geometry of SO(3) under the plain angle: only one point is at angle
   π from a given one, while a whole 2-sphere of rotations is at distance π from a given rotation,
   so the angle heads compress large distances (measured: d̂ saturates near 1.7 rad). With this
@@ -57,8 +57,8 @@ class SiameseSpec:
     convs_per_block: int = 1
     norm: str = "group"
     n_features: int = 64
-    head: str = "angle"
-    pool: str = "global"
+    head: str = "so3"
+    pool: str = "grid"
     grid: int = 4
     hidden: int = 256
 
@@ -225,7 +225,9 @@ def load_distance_model(path, map_location: str | torch.device = "cpu") -> tuple
         raise CryoOrientError(f"cannot read {path} as a model file: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise CryoOrientError(f"{path} is not a cryoorient distance model ({MODEL_FORMAT})")
-    model = SiameseDistance(payload["spec"])
+    spec = dict(payload["spec"])
+    spec.setdefault("pool", "global")  # files written before the grid pool existed
+    model = SiameseDistance(spec)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
