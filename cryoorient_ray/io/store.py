@@ -65,7 +65,17 @@ def config_hash(config: dict) -> str:
 
 
 def is_url(path: str | os.PathLike) -> bool:
+    """True for fsspec URLs (``s3://bucket/x.zarr``, ``gs://…``, ``file:///…``, ``memory://…``)."""
     return "://" in str(path)
+
+
+def absolute_store_path(path: str | os.PathLike) -> str:
+    """A store location every Ray worker can resolve: URLs unchanged, local paths made absolute.
+
+    Ray workers do not share the driver's working directory (on a cluster they run on other
+    machines), so a relative path like ``runs/demo/projections.zarr`` must not reach them.
+    """
+    return str(path) if is_url(path) else os.path.abspath(os.fspath(path))
 
 
 def _zarr():
