@@ -29,7 +29,7 @@ from cryoorient_ray.core.parameters import sample_projection_parameters
 from cryoorient_ray.distributed.runtime import current_node_id, record_nodes
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import strip_suffixes
-from cryoorient_ray.io.store import ProjectionStore, config_hash, is_url
+from cryoorient_ray.io.store import ProjectionStore, config_hash, is_url, store_exists
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL_VOXEL_SIZE = 3.0
@@ -281,7 +281,7 @@ def simulate_store(
     """Create (or finish) the projection store at ``path`` for ``sim``. Ray must be initialised."""
     path = str(path)
     fingerprint = _settings_fingerprint(sim, seed)
-    if is_url(path) or Path(path).exists():
+    if store_exists(path):
         store = ProjectionStore.open(path, mode="r+")
         if store.manifest.get("config_hash") != fingerprint[1]:
             raise CryoOrientError(
