@@ -73,6 +73,18 @@ def _fail(message: str) -> None:
     stderr.print(f"[bold red]Error:[/bold red] {message}", soft_wrap=True, highlight=False, markup=True)
 
 
+def _one_line(text: str) -> str:
+    """One line of a possibly multi-line message: Ray errors carry the remote traceback, whose last
+    ``SomeError: message`` line is the cause."""
+    import re
+
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    causes = [line for line in lines if re.match(r"^(?:[\w.]+\.)?\w+(?:Error|Exception): ", line)]
+    return causes[-1] if causes else lines[0]
+
+
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn bad input into one error line + exit 1; unexpected errors too, unless --verbose."""
 
@@ -92,9 +104,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             if _state["verbose"]:
                 raise
             _fail(
-                f"internal error: {type(exc).__name__}: {exc} (re-run with --verbose for the traceback)".replace(
-                    "[", "\\["
-                )
+                f"internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+                "(re-run with --verbose for the traceback)".replace("[", "\\[")
             )
             raise typer.Exit(1) from None
 
@@ -621,12 +632,13 @@ def cluster_check(
     import ray
 
     from cryoorient_ray.distributed.cluster import check_report, describe_nodes
-    from cryoorient_ray.distributed.runtime import init_ray, resolve_address
+    from cryoorient_ray.distributed.runtime import check_address, init_ray, resolve_address
 
     if local:
         ray_cfg = cfg.ray.model_copy(update={"address": "local"})
     else:
         ray_cfg = cfg.ray.model_copy(update={"address": resolve_address(cfg.ray) or "auto"})
+        check_address(ray_cfg.address, timeout=ray_cfg.connect_timeout)  # also when Ray already runs here
     try:
         started = init_ray(ray_cfg)
     except CryoOrientError as exc:
