@@ -260,3 +260,17 @@ def test_plan_flags_starved_data_reads_and_in_process_recovery():
     assert plans["recover"].runs_on == "driver process" and "cuda" in plans["recover"].note
     assert storage_warnings(cfg, nodes) == []  # one node: local paths are fine
     assert node.cpus == 4
+
+
+def test_without_an_address_a_new_local_ray_starts_even_if_one_runs_here(monkeypatch):
+    """ray.init(address=None) would join any Ray on the machine; init_ray asks for 'local'."""
+    from cryoorient_ray.distributed import runtime
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runtime.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime.ray, "init", lambda address=None, **kw: calls.append((address, kw)))
+    assert runtime.init_ray(RayConfig(num_cpus=2)) is True
+    assert calls[-1][0] == "local" and calls[-1][1]["num_cpus"] == 2
+    runtime.init_ray(RayConfig(address="auto", num_cpus=2))  # a cluster: its own resources
+    assert calls[-1][0] == "auto" and "num_cpus" not in calls[-1][1]

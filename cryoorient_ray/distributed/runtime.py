@@ -73,8 +73,9 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
     """Start or connect to Ray. Returns True if this call started it (and should shut it down).
 
     If Ray is already initialised in this process (a test session, a notebook) it is reused.
-    ``address`` (or the ``RAY_ADDRESS`` environment variable) connects to a running cluster;
-    otherwise a local runtime starts with ``num_cpus``/``num_gpus`` from the config.
+    ``address`` (or the ``RAY_ADDRESS`` environment variable) connects to a running cluster
+    (``"auto"``: the one started with ``ray start`` on this machine); otherwise a new local
+    runtime starts with ``num_cpus``/``num_gpus`` from the config, even if another Ray runs here.
 
     Raises:
         CryoOrientError: the address is malformed or unreachable, or Ray refuses the connection
@@ -102,7 +103,9 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
         logging.getLogger("ray.train").setLevel(logging.WARNING)
         ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        ray.init(address=address, **kwargs)
+        # "local" and not None: ray.init(address=None) would join any Ray already running on this
+        # machine (another user's included); without an address we always start our own.
+        ray.init(address=address or "local", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
