@@ -39,6 +39,8 @@ store_app = typer.Typer(help="Inspect projection stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store", rich_help_panel=TOOLS_PANEL)
 maps_app = typer.Typer(help="Density maps: fetch by id, preview.", no_args_is_help=True)
 app.add_typer(maps_app, name="maps", rich_help_panel=TOOLS_PANEL)
+cluster_app = typer.Typer(help="Ray clusters: what Ray sees and what each stage will use.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster", rich_help_panel=TOOLS_PANEL)
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -56,10 +58,31 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override any config value: section.key=value (repeatable)."),
 ]
+AddressOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--address",
+        help="Ray cluster to run on: host:6379 of a running head, 'auto' or ray://host:10001 "
+        "(default: ray.address, else RAY_ADDRESS, else a local Ray).",
+        show_default=False,
+    ),
+]
 
 
 def _fail(message: str) -> None:
     stderr.print(f"[bold red]Error:[/bold red] {message}", soft_wrap=True, highlight=False, markup=True)
+
+
+def _one_line(text: str) -> str:
+    """One line of a possibly multi-line message: Ray errors carry the remote traceback, whose last
+    ``SomeError: message`` line is the cause."""
+    import re
+
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    causes = [line for line in lines if re.match(r"^(?:[\w.]+\.)?\w+(?:Error|Exception): ", line)]
+    return causes[-1] if causes else lines[0]
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -81,9 +104,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             if _state["verbose"]:
                 raise
             _fail(
-                f"internal error: {type(exc).__name__}: {exc} (re-run with --verbose for the traceback)".replace(
-                    "[", "\\["
-                )
+                f"internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+                "(re-run with --verbose for the traceback)".replace("[", "\\[")
             )
             raise typer.Exit(1) from None
 
@@ -151,17 +173,19 @@ def run(
     seed: SeedOption = None,
     sets: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Re-run every stage, even those already done.")] = False,
+    address: AddressOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
     """Run the whole pipeline from one config: map → projections → distances → orientations → volume.
 
     Stages already done with the same settings are skipped (re-running resumes). Ends with
     report.html (figures and numbers), summary.json, recovered.star and reconstruction.mrc.
+    With --address every stage runs on that Ray cluster (see clusters/ and docs/SCALING.md).
     """
     from cryoorient_ray.config import load_config
     from cryoorient_ray.pipeline import SUMMARY_NAME, run_pipeline
 
-    cfg = load_config(config, {"seed": seed}, sets)
+    cfg = load_config(config, {"seed": seed, "ray.address": address}, sets)
     out_dir, results = run_pipeline(cfg, out, argv=sys.argv, progress=progress, force=force)
     _print_stages(out_dir, results)
     summary = json.loads((out_dir / SUMMARY_NAME).read_text())
@@ -192,6 +216,7 @@ def simulate(
     seed: SeedOption = None,
     out: OutOption = None,
     sets: SetOption = None,
+    address: AddressOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
     """Simulate projections (orientation, shift, CTF, noise) of density maps into a sharded Zarr store.
@@ -213,6 +238,7 @@ def simulate(
         "simulate.orientations.symmetry": symmetry,
         "simulate.shard_size": shard_size,
         "simulate.backend": backend,
+        "ray.address": address,
     }
     cfg = load_config(config, overrides, sets)
     out_dir, result = run_simulate(cfg, out, argv=sys.argv, progress=progress)
@@ -235,6 +261,7 @@ def train(
     seed: SeedOption = None,
     out: OutOption = None,
     sets: SetOption = None,
+    address: AddressOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
     """Train the Siamese distance data-parallel with Ray Train (simulating the store first if none is given).
@@ -254,6 +281,7 @@ def train(
         "train.batch_size": batch_size,
         "train.lr": lr,
         "train.model.n_features": n_features,
+        "ray.address": address,
     }
     cfg = load_config(config, overrides, sets)
     out_dir, results = run_train(cfg, out, argv=sys.argv, progress=progress)
@@ -418,6 +446,7 @@ def recover(
     seed: SeedOption = None,
     out: OutOption = None,
     sets: SetOption = None,
+    address: AddressOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
     """Recover orientations from estimated distances on a sparse pair graph (kNN + random pairs), on Ray actors.
@@ -449,6 +478,7 @@ def recover(
         "recover.n_random": n_random,
         "recover.actors": actors,
         "recover.gauge.enabled": gauge,
+        "ray.address": address,
     }
     cfg = load_config(config, overrides, sets)
     if out is None and config is None:
@@ -576,6 +606,90 @@ def config_show(config: OptionalConfigArg = None, sets: SetOption = None) -> Non
     from cryoorient_ray.config import dump_config, load_config
 
     stdout.print(dump_config(load_config(config, None, sets)), highlight=False, markup=False, end="")
+
+
+@cluster_app.command("check")
+@guarded
+def cluster_check(
+    config: OptionalConfigArg = None,
+    address: AddressOption = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Check the local Ray a run without an address would start.")
+    ] = False,
+    sets: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Print the nodes and resources Ray sees, and what each stage of the config will use there.
+
+    Connects to --address, else the config's ray.address, else RAY_ADDRESS, else a cluster
+    started on this machine with `ray start` ('auto'); --local starts a local Ray instead.
+    """
+    from cryoorient_ray.config import load_config
+
+    cfg = load_config(config, {"ray.address": address}, sets)
+    if local and address:
+        raise CryoOrientError("give either --address or --local, not both")
+    import ray
+
+    from cryoorient_ray.distributed.cluster import check_report, describe_nodes
+    from cryoorient_ray.distributed.runtime import check_address, init_ray, resolve_address
+
+    if local:
+        ray_cfg = cfg.ray.model_copy(update={"address": "local"})
+    else:
+        ray_cfg = cfg.ray.model_copy(update={"address": resolve_address(cfg.ray) or "auto"})
+        check_address(ray_cfg.address, timeout=ray_cfg.connect_timeout)  # also when Ray already runs here
+    try:
+        started = init_ray(ray_cfg)
+    except CryoOrientError as exc:
+        if ray_cfg.address == "auto":
+            raise CryoOrientError(
+                "no running Ray cluster found on this machine: start one with `ray start --head`, "
+                "pass --address host:6379 (or set RAY_ADDRESS), or use --local"
+            ) from None
+        raise exc from None
+    try:
+        import torch
+
+        where = resolve_address(ray_cfg) or "a local Ray started for this check"
+        report = check_report(cfg, describe_nodes(), driver_has_gpu=torch.cuda.is_available())
+    finally:
+        if started:
+            ray.shutdown()
+    report["address"] = where
+    if as_json:
+        stdout.print_json(json.dumps(report))
+        return
+    nodes = Table(title=f"Ray at {where}", title_justify="left")
+    for col in ("node", "address", "role", "CPU", "GPU", "accelerator", "memory GiB", "object store GiB"):
+        nodes.add_column(col, justify="right" if col in ("CPU", "GPU", "memory GiB", "object store GiB") else "left")
+    for n in report["nodes"]:
+        nodes.add_row(
+            n["node_id"][:12],
+            n["address"],
+            "head" if n["head"] else "worker",
+            f"{n['cpus']:g}",
+            f"{n['gpus']:g}",
+            n["accelerator"] or "",
+            f"{n['memory_gib']:g}",
+            f"{n['object_store_gib']:g}",
+        )
+    stdout.print(nodes)
+    tot = report["totals"]
+    stdout.print(
+        f"{tot['nodes']} node(s): {tot['CPU']:g} CPUs, {tot['GPU']:g} GPUs, {tot['memory_gib']:g} GiB; "
+        f"driver GPU: {'yes' if report['driver_has_gpu'] else 'no'}",
+        highlight=False,
+    )
+    plan = Table(title="What each stage will use (from the config)", title_justify="left")
+    for col in ("stage", "runs as", "asks for", "fits now", "notes"):
+        plan.add_column(col)
+    for p in report["stages"]:
+        ok = "[green]yes[/green]" if p["fits_now"] else "[yellow]no[/yellow]"
+        plan.add_row(p["stage"], p["runs_on"], p["demand"], ok, p["note"])
+    stdout.print(plan)
+    for w in report["warnings"]:
+        stderr.print(f"[yellow]Warning:[/yellow] {w}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

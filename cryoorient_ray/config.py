@@ -245,9 +245,19 @@ class ReconstructConfig(StrictModel):
 
 
 class RayConfig(StrictModel):
-    """Where stages run: local Ray (address null) or an existing cluster."""
+    """Where stages run: local Ray (address null) or an existing cluster (see clusters/ and docs/SCALING.md).
 
-    address: str | None = Field(None, description="Ray address (e.g. 'auto' or 'ray://host:10001'); null = local")
+    On a cluster the stages take their resources from the other sections, unchanged:
+    ``train.num_workers``/``use_gpu``/``cpus_per_worker``, ``recover.actors``/``cpus_per_actor``,
+    one CPU per ``simulate`` shard task. ``num_cpus``/``num_gpus`` only size a local Ray.
+    """
+
+    address: str | None = Field(
+        None,
+        description="Ray address: host:6379 of a running head, 'auto' (a `ray start` cluster on this machine) "
+        "or 'ray://host:10001'; null = the RAY_ADDRESS environment variable, else a local Ray",
+    )
+    connect_timeout: float = Field(5.0, gt=0, description="seconds to wait for the address to answer")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs for a local Ray (null = all)")
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray (null = all)")
     log_to_driver: bool = Field(False, description="show Ray workers' logs (also on with --verbose)")

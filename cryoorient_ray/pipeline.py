@@ -87,8 +87,31 @@ def stage_orientations(cfg: RunConfig, out: Path) -> StageResult:
 
 
 def store_path_for(cfg: RunConfig, out: Path) -> str:
-    """Where the simulated store goes: ``simulate.store`` if set, else ``<out>/projections.zarr``."""
-    return cfg.simulate.store or str(out / STORE_NAME)
+    """Where the simulated store goes: ``simulate.store`` if set, else ``<out>/projections.zarr``.
+
+    Local paths come back absolute (Ray workers do not share the driver's working directory);
+    URLs (``s3://``, ``gs://``) unchanged.
+    """
+    from cryoorient_ray.io.store import absolute_store_path
+
+    return absolute_store_path(cfg.simulate.store or out / STORE_NAME)
+
+
+def check_ray_address(cfg: RunConfig) -> None:
+    """Fail before writing anything when the configured Ray cluster does not answer (one clear error)."""
+    from cryoorient_ray.distributed.runtime import check_address, resolve_address
+
+    address = resolve_address(cfg.ray)
+    if address is not None:
+        check_address(address, timeout=cfg.ray.connect_timeout)
+
+
+def _ray_nodes_metric(stage: str) -> dict[str, int]:
+    """``{"nodes": k}``: how many Ray nodes ran the stage's tasks/actors (empty when none recorded)."""
+    from cryoorient_ray.distributed.runtime import nodes_used
+
+    used = nodes_used(stage)
+    return {"nodes": len(used)} if used else {}
 
 
 def _sample_titles(meta: dict, proteins: list[dict]) -> list[str]:
@@ -115,11 +138,12 @@ def write_store_preview(store, path: str | os.PathLike, n: int = 24, seed: int =
 
 def stage_simulate(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult:
     """Simulate (or finish) the projection store on Ray; write a preview PNG and its summary."""
-    from cryoorient_ray.distributed.runtime import ray_runtime
+    from cryoorient_ray.distributed.runtime import clear_nodes_used, ray_runtime
     from cryoorient_ray.distributed.simulate import simulate_store
 
     t0 = time.perf_counter()
     path = store_path_for(cfg, out)
+    clear_nodes_used("simulate")
     with ray_runtime(cfg.ray):
         store = simulate_store(cfg.simulate, cfg.seed, path, progress=progress, cache_dir=out / "cache")
     write_store_preview(store, out / "projections.png", seed=cfg.seed)
@@ -130,7 +154,12 @@ def stage_simulate(cfg: RunConfig, out: Path, progress: bool = True) -> StageRes
         status="done",
         seconds=round(time.perf_counter() - t0, 3),
         outputs={"store": os.path.relpath(path, out) if "://" not in path else path, "preview": "projections.png"},
-        metrics={"proteins": len(summary["proteins"]), "projections": summary["samples"], "shards": summary["shards"]},
+        metrics={
+            "proteins": len(summary["proteins"]),
+            "projections": summary["samples"],
+            "shards": summary["shards"],
+            **_ray_nodes_metric("simulate"),
+        },
     )
 
 
@@ -182,13 +211,17 @@ def evaluate_distances(
 
 def stage_train(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult:
     """Train the distance on Ray Train; export model.pt; plot L_DE curves; compare with the Euclidean baseline."""
-    from cryoorient_ray.distributed.runtime import ray_runtime
+    from cryoorient_ray.distributed import runtime
     from cryoorient_ray.distributed.train import train_distance
+    from cryoorient_ray.io.store import absolute_store_path
 
     t0 = time.perf_counter()
-    stores = list(cfg.train.stores) or [store_path_for(cfg, out)]
-    with ray_runtime(cfg.ray):
+    stores = [absolute_store_path(s) for s in cfg.train.stores] or [store_path_for(cfg, out)]
+    runtime.clear_nodes_used("train")
+    with runtime.ray_runtime(cfg.ray):
+        groups_before = runtime.placement_group_ids()
         summary = train_distance(cfg.train, stores, out, seed=cfg.seed, progress=progress)
+        runtime.record_nodes("train", runtime.placement_group_nodes(exclude=groups_before))
     history = json.loads((out / "history.json").read_text())
     plot_training_curves(history, out / "training.png")
     reports = evaluate_distances(stores[0], out, out / MODEL_NAME, euclidean=True, seed=cfg.seed)
@@ -197,6 +230,7 @@ def stage_train(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult
         "test_L_DE": round(reports["learned"]["L_DE"], 4),
         "euclidean_test_L_DE": round(reports["euclidean"]["L_DE"], 4),
         "epochs": summary["epochs_run"],
+        **_ray_nodes_metric("train"),
     }
     if "heldout_loss" in summary["final"]:
         metrics["heldout_val_L_DE"] = round(summary["final"]["heldout_loss"], 4)
@@ -300,15 +334,20 @@ def stage_recover(
     """Recover orientations of one protein's projections (pair graph, L_OR on actors, gauge, errors)."""
     from contextlib import nullcontext
 
+    from cryoorient_ray.distributed.runtime import clear_nodes_used
+    from cryoorient_ray.io.store import absolute_store_path
     from cryoorient_ray.recovery import recover_store
 
     t0 = time.perf_counter()
     rcfg = cfg.recover
-    store_path = store_path or store_path_for(cfg, out)
+    store_path = absolute_store_path(store_path) if store_path else store_path_for(cfg, out)
+    clear_nodes_used("recover")
     if model_path is None and rcfg.estimator == "model":
         model_path = rcfg.model or str(out / MODEL_NAME)
         if not Path(model_path).is_file():
             raise CryoOrientError(f"model file not found: {model_path} (train first, or set recover.model)")
+    if model_path is not None:  # Ray Data embedding workers do not share the driver's working directory
+        model_path = os.path.abspath(model_path)
     if rcfg.actors > 0:
         from cryoorient_ray.distributed.runtime import ray_runtime
 
@@ -324,6 +363,7 @@ def stage_recover(
     m = outcome.metrics
     keep = ("recovered", "edges", "L_OR", "e_or_o4", "registration", "gauge_physical", "recovery_s", "gauge_s")
     metrics = {k: (round(m[k], 4) if isinstance(m[k], float) else m[k]) for k in keep if k in m}
+    metrics.update(_ray_nodes_metric("recover"))
     return StageResult(
         name="recover",
         status="done",
@@ -342,6 +382,8 @@ def run_recover(
     progress: bool = True,
 ) -> tuple[Path, StageResult]:
     """`cryoorient recover`: the recovery stage alone, on a given store."""
+    if cfg.recover.actors > 0:
+        check_ray_address(cfg)
     out = prepare_output_dir(cfg, out_dir, argv)
     result = stage_recover(cfg, out, progress=progress, store_path=store_path, model_path=model_path)
     write_summary(out, cfg, [result])
@@ -490,6 +532,7 @@ def run_simulate(
     cfg: RunConfig, out_dir: str | os.PathLike | None = None, argv: list[str] | None = None, progress: bool = True
 ) -> tuple[Path, StageResult]:
     """`cryoorient simulate`: the simulation stage alone."""
+    check_ray_address(cfg)
     out = prepare_output_dir(cfg, out_dir, argv)
     result = stage_simulate(cfg, out, progress=progress)
     write_summary(out, cfg, [result])
@@ -500,6 +543,7 @@ def run_train(
     cfg: RunConfig, out_dir: str | os.PathLike | None = None, argv: list[str] | None = None, progress: bool = True
 ) -> tuple[Path, list[StageResult]]:
     """`cryoorient train`: simulate first when no store is given, then train."""
+    check_ray_address(cfg)
     out = prepare_output_dir(cfg, out_dir, argv)
     results = []
     if not cfg.train.stores:
@@ -593,6 +637,7 @@ def run_pipeline(
     """
     from cryoorient_ray.report import write_report
 
+    check_ray_address(cfg)
     out = prepare_output_dir(cfg, out_dir, argv)
     runners = {
         "simulate": stage_simulate,

@@ -22,6 +22,7 @@ import ray
 import torch
 
 from cryoorient_ray.core.recover import EdgeObjective, RecoveryResult, RecoverySettings, recover_orientations
+from cryoorient_ray.distributed.runtime import current_node_id, record_nodes
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = ["EdgePartitionActor", "embed_with_ray_data", "partition_edges", "recover_on_actors"]
@@ -37,6 +38,10 @@ class EdgePartitionActor:
 
     def n_edges(self) -> int:
         return self.objective.n_edges
+
+    def node_id(self) -> str:
+        """The Ray node this partition lives on."""
+        return current_node_id()
 
     def loss_and_grad(self, q: np.ndarray, loss: str) -> tuple[float, float, np.ndarray]:
         # Object-store arrays are read-only views; torch needs writable memory.
@@ -64,7 +69,8 @@ def recover_on_actors(
 
     ``n_actors = 0`` runs in-process (no Ray). Ray must already be initialised otherwise
     (:func:`cryoorient_ray.distributed.runtime.ray_runtime`). Actors are killed at the end,
-    also on error or Ctrl-C.
+    also on error or Ctrl-C. The nodes they ran on are recorded under ``"recover"``
+    (:func:`cryoorient_ray.distributed.runtime.nodes_used`).
     """
     i, j, d = np.asarray(i), np.asarray(j), np.asarray(d, dtype=np.float32)
     if n_actors < 0:
@@ -78,10 +84,12 @@ def recover_on_actors(
     order = np.argsort(i, kind="stable")
     i, j, d = i[order], j[order], d[order]
     parts = partition_edges(len(i), n_actors)
-    actor_cls = EdgePartitionActor.options(num_cpus=cpus_per_actor)
+    # SPREAD: on a cluster each node's cores and memory bandwidth take a share of the edges
+    actor_cls = EdgePartitionActor.options(num_cpus=cpus_per_actor, scheduling_strategy="SPREAD")
     actors = [actor_cls.remote(i[s], j[s], d[s], threads_per_actor) for s in parts]
     try:
         ray.get([a.n_edges.remote() for a in actors])  # fail early if an actor cannot start
+        record_nodes("recover", ray.get([a.node_id.remote() for a in actors]))
 
         def grad_fn(q: torch.Tensor, loss: str):
             ref = ray.put(q.detach().cpu().numpy())

@@ -26,9 +26,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cryoorient_ray.config import InputSpec, SimulateConfig
 from cryoorient_ray.core.parameters import sample_projection_parameters
+from cryoorient_ray.distributed.runtime import current_node_id, record_nodes
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import strip_suffixes
-from cryoorient_ray.io.store import ProjectionStore, config_hash, is_url
+from cryoorient_ray.io.store import ProjectionStore, config_hash, is_url, store_exists
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL_VOXEL_SIZE = 3.0
@@ -111,7 +112,8 @@ def _prepare_map_task(source: str, voxel_size: float | None, resolution: float |
 
 
 @ray.remote(num_cpus=1)
-def _render_shard_task(store_path: str, shard: int, volume_refs: dict, settings: dict) -> tuple[int, float]:
+def _render_shard_task(store_path: str, shard: int, volume_refs: dict, settings: dict) -> tuple[int, float, str]:
+    """Render and write one shard; returns ``(shard, seconds, node id)``."""
     import torch
 
     from cryoorient_ray.core.forward import render_projections
@@ -146,7 +148,7 @@ def _render_shard_task(store_path: str, shard: int, volume_refs: dict, settings:
         )
         images[rows], noise_var[rows] = imgs, nv
     store.write_shard(shard, images, noise_var)
-    return shard, time.perf_counter() - t0
+    return shard, time.perf_counter() - t0, current_node_id()
 
 
 def _progress(enabled: bool) -> Progress:
@@ -279,7 +281,7 @@ def simulate_store(
     """Create (or finish) the projection store at ``path`` for ``sim``. Ray must be initialised."""
     path = str(path)
     fingerprint = _settings_fingerprint(sim, seed)
-    if is_url(path) or Path(path).exists():
+    if store_exists(path):
         store = ProjectionStore.open(path, mode="r+")
         if store.manifest.get("config_hash") != fingerprint[1]:
             raise CryoOrientError(
@@ -320,7 +322,7 @@ def simulate_store(
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 shard = in_flight.pop(done[0])
                 try:
-                    ray.get(done[0])
+                    record_nodes("simulate", [ray.get(done[0])[2]])
                 except Exception as exc:
                     for r in in_flight:
                         ray.cancel(r)

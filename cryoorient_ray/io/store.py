@@ -65,7 +65,41 @@ def config_hash(config: dict) -> str:
 
 
 def is_url(path: str | os.PathLike) -> bool:
+    """True for fsspec URLs (``s3://bucket/x.zarr``, ``gs://…``, ``file:///…``, ``memory://…``)."""
     return "://" in str(path)
+
+
+def absolute_store_path(path: str | os.PathLike) -> str:
+    """A store location every Ray worker can resolve: URLs unchanged, local paths made absolute.
+
+    Ray workers do not share the driver's working directory (on a cluster they run on other
+    machines), so a relative path like ``runs/demo/projections.zarr`` must not reach them.
+    """
+    return str(path) if is_url(path) else os.path.abspath(os.fspath(path))
+
+
+def _storage_options(path: str | os.PathLike) -> dict | None:
+    """fsspec options for a URL: ``file://`` stores create their folders as shards arrive."""
+    protocol = str(path).split("://", 1)[0] if is_url(path) else None
+    return {"auto_mkdir": True} if protocol in ("file", "local") else None
+
+
+def store_exists(path: str | os.PathLike) -> bool:
+    """Whether a store (a Zarr group) is at ``path``: a local folder, or a URL opened through fsspec.
+
+    Raises:
+        CryoOrientError: the URL's protocol needs a package that is not installed (s3fs, gcsfs).
+    """
+    if not is_url(path):
+        return Path(path).exists()
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(str(path))
+    except (ImportError, ValueError) as exc:
+        protocol = str(path).split("://", 1)[0]
+        raise CryoOrientError(f"cannot open {path}: no fsspec support for '{protocol}://' here ({exc})") from None
+    return bool(fs.exists(root.rstrip("/") + "/zarr.json"))
 
 
 def _zarr():
@@ -95,7 +129,7 @@ class ProjectionStore:
         zarr = _zarr()
         if n_samples < 1 or image_size < 1 or shard_size < 1:
             raise CryoOrientError(f"invalid store shape: {n_samples} samples of {image_size}², shards of {shard_size}")
-        if not is_url(path) and Path(path).exists():
+        if store_exists(path):
             raise CryoOrientError(f"{path} already exists")
         shard_size = min(shard_size, n_samples)
         n_shards = -(-n_samples // shard_size)
@@ -110,7 +144,7 @@ class ProjectionStore:
             splits=list(SPLITS),
             metadata_written=False,
         )
-        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        group = zarr.open_group(str(path), mode="w-", zarr_format=3, storage_options=_storage_options(path))
         group.create_array(
             "images",
             shape=(n_samples, image_size, image_size),
@@ -133,10 +167,10 @@ class ProjectionStore:
     def open(cls, path: str | os.PathLike, mode: str = "r") -> ProjectionStore:
         """Open an existing store (``mode`` "r" or "r+"), checking that it is one of ours."""
         zarr = _zarr()
-        if not is_url(path) and not Path(path).exists():
+        if not store_exists(path):
             raise CryoOrientError(f"projection store not found: {path}")
         try:
-            group = zarr.open_group(str(path), mode=mode)
+            group = zarr.open_group(str(path), mode=mode, storage_options=_storage_options(path))
         except Exception as exc:  # zarr raises several types for non-stores
             raise CryoOrientError(f"{path} is not a Zarr store: {exc}") from None
         manifest = group.attrs.get("cryoorient")
