@@ -41,6 +41,10 @@ maps_app = typer.Typer(help="Density maps: fetch by id, preview.", no_args_is_he
 app.add_typer(maps_app, name="maps", rich_help_panel=TOOLS_PANEL)
 cluster_app = typer.Typer(help="Ray clusters: what Ray sees and what each stage will use.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster", rich_help_panel=TOOLS_PANEL)
+tune_app = typer.Typer(
+    help="Search the architecture and n_f with Ray Tune (ASHA early stopping); `tune report DIR` summarises a search."
+)
+app.add_typer(tune_app, name="tune", rich_help_panel=PIPELINE_PANEL)
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -546,24 +550,117 @@ def align(
     stdout.print(f"Histogram: {out / 'align_errors.png'}")
 
 
-def _not_yet(stage: str) -> Callable[..., None]:
-    def command(ctx: typer.Context) -> None:
-        raise CryoOrientError(f"'cryoorient {stage}' is not available in cryoorient_ray {__version__} yet")
+@tune_app.callback(invoke_without_command=True)
+@guarded
+def tune(
+    ctx: typer.Context,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="YAML run config (the base of every trial).")
+    ] = None,
+    space: Annotated[
+        Optional[Path],
+        typer.Option("--space", help="Search space YAML (default: tune.space, configs/tune_space.yaml)."),
+    ] = None,
+    stores: Annotated[
+        Optional[list[str]], typer.Option("--store", "-s", help="Projection store(s) to train on (repeatable).")
+    ] = None,
+    samples: Annotated[
+        Optional[int], typer.Option("--samples", "-n", help="Configurations drawn from the space.")
+    ] = None,
+    max_concurrent: Annotated[
+        Optional[int], typer.Option(help="Trials at once (default: as many as the Ray resources fit).")
+    ] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray Train workers per trial.")] = None,
+    cpus_per_worker: Annotated[
+        Optional[float], typer.Option(help="CPUs per Train worker (fractional is fine).")
+    ] = None,
+    gpu: Annotated[Optional[bool], typer.Option("--gpu/--cpu", help="One GPU per Train worker.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs of a trial that is not stopped (ASHA's max_t).")] = None,
+    grace_period: Annotated[Optional[int], typer.Option(help="Epochs before ASHA may stop a trial.")] = None,
+    resume: Annotated[
+        Optional[Path], typer.Option("--resume", help="Resume the interrupted experiment in this folder.")
+    ] = None,
+    seed: SeedOption = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Experiment folder (default: <output_dir>/tune).")
+    ] = None,
+    sets: SetOption = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress and Tune's table.")] = True,
+) -> None:
+    """Search the distance's hyper-parameters with Ray Tune: each trial a Ray Train run, ASHA on validation L_DE.
 
-    command.__name__ = stage
-    return command
+    Writes into one experiment folder: Tune's trial folders (TensorBoard events, per-epoch
+    results, each trial's Train run), results.csv, tune_report.png/.html and best_config.yaml,
+    which `cryoorient train` accepts as is. `--resume DIR` goes on after an interruption.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from cryoorient_ray.config import load_config
+    from cryoorient_ray.pipeline import run_tune
+
+    if resume is not None:
+        given = [
+            name for name, v in (("--config", config), ("--space", space), ("--store", stores), ("--set", sets)) if v
+        ]
+        if given:
+            raise CryoOrientError(f"--resume uses the experiment's own config and space; drop {', '.join(given)}")
+        out_dir, summary, report = run_tune(None, resume, argv=sys.argv, progress=progress, resume=True)
+    else:
+        overrides = {
+            "seed": seed,
+            "train.stores": stores or None,
+            "train.num_workers": workers,
+            "train.cpus_per_worker": cpus_per_worker,
+            "train.use_gpu": gpu,
+            "train.epochs": epochs,
+            "tune.space": str(space) if space is not None else None,
+            "tune.num_samples": samples,
+            "tune.max_concurrent_trials": max_concurrent,
+            "tune.grace_period": grace_period,
+        }
+        cfg = load_config(config, overrides, sets)
+        if out is None:
+            out = Path(cfg.output_dir) / "tune"
+        out_dir, summary, report = run_tune(cfg, out, argv=sys.argv, progress=progress)
+    _print_tune_report(report)
+    stdout.print(
+        f"{summary['trials']} trials in {summary['seconds']:.0f} s ({summary['concurrent_trials']} at once)"
+        + (f", {summary['errors']} failed: {summary['first_error']}" if summary["errors"] else ""),
+        highlight=False,
+    )
 
 
-_COMING = {
-    "tune": "Search the architecture and n_f with Ray Tune.",
-}
-for _stage, _help in _COMING.items():
-    app.command(
-        name=_stage,
-        help=f"{_help} [dim](not in this version yet)[/dim]",
-        rich_help_panel=PIPELINE_PANEL,
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )(guarded(_not_yet(_stage)))
+def _print_tune_report(report: dict) -> None:
+    best = report["best"]
+    counts = ", ".join(f"{n} {s}" for s, n in report["status"].items() if n)
+    stdout.print(
+        f"{report['trials']} trials ({counts}); best {best['trial_id']}: {report['metric']} "
+        f"[bold]{best['best']:.4f}[/bold] rad² at epoch {best['best_epoch']}",
+        highlight=False,
+    )
+    table = Table(title="best trial", title_justify="left")
+    table.add_column("parameter")
+    table.add_column("value")
+    for key, value in sorted(best["params"].items()):
+        table.add_row(key, json.dumps(value))
+    stdout.print(table)
+    folder = Path(report["best_config"]).parent
+    stdout.print(f"Report: {folder / 'tune_report.html'}  Best config: {report['best_config']}")
+    stdout.print(f"TensorBoard: tensorboard --logdir {report['experiment_dir']}")
+
+
+@tune_app.command("report")
+@guarded
+def tune_report(
+    experiment: Annotated[Path, typer.Argument(help="Experiment folder of `cryoorient tune`.", show_default=False)],
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Folder for the report (default: the experiment).")
+    ] = None,
+) -> None:
+    """Summarise a search (finished or interrupted): L_DE per trial, L_DE vs n_f, the trial table, best_config.yaml."""
+    from cryoorient_ray.distributed.tune import write_tune_report
+
+    _print_tune_report(write_tune_report(experiment, out))
 
 
 # ----------------------------------------------------------------------------- tools

@@ -194,6 +194,28 @@ class TrainConfig(StrictModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
+class SearchConfig(StrictModel):
+    """Hyper-parameter search of the distance with Ray Tune (``cryoorient tune``): one Ray Train run
+    per trial, ASHA early stopping on the validation L_DE."""
+
+    space: str = Field(
+        "configs/tune_space.yaml", description="search space file: train.* settings as choice/loguniform/randint..."
+    )
+    num_samples: int = Field(16, ge=1, description="configurations drawn from the space (times each grid value)")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="trials at once; null = as many as the Ray resources fit"
+    )
+    metric: Literal["val_loss", "heldout_loss"] = Field(
+        "val_loss", description="L_DE that ranks trials: validation pairs of seen or of held-out proteins"
+    )
+    grace_period: int = Field(2, ge=1, description="ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: float = Field(3.0, gt=1, description="ASHA: the best 1/η of the trials go on at each rung")
+    driver_cpus: float = Field(
+        0.25, ge=0, description="CPUs of each trial's driver (the Tune actor that runs the trial's TorchTrainer)"
+    )
+    max_failures: int = Field(0, ge=0, description="Tune restarts of a trial whose driver died")
+
+
 class GaugeConfig(StrictModel):
     """Picking the physical solution among the distance-equivalent ones, from the images."""
 
@@ -281,6 +303,7 @@ class RunConfig(StrictModel):
     output_dir: Path = Field(Path("runs/run"), description="folder the run writes to")
     simulate: SimulateConfig = Field(default_factory=SimulateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: SearchConfig = Field(default_factory=SearchConfig)
     recover: RecoverConfig = Field(default_factory=RecoverConfig)
     reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -267,3 +267,66 @@ def plot_refinement(history: list[dict], path: str | os.PathLike) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right")
     return _save(fig, path)
+
+
+def plot_tune_summary(
+    trials: list[dict], path: str | os.PathLike, metric: str = "val_loss", max_epochs: int = 0, n_features: int = 0
+) -> Path:
+    """A Ray Tune search at a glance, three panels:
+
+    1. the metric (validation L_DE) per epoch of every trial: ASHA's early stops show as short curves;
+    2. each trial's best L_DE, best first, coloured by status (complete, stopped early, error, unfinished);
+    3. best L_DE against n_f as a box plot per n_f with the trials as points (the paper's Figure 17b).
+
+    ``trials`` are records of :func:`cryoorient_ray.distributed.tune.collect_trials` (keys
+    ``trial_id, params, curve, best, status``); ``n_features`` is the n_f of trials that did not search it.
+    """
+    colours = {"complete": "tab:green", "stopped early": "tab:orange", "error": "tab:red", "unfinished": "tab:gray"}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    ax = axes[0]
+    for t in trials:
+        if t["curve"]:
+            xs = np.arange(1, len(t["curve"]) + 1)
+            ax.plot(xs, t["curve"], marker="o", ms=3, color=colours.get(t["status"], "k"), alpha=0.7)
+    if max_epochs:
+        ax.set_xlim(0.5, max_epochs + 0.5)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{metric}: L_DE (rad²)")
+    ax.set_yscale("log")
+    ax.set_title("L_DE per epoch of every trial")
+    ax.grid(True, alpha=0.3)
+    handles = [plt.Line2D([], [], color=c, marker="o", label=s) for s, c in colours.items()]
+    ax.legend(handles=[h for h in handles if any(t["status"] == h.get_label() for t in trials)], fontsize=8)
+
+    ax = axes[1]
+    done = [t for t in trials if t["best"] is not None]
+    done = sorted(done, key=lambda t: t["best"])
+    ax.bar(
+        np.arange(len(done)),
+        [t["best"] for t in done],
+        color=[colours.get(t["status"], "k") for t in done],
+    )
+    ax.set_xticks(np.arange(len(done)), [t["trial_id"][-5:] for t in done], rotation=60, fontsize=7)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"best {metric} (rad²)")
+    ax.set_title("best L_DE per trial")
+    ax.grid(True, axis="y", alpha=0.3)
+
+    ax = axes[2]
+    by_nf: dict[int, list[float]] = {}
+    for t in done:
+        nf = int(t["params"].get("train.model.n_features", n_features))
+        by_nf.setdefault(nf, []).append(t["best"])
+    keys = sorted(by_nf)
+    if keys:
+        ax.boxplot([by_nf[k] for k in keys], positions=np.arange(len(keys)), widths=0.5)
+        rng = np.random.default_rng(0)
+        for x, k in enumerate(keys):
+            ax.scatter(x + rng.uniform(-0.12, 0.12, len(by_nf[k])), by_nf[k], s=14, color="tab:blue", zorder=3)
+        ax.set_xticks(np.arange(len(keys)), [str(k) for k in keys])
+    ax.set_xlabel("n_f (embedding size)")
+    ax.set_ylabel(f"best {metric} (rad²)")
+    ax.set_title("L_DE vs n_f (paper Fig. 17b)")
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)

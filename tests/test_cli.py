@@ -59,10 +59,6 @@ def test_missing_config_and_bad_option(tmp_path):
     _one_error_line(runner.invoke(app, ["config", "show", "--set", "seed=-1"]), "seed")
 
 
-def test_stages_not_in_this_version_say_so():
-    _one_error_line(runner.invoke(app, ["tune", "--k", "3"]), "not available")
-
-
 def test_orientations_writes_star_npy_png(tmp_path):
     out = tmp_path / "o"
     result = runner.invoke(app, ["orientations", "-n", "300", "--coverage", "half", "--seed", "4", "-o", str(out)])

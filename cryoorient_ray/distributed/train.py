@@ -10,6 +10,10 @@ shard of the pair stream, metrics summed over workers, a checkpoint every epoch 
 optimiser, epoch, history, best weights so far). When a worker dies, Ray Train restarts the
 group (``FailureConfig(max_failures)``) and the loop resumes from the latest checkpoint.
 Rank 0 writes TensorBoard scalars.
+
+:func:`build_trainer` and :func:`export_trained_model` are the two halves of
+:func:`train_distance`; each Ray Tune trial (:mod:`cryoorient_ray.distributed.tune`) uses them too,
+so a trial trains exactly as ``cryoorient train`` does.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import signal
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -314,19 +319,33 @@ def _root_error(exc: BaseException) -> str:
     return found[-1].strip() if found else f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def train_distance(
+@dataclass
+class TrainRun:
+    """A Ray Train run ready to fit: the trainer and what exporting its result needs."""
+
+    trainer: TorchTrainer
+    spec: SiameseSpec
+    stores: list[str]
+    manifests: list[ProjectionStore]
+    out: Path
+
+
+def build_trainer(
     cfg: TrainConfig,
     stores: list[str],
     out_dir: str | os.PathLike,
     seed: int = 0,
     name: str = "train",
     fault_injection: dict | None = None,
-    progress: bool = True,
-) -> dict:
-    """Train on ``stores`` and write ``model.pt``, ``history.json`` and TensorBoard logs into ``out_dir``.
+    callbacks: list | None = None,
+) -> TrainRun:
+    """Check the stores and build the ``TorchTrainer`` that trains the distance on them.
 
-    Ray must be initialised. ``fault_injection`` (tests only) kills a worker once:
-    ``{"epoch": e, "marker": path}``. Returns the summary written to ``train_summary.json``.
+    Shared by :func:`train_distance` and each Ray Tune trial (:mod:`cryoorient_ray.distributed.tune`),
+    so both train the same way. ``out_dir`` receives the TensorBoard logs, the progress file and
+    the Ray Train checkpoints (``ray_train/<name>``: a run restarted with the same ``out_dir`` and
+    ``name`` resumes from its last checkpoint). ``callbacks`` are Ray Train callbacks (e.g. Tune's
+    ``TuneReportCallback``, which forwards every epoch's metrics to the trial).
     """
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -413,18 +432,47 @@ def train_distance(
             storage_path=str(out / "ray_train"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
         ),
     )
+    return TrainRun(trainer, spec, list(stores), manifests, out)
+
+
+def train_distance(
+    cfg: TrainConfig,
+    stores: list[str],
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    name: str = "train",
+    fault_injection: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train on ``stores`` and write ``model.pt``, ``history.json`` and TensorBoard logs into ``out_dir``.
+
+    Ray must be initialised. ``fault_injection`` (tests only) kills a worker once:
+    ``{"epoch": e, "marker": path}``. Returns the summary written to ``train_summary.json``.
+    """
+    run = build_trainer(cfg, stores, out_dir, seed=seed, name=name, fault_injection=fault_injection)
+    out, trainer = run.out, run.trainer
     t0 = time.perf_counter()
     (out / "progress.jsonl").unlink(missing_ok=True)
     try:
         result = _fit_with_progress(trainer, out / "progress.jsonl", cfg.epochs, progress)
     except Exception as exc:
         raise CryoOrientError(f"training failed: {_root_error(exc)}") from None
-    seconds = time.perf_counter() - t0
-    if result.checkpoint is None:
+    return export_trained_model(run, result.checkpoint, cfg, time.perf_counter() - t0)
+
+
+def export_trained_model(run: TrainRun, checkpoint, cfg: TrainConfig, seconds: float) -> dict:
+    """Write ``model.pt`` (best weights), ``history.json`` and ``train_summary.json`` of a finished run.
+
+    ``checkpoint`` is the run's last Ray Train checkpoint (it holds the best weights so far).
+    Returns the summary.
+    """
+    out, spec, manifests, stores = run.out, run.spec, run.manifests, run.stores
+    if checkpoint is None:
         raise CryoOrientError("training ended without a checkpoint")
-    with result.checkpoint.as_directory() as d:
+    with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     best_model = SiameseDistance(spec)
     best_model.load_state_dict(state["best"]["state"] or state["model"])
