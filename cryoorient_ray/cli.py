@@ -726,10 +726,8 @@ def cluster_check(
     cfg = load_config(config, {"ray.address": address}, sets)
     if local and address:
         raise CryoOrientError("give either --address or --local, not both")
-    import ray
-
     from cryoorient_ray.distributed.cluster import check_report, describe_nodes
-    from cryoorient_ray.distributed.runtime import check_address, init_ray, resolve_address
+    from cryoorient_ray.distributed.runtime import check_address, init_ray, resolve_address, shutdown_ray
 
     if local:
         ray_cfg = cfg.ray.model_copy(update={"address": "local"})
@@ -752,7 +750,7 @@ def cluster_check(
         report = check_report(cfg, describe_nodes(), driver_has_gpu=torch.cuda.is_available())
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
     report["address"] = where
     if as_json:
         stdout.print_json(json.dumps(report))

@@ -110,7 +110,8 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
         raise CryoOrientError(f"cannot connect to {where}: {first}") from None
-    log.debug("Ray %s: %s", "cluster " + address if address else "local", ray.cluster_resources())
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("Ray %s: %s", "cluster " + address if address else "local", ray.cluster_resources())
     return True
 
 
@@ -128,6 +129,12 @@ def ray_runtime(cfg: RayConfig | None = None) -> Iterator[dict]:
 # ----------------------------------------------------------------------------- where work ran
 
 _NODES_USED: dict[str, set[str]] = {}
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray runtime this process started (a no-op when none runs)."""
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def current_node_id() -> str:
