@@ -158,3 +158,15 @@ def test_bad_training_input(two_protein_store, tmp_path):
         ),
         "split(s) train",
     )
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    from cryoorient_ray.distributed.train import lr_factor
+
+    total = 1000
+    f = [lr_factor(s, total, "cosine") for s in range(total + 50)]
+    warm = int(0.05 * total)
+    assert f[0] < 0.05 and abs(f[warm - 1] - 1.0) < 1e-9  # linear warm-up to the base rate
+    assert all(a >= b - 1e-12 for a, b in zip(f[warm:], f[warm + 1 :], strict=False))  # then never rises
+    assert abs(f[total] - 0.01) < 1e-9 and abs(f[-1] - 0.01) < 1e-9  # floor, also past the estimate
+    assert lr_factor(10, total, "constant") == 1.0 and lr_factor(10, 0, "cosine") == 1.0
