@@ -393,11 +393,12 @@ def build_trainer(
     # across workers by blocks, and stream pairing draws pairs_per_shard pairs per shard)
     n_rows = 0
     for st in manifests:
-        meta = st.read_metadata(st.done_rows(), names=["split", "protein"])
+        rows = st.done_rows()
+        meta = st.read_metadata(rows, names=["split", "protein"])
         seen = st.protein_mask("seen")[np.clip(meta["protein"], 0, None)]
         in_train = (meta["split"] == SPLIT_CODES["train"]) & seen
         if cfg.pairing == "stream" and cfg.pairs_per_shard:
-            n_rows += cfg.pairs_per_shard * len(np.unique(st.done_rows()[in_train] // st.shard_size))
+            n_rows += cfg.pairs_per_shard * len(np.unique(rows[in_train] // st.shard_size))
         else:
             n_rows += int(in_train.sum())
     steps_per_epoch = max(1, int(np.ceil(n_rows / (cfg.batch_size * cfg.num_workers)))) * cfg.passes_per_epoch
