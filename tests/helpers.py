@@ -107,3 +107,14 @@ def make_projection_store(
         store.write_shard(k, images[a:b], noise_var[a:b])
     store.write_volume(0, vol)
     return store, vol
+
+
+def simulate_small_store(path, overrides: list[str], seed: int = 0) -> str:
+    """Simulate a real (projected) store at ``path`` with Ray (initialised by the caller) from
+    ``simulate.*`` overrides on top of the defaults and the torch projector; returns the path."""
+    from cryoorient_ray.config import load_config
+    from cryoorient_ray.distributed.simulate import simulate_store
+
+    cfg = load_config(None, None, [*overrides, "simulate.backend=torch"])
+    simulate_store(cfg.simulate, seed, path, progress=False)
+    return str(path)

@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cryoorient_ray.cli import app
-from cryoorient_ray.config import TrainConfig, load_config
+from cryoorient_ray.config import TrainConfig
 from cryoorient_ray.core.model import load_distance_model
+from tests.helpers import simulate_small_store
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 runner = CliRunner()
@@ -19,23 +20,14 @@ TINY_MODEL = {"channels": [8, 16, 32], "n_features": 16}
 
 @pytest.fixture(scope="module")
 def two_protein_store(ray_local, tmp_path_factory):
-    from cryoorient_ray.distributed.simulate import simulate_store
-
-    cfg = load_config(
-        None,
-        None,
-        [
-            "simulate.inputs=[pseudo:1, {source: 'pseudo:2', heldout: true}]",
-            "simulate.n_per_map=240",
-            "simulate.image_size=32",
-            "simulate.voxel_size=6",
-            "simulate.shard_size=60",
-            "simulate.backend=torch",
-        ],
-    )
-    path = tmp_path_factory.mktemp("train") / "store.zarr"
-    simulate_store(cfg.simulate, 0, path, progress=False)
-    return str(path)
+    overrides = [
+        "simulate.inputs=[pseudo:1, {source: 'pseudo:2', heldout: true}]",
+        "simulate.n_per_map=240",
+        "simulate.image_size=32",
+        "simulate.voxel_size=6",
+        "simulate.shard_size=60",
+    ]
+    return simulate_small_store(tmp_path_factory.mktemp("train") / "store.zarr", overrides)
 
 
 def test_train_two_workers_kill_one_and_resume(two_protein_store, tmp_path):

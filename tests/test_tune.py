@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from cryoorient_ray.cli import app
 from cryoorient_ray.config import SearchConfig, TrainConfig, load_config
 from cryoorient_ray.errors import CryoOrientError
+from tests.helpers import simulate_small_store
 
 runner = CliRunner()
 
@@ -29,23 +30,14 @@ parameters:
 
 @pytest.fixture(scope="module")
 def tiny_store(ray_local, tmp_path_factory):
-    from cryoorient_ray.distributed.simulate import simulate_store
-
-    cfg = load_config(
-        None,
-        None,
-        [
-            "simulate.inputs=[pseudo:1, pseudo:2]",
-            "simulate.n_per_map=120",
-            "simulate.image_size=24",
-            "simulate.voxel_size=7",
-            "simulate.shard_size=60",
-            "simulate.backend=torch",
-        ],
-    )
-    path = tmp_path_factory.mktemp("tune") / "store.zarr"
-    simulate_store(cfg.simulate, 0, path, progress=False)
-    return str(path)
+    overrides = [
+        "simulate.inputs=[pseudo:1, pseudo:2]",
+        "simulate.n_per_map=120",
+        "simulate.image_size=24",
+        "simulate.voxel_size=7",
+        "simulate.shard_size=60",
+    ]
+    return simulate_small_store(tmp_path_factory.mktemp("tune") / "store.zarr", overrides)
 
 
 def _one_line(result, pattern):
