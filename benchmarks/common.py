@@ -1,0 +1,162 @@
+"""Pieces the benchmarks share: simulate a store, train the distance in-process, evaluate, recover.
+
+Distance training here is a plain single-process torch loop with the loss of Ray Train's
+``pairing: batch`` (all same-protein pairs of an image batch, weighted uniform in d_q), so a
+benchmark's compute goes into the method and not into Ray's per-step overhead on 2 cores; the
+pipeline's Ray Train path is what ``full_method`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.harness import ROOT, Context
+
+DEMO = ROOT / "configs" / "demo.yaml"
+SHARED = ROOT.parent / "shared" / "data"
+SMALL_MODEL = {"channels": [16, 32, 64], "n_features": 32, "norm": "group", "head": "so3", "pool": "grid"}
+PAPER_MODEL = {"channels": [32, 64, 128, 256, 512], "n_features": 512, "norm": "batch", "head": "so3", "pool": "grid"}
+
+
+def shared_path(*parts: str) -> Path:
+    """A file of ../shared/data (benchmarks only; never committed)."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        raise SystemExit(f"benchmark data {p} is missing (the benchmarks read ../shared/data beside the repository)")
+    return p
+
+
+def simulate(ctx: Context, tag: str, sets: list[str], config: Path = DEMO):
+    """Simulate the store of ``config`` with ``--set`` overrides ``sets`` into the scratch folder."""
+    from cryoorient_ray.config import load_config
+    from cryoorient_ray.distributed.simulate import simulate_store
+
+    ctx.ray()
+    cfg = load_config(config, None, sets)
+    t0 = time.perf_counter()
+    store = simulate_store(cfg.simulate, ctx.seed, ctx.work / f"{tag}.zarr", progress=False)
+    ctx.say(f"simulated {tag}: {len(store.done_rows())} projections of {store.image_size}² in {time.perf_counter() - t0:.0f} s")
+    return store
+
+
+def split_rows(store, split: str, proteins: list[int] | None = None) -> np.ndarray:
+    from cryoorient_ray.io.store import SPLIT_CODES
+
+    rows = store.done_rows()
+    meta = store.read_metadata(rows, names=["split", "protein"])
+    keep = meta["split"] == SPLIT_CODES[split]
+    if proteins is not None:
+        keep &= np.isin(meta["protein"], proteins)
+    return rows[keep]
+
+
+def train_plain(
+    store,
+    steps: int,
+    model: dict | None = None,
+    batch: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    proteins: list[int] | None = None,
+    device: str = "cpu",
+):
+    """Train the Siamese distance on the train split (of ``proteins``) for ``steps`` Adam steps.
+
+    Every batch holds images of one protein (picked at random), so all its pairs count; one-cycle
+    learning rate. Returns the model (eval mode, on the CPU) and the seconds it took.
+    """
+    import torch
+
+    from cryoorient_ray.core.model import SiameseDistance, SiameseSpec
+    from cryoorient_ray.distributed.train import batch_pair_loss
+
+    rows = split_rows(store, "train", proteins)
+    meta = store.read_metadata(rows, names=["protein", "quaternion"])
+    x = torch.from_numpy(store.read_images(rows).astype(np.float32)).to(device)
+    q = torch.from_numpy(meta["quaternion"])
+    prot = meta["protein"]
+    by_protein = [torch.from_numpy(np.flatnonzero(prot == p)) for p in np.unique(prot)]
+    symmetries = store.symmetries()
+    torch.manual_seed(seed)
+    net = SiameseDistance(SiameseSpec(**(model or SMALL_MODEL))).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        members = by_protein[int(torch.randint(0, len(by_protein), (1,), generator=gen))]
+        idx = members[torch.randint(0, len(members), (batch,), generator=gen)]
+        p = int(prot[idx[0]])
+        groups = torch.full((batch,), p, dtype=torch.long)
+        loss, _ = batch_pair_loss(net(x[idx.to(device)]), q[idx], groups, symmetries, net.distance)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net.cpu().eval(), time.perf_counter() - t0
+
+
+def save_model(ctx: Context, net, tag: str) -> Path:
+    from cryoorient_ray.core.model import save_distance_model
+
+    path = ctx.work / f"{tag}.pt"
+    save_distance_model(path, net)
+    return path
+
+
+def distance_quality(store, model_path: Path | None, split: str = "test", n_pairs: int = 2000, seed: int = 0,
+                     proteins: str = "all", euclidean: bool = False) -> dict:
+    """L_DE, MAE and r of the learned distance (and/or the fitted Euclidean one) on pairs uniform in d_q.
+
+    Returns ``{estimator: {"L_DE", "mae", "pearson", "true", "pred"}}`` (arrays for scatter plots).
+    """
+    from cryoorient_ray.core.model import load_distance_model
+    from cryoorient_ray.evaluation import distance_report, fit_euclidean, predict_pairs, sample_pairs
+
+    row_i, row_j, true = sample_pairs(store, split, n_pairs, seed, proteins)
+    out = {}
+    ests = {}
+    if model_path is not None:
+        ests["learned"] = load_distance_model(model_path)[0]
+    if euclidean:
+        ests["euclidean"] = fit_euclidean(store, n_pairs=max(500, n_pairs), seed=seed + 1)
+    for name, est in ests.items():
+        pred = predict_pairs(est, store, row_i, row_j)
+        out[name] = {**distance_report(pred, true), "true": true, "pred": pred}
+    return out
+
+
+def recover(store, model_path: Path | None, estimator: str = "model", gauge: bool = True, seed: int = 0,
+            **cfg) -> dict:
+    """``recover_store`` on the test split; returns its metrics plus the per-image O(4) errors."""
+    from cryoorient_ray.config import RecoverConfig
+    from cryoorient_ray.recovery import recover_store
+
+    rc = RecoverConfig(estimator=estimator, model=str(model_path) if model_path else None, **cfg)
+    rc.gauge.enabled = gauge
+    t0 = time.perf_counter()
+    outcome = recover_store(store.path, rc, model_path=str(model_path) if model_path else None, seed=seed)
+    m = dict(outcome.metrics)
+    m["wall_s"] = round(time.perf_counter() - t0, 2)
+    if "o4" in outcome.errors:
+        m["o4_errors"] = np.asarray(outcome.errors["o4"].errors)
+        m["reg_errors"] = np.asarray(outcome.errors["registration"].errors)
+    m["outcome"] = outcome
+    return m
+
+
+def public(metrics: dict) -> dict:
+    """The JSON-safe scalars of a metrics dict."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def rel(path: Path) -> str:
+    return str(Path(path).resolve().relative_to(ROOT))
+
+
+def dump(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
