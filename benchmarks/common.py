@@ -160,3 +160,18 @@ def rel(path: Path) -> str:
 
 def dump(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+PAPER_5J0N = ROOT / "configs" / "paper_5j0n.yaml"
+
+
+def paper_sets(ctx: Context, n: int, snr_db: float | None, max_shift: float = 0.0, small_size: int = 40,
+               small_voxel: float = 7.5) -> list[str]:
+    """``--set`` overrides of configs/paper_5j0n.yaml: the paper's 116² at 3.667 Å/px (paper scale) or
+    ``small_size``² at ``small_voxel`` Å/px (small scale: the same field of view, ≈ 300 Å, coarser)."""
+    sets = [f"simulate.n_per_map={n}", "simulate.shard_size=1000"]
+    sets.append("simulate.noise.snr_db=null" if snr_db is None else f"simulate.noise.snr_db={snr_db}")
+    sets.append(f"simulate.shifts.max_shift={max_shift}")
+    if ctx.small:
+        sets += [f"simulate.image_size={small_size}", f"simulate.voxel_size={small_voxel}"]
+    return sets

@@ -161,7 +161,7 @@ def run_one(name: str, scale: str, seed: int, argv: list[str]) -> dict:
         "name": name,
         "title": bench.title,
         "scale": scale,
-        "command": "python -m benchmarks run " + " ".join(shlex.quote(a) for a in argv),
+        "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv),
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "wall_s": round(wall, 1),

@@ -1,0 +1,102 @@
+"""The benchmark harness: registry, result rendering, and the generated section of BENCHMARKS.md.
+
+The benchmarks themselves are not run here (they take minutes each); ``python -m benchmarks``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness  # noqa: E402
+
+
+def _result(name="exact", scale="small", **extra):
+    return {
+        "name": name,
+        "title": "A title",
+        "scale": scale,
+        "command": f"python -m benchmarks run {name} --scale {scale}",
+        "date": "2026-11-24",
+        "machine": {"cpus": 2, "cpu": "x", "gpu": None, "torch": "2", "ray": "2", "torch_threads": 2, "python": "3"},
+        "wall_s": 12.3,
+        "needs_gpu_for_paper": True,
+        "reduction": "smaller images",
+        "tables": [{"title": "T", "columns": ["a", "b (rad)"], "rows": [{"a": "x", "b (rad)": 0.123456}, {"a": None}]}],
+        "notes": ["a note"],
+        **extra,
+    }
+
+
+def test_every_suite_module_registers_one_benchmark():
+    harness.load_suite()
+    assert set(harness.SUITE) <= set(harness.REGISTRY)
+    for name in harness.SUITE:
+        b = harness.REGISTRY[name]
+        assert b.name == name and b.title and callable(b.run)
+
+
+def test_render_result_has_command_machine_table_and_reduction():
+    text = harness.render_result(_result())
+    assert "`python -m benchmarks run exact --scale small`" in text
+    assert "2 CPUs" in text and "no GPU" in text
+    assert "| a | b (rad) |" in text
+    assert "| x | 0.123 |" in text
+    assert "| – | – |" in text  # missing cells
+    assert "smaller images" in text and "- a note" in text
+
+
+def test_cell_formats():
+    assert harness._cell(None) == "–"
+    assert harness._cell(True) == "yes"
+    assert harness._cell(0.0) == "0"
+    assert harness._cell(5e-6) == "5.0e-06"
+    assert harness._cell(1234.5) == "1234"
+    assert harness._cell(2.345) == "2.35"
+
+
+def test_write_report_replaces_only_the_generated_section(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "exact_small.json").write_text(json.dumps(_result()))
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\nhand-written intro\n\n## Older section\nkept\n")
+    monkeypatch.setattr(harness, "RESULTS", results)
+    monkeypatch.setattr(harness, "DOC", doc)
+    harness.write_report()
+    first = doc.read_text()
+    assert first.startswith("# Benchmarks\n")
+    assert harness.START in first and harness.END in first
+    assert "hand-written intro" in first and "## Older section\nkept" in first
+    assert "| `exact` |" in first and "12 s" in first
+    # A second report replaces the block instead of adding another one.
+    (results / "exact_small.json").write_text(json.dumps(_result(wall_s=99.0)))
+    harness.write_report()
+    second = doc.read_text()
+    assert second.count(harness.START) == 1 and "99 s" in second and "12 s" not in second
+
+
+def test_cli_lists_and_rejects_unknown_names():
+    run = [sys.executable, "-m", "benchmarks"]
+    out = subprocess.run(run + ["list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in harness.SUITE:
+        assert name in out.stdout
+    bad = subprocess.run(run + ["run", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown benchmark 'nope'" in bad.stderr
+
+
+@pytest.mark.parametrize("scale", ["tiny", ""])
+def test_cli_rejects_bad_scale(scale):
+    bad = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "exact", "--scale", scale],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
