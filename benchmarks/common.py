@@ -39,7 +39,9 @@ def simulate(ctx: Context, tag: str, sets: list[str], config: Path = DEMO):
     cfg = load_config(config, None, sets)
     t0 = time.perf_counter()
     store = simulate_store(cfg.simulate, ctx.seed, ctx.work / f"{tag}.zarr", progress=False)
-    ctx.say(f"simulated {tag}: {len(store.done_rows())} projections of {store.image_size}² in {time.perf_counter() - t0:.0f} s")
+    ctx.say(
+        f"simulated {tag}: {len(store.done_rows())} projections of {store.image_size}² in {time.perf_counter() - t0:.0f} s"
+    )
     return store
 
 
@@ -108,8 +110,15 @@ def save_model(ctx: Context, net, tag: str) -> Path:
     return path
 
 
-def distance_quality(store, model_path: Path | None, split: str = "test", n_pairs: int = 2000, seed: int = 0,
-                     proteins: str = "all", euclidean: bool = False) -> dict:
+def distance_quality(
+    store,
+    model_path: Path | None,
+    split: str = "test",
+    n_pairs: int = 2000,
+    seed: int = 0,
+    proteins: str = "all",
+    euclidean: bool = False,
+) -> dict:
     """L_DE, MAE and r of the learned distance (and/or the fitted Euclidean one) on pairs uniform in d_q.
 
     Returns ``{estimator: {"L_DE", "mae", "pearson", "true", "pred"}}`` (arrays for scatter plots).
@@ -130,8 +139,7 @@ def distance_quality(store, model_path: Path | None, split: str = "test", n_pair
     return out
 
 
-def recover(store, model_path: Path | None, estimator: str = "model", gauge: bool = True, seed: int = 0,
-            **cfg) -> dict:
+def recover(store, model_path: Path | None, estimator: str = "model", gauge: bool = True, seed: int = 0, **cfg) -> dict:
     """``recover_store`` on the test split; returns its metrics plus the per-image O(4) errors."""
     from cryoorient_ray.config import RecoverConfig
     from cryoorient_ray.recovery import recover_store
@@ -165,8 +173,9 @@ def dump(path: Path, obj) -> None:
 PAPER_5J0N = ROOT / "configs" / "paper_5j0n.yaml"
 
 
-def paper_sets(ctx: Context, n: int, snr_db: float | None, max_shift: float = 0.0, small_size: int = 40,
-               small_voxel: float = 7.5) -> list[str]:
+def paper_sets(
+    ctx: Context, n: int, snr_db: float | None, max_shift: float = 0.0, small_size: int = 40, small_voxel: float = 7.5
+) -> list[str]:
     """``--set`` overrides of configs/paper_5j0n.yaml: the paper's 116² at 3.667 Å/px (paper scale) or
     ``small_size``² at ``small_voxel`` Å/px (small scale: the same field of view, ≈ 300 Å, coarser)."""
     sets = [f"simulate.n_per_map={n}", "simulate.shard_size=1000"]

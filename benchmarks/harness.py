@@ -25,9 +25,9 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -155,8 +155,10 @@ def run_one(name: str, scale: str, seed: int, argv: list[str]) -> dict:
     ctx = Context(name=name, scale=scale, seed=seed, work=work, results=RESULTS)
     ctx.say(f"{bench.title} ({scale} scale); scratch {work}")
     t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]
     out = bench.run(ctx)
     wall = time.perf_counter() - t0
+    load_end = os.getloadavg()[0]
     record = {
         "name": name,
         "title": bench.title,
@@ -165,6 +167,9 @@ def run_one(name: str, scale: str, seed: int, argv: list[str]) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "wall_s": round(wall, 1),
+        # 1-minute load average when the run started and ended: above the core count, other jobs
+        # shared the machine and the timings are inflated by about load / cores.
+        "load_average": [round(load_start, 1), round(load_end, 1)],
         "needs_gpu_for_paper": bench.needs_gpu_for_paper,
         "paper_reference": bench.paper_reference,
         **out,
@@ -226,11 +231,19 @@ def render_table(t: dict) -> str:
 def render_result(r: dict) -> str:
     m = r["machine"]
     parts = [f"### {r['title']} — `{r['name']}`, {r['scale']} scale", ""]
-    parts.append(f"`{r['command']}` — {r['date']}, {machine_line(m)}; wall time {r['wall_s']:.0f} s.")
+    wall = f"wall time {r['wall_s']:.0f} s"
+    load = r.get("load_average")
+    if load and max(load) > 1.5 * (m.get("cpus") or 1):
+        wall += f" (shared machine: load average {load[0]:g} → {load[1]:g} on {m['cpus']} cores, timings inflated)"
+    parts.append(f"`{r['command']}` — {r['date']}, {machine_line(m)}; {wall}.")
     if r.get("paper_reference"):
         parts.append(f"Paper: {r['paper_reference']}.")
     if r["scale"] == "small" and r.get("needs_gpu_for_paper"):
-        parts.append("Reduced scale (the `paper` scale needs a GPU machine); the reductions: " + r.get("reduction", "see the notes") + ".")
+        parts.append(
+            "Reduced scale (the `paper` scale needs a GPU machine); the reductions: "
+            + r.get("reduction", "see the notes")
+            + "."
+        )
     parts.append("")
     for t in r.get("tables", []):
         parts.append(render_table(t))
@@ -317,6 +330,11 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown benchmark {args.name!r}; choose from {', '.join(SUITE)} or all")
     names = SUITE if args.name == "all" else (args.name,)
     for name in names:
-        run_one(name, args.scale, args.seed, ["run", name, "--scale", args.scale] + (["--seed", str(args.seed)] if args.seed else []))
+        run_one(
+            name,
+            args.scale,
+            args.seed,
+            ["run", name, "--scale", args.scale] + (["--seed", str(args.seed)] if args.seed else []),
+        )
     if not args.no_report:
         print(f"wrote {write_report().relative_to(ROOT)}")

@@ -38,14 +38,16 @@ def run(ctx: Context) -> dict:
         q = common.distance_quality(store, path, split="test", n_pairs=2000, seed=ctx.seed, euclidean=True)
         for est in ("euclidean", "learned"):
             r = q[est]
-            rows.append({
-                "data": label,
-                "distance": est,
-                "test L_DE (rad²)": r["L_DE"],
-                "MAE (rad)": r["mae"],
-                "r": r["pearson"],
-                "train (s)": round(train_s, 1) if est == "learned" else None,
-            })
+            rows.append(
+                {
+                    "data": label,
+                    "distance": est,
+                    "test L_DE (rad²)": r["L_DE"],
+                    "MAE (rad)": r["mae"],
+                    "r": r["pearson"],
+                    "train (s)": round(train_s, 1) if est == "learned" else None,
+                }
+            )
             panels.append((label, est, r))
         ctx.say(f"{label}: learned L_DE {q['learned']['L_DE']:.3f}, Euclidean {q['euclidean']['L_DE']:.3f}")
 
@@ -64,11 +66,13 @@ def run(ctx: Context) -> dict:
     return {
         "reduction": f"{n} projections of {size} (paper: 5,000 of 116² at 3.667 Å/px), the small network "
         f"(channels 16-32-64, n_f 32) for {steps} steps of 64-image batches in-process (paper: 7 blocks, n_f 512, 150 epochs)",
-        "tables": [{
-            "title": "5j0n, 2,000 test pairs uniform in d_q",
-            "columns": ["data", "distance", "test L_DE (rad²)", "MAE (rad)", "r", "train (s)"],
-            "rows": rows,
-        }],
+        "tables": [
+            {
+                "title": "5j0n, 2,000 test pairs uniform in d_q",
+                "columns": ["data", "distance", "test L_DE (rad²)", "MAE (rad)", "r", "train (s)"],
+                "rows": rows,
+            }
+        ],
         "figure": ctx.figure,
         "notes": [
             "A distance that ignores the images (a constant π/2) has L_DE ≈ 0.82 on pairs uniform in d_q; "

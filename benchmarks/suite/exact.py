@@ -29,9 +29,9 @@ PAPER_FIG7 = {0.0: 0.0, 0.8: 0.2}  # read from the paper's text: E_OR 0 at σ² 
     paper_reference="exact distances: loss 3.5e-12 after 9,940 steps, 2,833 s on a K40c; Figure 7: E_OR ≈ 0.2 rad at σ² = 0.8 (all pairs)",
 )
 def run(ctx: Context) -> dict:
-    from cryoorient_ray.core.align import align_o4
-
     import torch
+
+    from cryoorient_ray.core.align import align_o4
 
     device = "cuda" if torch.cuda.is_available() else None
     p = 1650  # the paper's test set (33 % of 5,000)
@@ -43,15 +43,17 @@ def run(ctx: Context) -> dict:
             q, g, d, graph_s = _problem(p, s2, seed=ctx.seed, k=k, n_random=n_random)
             res, secs = _recover(p, g, d, 0, device)
             e_or = float(align_o4(q, res.quaternions, seed=ctx.seed).mean)
-            rows.append({
-                "edges per node": label,
-                "σ²": s2,
-                "E_OR (rad)": e_or,
-                "L_OR": float(res.final_loss),
-                "steps": int(res.steps),
-                "recovery (s)": round(secs, 2),
-                "paper E_OR": PAPER_FIG7.get(s2),
-            })
+            rows.append(
+                {
+                    "edges per node": label,
+                    "σ²": s2,
+                    "E_OR (rad)": e_or,
+                    "L_OR": float(res.final_loss),
+                    "steps": int(res.steps),
+                    "recovery (s)": round(secs, 2),
+                    "paper E_OR": PAPER_FIG7.get(s2),
+                }
+            )
             curves.setdefault(label, []).append((s2, e_or))
             if s2 == 0.0:
                 exact_loss = (np.asarray(res.loss), np.asarray(res.phase))
@@ -82,11 +84,13 @@ def run(ctx: Context) -> dict:
     return {
         "P": p,
         "reduction": "none for the data (P = 1,650 as the paper); the denser graph has ≈ 364 edges per node instead of all 1,649 pairs",
-        "tables": [{
-            "title": "E_OR against σ² (P = 1,650, in-process recovery)",
-            "columns": ["edges per node", "σ²", "E_OR (rad)", "L_OR", "steps", "recovery (s)", "paper E_OR"],
-            "rows": rows,
-        }],
+        "tables": [
+            {
+                "title": "E_OR against σ² (P = 1,650, in-process recovery)",
+                "columns": ["edges per node", "σ²", "E_OR (rad)", "L_OR", "steps", "recovery (s)", "paper E_OR"],
+                "rows": rows,
+            }
+        ],
         "figure": ctx.figure,
         "notes": [
             f"Exact distances: E_OR {exact[0]['E_OR (rad)']:.1e} rad in {exact[0]['recovery (s)']:.1f} s "

@@ -42,10 +42,14 @@ def _sets(ctx: Context, protein: str, snr: float | None, n: int) -> list[str]:
     sets = [f"simulate.n_per_map={n}", "simulate.shard_size=1000", "reconstruct.refine_rounds=2", f"name={protein}"]
     sets.append("simulate.noise.snr_db=null" if snr is None else f"simulate.noise.snr_db={snr}")
     if protein == "5j0n":
-        sets.append(f"simulate.inputs=[{{source: {common.shared_path('paper', '5j0n.mrc.gz')}, name: 5j0n, symmetry: C1}}]")
+        sets.append(
+            f"simulate.inputs=[{{source: {common.shared_path('paper', '5j0n.mrc.gz')}, name: 5j0n, symmetry: C1}}]"
+        )
         size, voxel = ctx.pick((48, 6.25), (116, None))
     else:
-        sets.append(f"simulate.inputs=[{{source: {common.shared_path('paper', '5a1a.cif.gz')}, name: 5a1a, symmetry: D2}}]")
+        sets.append(
+            f"simulate.inputs=[{{source: {common.shared_path('paper', '5a1a.cif.gz')}, name: 5a1a, symmetry: D2}}]"
+        )
         sets += ["simulate.resolution=11.0", "simulate.orientations.coverage=quarter"]
         size, voxel = ctx.pick((40, 5.5), (116, 2.0))
     sets.append(f"simulate.image_size={size}")
@@ -86,23 +90,27 @@ def run(ctx: Context) -> dict:
         recon = stage_reconstruct(cfg, out, progress=False)
         rm, cm = rec.metrics, recon.metrics
         paper = PAPER[(protein, snr)]
-        rows.append({
-            "protein": f"{protein} ({'D2' if protein == '5a1a' else 'C1'})",
-            "data": label,
-            "images": f"{store.image_size}² @ {store.pixel_size:g} Å",
-            "test L_DE learned / Euclid": f"{dq['learned']['L_DE']:.3f} / {dq['euclidean']['L_DE']:.3f}",
-            "E_OR O(4) (rad)": rm.get("e_or_o4"),
-            "rotation+hand (rad)": rm.get("registration"),
-            "physical": rm.get("gauge_physical"),
-            "refined rot.+hand (rad)": cm.get("registration_rad"),
-            "FSC0.5 true / recovered / random (Å)": f"{cm.get('true_fsc05_A')} / {cm.get('recovered_fsc05_A')} / {cm.get('random_fsc05_A')}",
-            "FSC0.143 recovered (Å)": cm.get("recovered_fsc0143_A"),
-            "paper E_OR / FSC0.5": f"{paper['E_OR']} / {paper['fsc05']} Å",
-            "time: sim / train / recover / reconstruct (s)": f"{sim.seconds:.0f} / {train_s:.0f} / {rec.seconds:.0f} / {recon.seconds:.0f}",
-        })
+        rows.append(
+            {
+                "protein": f"{protein} ({'D2' if protein == '5a1a' else 'C1'})",
+                "data": label,
+                "images": f"{store.image_size}² @ {store.pixel_size:g} Å",
+                "test L_DE learned / Euclid": f"{dq['learned']['L_DE']:.3f} / {dq['euclidean']['L_DE']:.3f}",
+                "E_OR O(4) (rad)": rm.get("e_or_o4"),
+                "rotation+hand (rad)": rm.get("registration"),
+                "physical": rm.get("gauge_physical"),
+                "refined rot.+hand (rad)": cm.get("registration_rad"),
+                "FSC0.5 true / recovered / random (Å)": f"{cm.get('true_fsc05_A')} / {cm.get('recovered_fsc05_A')} / {cm.get('random_fsc05_A')}",
+                "FSC0.143 recovered (Å)": cm.get("recovered_fsc0143_A"),
+                "paper E_OR / FSC0.5": f"{paper['E_OR']} / {paper['fsc05']} Å",
+                "time: sim / train / recover / reconstruct (s)": f"{sim.seconds:.0f} / {train_s:.0f} / {rec.seconds:.0f} / {recon.seconds:.0f}",
+            }
+        )
         curves[f"{protein}, {label}"] = json.loads((out / "fsc.json").read_text())
-        ctx.say(f"{protein} {label}: E_OR {rm.get('e_or_o4')}, registration {rm.get('registration')} → "
-                f"refined {cm.get('registration_rad')}, FSC0.5 recovered {cm.get('recovered_fsc05_A')} Å")
+        ctx.say(
+            f"{protein} {label}: E_OR {rm.get('e_or_o4')}, registration {rm.get('registration')} → "
+            f"refined {cm.get('registration_rad')}, FSC0.5 recovered {cm.get('recovered_fsc05_A')} Å"
+        )
 
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.8), squeeze=False)
     for ax, (title, fscs) in zip(axes[0], curves.items()):
@@ -126,11 +134,13 @@ def run(ctx: Context) -> dict:
             "steps in-process instead of the paper's 7-block n_f 512 network on a GPU; no 5a1a noisy case",
             "none",
         ),
-        "tables": [{
-            "title": "1,650 test projections per case (the paper's split); E_OR and errors in radians",
-            "columns": list(rows[0]),
-            "rows": rows,
-        }],
+        "tables": [
+            {
+                "title": "1,650 test projections per case (the paper's split); E_OR and errors in radians",
+                "columns": list(rows[0]),
+                "rows": rows,
+            }
+        ],
         "figure": ctx.figure,
         "notes": [
             "Maps are reconstructed from the same images the orientations came from (noisy ones in the noisy case); "

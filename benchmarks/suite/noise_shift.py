@@ -63,7 +63,10 @@ def run(ctx: Context) -> dict:
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     sh = [r for r in rows if r["σ²"] == 0.0]
     no = [r for r in rows if r["max shift (px)"] == 0.0]
-    for a, part, key, xlabel in ((ax[0], sh, "max shift (px)", "largest shift (px)"), (ax[1], no, "σ²", "noise variance σ²")):
+    for a, part, key, xlabel in (
+        (ax[0], sh, "max shift (px)", "largest shift (px)"),
+        (ax[1], no, "σ²", "noise variance σ²"),
+    ):
         x = [r[key] for r in part]
         a.plot(x, [r["test L_DE"] for r in part], "o-", label="test L_DE (rad²)")
         a.plot(x, [r["L_OR"] for r in part], "s-", label="L_OR")
@@ -82,11 +85,25 @@ def run(ctx: Context) -> dict:
     return {
         "reduction": f"{n} projections of {size} per setting (paper: 5,000 of 116²), the small network "
         f"(channels 16-32-64, n_f 32) trained {steps} steps in-process (paper: n_f 512, GPU)",
-        "tables": [{
-            "title": "5j0n: test L_DE, L_OR and E_OR per setting",
-            "columns": ["setting", "max shift (px)", "σ²", "SNR (dB)", "test L_DE", "L_OR", "E_OR (rad)", "train (s)", "recover (s)"],
-            "rows": rows,
-        }],
+        "tables": [
+            {
+                "title": "5j0n: test L_DE, L_OR and E_OR per setting",
+                "columns": [
+                    "setting",
+                    "max shift (px)",
+                    "σ²",
+                    "SNR (dB)",
+                    "test L_DE",
+                    "L_OR",
+                    "E_OR (rad)",
+                    "train (s)",
+                    "recover (s)",
+                ],
+                "rows": rows,
+            }
+        ],
         "figure": ctx.figure,
-        "notes": ["Paper (Figure 9b): E_OR ≈ 0.16 rad noiseless, ≈ 0.42 rad at σ² = 16, with its full-size network on a GPU."],
+        "notes": [
+            "Paper (Figure 9b): E_OR ≈ 0.16 rad noiseless, ≈ 0.42 rad at σ² = 16, with its full-size network on a GPU."
+        ],
     }

@@ -48,16 +48,18 @@ def run(ctx: Context) -> dict:
         for actors in actor_list:
             res, secs = _recover(p, g, d, actors, device if actors == 0 else None)
             e_or = float(align_o4(q, res.quaternions, seed=ctx.seed).mean)
-            rec_rows.append({
-                "P": p,
-                "edges": int(g.n_edges),
-                "actors": actors,
-                "graph (s)": round(graph_s, 2),
-                "recovery (s)": round(secs, 2),
-                "steps": int(res.steps),
-                "ms per step": round(1000 * secs / max(res.steps, 1), 1),
-                "E_OR (rad)": e_or,
-            })
+            rec_rows.append(
+                {
+                    "P": p,
+                    "edges": int(g.n_edges),
+                    "actors": actors,
+                    "graph (s)": round(graph_s, 2),
+                    "recovery (s)": round(secs, 2),
+                    "steps": int(res.steps),
+                    "ms per step": round(1000 * secs / max(res.steps, 1), 1),
+                    "E_OR (rad)": e_or,
+                }
+            )
             ctx.say(f"recovery P={p} actors={actors}: {secs:.1f} s, E_OR {e_or:.3f}")
 
     sim_rows = []
@@ -69,18 +71,22 @@ def run(ctx: Context) -> dict:
             simulate_store(cfg.simulate, ctx.seed, path, progress=False, max_in_flight=in_flight)
             secs = time.perf_counter() - t0
             shutil.rmtree(path, ignore_errors=True)
-            sim_rows.append({
-                "projections": n,
-                "tasks in flight": in_flight,
-                "wall (s)": round(secs, 2),
-                "projections/s": round(n / secs, 0),
-            })
+            sim_rows.append(
+                {
+                    "projections": n,
+                    "tasks in flight": in_flight,
+                    "wall (s)": round(secs, 2),
+                    "projections/s": round(n / secs, 0),
+                }
+            )
             ctx.say(f"simulate {n} with {in_flight} tasks in flight: {secs:.1f} s")
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     for actors in sorted({r["actors"] for r in rec_rows}):
         pts = [r for r in rec_rows if r["actors"] == actors]
-        ax[0].loglog([r["P"] for r in pts], [r["recovery (s)"] for r in pts], "o-", label=f"{actors or 'in-process'} actors")
+        ax[0].loglog(
+            [r["P"] for r in pts], [r["recovery (s)"] for r in pts], "o-", label=f"{actors or 'in-process'} actors"
+        )
     ax[0].set_xlabel("projections P")
     ax[0].set_ylabel("recovery time (s)")
     ax[0].legend()
@@ -97,8 +103,16 @@ def run(ctx: Context) -> dict:
     plt.close(fig)
     return {
         "tables": [
-            {"title": "Recovery (distances d_q + N(0, 0.1), ≈ 50 edges per node)", "columns": list(rec_rows[0]), "rows": rec_rows},
-            {"title": "Simulation of the demo pseudo-protein (32², shards of 500)", "columns": list(sim_rows[0]), "rows": sim_rows},
+            {
+                "title": "Recovery (distances d_q + N(0, 0.1), ≈ 50 edges per node)",
+                "columns": list(rec_rows[0]),
+                "rows": rec_rows,
+            },
+            {
+                "title": "Simulation of the demo pseudo-protein (32², shards of 500)",
+                "columns": list(sim_rows[0]),
+                "rows": sim_rows,
+            },
         ],
         "figure": ctx.figure,
         "notes": [
