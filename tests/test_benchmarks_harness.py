@@ -97,6 +97,9 @@ def test_cli_lists_and_rejects_unknown_names():
 def test_cli_rejects_bad_scale(scale):
     bad = subprocess.run(
         [sys.executable, "-m", "benchmarks", "run", "exact", "--scale", scale],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
