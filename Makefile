@@ -30,8 +30,8 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check cryoorient_ray tests
-	$(BIN)/ruff format --check cryoorient_ray tests
+	$(BIN)/ruff check cryoorient_ray tests benchmarks
+	$(BIN)/ruff format --check cryoorient_ray tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -40,7 +40,8 @@ def simulate(ctx: Context, tag: str, sets: list[str], config: Path = DEMO):
     t0 = time.perf_counter()
     store = simulate_store(cfg.simulate, ctx.seed, ctx.work / f"{tag}.zarr", progress=False)
     ctx.say(
-        f"simulated {tag}: {len(store.done_rows())} projections of {store.image_size}² in {time.perf_counter() - t0:.0f} s"
+        f"simulated {tag}: {len(store.done_rows())} projections of {store.image_size}² "
+        f"in {time.perf_counter() - t0:.0f} s"
     )
     return store
 

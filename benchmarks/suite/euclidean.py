@@ -52,7 +52,7 @@ def run(ctx: Context) -> dict:
         ctx.say(f"{label}: learned L_DE {q['learned']['L_DE']:.3f}, Euclidean {q['euclidean']['L_DE']:.3f}")
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 8), sharex=True, sharey=True)
-    for ax, (label, est, r) in zip(axes.ravel(), panels):
+    for ax, (label, est, r) in zip(axes.ravel(), panels, strict=False):
         ax.plot(r["true"], r["pred"], ".", ms=2, alpha=0.4)
         ax.plot([0, 3.1416], [0, 3.1416], "k--", lw=1)
         ax.set_title(f"{est}, {label}: L_DE {r['L_DE']:.3f}, r {r['pearson']:.2f}", fontsize=9)
@@ -65,7 +65,8 @@ def run(ctx: Context) -> dict:
     size = ctx.pick("40² at 7.5 Å/px", "116² at 3.667 Å/px")
     return {
         "reduction": f"{n} projections of {size} (paper: 5,000 of 116² at 3.667 Å/px), the small network "
-        f"(channels 16-32-64, n_f 32) for {steps} steps of 64-image batches in-process (paper: 7 blocks, n_f 512, 150 epochs)",
+        f"(channels 16-32-64, n_f 32) for {steps} steps of 64-image batches in-process "
+        "(paper: 7 blocks, n_f 512, 150 epochs)",
         "tables": [
             {
                 "title": "5j0n, 2,000 test pairs uniform in d_q",

@@ -26,7 +26,8 @@ PAPER_FIG7 = {0.0: 0.0, 0.8: 0.2}  # read from the paper's text: E_OR 0 at σ² 
     "exact",
     "Exact and perturbed distances (Appendix B, Figure 7)",
     needs_gpu_for_paper=False,
-    paper_reference="exact distances: loss 3.5e-12 after 9,940 steps, 2,833 s on a K40c; Figure 7: E_OR ≈ 0.2 rad at σ² = 0.8 (all pairs)",
+    paper_reference="exact distances: loss 3.5e-12 after 9,940 steps, 2,833 s on a K40c; "
+    "Figure 7: E_OR ≈ 0.2 rad at σ² = 0.8 (all pairs)",
 )
 def run(ctx: Context) -> dict:
     import torch
@@ -61,7 +62,7 @@ def run(ctx: Context) -> dict:
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     for label, pts in curves.items():
-        s, e = zip(*pts)
+        s, e = zip(*pts, strict=False)
         ax[0].plot(s, e, "o-", label=f"{label} edges per node")
     ax[0].plot([0, 0.8], [0, 0.2], "k*", ms=10, label="paper (Figure 7, all pairs)")
     ax[0].set_xlabel("σ² of the distance noise (rad²)")
@@ -83,7 +84,8 @@ def run(ctx: Context) -> dict:
     exact = [r for r in rows if r["σ²"] == 0.0]
     return {
         "P": p,
-        "reduction": "none for the data (P = 1,650 as the paper); the denser graph has ≈ 364 edges per node instead of all 1,649 pairs",
+        "reduction": "none for the data (P = 1,650 as the paper); the denser graph has ≈ 364 edges per node "
+        "instead of all 1,649 pairs",
         "tables": [
             {
                 "title": "E_OR against σ² (P = 1,650, in-process recovery)",

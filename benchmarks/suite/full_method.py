@@ -100,10 +100,14 @@ def run(ctx: Context) -> dict:
                 "rotation+hand (rad)": rm.get("registration"),
                 "physical": rm.get("gauge_physical"),
                 "refined rot.+hand (rad)": cm.get("registration_rad"),
-                "FSC0.5 true / recovered / random (Å)": f"{cm.get('true_fsc05_A')} / {cm.get('recovered_fsc05_A')} / {cm.get('random_fsc05_A')}",
+                "FSC0.5 true / recovered / random (Å)": " / ".join(
+                    str(cm.get(f"{k}_fsc05_A")) for k in ("true", "recovered", "random")
+                ),
                 "FSC0.143 recovered (Å)": cm.get("recovered_fsc0143_A"),
                 "paper E_OR / FSC0.5": f"{paper['E_OR']} / {paper['fsc05']} Å",
-                "time: sim / train / recover / reconstruct (s)": f"{sim.seconds:.0f} / {train_s:.0f} / {rec.seconds:.0f} / {recon.seconds:.0f}",
+                "time: sim / train / recover / reconstruct (s)": " / ".join(
+                    f"{t:.0f}" for t in (sim.seconds, train_s, rec.seconds, recon.seconds)
+                ),
             }
         )
         curves[f"{protein}, {label}"] = json.loads((out / "fsc.json").read_text())
@@ -113,7 +117,7 @@ def run(ctx: Context) -> dict:
         )
 
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.8), squeeze=False)
-    for ax, (title, fscs) in zip(axes[0], curves.items()):
+    for ax, (title, fscs) in zip(axes[0], curves.items(), strict=False):
         for name, res in fscs.items():
             if "half" in name:
                 continue

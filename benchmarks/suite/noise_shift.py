@@ -28,7 +28,8 @@ def _snr_db(sigma2: float) -> float | None:
 @register(
     "noise_shift",
     "Noise and shift sensitivity of distance learning (Figure 9)",
-    paper_reference="Figure 9a: learning is insensitive to shifts; 9b: E_OR ≈ 0.16 rad noiseless, ≈ 0.42 rad at σ² = 16",
+    paper_reference="Figure 9a: learning is insensitive to shifts; "
+    "9b: E_OR ≈ 0.16 rad noiseless, ≈ 0.42 rad at σ² = 16",
 )
 def run(ctx: Context) -> dict:
     n = ctx.pick(4000, 5000)
