@@ -3,7 +3,7 @@ time against the number of projections and of concurrent Ray simulation tasks.
 
 Recovery: exact distances plus N(0, σ² = 0.1) noise on the sparse pair graph (10 nearest + 20
 random partners per projection), in-process (0 actors) or partitioned across Ray actors.
-Simulation: ``simulate_store`` of the demo pseudo-protein (32², shards of 500) on local Ray with at
+Simulation: ``simulate_store`` of the demo pseudo-protein (64², 6 Å/px, shards of 500) on local Ray with at
 most 1 or 2 shard tasks in flight.
 """
 
@@ -63,9 +63,11 @@ def run(ctx: Context) -> dict:
             ctx.say(f"recovery P={p} actors={actors}: {secs:.1f} s, E_OR {e_or:.3f}")
 
     sim_rows = []
-    for n in ctx.pick([2000, 8000], [20000, 100000]):
+    for n in ctx.pick([5000, 20000], [20000, 100000]):
         for in_flight in ctx.pick([1, 2], [4, 16]):
-            cfg = load_config(common.DEMO, None, [f"simulate.n_per_map={n}", "simulate.shard_size=500"])
+            cfg = load_config(
+                common.DEMO, None, [f"simulate.n_per_map={n}", "simulate.shard_size=500", "simulate.image_size=64"]
+            )
             path = ctx.work / f"sim_{n}_{in_flight}.zarr"
             t0 = time.perf_counter()
             simulate_store(cfg.simulate, ctx.seed, path, progress=False, max_in_flight=in_flight)
@@ -97,7 +99,7 @@ def run(ctx: Context) -> dict:
     ax[1].set_xlabel("projections")
     ax[1].set_ylabel("simulation wall time (s)")
     ax[1].legend()
-    ax[1].set_title("simulation (32² pseudo-protein)")
+    ax[1].set_title("simulation (64² pseudo-protein)")
     fig.tight_layout()
     fig.savefig(ctx.figure, dpi=110)
     plt.close(fig)
@@ -109,7 +111,7 @@ def run(ctx: Context) -> dict:
                 "rows": rec_rows,
             },
             {
-                "title": "Simulation of the demo pseudo-protein (32², shards of 500)",
+                "title": "Simulation of the demo pseudo-protein (64², shards of 500)",
                 "columns": list(sim_rows[0]),
                 "rows": sim_rows,
             },
