@@ -37,32 +37,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def train_plain(store, head: str, pool: str, steps: int, seed: int = 0):
-    """The demo network trained for ``steps`` steps on the store's train split (no Ray)."""
-    import torch
+    """The demo network with this head and pool, trained for ``steps`` steps on the train split (no Ray)."""
+    from benchmarks import common
 
-    from cryoorient_ray.core.model import SiameseDistance, SiameseSpec
-    from cryoorient_ray.distributed.train import batch_pair_loss
-    from cryoorient_ray.io.store import SPLIT_CODES
-
-    rows = store.done_rows()
-    meta = store.read_metadata(rows)
-    train = rows[meta["split"] == SPLIT_CODES["train"]]
-    x = torch.from_numpy(store.read_images(train).astype(np.float32))
-    q = torch.from_numpy(store.read_metadata(train)["quaternion"])
-    torch.manual_seed(seed)
-    model = SiameseDistance(SiameseSpec(channels=[16, 32, 64], n_features=32, norm="group", head=head, pool=pool))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    groups = torch.zeros(64, dtype=torch.long)
-    for _ in range(steps):
-        idx = torch.randint(0, len(train), (64,), generator=gen)
-        loss, _ = batch_pair_loss(model(x[idx]), q[idx], groups, {0: "C1"}, model.distance)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
+    model, _ = common.train_plain(store, steps, model={**common.SMALL_MODEL, "head": head, "pool": pool}, seed=seed)
+    return model
 
 
 def evaluate(store, model_path: Path, seed: int = 0) -> dict:

@@ -30,15 +30,18 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
-def simulate(ctx: Context, tag: str, sets: list[str], config: Path = DEMO):
-    """Simulate the store of ``config`` with ``--set`` overrides ``sets`` into the scratch folder."""
+def simulate(ctx: Context, tag: str, sets: list[str], config: Path = DEMO, max_in_flight: int | None = None):
+    """Simulate the store of ``config`` with ``--set`` overrides ``sets`` into the scratch folder
+    (``max_in_flight``: shard tasks running at once; default: the simulation's own)."""
     from cryoorient_ray.config import load_config
     from cryoorient_ray.distributed.simulate import simulate_store
 
     ctx.ray()
     cfg = load_config(config, None, sets)
     t0 = time.perf_counter()
-    store = simulate_store(cfg.simulate, ctx.seed, ctx.work / f"{tag}.zarr", progress=False)
+    store = simulate_store(
+        cfg.simulate, ctx.seed, ctx.work / f"{tag}.zarr", progress=False, max_in_flight=max_in_flight
+    )
     ctx.say(
         f"simulated {tag}: {len(store.done_rows())} projections of {store.image_size}² "
         f"in {time.perf_counter() - t0:.0f} s"

@@ -45,16 +45,23 @@ class Benchmark:
     run: Callable[[Context], dict]
     needs_gpu_for_paper: bool = True
     paper_reference: str = ""
+    small_threads: int = 2
 
 
 REGISTRY: dict[str, Benchmark] = {}
 
 
-def register(name: str, title: str, needs_gpu_for_paper: bool = True, paper_reference: str = ""):
-    """Decorator: ``fn(ctx) -> {"tables": [...], "figure": png path, "notes": [...], ...}``."""
+def register(
+    name: str, title: str, needs_gpu_for_paper: bool = True, paper_reference: str = "", small_threads: int = 2
+):
+    """Decorator: ``fn(ctx) -> {"tables": [...], "figure": png path, "notes": [...], ...}``.
+
+    ``small_threads``: torch threads at small scale (at most the CPU count; paper scale uses every
+    CPU). The machine line of the result records what ran.
+    """
 
     def wrap(fn):
-        REGISTRY[name] = Benchmark(name, title, fn, needs_gpu_for_paper, paper_reference)
+        REGISTRY[name] = Benchmark(name, title, fn, needs_gpu_for_paper, paper_reference, small_threads)
         return fn
 
     return wrap
@@ -149,7 +156,8 @@ def run_one(name: str, scale: str, seed: int, argv: list[str]) -> dict:
     import torch
 
     bench = REGISTRY[name]
-    torch.set_num_threads(min(2, os.cpu_count() or 1) if scale == "small" else (os.cpu_count() or 1))
+    cpus = os.cpu_count() or 1
+    torch.set_num_threads(min(bench.small_threads, cpus) if scale == "small" else cpus)
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"bench_{name}_"))
     ctx = Context(name=name, scale=scale, seed=seed, work=work, results=RESULTS)
@@ -178,7 +186,7 @@ def run_one(name: str, scale: str, seed: int, argv: list[str]) -> dict:
         record["figure"] = os.path.relpath(record["figure"], ROOT)
     path = result_path(name, scale)
     path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
-    ctx.say(f"done in {wall:.0f} s; wrote {path.relative_to(ROOT)}")
+    ctx.say(f"done in {wall:.0f} s; wrote {os.path.relpath(path, ROOT)}")
     return record
 
 

@@ -103,3 +103,25 @@ def test_cli_rejects_bad_scale(scale):
         timeout=120,
     )
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_run_one_uses_the_benchmarks_thread_count_and_records_it(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    seen = {}
+
+    def fake(ctx):
+        seen["threads"] = torch.get_num_threads()
+        return {"tables": [], "notes": []}
+
+    monkeypatch.setitem(harness.REGISTRY, "fake", harness.Benchmark("fake", "Fake", fake, small_threads=1))
+    before = torch.get_num_threads()
+    try:
+        record = harness.run_one("fake", "small", 0, ["run", "fake"])
+    finally:
+        torch.set_num_threads(before)
+    assert seen["threads"] == 1
+    assert record["machine"]["torch_threads"] == 1
+    assert record["command"] == "python -m benchmarks run fake"
+    assert json.loads((tmp_path / "fake_small.json").read_text())["load_average"]

@@ -37,9 +37,9 @@ SNRS_DB: list[float | None] = [None, 0.0, -6.0, -12.0]  # None = noiseless
 # small: 2,000 train / 1,320 test images per level; 2,000 steps of 64 images (noiseless E_OR ≈ 0.26 rad in
 # development: fewer training images (1,200) overfit and gave 1.09 rad). ASPIRE's voting grows as
 # M³ (300 images ≈ 35 s here at 32²), so it sees the first 300 recovered images.
-# torch_threads: 1 at small scale. On the shared 2-core machine (other jobs running) a training
-# step with 2 threads cost 0.40 s of CPU against 0.043 s with 1 (OpenMP threads spinning on busy
-# cores); one thread was also faster in wall time (0.09 s against 0.81 s per step).
+# One torch thread at small scale (``small_threads=1`` below). On the shared 2-core machine (other
+# jobs running) a training step with 2 threads cost 0.40 s of CPU against 0.043 s with 1 (OpenMP
+# threads spinning on busy cores); one thread was also faster in wall time (0.09 s against 0.81 s).
 SMALL = {
     "config": common.DEMO,
     "n_per_map": 4000,
@@ -47,7 +47,6 @@ SMALL = {
     "batch": 64,
     "model": common.SMALL_MODEL,
     "aspire_images": 300,
-    "torch_threads": 1,
 }
 PAPER = {
     "config": PAPER_CONFIG,
@@ -56,7 +55,6 @@ PAPER = {
     "batch": 256,
     "model": common.PAPER_MODEL,
     "aspire_images": 1650,
-    "torch_threads": None,
 }
 
 # The convention mapping, ASPIRE → ours: R_ours = R_aspireᵀ.
@@ -140,6 +138,8 @@ def _errors(q_true: np.ndarray, q_est: np.ndarray, seed: int) -> dict:
 
 def run_level(ctx: Context, snr: float | None, settings: dict) -> dict:
     """One noise level: simulate, train, recover (ours), CLSyncVoting on the same images (ASPIRE)."""
+    from cryoorient_ray.core.sampling import sample_orientations
+
     label = _label(snr)
     tag = "snr_none" if snr is None else f"snr_{snr:+g}".replace("+", "p").replace("-", "m")
     sets = [
@@ -178,8 +178,7 @@ def run_level(ctx: Context, snr: float | None, settings: dict) -> dict:
     cl = _errors(q_true[:n_cl], q_cl, ctx.seed)
     ours_sub = _errors(q_true[:n_cl], q_ours[:n_cl], ctx.seed)
     # What "failed" means here: uniform random orientations registered to the same truth.
-    q_rand = np.random.default_rng(ctx.seed + 7).standard_normal((n_cl, 4))
-    rand = _errors(q_true[:n_cl], q_rand / np.linalg.norm(q_rand, axis=1, keepdims=True), ctx.seed)
+    rand = _errors(q_true[:n_cl], sample_orientations(n_cl, seed=ctx.seed + 7), ctx.seed)
     ctx.say(
         f"{label}: ASPIRE on {n_cl} images in {aspire_s:.0f} s: registration {cl['registration']:.3f} rad "
         f"(ours on the same images {ours_sub['registration']:.3f} rad)"
@@ -247,6 +246,7 @@ def _figure(ctx: Context, levels: list[dict]) -> Path:
     "common_lines",
     "Peer: ASPIRE common lines (CLSyncVoting) on the same images",
     needs_gpu_for_paper=True,
+    small_threads=1,
     paper_reference="no common-lines comparison in the paper (it cites common lines as the classical approach); on "
     "5j0n its learned distance reached E_OR ≈ 0.20 rad noiseless and ≈ 0.25 rad at σ² = 16 (SNR ≈ −12 dB), Fig. 10",
 )
@@ -255,13 +255,7 @@ def run(ctx: Context) -> dict:
 
     aspire, _, _ = _import_aspire(ctx)
     settings = ctx.pick(SMALL, PAPER)
-    threads = torch.get_num_threads()
-    if settings["torch_threads"]:
-        torch.set_num_threads(settings["torch_threads"])
-    try:
-        levels = [run_level(ctx, snr, settings) for snr in SNRS_DB]
-    finally:
-        torch.set_num_threads(threads)
+    levels = [run_level(ctx, snr, settings) for snr in SNRS_DB]
     figure = _figure(ctx, levels)
 
     rows = []
@@ -367,7 +361,7 @@ def run(ctx: Context) -> dict:
             "ANCHORS.md (ASPIRE 0.14.3 CLSyncVoting, 2 CPU cores, 64² images, no shifts): 200 noiseless images 10 s, "
             "0.15°; 500 images 183 s (534 s with its default shift search), 0.13°; SNR 1 (0 dB): 40°; SNR 0.1 "
             "(−10 dB): 92° (random).",
-            f"Our side ran with {settings['torch_threads'] or 'all'} torch thread(s): on the shared 2-core machine "
+            f"Our side ran with {torch.get_num_threads()} torch thread(s): on the shared 2-core machine "
             "two threads made a training step 9× slower in wall time (threads spinning on busy cores). ASPIRE ran "
             "with its defaults (n_theta = 360, fuzzy mask) on the same 32² images we use, where ANCHORS used 64²."
             if ctx.small

@@ -290,7 +290,6 @@ def _run(ctx: Context, p: dict) -> dict:
         "heldout": held,
         "seen_references": refs,
         "skipped": skipped,
-        "torch_threads": torch_threads(),
         "simulate_s": round(t_sim, 1),
         "train_general_s": round(general_s, 1),
         "train_own_s": [round(s, 1) for s in own_s],
@@ -320,12 +319,6 @@ def _run(ctx: Context, p: dict) -> dict:
 ALONE = "this protein alone"
 MEANS = ("train L_DE (rad²)", "test L_DE (rad²)", f"{KNN}-NN true d_q (rad)", "E_OR O(4) (rad)",
          "registration (rad)", "random E_OR (rad)")  # fmt: skip
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _mean(rows, label, names, trained_on) -> dict:
@@ -396,7 +389,7 @@ def _notes(p, summary, rows, n_seen, n_general, skipped) -> list[str]:
         f"{len(ASYMMETRIC)} models that are not nearly symmetric; nothing was tuned on them. Every protein is "
         "declared C1; the other, pseudo-symmetric models (NCS dimers, rings, quasi-equivalent capsid subunits) "
         "are in the general distance's training set, where their C1 distances partly contradict their images.",
-        "Run with one torch thread (`torch_threads`; the machine line shows the harness's default): with two, "
+        "Run with one torch thread at small scale (the machine line shows it): with two, "
         "OpenMP oversubscription on the shared 2-core machine made training steps 10× slower.",
     ]
     if skipped:
@@ -408,19 +401,12 @@ def _notes(p, summary, rows, n_seen, n_general, skipped) -> list[str]:
     "generalisation",
     "Generalisation to proteins never trained on",
     needs_gpu_for_paper=True,
+    # One torch thread: on the 2-core machine shared with other jobs, two threads made a training
+    # step 10× slower (1.28 s against 0.12 s, OpenMP oversubscription) and a recovery with its gauge
+    # search 15× slower (123 s against 8 s).
+    small_threads=1,
     paper_reference="none: the paper trains and tests its distance on one protein at a time (5j0n, 5a1a), so it "
     "has no number for proteins never trained on",
 )
 def run(ctx: Context) -> dict:
-    import torch
-
-    threads = torch.get_num_threads()
-    if ctx.small:
-        # One torch thread: on the 2-core machine shared with other jobs, two threads made a training
-        # step 10× slower (1.28 s against 0.12 s, OpenMP oversubscription) and a recovery with its gauge
-        # search 15× slower (123 s against 8 s).
-        torch.set_num_threads(1)
-    try:
-        return _run(ctx, ctx.pick(SMALL, PAPER))
-    finally:
-        torch.set_num_threads(threads)
+    return _run(ctx, ctx.pick(SMALL, PAPER))

@@ -32,9 +32,7 @@ from benchmarks.harness import Context, register  # noqa: E402
 def run(ctx: Context) -> dict:
     import torch
 
-    from cryoorient_ray.config import load_config
     from cryoorient_ray.core.align import align_o4
-    from cryoorient_ray.distributed.simulate import simulate_store
 
     ctx.ray()
     device = "cuda" if torch.cuda.is_available() else None
@@ -65,14 +63,11 @@ def run(ctx: Context) -> dict:
     sim_rows = []
     for n in ctx.pick([5000, 20000], [20000, 100000]):
         for in_flight in ctx.pick([1, 2], [4, 16]):
-            cfg = load_config(
-                common.DEMO, None, [f"simulate.n_per_map={n}", "simulate.shard_size=500", "simulate.image_size=64"]
-            )
-            path = ctx.work / f"sim_{n}_{in_flight}.zarr"
+            sets = [f"simulate.n_per_map={n}", "simulate.shard_size=500", "simulate.image_size=64"]
             t0 = time.perf_counter()
-            simulate_store(cfg.simulate, ctx.seed, path, progress=False, max_in_flight=in_flight)
+            store = common.simulate(ctx, f"sim_{n}_{in_flight}", sets, max_in_flight=in_flight)
             secs = time.perf_counter() - t0
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(store.path, ignore_errors=True)
             sim_rows.append(
                 {
                     "projections": n,
