@@ -48,11 +48,11 @@ def evaluate(store, model_path: Path, seed: int = 0) -> dict:
     import torch
 
     from cryoorient_ray.config import RecoverConfig
-    from cryoorient_ray.core.align import align_o4
-    from cryoorient_ray.core.graph import build_pair_graph
-    from cryoorient_ray.core.quaternion import quat_distance
-    from cryoorient_ray.core.recover import EdgeObjective, RecoverySettings, recover_orientations
-    from cryoorient_ray.recovery import make_estimator, select_projections
+    from cryoorient_ray.core.geometry.quaternion import quat_distance
+    from cryoorient_ray.core.recovery.align import align_o4
+    from cryoorient_ray.core.recovery.graph import build_pair_graph
+    from cryoorient_ray.core.recovery.solver import EdgeObjective, RecoverySettings, recover_orientations
+    from cryoorient_ray.stages.recover import make_estimator, select_projections
 
     cfg = RecoverConfig(k=10, n_random=20)
     sel = select_projections(store, cfg, seed)
@@ -100,9 +100,9 @@ def main() -> None:
     import torch
 
     from cryoorient_ray.config import RayConfig, load_config
-    from cryoorient_ray.core.model import save_distance_model
+    from cryoorient_ray.core.learning.model import save_distance_model
     from cryoorient_ray.distributed.runtime import init_ray
-    from cryoorient_ray.distributed.simulate import simulate_store
+    from cryoorient_ray.distributed.simulate_tasks import simulate_store
 
     torch.set_num_threads(2)
     init_ray(RayConfig(num_cpus=max(4, os.cpu_count() or 1)))

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from cryoorient_ray.core import sample_orientations, unitquat_to_rotmat
-from cryoorient_ray.core.projection import FourierSliceProjector, make_projector, real_space_project
-from cryoorient_ray.core.projection_astra import astra_available
+from cryoorient_ray.core.imaging.projection import FourierSliceProjector, make_projector, real_space_project
+from cryoorient_ray.core.imaging.projection_astra import astra_available
 
 RESULTS = Path(__file__).resolve().parent / "results" / "projection.json"
 

@@ -42,10 +42,10 @@ def _machine() -> dict:
 
 
 def _problem(p: int, sigma2: float, seed: int = 0, k: int = 10, n_random: int = 20):
-    from cryoorient_ray.core.graph import build_pair_graph
-    from cryoorient_ray.core.quaternion import quat_distance
-    from cryoorient_ray.core.recover import check_distances
-    from cryoorient_ray.core.sampling import sample_orientations
+    from cryoorient_ray.core.geometry.quaternion import quat_distance
+    from cryoorient_ray.core.geometry.sampling import sample_orientations
+    from cryoorient_ray.core.recovery.graph import build_pair_graph
+    from cryoorient_ray.core.recovery.solver import check_distances
 
     q = sample_orientations(p, seed=seed)
     t0 = time.perf_counter()
@@ -58,21 +58,21 @@ def _problem(p: int, sigma2: float, seed: int = 0, k: int = 10, n_random: int = 
 
 
 def _recover(p, g, d, actors: int, device: str | None = None):
-    from cryoorient_ray.core.recover import EdgeObjective, RecoverySettings, recover_orientations
+    from cryoorient_ray.core.recovery.solver import EdgeObjective, RecoverySettings, recover_orientations
 
     settings = RecoverySettings(seed=0, device=device)
     t0 = time.perf_counter()
     if actors == 0:  # in-process: no Ray needed (also on a bare GPU machine)
         res = recover_orientations(p, EdgeObjective(g.i, g.j, d, device=device), settings=settings)
     else:
-        from cryoorient_ray.distributed.recover import recover_on_actors
+        from cryoorient_ray.distributed.recover_actors import recover_on_actors
 
         res = recover_on_actors(p, g.i, g.j, d, n_actors=actors, settings=settings)
     return res, time.perf_counter() - t0
 
 
 def bench_exact(args) -> dict:
-    from cryoorient_ray.core.align import align_o4
+    from cryoorient_ray.core.recovery.align import align_o4
 
     q, g, d, graph_s = _problem(args.p, 0.0)
     res, secs = _recover(args.p, g, d, 0, args.device)
@@ -90,9 +90,9 @@ def bench_exact(args) -> dict:
 
 
 def bench_align(args) -> dict:
-    from cryoorient_ray.core.align import align_o4, align_rotation
-    from cryoorient_ray.core.quaternion import quat_conjugate, quat_product
-    from cryoorient_ray.core.sampling import sample_orientations
+    from cryoorient_ray.core.geometry.quaternion import quat_conjugate, quat_product
+    from cryoorient_ray.core.geometry.sampling import sample_orientations
+    from cryoorient_ray.core.recovery.align import align_o4, align_rotation
 
     rng = np.random.default_rng(0)
     q = sample_orientations(args.p, seed=1)
@@ -113,7 +113,7 @@ def bench_align(args) -> dict:
 
 
 def bench_scaling(args) -> dict:
-    from cryoorient_ray.core.align import align_o4
+    from cryoorient_ray.core.recovery.align import align_o4
 
     rows = []
     for p in args.ps:
@@ -138,7 +138,7 @@ def bench_scaling(args) -> dict:
 
 
 def bench_figure7(args) -> dict:
-    from cryoorient_ray.core.align import align_o4
+    from cryoorient_ray.core.recovery.align import align_o4
 
     rows = []
     for s2 in args.sigma2s:
@@ -160,14 +160,19 @@ def bench_gauge(args) -> dict:
     """Exact-distance recovery of simulated projections, then the gauge; success = physical solution."""
     import torch
 
-    from cryoorient_ray.core.align import align_o4, align_rotation
-    from cryoorient_ray.core.forward import render_projections
-    from cryoorient_ray.core.gauge import crossval_score_fn, resolve_gauge
-    from cryoorient_ray.core.graph import build_pair_graph
-    from cryoorient_ray.core.phantom import pseudo_protein
-    from cryoorient_ray.core.quaternion import quat_distance
-    from cryoorient_ray.core.recover import EdgeObjective, RecoverySettings, check_distances, recover_orientations
-    from cryoorient_ray.core.sampling import sample_orientations
+    from cryoorient_ray.core.density.phantom import pseudo_protein
+    from cryoorient_ray.core.geometry.quaternion import quat_distance
+    from cryoorient_ray.core.geometry.sampling import sample_orientations
+    from cryoorient_ray.core.imaging.forward import render_projections
+    from cryoorient_ray.core.recovery.align import align_o4, align_rotation
+    from cryoorient_ray.core.recovery.gauge import crossval_score_fn, resolve_gauge
+    from cryoorient_ray.core.recovery.graph import build_pair_graph
+    from cryoorient_ray.core.recovery.solver import (
+        EdgeObjective,
+        RecoverySettings,
+        check_distances,
+        recover_orientations,
+    )
 
     vol = pseudo_protein(box_size=32, voxel_size=6.0).data.astype(np.float32)
     rows = []

@@ -35,8 +35,8 @@ def main() -> None:
 
     from cryoorient_ray.config import RayConfig, TrainConfig, load_config
     from cryoorient_ray.distributed.runtime import init_ray
-    from cryoorient_ray.distributed.simulate import simulate_store
-    from cryoorient_ray.distributed.train import train_distance
+    from cryoorient_ray.distributed.simulate_tasks import simulate_store
+    from cryoorient_ray.distributed.train_workers import train_distance
 
     init_ray(RayConfig(num_cpus=max(4, os.cpu_count() or 1)))
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))

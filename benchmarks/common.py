@@ -34,7 +34,7 @@ def simulate(ctx: Context, tag: str, sets: list[str], config: Path = DEMO, max_i
     """Simulate the store of ``config`` with ``--set`` overrides ``sets`` into the scratch folder
     (``max_in_flight``: shard tasks running at once; default: the simulation's own)."""
     from cryoorient_ray.config import load_config
-    from cryoorient_ray.distributed.simulate import simulate_store
+    from cryoorient_ray.distributed.simulate_tasks import simulate_store
 
     ctx.ray()
     cfg = load_config(config, None, sets)
@@ -77,8 +77,8 @@ def train_plain(
     """
     import torch
 
-    from cryoorient_ray.core.model import SiameseDistance, SiameseSpec
-    from cryoorient_ray.distributed.train import batch_pair_loss
+    from cryoorient_ray.core.learning.model import SiameseDistance, SiameseSpec
+    from cryoorient_ray.distributed.train_workers import batch_pair_loss
 
     rows = split_rows(store, "train", proteins)
     meta = store.read_metadata(rows, names=["protein", "quaternion"])
@@ -107,7 +107,7 @@ def train_plain(
 
 
 def save_model(ctx: Context, net, tag: str) -> Path:
-    from cryoorient_ray.core.model import save_distance_model
+    from cryoorient_ray.core.learning.model import save_distance_model
 
     path = ctx.work / f"{tag}.pt"
     save_distance_model(path, net)
@@ -127,8 +127,8 @@ def distance_quality(
 
     Returns ``{estimator: {"L_DE", "mae", "pearson", "true", "pred"}}`` (arrays for scatter plots).
     """
-    from cryoorient_ray.core.model import load_distance_model
-    from cryoorient_ray.evaluation import distance_report, fit_euclidean, predict_pairs, sample_pairs
+    from cryoorient_ray.core.learning.model import load_distance_model
+    from cryoorient_ray.stages.evaluate import distance_report, fit_euclidean, predict_pairs, sample_pairs
 
     row_i, row_j, true = sample_pairs(store, split, n_pairs, seed, proteins)
     out = {}
@@ -146,7 +146,7 @@ def distance_quality(
 def recover(store, model_path: Path | None, estimator: str = "model", gauge: bool = True, seed: int = 0, **cfg) -> dict:
     """``recover_store`` on the test split; returns its metrics plus the per-image O(4) errors."""
     from cryoorient_ray.config import RecoverConfig
-    from cryoorient_ray.recovery import recover_store
+    from cryoorient_ray.stages.recover import recover_store
 
     rc = RecoverConfig(estimator=estimator, model=str(model_path) if model_path else None, **cfg)
     rc.gauge.enabled = gauge

@@ -369,26 +369,13 @@ def export_star(
     name: Annotated[str, typer.Option(help="Base name of the files.")] = "particles",
 ) -> None:
     """Export a store (or a subset) to RELION .star + .mrcs (angles, shifts, CTF, optics group)."""
-    import numpy as np
-
     from cryoorient_ray.io.relion import export_relion
-    from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
+    from cryoorient_ray.io.store import ProjectionStore
 
     st = ProjectionStore.open(store)
-    rows = st.done_rows()
-    meta = st.read_metadata(rows, names=["split", "protein"]) if len(rows) else {"split": [], "protein": []}
-    keep = np.ones(len(rows), dtype=bool)
-    if split is not None:
-        if split not in SPLIT_CODES:
-            raise CryoOrientError(f"unknown split {split!r}; use train, val or test")
-        keep &= np.asarray(meta["split"]) == SPLIT_CODES[split]
-    if protein is not None:
-        names = [p["name"] for p in st.proteins]
-        if protein not in names:
-            raise CryoOrientError(f"no protein {protein!r} in {store}; it has {', '.join(names)}")
-        keep &= np.asarray(meta["protein"]) == names.index(protein)
-    star, mrcs = export_relion(st, out, rows[keep], name=name)
-    stdout.print(f"Wrote {int(keep.sum())} particles: {star} and {mrcs}", highlight=False)
+    rows = st.select_rows(split=split, protein=protein)
+    star, mrcs = export_relion(st, out, rows, name=name)
+    stdout.print(f"Wrote {len(rows)} particles: {star} and {mrcs}", highlight=False)
 
 
 @app.command("import-star", rich_help_panel=TOOLS_PANEL)
@@ -658,7 +645,7 @@ def tune_report(
     ] = None,
 ) -> None:
     """Summarise a search (finished or interrupted): L_DE per trial, L_DE vs n_f, the trial table, best_config.yaml."""
-    from cryoorient_ray.distributed.tune import write_tune_report
+    from cryoorient_ray.distributed.tune_trials import write_tune_report
 
     _print_tune_report(write_tune_report(experiment, out))
 

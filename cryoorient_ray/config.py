@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cryoorient_ray import __version__
-from cryoorient_ray.core.symmetry import normalize_symmetry_name
+from cryoorient_ray.core.geometry.symmetry import normalize_symmetry_name
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_write_text
 
@@ -36,7 +36,7 @@ class StrictModel(BaseModel):
 
 
 class OrientationConfig(StrictModel):
-    """How orientations are drawn (see :func:`cryoorient_ray.core.sampling.sample_orientations`)."""
+    """How orientations are drawn (see :func:`cryoorient_ray.core.geometry.sampling.sample_orientations`)."""
 
     sampler: Literal["uniform", "euler"] = Field("uniform", description="uniform on SO(3), or uniform Euler angles")
     coverage: Literal["full", "half", "quarter"] = Field("full", description="part of the viewing sphere")
@@ -132,7 +132,7 @@ class SimulateConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """Siamese feature extractor and distance head (see cryoorient_ray.core.model)."""
+    """Siamese feature extractor and distance head (see cryoorient_ray.core.learning.model)."""
 
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], description="width of each conv block")
     kernel_size: int = Field(3, ge=1, description="odd convolution kernel size")

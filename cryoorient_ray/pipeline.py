@@ -17,7 +17,7 @@ import numpy as np
 
 from cryoorient_ray import __version__
 from cryoorient_ray.config import RunConfig, write_stamped_config
-from cryoorient_ray.core.sampling import sample_orientations
+from cryoorient_ray.core.geometry.sampling import sample_orientations
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_path, atomic_savez, atomic_write_text
 from cryoorient_ray.io.star import write_orientations_star
@@ -139,7 +139,7 @@ def write_store_preview(store, path: str | os.PathLike, n: int = 24, seed: int =
 def stage_simulate(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult:
     """Simulate (or finish) the projection store on Ray; write a preview PNG and its summary."""
     from cryoorient_ray.distributed.runtime import clear_nodes_used, ray_runtime
-    from cryoorient_ray.distributed.simulate import simulate_store
+    from cryoorient_ray.distributed.simulate_tasks import simulate_store
 
     t0 = time.perf_counter()
     path = store_path_for(cfg, out)
@@ -177,9 +177,9 @@ def evaluate_distances(
 
     Writes ``distances.png`` (scatter, one panel per estimator) and ``distances.json``.
     """
-    from cryoorient_ray.core.model import load_distance_model
-    from cryoorient_ray.evaluation import distance_report, fit_euclidean, predict_pairs, sample_pairs
+    from cryoorient_ray.core.learning.model import load_distance_model
     from cryoorient_ray.io.store import ProjectionStore
+    from cryoorient_ray.stages.evaluate import distance_report, fit_euclidean, predict_pairs, sample_pairs
 
     if model_path is None and not euclidean:
         raise CryoOrientError("give a trained model (--model) and/or --euclidean")
@@ -212,7 +212,7 @@ def evaluate_distances(
 def stage_train(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult:
     """Train the distance on Ray Train; export model.pt; plot L_DE curves; compare with the Euclidean baseline."""
     from cryoorient_ray.distributed import runtime
-    from cryoorient_ray.distributed.train import train_distance
+    from cryoorient_ray.distributed.train_workers import train_distance
     from cryoorient_ray.io.store import absolute_store_path
 
     t0 = time.perf_counter()
@@ -336,7 +336,7 @@ def stage_recover(
 
     from cryoorient_ray.distributed.runtime import clear_nodes_used
     from cryoorient_ray.io.store import absolute_store_path
-    from cryoorient_ray.recovery import recover_store
+    from cryoorient_ray.stages.recover import recover_store
 
     t0 = time.perf_counter()
     rcfg = cfg.recover
@@ -397,7 +397,7 @@ def run_align(
     symmetry: str = "C1",
 ) -> dict:
     """`cryoorient align`: E_OR (O(4)) and registration error between two .star files of one stack."""
-    from cryoorient_ray.core.align import align_o4, align_rotation, error_report
+    from cryoorient_ray.core.recovery.align import align_o4, align_rotation, error_report
     from cryoorient_ray.io.star import read_orientations_star
     from cryoorient_ray.plots import plot_error_histogram
 
@@ -423,10 +423,10 @@ def run_align(
 
 def stage_reconstruct(cfg: RunConfig, out: Path, progress: bool = True, store_path: str | None = None) -> StageResult:
     """Volumes from the recovered orientations (and, with the truth, the Figure 11 comparison); FSC."""
-    from cryoorient_ray.core.volume import DensityMap
+    from cryoorient_ray.core.density.volume import DensityMap
     from cryoorient_ray.io.mrc import write_map
     from cryoorient_ray.plots import plot_fsc, plot_refinement, plot_volume_slices
-    from cryoorient_ray.reconstruction import load_recovered, reconstruct_from_recovery
+    from cryoorient_ray.stages.reconstruct import load_recovered, reconstruct_from_recovery
 
     t0 = time.perf_counter()
     store_path = store_path or store_path_for(cfg, out)
@@ -566,13 +566,13 @@ def run_tune(
     the store when ``train.stores`` is empty, stamps the config with the stores it searched on
     (so ``cryoorient tune report`` can write a config that trains on them) and keeps a copy of the
     space. With ``resume`` the experiment in ``out_dir`` goes on from its own config and space.
-    Ends with the report (:func:`cryoorient_ray.distributed.tune.write_tune_report`).
+    Ends with the report (:func:`cryoorient_ray.distributed.tune_trials.write_tune_report`).
     """
     import shutil
 
     from cryoorient_ray.config import STAMPED_CONFIG_NAME, load_config
     from cryoorient_ray.distributed.runtime import ray_runtime
-    from cryoorient_ray.distributed.tune import (
+    from cryoorient_ray.distributed.tune_trials import (
         SPACE_NAME,
         check_space_fits_store,
         is_experiment,

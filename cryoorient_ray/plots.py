@@ -11,10 +11,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cryoorient_ray.core.euler import unitquat_to_euler_relion  # noqa: E402
-from cryoorient_ray.core.quaternion import quat_distance  # noqa: E402
-from cryoorient_ray.core.sampling import rotation_angle_pdf  # noqa: E402
-from cryoorient_ray.core.symmetry import symmetric_quat_distance  # noqa: E402
+from cryoorient_ray.core.geometry.euler import unitquat_to_euler_relion  # noqa: E402
+from cryoorient_ray.core.geometry.quaternion import quat_distance  # noqa: E402
+from cryoorient_ray.core.geometry.sampling import rotation_angle_pdf  # noqa: E402
+from cryoorient_ray.core.geometry.symmetry import symmetric_quat_distance  # noqa: E402
 from cryoorient_ray.io.files import atomic_path  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def plot_error_histogram(errors_rad: dict[str, np.ndarray], path: str | os.PathL
     """Histograms of per-image orientation errors (given in radians, drawn in degrees), one per entry.
 
     ``errors_rad`` maps a label (e.g. ``"E_OR (O(4))"``, ``"registration"``) to the ``(N,)`` errors of
-    :mod:`cryoorient_ray.core.align`; the legend gives each one's mean and median.
+    :mod:`cryoorient_ray.core.recovery.align`; the legend gives each one's mean and median.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, err in errors_rad.items():
@@ -186,9 +186,9 @@ def plot_fsc(
 
     The x axis is linear in frequency (1/Å) with its ticks labelled in Å (1/f); a dashed line
     marks each threshold, and the legend gives each curve's resolution at every threshold
-    (first crossing, interpolated: :func:`cryoorient_ray.core.fsc.fsc_resolution`).
+    (first crossing, interpolated: :func:`cryoorient_ray.core.reconstruction.fsc.fsc_resolution`).
     """
-    from cryoorient_ray.core.fsc import fsc_resolution
+    from cryoorient_ray.core.reconstruction.fsc import fsc_resolution
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     fmax = 0.0
@@ -278,7 +278,7 @@ def plot_tune_summary(
     2. each trial's best L_DE, best first, coloured by status (complete, stopped early, error, unfinished);
     3. best L_DE against n_f as a box plot per n_f with the trials as points (the paper's Figure 17b).
 
-    ``trials`` are records of :func:`cryoorient_ray.distributed.tune.collect_trials` (keys
+    ``trials`` are records of :func:`cryoorient_ray.distributed.tune_trials.collect_trials` (keys
     ``trial_id, params, curve, best, status``); ``n_features`` is the n_f of trials that did not search it.
     """
     colours = {"complete": "tab:green", "stopped early": "tab:orange", "error": "tab:red", "unfinished": "tab:gray"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cryoorient_ray.core.parameters import sample_projection_parameters
+from cryoorient_ray.core.imaging.parameters import sample_projection_parameters
 from cryoorient_ray.io.store import ProjectionStore
 
 
@@ -78,8 +78,8 @@ def make_projection_store(
     has_orientations=True,
 ):
     """A one-protein store of real projections of the pseudo-protein (no Ray), all rows in ``test``."""
-    from cryoorient_ray.core.forward import render_projections
-    from cryoorient_ray.core.phantom import pseudo_protein
+    from cryoorient_ray.core.density.phantom import pseudo_protein
+    from cryoorient_ray.core.imaging.forward import render_projections
 
     vol = pseudo_protein(seed=0, box_size=size, voxel_size=voxel_size).data.astype(np.float32)
     meta = sample_projection_parameters(n, seed, 0, split_fractions=split_fractions)
@@ -113,7 +113,7 @@ def simulate_small_store(path, overrides: list[str], seed: int = 0) -> str:
     """Simulate a real (projected) store at ``path`` with Ray (initialised by the caller) from
     ``simulate.*`` overrides on top of the defaults and the torch projector; returns the path."""
     from cryoorient_ray.config import load_config
-    from cryoorient_ray.distributed.simulate import simulate_store
+    from cryoorient_ray.distributed.simulate_tasks import simulate_store
 
     cfg = load_config(None, None, [*overrides, "simulate.backend=torch"])
     simulate_store(cfg.simulate, seed, path, progress=False)

@@ -16,7 +16,7 @@ from cryoorient_ray.core import (
     symmetric_quat_distance,
     symmetry_group,
 )
-from cryoorient_ray.core.align import align_o4, align_rotation, orientation_errors
+from cryoorient_ray.core.recovery.align import align_o4, align_rotation, orientation_errors
 from cryoorient_ray.errors import CryoOrientError
 
 Z = np.array([0.0, 0.0, 0.0, 1.0])  # Rz(π)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryoorient_ray.core.ctf import apply_ctf, ctf_2d, ctf_at, electron_wavelength
+from cryoorient_ray.core.imaging.ctf import apply_ctf, ctf_2d, ctf_at, electron_wavelength
 from cryoorient_ray.errors import CryoOrientError
 
 LAMBDA_300KV = 0.019687  # Å, the textbook relativistic wavelength at 300 kV

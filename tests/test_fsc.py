@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryoorient_ray.core.fsc import FSCResult, best_hand, fsc, fsc_resolution, mirror_volume, soft_mask
+from cryoorient_ray.core.reconstruction.fsc import FSCResult, best_hand, fsc, fsc_resolution, mirror_volume, soft_mask
 from cryoorient_ray.errors import CryoOrientError
 
 

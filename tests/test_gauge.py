@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from cryoorient_ray.core.align import align_o4, align_rotation
-from cryoorient_ray.core.gauge import crossval_score_fn, fourier_crop, inplane_angles, resolve_gauge
-from cryoorient_ray.core.graph import build_pair_graph
-from cryoorient_ray.core.phantom import pseudo_protein
-from cryoorient_ray.core.projection import FourierSliceProjector
-from cryoorient_ray.core.quaternion import quat_conjugate, quat_distance, quat_product, unitquat_to_rotmat
-from cryoorient_ray.core.sampling import sample_orientations
+from cryoorient_ray.core.density.phantom import pseudo_protein
+from cryoorient_ray.core.geometry.quaternion import quat_conjugate, quat_distance, quat_product, unitquat_to_rotmat
+from cryoorient_ray.core.geometry.sampling import sample_orientations
+from cryoorient_ray.core.imaging.projection import FourierSliceProjector
+from cryoorient_ray.core.recovery.align import align_o4, align_rotation
+from cryoorient_ray.core.recovery.gauge import crossval_score_fn, fourier_crop, inplane_angles, resolve_gauge
+from cryoorient_ray.core.recovery.graph import build_pair_graph
 
 
 @pytest.fixture(scope="module")

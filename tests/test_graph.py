@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cryoorient_ray.core.graph import build_pair_graph, graph_components, knn_edges, random_edges, unique_edges
-from cryoorient_ray.core.quaternion import pairwise_quat_distance
-from cryoorient_ray.core.sampling import sample_orientations
+from cryoorient_ray.core.geometry.quaternion import pairwise_quat_distance
+from cryoorient_ray.core.geometry.sampling import sample_orientations
+from cryoorient_ray.core.recovery.graph import build_pair_graph, graph_components, knn_edges, random_edges, unique_edges
 from cryoorient_ray.errors import CryoOrientError
 
 

@@ -10,7 +10,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cryoorient_ray.core.volume import DensityMap, center_of_mass, prepare_map
+from cryoorient_ray.core.density.volume import DensityMap, center_of_mass, prepare_map
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.maps import expand_sources, load_density, source_kind
 from cryoorient_ray.io.models import map_from_model, molmap_blur

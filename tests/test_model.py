@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cryoorient_ray.core.model import (
+from cryoorient_ray.core.learning.model import (
     EuclideanDistance,
     SiameseDistance,
     SiameseSpec,
@@ -60,7 +60,7 @@ def test_paper_head_doubles_the_angle():
 def test_so3_head_is_exact_on_rotation_matrix_features():
     """With features vec(R) the "so3" head returns d_q exactly, including large distances that
     the plain angle head cannot represent (only one point on a sphere is at angle π)."""
-    from cryoorient_ray.core.quaternion import quat_distance, unitquat_to_rotmat
+    from cryoorient_ray.core.geometry.quaternion import quat_distance, unitquat_to_rotmat
 
     rng = torch.Generator().manual_seed(6)
     q = torch.nn.functional.normalize(torch.randn(300, 4, generator=rng, dtype=torch.float64), dim=1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryoorient_ray.core.noise import add_gaussian_noise, ratio_to_snr_db, snr_db_to_ratio
+from cryoorient_ray.core.imaging.noise import add_gaussian_noise, ratio_to_snr_db, snr_db_to_ratio
 from cryoorient_ray.errors import CryoOrientError
 
 

@@ -6,8 +6,8 @@ import numpy as np
 from scipy import stats
 
 from cryoorient_ray.core import quat_distance, sample_orientations
-from cryoorient_ray.core.pairs import candidate_pairs, uniform_resample
-from cryoorient_ray.core.parameters import assign_splits, sample_projection_parameters, sample_shifts
+from cryoorient_ray.core.imaging.parameters import assign_splits, sample_projection_parameters, sample_shifts
+from cryoorient_ray.core.learning.pairs import candidate_pairs, uniform_resample
 
 
 def test_candidates_stay_within_groups():

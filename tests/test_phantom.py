@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from cryoorient_ray.core.phantom import CA_STEP, _build_chain, pseudo_protein
-from cryoorient_ray.core.volume import center_of_mass, prepare_map
+from cryoorient_ray.core.density.phantom import CA_STEP, _build_chain, pseudo_protein
+from cryoorient_ray.core.density.volume import center_of_mass, prepare_map
 from cryoorient_ray.errors import CryoOrientError
 
 

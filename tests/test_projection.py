@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from cryoorient_ray.core import sample_orientations, unitquat_to_rotmat
-from cryoorient_ray.core.projection import (
+from cryoorient_ray.core.imaging.projection import (
     FourierSliceProjector,
     make_projector,
     real_space_project,
     shift_images,
 )
-from cryoorient_ray.core.projection_astra import astra_available, astra_vectors
+from cryoorient_ray.core.imaging.projection_astra import astra_available, astra_vectors
 from cryoorient_ray.errors import CryoOrientError
 
 EYE = np.eye(3)
@@ -252,7 +252,7 @@ def test_make_projector_astra_raises_without_cuda():
 
 
 def test_astra_available_is_false_without_gpu_and_never_crashes():
-    code = "from cryoorient_ray.core.projection_astra import astra_available as a; print(a())"
+    code = "from cryoorient_ray.core.imaging.projection_astra import astra_available as a; print(a())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr  # a SIGFPE would give a negative return code
     assert out.stdout.strip() in ("True", "False")
@@ -350,7 +350,7 @@ def test_astra_project_under_an_emulated_astra(monkeypatch):
         create_sino3d_gpu=lambda vid, pg, vg: (0, emulate_astra_par3d_fp(volumes[vid], vg, pg)),
     )
     monkeypatch.setitem(sys.modules, "astra", fake)
-    from cryoorient_ray.core.projection_astra import astra_project
+    from cryoorient_ray.core.imaging.projection_astra import astra_project
 
     rot = unitquat_to_rotmat(sample_orientations(7, seed=12))
     shifts = np.random.default_rng(0).uniform(-3, 3, (7, 2))
@@ -369,7 +369,7 @@ def test_astra_project_under_an_emulated_astra(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not astra_available(), reason="needs astra-toolbox with CUDA and a GPU")
 def test_astra_matches_torch():
-    from cryoorient_ray.core.projection_astra import astra_project
+    from cryoorient_ray.core.imaging.projection_astra import astra_project
 
     rot = unitquat_to_rotmat(sample_orientations(60, seed=12))  # > one ASTRA batch of 50
     shifts = np.random.default_rng(0).uniform(-3, 3, (60, 2))

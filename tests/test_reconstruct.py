@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from cryoorient_ray.core import sample_orientations, unitquat_to_rotmat
-from cryoorient_ray.core.ctf import apply_ctf, ctf_2d
-from cryoorient_ray.core.fsc import best_hand, fsc, mirror_volume
-from cryoorient_ray.core.projection import FourierSliceProjector
-from cryoorient_ray.core.projection_astra import astra_available, astra_vectors
-from cryoorient_ray.core.reconstruct import (
+from cryoorient_ray.core.imaging.ctf import apply_ctf, ctf_2d
+from cryoorient_ray.core.imaging.projection import FourierSliceProjector
+from cryoorient_ray.core.imaging.projection_astra import astra_available, astra_vectors
+from cryoorient_ray.core.reconstruction.fsc import best_hand, fsc, mirror_volume
+from cryoorient_ray.core.reconstruction.inversion import (
     half_maps,
     reconstruct,
     reconstruct_astra,

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from cryoorient_ray.core.align import align_o4
-from cryoorient_ray.core.graph import build_pair_graph
-from cryoorient_ray.core.quaternion import quat_distance, quat_product
-from cryoorient_ray.core.recover import (
+from cryoorient_ray.core.geometry.quaternion import quat_distance, quat_product
+from cryoorient_ray.core.geometry.sampling import sample_orientations
+from cryoorient_ray.core.recovery.align import align_o4
+from cryoorient_ray.core.recovery.graph import build_pair_graph
+from cryoorient_ray.core.recovery.solver import (
     EdgeObjective,
     RecoverySettings,
     check_distances,
     random_unit_quaternions,
     recover_orientations,
 )
-from cryoorient_ray.core.sampling import sample_orientations
 from cryoorient_ray.errors import CryoOrientError
 
 
@@ -57,7 +57,7 @@ def test_exact_distances_recover_to_zero_error_in_process():
 
 @pytest.mark.timeout(120)
 def test_exact_distances_on_two_ray_actors_match_in_process(ray_local):
-    from cryoorient_ray.distributed.recover import recover_on_actors
+    from cryoorient_ray.distributed.recover_actors import recover_on_actors
 
     q, g, d = _exact_problem(300)
     settings = RecoverySettings(seed=0, max_steps=400)
@@ -105,9 +105,9 @@ def test_nan_distances_are_a_clear_error():
 
 @pytest.mark.timeout(180)
 def test_ray_data_embeddings_match_in_process(ray_local, tmp_path):
-    from cryoorient_ray.core.model import SiameseDistance, load_distance_model, save_distance_model
-    from cryoorient_ray.distributed.recover import embed_with_ray_data
-    from cryoorient_ray.evaluation import embed_rows
+    from cryoorient_ray.core.learning.model import SiameseDistance, load_distance_model, save_distance_model
+    from cryoorient_ray.distributed.recover_actors import embed_with_ray_data
+    from cryoorient_ray.stages.evaluate import embed_rows
     from tests.helpers import make_store
 
     store = make_store(tmp_path / "s.zarr", n_per_protein=40, proteins=("a", "b"), size=16, shard_size=16)

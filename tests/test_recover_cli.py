@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cryoorient_ray.cli import app
-from cryoorient_ray.core.model import SiameseDistance, save_distance_model
+from cryoorient_ray.core.learning.model import SiameseDistance, save_distance_model
 from cryoorient_ray.io.star import read_orientations_star, write_orientations_star
 from tests.helpers import make_projection_store
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from cryoorient_ray.core import quat_product, sample_orientations, unitquat_to_rotmat
-from cryoorient_ray.core.align import align_rotation
-from cryoorient_ray.core.ctf import apply_ctf
-from cryoorient_ray.core.fsc import fsc
-from cryoorient_ray.core.phantom import pseudo_protein
-from cryoorient_ray.core.projection import FourierSliceProjector
-from cryoorient_ray.core.reconstruct import reconstruct_fourier
-from cryoorient_ray.core.refine import RefineResult, candidate_lattice, refine_orientations
+from cryoorient_ray.core.density.phantom import pseudo_protein
+from cryoorient_ray.core.imaging.ctf import apply_ctf
+from cryoorient_ray.core.imaging.projection import FourierSliceProjector
+from cryoorient_ray.core.reconstruction.fsc import fsc
+from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier
+from cryoorient_ray.core.recovery.align import align_rotation
+from cryoorient_ray.core.refinement.local import RefineResult, candidate_lattice, refine_orientations
 from cryoorient_ray.errors import CryoOrientError
 
 BOX = 32

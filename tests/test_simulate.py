@@ -70,7 +70,7 @@ def test_simulate_two_pseudo_proteins(ray_local, tmp_path):
 
 
 def test_same_config_is_deterministic_and_other_config_is_refused(ray_local, tmp_path):
-    from cryoorient_ray.distributed.simulate import simulate_store
+    from cryoorient_ray.distributed.simulate_tasks import simulate_store
 
     cfg = load_config(
         None,

@@ -51,7 +51,7 @@ def test_absolute_store_path_keeps_urls(tmp_path, monkeypatch):
 def test_simulate_writes_a_file_url_store_from_ray_tasks(ray_local, tmp_path):
     """Shard tasks in other processes write through fsspec, as they would to s3:// or gs://."""
     from cryoorient_ray.config import SimulateConfig
-    from cryoorient_ray.distributed.simulate import simulate_store
+    from cryoorient_ray.distributed.simulate_tasks import simulate_store
 
     sim = SimulateConfig(inputs=["pseudo:0"], n_per_map=24, image_size=16, voxel_size=10.0, shard_size=12)
     url = f"file://{tmp_path}/sim.zarr"

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cryoorient_ray.cli import app
 from cryoorient_ray.config import TrainConfig
-from cryoorient_ray.core.model import load_distance_model
+from cryoorient_ray.core.learning.model import load_distance_model
 from tests.helpers import simulate_small_store
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
@@ -31,7 +31,7 @@ def two_protein_store(ray_local, tmp_path_factory):
 
 
 def test_train_two_workers_kill_one_and_resume(two_protein_store, tmp_path):
-    from cryoorient_ray.distributed.train import train_distance
+    from cryoorient_ray.distributed.train_workers import train_distance
 
     # small batches: the tiny store gives each worker only ~30 training images per shard
     cfg = TrainConfig(epochs=6, batch_size=16, lr=5e-3, val_pairs_per_shard=150, num_workers=2, model=TINY_MODEL)
@@ -56,7 +56,7 @@ def test_train_two_workers_kill_one_and_resume(two_protein_store, tmp_path):
 
 
 def test_distances_command_plots_learned_and_euclidean(two_protein_store, tmp_path):
-    from cryoorient_ray.core.model import SiameseDistance, save_distance_model
+    from cryoorient_ray.core.learning.model import SiameseDistance, save_distance_model
 
     save_distance_model(tmp_path / "m.pt", SiameseDistance(TINY_MODEL))
     result = runner.invoke(
@@ -79,8 +79,8 @@ def test_distances_command_plots_learned_and_euclidean(two_protein_store, tmp_pa
     assert report["euclidean"]["scale"] > 0 and np.isfinite(report["learned"]["L_DE"])
     assert (tmp_path / "d" / "distances.png").read_bytes()[:4] == b"\x89PNG"
     # pairs of the held-out protein only
-    from cryoorient_ray.evaluation import sample_pairs
     from cryoorient_ray.io.store import ProjectionStore
+    from cryoorient_ray.stages.evaluate import sample_pairs
 
     store = ProjectionStore.open(two_protein_store)
     i, j, _ = sample_pairs(store, "test", 100, proteins="heldout")
@@ -128,7 +128,7 @@ def test_bad_training_input(two_protein_store, tmp_path):
         "need at least 64",
     )
     # a model file from another architecture
-    from cryoorient_ray.core.model import SiameseDistance, save_distance_model
+    from cryoorient_ray.core.learning.model import SiameseDistance, save_distance_model
 
     save_distance_model(tmp_path / "m.pt", SiameseDistance(TINY_MODEL))
     import torch
@@ -153,7 +153,7 @@ def test_bad_training_input(two_protein_store, tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    from cryoorient_ray.distributed.train import lr_factor
+    from cryoorient_ray.distributed.train_workers import lr_factor
 
     total = 1000
     f = [lr_factor(s, total, "cosine") for s in range(total + 50)]

@@ -128,7 +128,7 @@ def test_tiny_search_stops_trials_early_and_best_config_trains(tiny_store, tmp_p
 
 
 def test_search_space_checks_names_domains_and_values(tmp_path):
-    from cryoorient_ray.distributed.tune import load_search_space, n_trials, trial_concurrency
+    from cryoorient_ray.distributed.tune_trials import load_search_space, n_trials, trial_concurrency
 
     def space(text):
         p = tmp_path / "s.yaml"
@@ -171,7 +171,7 @@ def test_search_space_checks_names_domains_and_values(tmp_path):
 
 
 def test_shipped_search_space_is_valid():
-    from cryoorient_ray.distributed.tune import load_search_space
+    from cryoorient_ray.distributed.tune_trials import load_search_space
 
     space = load_search_space("configs/tune_space.yaml")
     assert space["train.model.n_features"] == ("choice", [4, 8, 16, 32, 64, 128, 256, 512])  # Appendix D's n_f
@@ -202,7 +202,7 @@ def test_bad_tune_input_is_one_line(tmp_path):
 
 def test_best_run_config_round_trips_through_yaml(tmp_path):
     from cryoorient_ray.config import RunConfig, dump_config
-    from cryoorient_ray.distributed.tune import best_run_config
+    from cryoorient_ray.distributed.tune_trials import best_run_config
 
     base = RunConfig(train=TrainConfig(epochs=7, lr=1e-3))
     trial = {"params": {"train.lr": 0.02, "train.model.channels": [8, 16], "train.model.head": "so3"}}

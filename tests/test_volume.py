@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from cryoorient_ray.core.volume import (
+from cryoorient_ray.core.density.volume import (
     DensityMap,
     center_of_mass,
     center_of_mass_to_center,
@@ -264,7 +264,7 @@ def test_prepare_map_bad_input():
 
 def test_volume_module_imports_only_numeric_libraries():
     code = (
-        "import sys, cryoorient_ray.core.volume, cryoorient_ray.core.phantom;"
+        "import sys, cryoorient_ray.core.density.volume, cryoorient_ray.core.density.phantom;"
         "bad = [m for m in ('ray', 'zarr', 'gemmi', 'mrcfile') if m in sys.modules]; print(bad);"
         "sys.exit(1 if bad else 0)"
     )

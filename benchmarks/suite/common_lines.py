@@ -9,7 +9,7 @@ extra; never a runtime dependency): ``CLSyncVoting`` (common lines + voting + sy
 Shkolnisky & Singer 2012) on the first ``M`` of the very test images our recovery returned,
 with its shift search off (``max_shift=0``; the images are centred). Both are scored on those
 ``M`` images by the registration peers report (one global rotation + the hand,
-:func:`~cryoorient_ray.core.align.align_rotation`) and by the paper's O(4) E_OR.
+:func:`~cryoorient_ray.core.recovery.align.align_rotation`) and by the paper's O(4) E_OR.
 """
 
 from __future__ import annotations
@@ -66,14 +66,14 @@ PAPER = {
 # with the other hand) was near zero: 0.071 rad mean, 0.056 rad median; every other candidate was
 # ≥ 1.42 rad (R_aspire itself 1.48 rad). This agrees with the two projectors: ASPIRE's image FT
 # at (kx, ky) is the volume's FT at R·(kx, ky, 0) (aspire.volume.rotated_grids), ours at
-# Rᵀ·(kx, ky, 0) (cryoorient_ray.core.projection), with the same axis order. The hand is free in
+# Rᵀ·(kx, ky, 0) (cryoorient_ray.core.imaging.projection), with the same axis order. The hand is free in
 # the registration (common lines cannot tell it). The noiseless row of every run re-reports the
 # untransposed candidate as evidence (``convention_check``).
 
 
 def aspire_to_ours(rotations: np.ndarray) -> np.ndarray:
     """ASPIRE's estimated rotation matrices → our wxyz quaternions (the fixed mapping above)."""
-    from cryoorient_ray.core.quaternion import rotmat_to_unitquat
+    from cryoorient_ray.core.geometry.quaternion import rotmat_to_unitquat
 
     return rotmat_to_unitquat(np.ascontiguousarray(np.asarray(rotations, dtype=np.float64).transpose(0, 2, 1)))
 
@@ -123,7 +123,7 @@ def _label(snr: float | None) -> str:
 
 
 def _errors(q_true: np.ndarray, q_est: np.ndarray, seed: int) -> dict:
-    from cryoorient_ray.core.align import align_o4, align_rotation
+    from cryoorient_ray.core.recovery.align import align_o4, align_rotation
 
     reg = align_rotation(q_true, q_est, symmetry="C1", allow_mirror=True, seed=seed)
     o4 = align_o4(q_true, q_est, symmetry="C1", seed=seed)
@@ -138,7 +138,7 @@ def _errors(q_true: np.ndarray, q_est: np.ndarray, seed: int) -> dict:
 
 def run_level(ctx: Context, snr: float | None, settings: dict) -> dict:
     """One noise level: simulate, train, recover (ours), CLSyncVoting on the same images (ASPIRE)."""
-    from cryoorient_ray.core.sampling import sample_orientations
+    from cryoorient_ray.core.geometry.sampling import sample_orientations
 
     label = _label(snr)
     tag = "snr_none" if snr is None else f"snr_{snr:+g}".replace("+", "p").replace("-", "m")
@@ -197,8 +197,8 @@ def run_level(ctx: Context, snr: float | None, settings: dict) -> dict:
         "_reg_errors": {"ours": ours_sub["reg_errors"], "aspire": cl["reg_errors"]},
     }
     if snr is None:  # the rejected candidate, reported as evidence for the fixed mapping
-        from cryoorient_ray.core.align import align_rotation
-        from cryoorient_ray.core.quaternion import rotmat_to_unitquat
+        from cryoorient_ray.core.geometry.quaternion import rotmat_to_unitquat
+        from cryoorient_ray.core.recovery.align import align_rotation
 
         untransposed = align_rotation(q_true[:n_cl], rotmat_to_unitquat(rot.astype(np.float64)), seed=ctx.seed)
         level["convention_check"] = {

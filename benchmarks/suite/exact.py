@@ -32,7 +32,7 @@ PAPER_FIG7 = {0.0: 0.0, 0.8: 0.2}  # read from the paper's text: E_OR 0 at σ² 
 def run(ctx: Context) -> dict:
     import torch
 
-    from cryoorient_ray.core.align import align_o4
+    from cryoorient_ray.core.recovery.align import align_o4
 
     device = "cuda" if torch.cuda.is_available() else None
     p = 1650  # the paper's test set (33 % of 5,000)

@@ -68,8 +68,8 @@ def _sets(ctx: Context, protein: str, snr: float | None, n: int, targets: str = 
 )
 def run(ctx: Context) -> dict:
     from cryoorient_ray.config import load_config
-    from cryoorient_ray.core.align import align_o4
-    from cryoorient_ray.core.model import save_distance_model
+    from cryoorient_ray.core.learning.model import save_distance_model
+    from cryoorient_ray.core.recovery.align import align_o4
     from cryoorient_ray.io.store import ProjectionStore
     from cryoorient_ray.pipeline import MODEL_NAME, stage_reconstruct, stage_recover, stage_simulate, store_path_for
 

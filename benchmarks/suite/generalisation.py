@@ -123,8 +123,8 @@ def _protein_quality(store, net, protein: int, split: str, n_pairs: int, seed: i
     images by d̂ (what the recovery's kNN edges see) and by d_q (the best possible)."""
     import torch
 
-    from cryoorient_ray.core.pairs import pair_distances, uniform_resample
-    from cryoorient_ray.evaluation import distance_report, embed_rows
+    from cryoorient_ray.core.learning.pairs import pair_distances, uniform_resample
+    from cryoorient_ray.stages.evaluate import distance_report, embed_rows
 
     rows = common.split_rows(store, split, [protein])
     quat = store.read_metadata(rows, names=["quaternion"])["quaternion"]
@@ -153,9 +153,9 @@ def _protein_quality(store, net, protein: int, split: str, n_pairs: int, seed: i
 
 
 def _evaluate(ctx, store, p, model_path, k, name, role, trained_on, n_train, rg, own_split: bool) -> dict:
-    from cryoorient_ray.core.align import align_o4
-    from cryoorient_ray.core.model import load_distance_model
-    from cryoorient_ray.core.sampling import sample_orientations
+    from cryoorient_ray.core.geometry.sampling import sample_orientations
+    from cryoorient_ray.core.learning.model import load_distance_model
+    from cryoorient_ray.core.recovery.align import align_o4
 
     net = load_distance_model(model_path)[0].eval()
     q = _protein_quality(store, net, k, "test", p["n_pairs"], ctx.seed, knn=KNN)

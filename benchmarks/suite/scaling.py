@@ -32,7 +32,7 @@ from benchmarks.harness import Context, register  # noqa: E402
 def run(ctx: Context) -> dict:
     import torch
 
-    from cryoorient_ray.core.align import align_o4
+    from cryoorient_ray.core.recovery.align import align_o4
 
     ctx.ray()
     device = "cuda" if torch.cuda.is_available() else None

@@ -4,14 +4,14 @@ This package never imports ray or zarr (a test checks it). Every function that t
 quaternions expects the scalar-first convention ``(w, x, y, z)``, shape ``(..., 4)``.
 """
 
-from cryoorient_ray.core.euler import (
+from cryoorient_ray.core.geometry.euler import (
     euler_relion_to_rotmat,
     euler_relion_to_unitquat,
     rotmat_to_euler_relion,
     unitquat_to_euler_relion,
     viewing_direction,
 )
-from cryoorient_ray.core.quaternion import (
+from cryoorient_ray.core.geometry.quaternion import (
     pairwise_quat_distance,
     quat_canonicalize,
     quat_conjugate,
@@ -24,14 +24,14 @@ from cryoorient_ray.core.quaternion import (
     rotmat_to_unitquat,
     unitquat_to_rotmat,
 )
-from cryoorient_ray.core.sampling import (
+from cryoorient_ray.core.geometry.sampling import (
     COVERAGES,
     SAMPLERS,
     rotation_angle_cdf,
     rotation_angle_pdf,
     sample_orientations,
 )
-from cryoorient_ray.core.symmetry import (
+from cryoorient_ray.core.geometry.symmetry import (
     SymmetryGroup,
     symmetric_quat_distance,
     symmetry_group,

@@ -7,7 +7,7 @@ shard's rows. Only completed shards are read.
 Pairs are formed *within* a shard, between projections of the same protein and the same split
 (so train/val/test pairs stay disjoint), with the symmetry-aware distance d_G of the protein's
 point group, and resampled so their distances are uniform on [0, π]
-(:mod:`cryoorient_ray.core.pairs`). Batches come out ready for ``iter_torch_batches``:
+(:mod:`cryoorient_ray.core.learning.pairs`). Batches come out ready for ``iter_torch_batches``:
 ``image_i (B, L, L)``, ``image_j (B, L, L)``, ``distance (B,)`` float32, plus ``protein``,
 ``index_i``, ``index_j`` and ``store`` for bookkeeping.
 """
@@ -20,34 +20,21 @@ from collections.abc import Sequence
 import numpy as np
 import ray
 
-from cryoorient_ray.core.pairs import candidate_pairs, pair_distances, uniform_resample
+from cryoorient_ray.core.learning.pairs import candidate_pairs, pair_distances, uniform_resample
 from cryoorient_ray.errors import CryoOrientError
-from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
-
-
-def _split_codes(splits: str | Sequence[str]) -> list[int]:
-    names = [splits] if isinstance(splits, str) else list(splits)
-    bad = [s for s in names if s not in SPLIT_CODES]
-    if bad:
-        raise CryoOrientError(f"unknown split(s) {', '.join(bad)}; use train, val or test")
-    return [SPLIT_CODES[s] for s in names]
+from cryoorient_ray.io.store import ProjectionStore, split_codes
 
 
 def shard_descriptors(
     stores: Sequence[str | os.PathLike], splits: str | Sequence[str], proteins: str = "all"
 ) -> list[dict]:
     """One ``{store, store_id, shard}`` per completed shard that holds rows of the wanted splits/proteins."""
-    codes = _split_codes(splits)
     out = []
     for sid, path in enumerate(stores):
         store = ProjectionStore.open(path)
-        keep_protein = store.protein_mask(proteins)
-        meta = store.read_metadata(names=["protein", "split"])
-        wanted = np.isin(meta["split"], codes) & keep_protein[np.clip(meta["protein"], 0, None)]
-        for k in np.flatnonzero(store.done_shards()):
-            start, stop = store.shard_range(int(k))
-            if wanted[start:stop].any():
-                out.append({"store": str(path), "store_id": sid, "shard": int(k)})
+        rows = store.select_rows(split=splits, proteins=proteins)
+        for k in np.unique(rows // store.shard_size):
+            out.append({"store": str(path), "store_id": sid, "shard": int(k)})
     if not out:
         raise CryoOrientError(
             f"no completed shard holds {proteins} proteins in split(s) {splits} of {list(map(str, stores))}"
@@ -90,7 +77,7 @@ def sample_dataset(
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
         _read_batch,
-        fn_kwargs={"codes": _split_codes(splits), "proteins": proteins, "shuffle": shuffle},
+        fn_kwargs={"codes": split_codes(splits), "proteins": proteins, "shuffle": shuffle},
         batch_size=1,
         num_cpus=num_cpus,
     )
@@ -173,7 +160,7 @@ def pair_dataset(
     items = shard_descriptors(stores, split, proteins)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     kwargs = {
-        "codes": _split_codes(split),
+        "codes": split_codes(split),
         "proteins": proteins,
         "pairs_per_shard": pairs_per_shard,
         "n_bins": n_bins,

@@ -7,7 +7,7 @@
   (optionally ``.gz``)
   ``*.mrc``, ``*.map``, ``*.ccp4``, ``*.mrcs``    :func:`~cryoorient_ray.io.mrc.read_map`
   (optionally ``.gz``)
-  ``pseudo`` or ``pseudo:SEED``                   :func:`~cryoorient_ray.core.phantom.pseudo_protein`
+  ``pseudo`` or ``pseudo:SEED``                   :func:`~cryoorient_ray.core.density.phantom.pseudo_protein`
   a PDB id (``5j0n``) or EMDB id (``EMD-1234``)   :func:`~cryoorient_ray.io.fetch.fetch_entry`, then
                                                   the downloaded file as above
   ==============================================  ==========================================
@@ -22,8 +22,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cryoorient_ray.core.phantom import pseudo_protein
-from cryoorient_ray.core.volume import DensityMap
+from cryoorient_ray.core.density.phantom import pseudo_protein
+from cryoorient_ray.core.density.volume import DensityMap
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.fetch import default_cache_dir, fetch_entry, is_entry_id
 from cryoorient_ray.io.models import MODEL_SUFFIXES, map_from_model
@@ -93,7 +93,7 @@ def load_density(
         voxel_size: Å per voxel.
             Models: the grid spacing (required).
             Maps: used only when the file's header has no voxel size (0); a header voxel size
-            is always kept (:func:`~cryoorient_ray.core.volume.prepare_map` resamples later).
+            is always kept (:func:`~cryoorient_ray.core.density.volume.prepare_map` resamples later).
             Pseudo-protein: its voxel size (default 3 Å).
         resolution: Å. Models: the molmap resolution, default ``2 · voxel_size`` (Nyquist).
             Pseudo-protein: default ``max(8 Å, 2 · voxel_size)``. Maps: not used.

@@ -29,7 +29,7 @@ from pathlib import Path
 import gemmi
 import numpy as np
 
-from cryoorient_ray.core.volume import DensityMap, check_positive_angstrom
+from cryoorient_ray.core.density.volume import DensityMap, check_positive_angstrom
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import strip_suffixes
 

@@ -9,7 +9,7 @@ Reading (:func:`read_map`):
     (0 Å, as some tools write) is an error unless ``voxel_size=`` is given; ``voxel_size=``
     always overrides the header;
   - non-cubic voxels (different x, y and z sizes, e.g. crystallographic maps) are resampled
-    to the finest of the three (:func:`~cryoorient_ray.core.volume.resample`, cubic spline,
+    to the finest of the three (:func:`~cryoorient_ray.core.density.volume.resample`, cubic spline,
     only upsampling, so nothing aliases);
   - non-orthogonal unit cells (angles other than 90°, i.e. crystal maps) cannot be resampled
     onto a cubic grid faithfully: they are an error;
@@ -30,7 +30,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from cryoorient_ray.core.volume import DensityMap, resample
+from cryoorient_ray.core.density.volume import DensityMap, resample
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_path, strip_suffixes
 

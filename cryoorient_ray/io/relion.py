@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryoorient_ray.core.euler import euler_relion_to_unitquat, unitquat_to_euler_relion
+from cryoorient_ray.core.geometry.euler import euler_relion_to_unitquat, unitquat_to_euler_relion
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_path
 from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
@@ -201,7 +201,7 @@ def import_relion(
     Angles (if present) become the store's orientations; without them the store records
     ``has_orientations: false`` and its quaternions are NaN.
     """
-    from cryoorient_ray.core.symmetry import normalize_symmetry_name
+    from cryoorient_ray.core.geometry.symmetry import normalize_symmetry_name
 
     star_path = Path(star_path)
     if split not in SPLIT_CODES:

@@ -1,7 +1,7 @@
 """RELION .star files for orientations (RELION 3.1+ layout, read and written with ``starfile``).
 
 Angles are RELION's ``rlnAngleRot``, ``rlnAngleTilt``, ``rlnAnglePsi`` in degrees
-(see :mod:`cryoorient_ray.core.euler` for the convention).
+(see :mod:`cryoorient_ray.core.geometry.euler` for the convention).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryoorient_ray.core.euler import euler_relion_to_unitquat, unitquat_to_euler_relion
+from cryoorient_ray.core.geometry.euler import euler_relion_to_unitquat, unitquat_to_euler_relion
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_path
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,15 @@ METADATA_ARRAYS: dict[str, tuple[tuple[int, ...], str, Any]] = {
     "split": ((), "uint8", 0),
 }
 SHARD_ARRAYS = ("images", "noise_variance")
+
+
+def split_codes(splits: str | Sequence[str]) -> list[int]:
+    """Codes of split names (``train``, ``val``, ``test``); an unknown name is bad input."""
+    names = [splits] if isinstance(splits, str) else list(splits)
+    bad = [s for s in names if s not in SPLIT_CODES]
+    if bad:
+        raise CryoOrientError(f"unknown split(s) {', '.join(map(repr, bad))}; use train, val or test")
+    return [SPLIT_CODES[s] for s in names]
 
 
 def config_hash(config: dict) -> str:
@@ -223,6 +232,43 @@ class ProjectionStore:
             return held
         return np.ones(len(held), dtype=bool)
 
+    def protein_index(self, protein: str | int) -> int:
+        """Index of a protein given by name (or by its index, as a number or a string of digits)."""
+        names = [p["name"] for p in self.proteins]
+        if isinstance(protein, str) and protein in names:
+            return names.index(protein)
+        text = str(protein)
+        if text.isdigit() and int(text) < len(names):
+            return int(text)
+        raise CryoOrientError(f"protein {protein!r} is not in {self.path} (it has: {', '.join(names)})")
+
+    def select_rows(
+        self,
+        split: str | Sequence[str] | None = None,
+        protein: str | int | None = None,
+        proteins: str = "all",
+        rows: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Completed rows (sorted indices) of the wanted split(s) and protein(s): the one row filter.
+
+        Args:
+            split: ``train``, ``val``, ``test``, a list of them, or ``None`` for every split.
+            protein: one protein by name or index, or ``None`` for the set ``proteins``.
+            proteins: ``all``, ``seen`` (not held out from training) or ``heldout``.
+            rows: candidate rows (default: every row of a completed shard).
+        """
+        rows = self.done_rows() if rows is None else np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return rows
+        meta = self.read_metadata(rows, names=["split", "protein"])
+        prot = np.asarray(meta["protein"])
+        keep = self.protein_mask(proteins)[np.clip(prot, 0, None)]
+        if split is not None:
+            keep &= np.isin(np.asarray(meta["split"]), split_codes(split))
+        if protein is not None:
+            keep &= prot == self.protein_index(protein)
+        return rows[keep]
+
     def symmetries(self) -> dict[int, str]:
         """Point group of each protein index."""
         return {k: p.get("symmetry", "C1") for k, p in enumerate(self.proteins)}
@@ -323,7 +369,7 @@ class ProjectionStore:
 
     def ctf_parameters(self, meta: dict) -> dict | None:
         """CTF parameters of rows read with :meth:`read_metadata` (``(n,)`` defoci plus the optics
-        scalars), as :func:`cryoorient_ray.core.ctf.ctf_2d` takes them; None if no CTF was applied."""
+        scalars), as :func:`cryoorient_ray.core.imaging.ctf.ctf_2d` takes them; None if no CTF was applied."""
         if not self.manifest.get("ctf_applied", False):
             return None
         optics = self.manifest.get("optics", {})

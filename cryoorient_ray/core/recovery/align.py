@@ -18,7 +18,7 @@ Two error measures, both in radians, per image and as mean/median:
   removed: the images fix them. Registration error ≥ E_OR always.
 
 With a point group G the truth is only defined up to ``q_i → q_i ⊗ g_i`` (one ``g_i ∈ G`` per
-image) and every error is the symmetry-aware ``d_G`` (:func:`~cryoorient_ray.core.symmetry.
+image) and every error is the symmetry-aware ``d_G`` (:func:`~cryoorient_ray.core.geometry.symmetry.
 symmetric_quat_distance`).
 
 How :func:`align_o4` finds T (float64, on the device of the input; above 4000 images steps 1–3
@@ -64,14 +64,14 @@ import numpy as np
 import torch
 
 from cryoorient_ray.core._array import ArrayLike, as_tensor, check_last_dim, safe_norm, to_output
-from cryoorient_ray.core.quaternion import (
+from cryoorient_ray.core.geometry.quaternion import (
     quat_canonicalize,
     quat_conjugate,
     quat_product,
     rotmat_to_unitquat,
     unitquat_to_rotmat,
 )
-from cryoorient_ray.core.symmetry import SymmetryGroup, symmetry_group
+from cryoorient_ray.core.geometry.symmetry import SymmetryGroup, symmetry_group
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = ["AlignResult", "RegistrationResult", "align_o4", "align_rotation", "orientation_errors"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cryoorient_ray.core.ctf import apply_ctf
-from cryoorient_ray.core.noise import add_gaussian_noise
-from cryoorient_ray.core.projection import make_projector
-from cryoorient_ray.core.quaternion import unitquat_to_rotmat
+from cryoorient_ray.core.geometry.quaternion import unitquat_to_rotmat
+from cryoorient_ray.core.imaging.ctf import apply_ctf
+from cryoorient_ray.core.imaging.noise import add_gaussian_noise
+from cryoorient_ray.core.imaging.projection import make_projector
 from cryoorient_ray.errors import CryoOrientError
 
 
@@ -36,7 +36,7 @@ def render_projections(
             per-image ``defocus_u``, ``defocus_v`` (Å) and ``defocus_angle`` (degrees), RELION's convention.
         snr_db: per-image SNR of the added Gaussian noise; None = noiseless.
         generator: seeded torch generator for the noise.
-        backend: projector backend (see :func:`cryoorient_ray.core.projection.make_projector`).
+        backend: projector backend (see :func:`cryoorient_ray.core.imaging.projection.make_projector`).
         projector: a projector already made for this volume (reused across batches).
 
     Returns:

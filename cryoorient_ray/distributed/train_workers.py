@@ -12,7 +12,7 @@ group (``FailureConfig(max_failures)``) and the loop resumes from the latest che
 Rank 0 writes TensorBoard scalars.
 
 :func:`build_trainer` and :func:`export_trained_model` are the two halves of
-:func:`train_distance`; each Ray Tune trial (:mod:`cryoorient_ray.distributed.tune`) uses them too,
+:func:`train_distance`; each Ray Tune trial (:mod:`cryoorient_ray.distributed.tune_trials`) uses them too,
 so a trial trains exactly as ``cryoorient train`` does.
 """
 
@@ -36,10 +36,10 @@ from ray.train.torch import TorchTrainer
 
 from cryoorient_ray import __version__
 from cryoorient_ray.config import TrainConfig
-from cryoorient_ray.core.model import SiameseDistance, SiameseSpec, save_distance_model
+from cryoorient_ray.core.learning.model import SiameseDistance, SiameseSpec, save_distance_model
 from cryoorient_ray.distributed.data import pair_dataset, sample_dataset
 from cryoorient_ray.errors import CryoOrientError
-from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
+from cryoorient_ray.io.store import ProjectionStore
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "state.pt"
@@ -77,7 +77,7 @@ def batch_pair_loss(
         emb: ``(B, n)`` embeddings; quat: ``(B, 4)`` true orientations (wxyz); groups: ``(B,)`` protein keys;
         symmetry: point group per group key; distance: the model's head, ``(emb_i, emb_j) -> d̂``.
     """
-    from cryoorient_ray.core.pairs import distance_bins, pair_distances
+    from cryoorient_ray.core.learning.pairs import distance_bins, pair_distances
 
     b = emb.shape[0]
     iu, ju = torch.triu_indices(b, b, offset=1)
@@ -341,7 +341,7 @@ def build_trainer(
 ) -> TrainRun:
     """Check the stores and build the ``TorchTrainer`` that trains the distance on them.
 
-    Shared by :func:`train_distance` and each Ray Tune trial (:mod:`cryoorient_ray.distributed.tune`),
+    Shared by :func:`train_distance` and each Ray Tune trial (:mod:`cryoorient_ray.distributed.tune_trials`),
     so both train the same way. ``out_dir`` receives the TensorBoard logs, the progress file and
     the Ray Train checkpoints (``ray_train/<name>``: a run restarted with the same ``out_dir`` and
     ``name`` resumes from its last checkpoint). ``callbacks`` are Ray Train callbacks (e.g. Tune's
@@ -393,14 +393,11 @@ def build_trainer(
     # across workers by blocks, and stream pairing draws pairs_per_shard pairs per shard)
     n_rows = 0
     for st in manifests:
-        rows = st.done_rows()
-        meta = st.read_metadata(rows, names=["split", "protein"])
-        seen = st.protein_mask("seen")[np.clip(meta["protein"], 0, None)]
-        in_train = (meta["split"] == SPLIT_CODES["train"]) & seen
+        rows = st.select_rows(split="train", proteins="seen")
         if cfg.pairing == "stream" and cfg.pairs_per_shard:
-            n_rows += cfg.pairs_per_shard * len(np.unique(rows[in_train] // st.shard_size))
+            n_rows += cfg.pairs_per_shard * len(np.unique(rows // st.shard_size))
         else:
-            n_rows += int(in_train.sum())
+            n_rows += len(rows)
     steps_per_epoch = max(1, int(np.ceil(n_rows / (cfg.batch_size * cfg.num_workers)))) * cfg.passes_per_epoch
     loop_config = {
         "model": spec.to_dict(),

@@ -26,7 +26,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from cryoorient_ray.core._array import ArrayLike, as_tensor, check_last_dim, to_output
-from cryoorient_ray.core.quaternion import (
+from cryoorient_ray.core.geometry.quaternion import (
     quat_canonicalize,
     quat_conjugate,
     quat_distance,
@@ -80,7 +80,7 @@ def symmetry_group(name: str) -> SymmetryGroup:
 def symmetric_quat_distance(q1: ArrayLike, q2: ArrayLike, group: SymmetryGroup | str = "C1") -> ArrayLike:
     """``d_G(q1, q2) = min_g d_q(q1, q2 ⊗ g)`` in radians, broadcasting ``(..., 4)`` inputs.
 
-    With ``C1`` this is :func:`~cryoorient_ray.core.quaternion.quat_distance`. Differentiable
+    With ``C1`` this is :func:`~cryoorient_ray.core.geometry.quaternion.quat_distance`. Differentiable
     almost everywhere (like any minimum).
     """
     grp = group if isinstance(group, SymmetryGroup) else symmetry_group(group)

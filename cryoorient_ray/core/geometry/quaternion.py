@@ -143,3 +143,59 @@ def pairwise_quat_distance(q1: ArrayLike, q2: ArrayLike | None = None) -> ArrayL
             f"pairwise_quat_distance takes (N, 4) and (M, 4); got {tuple(a.shape)} and {tuple(b.shape)}"
         )
     return to_output(quat_distance(a[:, None, :], b[None, :, :]), was_np)
+
+
+# ----------------------------------------------------------------------------------------------
+# Thin wrappers over roma in the wxyz convention: rotation vectors, Procrustes, random rotations.
+# One place for these, so no module writes its own copy.
+
+
+def rotvec_to_unitquat(v: ArrayLike) -> ArrayLike:
+    """Unit quaternions ``(..., 4)`` (wxyz) of rotation vectors ``(..., 3)`` (axis · angle in rad)."""
+    t, was_np = as_tensor(v)
+    check_last_dim(t, 3, "v")
+    return to_output(roma.rotvec_to_unitquat(t)[..., [3, 0, 1, 2]], was_np)
+
+
+def unitquat_to_rotvec(q: ArrayLike) -> ArrayLike:
+    """Rotation vectors ``(..., 3)`` (axis · angle, angle in ``[0, π]``) of quaternions ``(..., 4)``."""
+    t, was_np = as_tensor(q)
+    check_last_dim(t, 4, "q")
+    return to_output(roma.unitquat_to_rotvec(_normalize(t)[..., [1, 2, 3, 0]], shortest_arc=True), was_np)
+
+
+def rotvec_to_rotmat(v: ArrayLike) -> ArrayLike:
+    """Rotation matrices ``(..., 3, 3)`` of rotation vectors ``(..., 3)`` (Rodrigues)."""
+    t, was_np = as_tensor(v)
+    check_last_dim(t, 3, "v")
+    return to_output(roma.rotvec_to_rotmat(t), was_np)
+
+
+def rotmat_to_rotvec(r: ArrayLike) -> ArrayLike:
+    """Rotation vectors ``(..., 3)`` of rotation matrices ``(..., 3, 3)``."""
+    t, was_np = as_tensor(r)
+    check_matrix(t, "r")
+    return to_output(roma.rotmat_to_rotvec(t), was_np)
+
+
+def special_procrustes(m: ArrayLike) -> ArrayLike:
+    """The rotation matrix nearest (Frobenius) to each ``(..., 3, 3)`` matrix: ``argmax_R tr(Rᵀ M)``.
+
+    For ``M = Σ dst srcᵀ`` it is the Kabsch rotation with ``dst ≈ R src``.
+    """
+    t, was_np = as_tensor(m)
+    check_matrix(t, "m")
+    return to_output(roma.special_procrustes(t), was_np)
+
+
+def random_unitquat(n: int, seed: int | None = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(n, 4)`` quaternions uniform on S³ (normalised Gaussians, float64 draws), scalar-first.
+
+    Seeded with a torch generator so that a seed gives the same draws on every machine;
+    ``seed=None`` draws from the clock.
+    """
+    import time
+
+    g = torch.Generator().manual_seed(int(seed) if seed is not None else int(time.time_ns() % 2**31))
+    q = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    return (q / q.norm(dim=1, keepdim=True)).to(dtype)

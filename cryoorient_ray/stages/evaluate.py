@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cryoorient_ray.core.model import EuclideanDistance
-from cryoorient_ray.core.pairs import candidate_pairs, pair_distances, uniform_resample
+from cryoorient_ray.core.learning.model import EuclideanDistance
+from cryoorient_ray.core.learning.pairs import candidate_pairs, pair_distances, uniform_resample
 from cryoorient_ray.errors import CryoOrientError
-from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
+from cryoorient_ray.io.store import ProjectionStore, split_codes
 
 
 def embed_rows(model, store: ProjectionStore, rows: np.ndarray, batch_size: int = 256) -> torch.Tensor:
@@ -34,14 +34,12 @@ def sample_pairs(
 
     ``proteins``: ``all``, ``seen`` (not held out from training) or ``heldout``.
     """
-    if split not in SPLIT_CODES:
-        raise CryoOrientError(f"unknown split {split!r}; use train, val or test")
+    split_codes(split)
     if not store.manifest.get("has_orientations", True):
         raise CryoOrientError(f"{store.path} has no true orientations: distances cannot be compared to d_q")
-    rows = store.done_rows()
-    meta = store.read_metadata(rows, names=["split", "protein", "quaternion"])
-    keep = (meta["split"] == SPLIT_CODES[split]) & store.protein_mask(proteins)[meta["protein"]]
-    rows, prot, quat = rows[keep], meta["protein"][keep], meta["quaternion"][keep]
+    rows = store.select_rows(split=split, proteins=proteins)
+    meta = store.read_metadata(rows, names=["protein", "quaternion"])
+    prot, quat = meta["protein"], meta["quaternion"]
     if len(rows) < 2:
         raise CryoOrientError(
             f"{store.path} has fewer than 2 completed projections of {proteins} proteins in split '{split}'"

@@ -25,7 +25,7 @@ import ray
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cryoorient_ray.config import InputSpec, SimulateConfig
-from cryoorient_ray.core.parameters import sample_projection_parameters
+from cryoorient_ray.core.imaging.parameters import sample_projection_parameters
 from cryoorient_ray.distributed.runtime import current_node_id, record_nodes
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import strip_suffixes
@@ -100,7 +100,7 @@ def _unwrap(exc: Exception, what: str) -> CryoOrientError:
 def _prepare_map_task(source: str, voxel_size: float | None, resolution: float | None, image_size: int, cache_dir):
     import torch
 
-    from cryoorient_ray.core.volume import prepare_map
+    from cryoorient_ray.core.density.volume import prepare_map
     from cryoorient_ray.io.maps import load_density
 
     torch.set_num_threads(1)
@@ -116,8 +116,8 @@ def _render_shard_task(store_path: str, shard: int, volume_refs: dict, settings:
     """Render and write one shard; returns ``(shard, seconds, node id)``."""
     import torch
 
-    from cryoorient_ray.core.forward import render_projections
-    from cryoorient_ray.core.projection import make_projector
+    from cryoorient_ray.core.imaging.forward import render_projections
+    from cryoorient_ray.core.imaging.projection import make_projector
 
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, int(settings.get("threads", 1))))

@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from cryoorient_ray.core.volume import DensityMap, normalize_map
+from cryoorient_ray.core.density.volume import DensityMap, normalize_map
 from cryoorient_ray.errors import CryoOrientError
 
 CA_STEP = 3.8  # Å between consecutive Cα
@@ -206,7 +206,7 @@ def pseudo_protein(
 
     Returns:
         :class:`DensityMap` ``(box_size,)*3`` float32 ``[z, y, x]``, named ``pseudo:SEED``,
-        normalised by :func:`~cryoorient_ray.core.volume.normalize_map`, with the centre of
+        normalised by :func:`~cryoorient_ray.core.density.volume.normalize_map`, with the centre of
         mass of the residues on voxel ``box_size // 2``.
 
     Raises:

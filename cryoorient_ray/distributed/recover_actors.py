@@ -21,7 +21,7 @@ import numpy as np
 import ray
 import torch
 
-from cryoorient_ray.core.recover import EdgeObjective, RecoveryResult, RecoverySettings, recover_orientations
+from cryoorient_ray.core.recovery.solver import EdgeObjective, RecoveryResult, RecoverySettings, recover_orientations
 from cryoorient_ray.distributed.runtime import current_node_id, record_nodes
 from cryoorient_ray.errors import CryoOrientError
 
@@ -109,7 +109,7 @@ class _Embedder:
     """Ray Data map_batches worker: loads the model once, embeds a batch of images."""
 
     def __init__(self, model_path: str):
-        from cryoorient_ray.core.model import load_distance_model
+        from cryoorient_ray.core.learning.model import load_distance_model
 
         torch.set_num_threads(1)
         self.model, _ = load_distance_model(model_path)

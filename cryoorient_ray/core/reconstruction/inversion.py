@@ -1,21 +1,21 @@
 """Volume reconstruction from projections with known orientations: direct Fourier inversion, CG, ASTRA.
 
-Geometry (the project's convention, docs/CONVENTIONS.md, and :mod:`cryoorient_ray.core.projection`):
+Geometry (the project's convention, docs/CONVENTIONS.md, and :mod:`cryoorient_ray.core.imaging.projection`):
 
 - Images are ``(B, L, L)`` indexed ``[y, x]`` with the origin at pixel ``L // 2``; the volume
   comes back as ``(D, D, D)`` with ``D = L``, indexed ``[z, y, x]``, origin at voxel ``D // 2``.
 - Image ``i`` is ``p_i(x, y) = ∫ V(R_iᵀ · (x, y, z)) dz`` moved by its shift ``t_i = (tx, ty)``
   pixels (the object's centre at ``(L // 2 + tx, L // 2 + ty)``) and, optionally, multiplied
   by its CTF in Fourier space, i.e. the forward model of
-  :class:`~cryoorient_ray.core.projection.FourierSliceProjector` followed by
-  :func:`~cryoorient_ray.core.ctf.apply_ctf`. By the projection-slice theorem the 2D FT of
+  :class:`~cryoorient_ray.core.imaging.projection.FourierSliceProjector` followed by
+  :func:`~cryoorient_ray.core.imaging.ctf.apply_ctf`. By the projection-slice theorem the 2D FT of
   ``p_i`` at ``(kx, ky)`` is the 3D FT of ``V`` at ``R_iᵀ · (kx, ky, 0) = kx·R_i[0, :] + ky·R_i[1, :]``
   (components ``(x, y, z)``).
 
 Direct Fourier inversion (:func:`reconstruct_fourier`): each image is zero-padded (centred) to
 ``N = oversampling · L``, Fourier transformed, its shift undone by the phase ramp
 ``exp(+2πi (kx tx + ky ty) / N)`` and multiplied by its CTF ``c`` (computed on the padded grid,
-as :func:`~cryoorient_ray.core.ctf.apply_ctf` applies it). The half-plane ``kx ≥ 0`` inside the
+as :func:`~cryoorient_ray.core.imaging.ctf.apply_ctf` applies it). The half-plane ``kx ≥ 0`` inside the
 Nyquist circle ``|k| ≤ N / 2`` is then inserted into an ``N³`` Fourier grid with trilinear
 weights ``w`` (``index_add_`` on flattened indices), accumulating ``Σ w c P`` and ``Σ w c²``;
 the Hermitian mates ``-k`` are added at the end (so the map is real). The grid is divided by
@@ -35,7 +35,7 @@ Speed (float32, measured on an idle 16-core Xeon with 2 threads): 0.3–0.6 s fo
 on an H100 the same code takes 10 ms and 50 ms (0.8 s for 20,000 images of 128²).
 
 This module never imports ray or zarr; ASTRA is imported lazily and its 3D CUDA calls are only
-made when :func:`~cryoorient_ray.core.projection_astra.astra_available` is True (without a GPU
+made when :func:`~cryoorient_ray.core.imaging.projection_astra.astra_available` is True (without a GPU
 they kill the process).
 """
 
@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 
 from cryoorient_ray.core._array import ArrayLike, as_tensor, to_output
-from cryoorient_ray.core.ctf import ctf_2d
-from cryoorient_ray.core.fsc import soft_mask
-from cryoorient_ray.core.projection import _rotmats_tensor, _shifts_tensor
+from cryoorient_ray.core.imaging.ctf import ctf_2d
+from cryoorient_ray.core.imaging.projection import _rotmats_tensor, _shifts_tensor
+from cryoorient_ray.core.reconstruction.fsc import soft_mask
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = [
@@ -138,7 +138,7 @@ def _float_option(value, name: str) -> float:
 def _ctf_source(ctf, b: int, n: int, pixel_size: float, dtype, device) -> CtfSource | None:
     """A function ``image indices (m,) -> CTF (m, N, N//2 + 1)`` on the padded rfft grid, or None.
 
-    ``ctf`` is None, a dict of :func:`~cryoorient_ray.core.ctf.ctf_2d` parameters (scalars or
+    ``ctf`` is None, a dict of :func:`~cryoorient_ray.core.imaging.ctf.ctf_2d` parameters (scalars or
     ``(B,)`` arrays; ``defocus_u``, ``defocus_v``, ``defocus_angle`` required) or an array
     ``(B, N, N//2 + 1)`` / ``(1, N, N//2 + 1)`` already on the padded grid.
     """
@@ -192,8 +192,8 @@ def _ctf_source(ctf, b: int, n: int, pixel_size: float, dtype, device) -> CtfSou
 def _symmetry_rotmats(symmetry: str | None, dtype, device) -> torch.Tensor | None:
     if symmetry is None:
         return None
-    from cryoorient_ray.core.quaternion import unitquat_to_rotmat
-    from cryoorient_ray.core.symmetry import symmetry_group
+    from cryoorient_ray.core.geometry.quaternion import unitquat_to_rotmat
+    from cryoorient_ray.core.geometry.symmetry import symmetry_group
 
     group = symmetry_group(symmetry)
     if group.order == 1:
@@ -371,7 +371,7 @@ def reconstruct_fourier(
             (object moved by ``+t``); they are undone.
         ctf: None, a dict of CTF parameters (keys :data:`CTF_KEYS`: ``defocus_u``,
             ``defocus_v``, ``defocus_angle`` required, scalars or ``(B,)`` arrays; RELION's units)
-            evaluated with :func:`~cryoorient_ray.core.ctf.ctf_2d` on the padded ``N × N`` grid
+            evaluated with :func:`~cryoorient_ray.core.imaging.ctf.ctf_2d` on the padded ``N × N`` grid
             (needs ``pixel_size``), or an array ``(B, N, N//2 + 1)`` (or ``(1, …)``) on that grid.
             Images are multiplied by the CTF and the weights accumulate ``CTF²`` (phase flip and
             amplitude correction in one).
@@ -383,7 +383,7 @@ def reconstruct_fourier(
         symmetry: optional point group (``"C4"``, ``"D2"``, ``"I"`` …, project convention):
             each image is also inserted at ``R · g`` for every ``g`` of the group.
         mask_radius: optional radius (voxels) of a spherical soft mask (cosine edge of
-            ``mask_width`` voxels, :func:`~cryoorient_ray.core.fsc.soft_mask`) applied to the result.
+            ``mask_width`` voxels, :func:`~cryoorient_ray.core.reconstruction.fsc.soft_mask`) applied to the result.
         batch_size: images per chunk (also bounded so one chunk inserts ≤ 2²³ points). Default:
             64 on CPU (small chunks keep the grid lines a chunk touches in cache across its 8
             corner passes; the fastest for 32² and 64² images) and 1024 on a GPU (fewer launches).
@@ -526,7 +526,7 @@ def reconstruct_cg(
 ):
     """Least squares ``min_V Σ_i ‖A_i V − p_i‖² + λ‖V‖²`` by conjugate gradients on the normal equations.
 
-    ``A_i`` is the forward model of :class:`~cryoorient_ray.core.projection.FourierSliceProjector`
+    ``A_i`` is the forward model of :class:`~cryoorient_ray.core.imaging.projection.FourierSliceProjector`
     (trilinear slice sampling, gridding-corrected, ``oversampling``-padded), then the shift and
     the CTF (same ``ctf``/``pixel_size`` forms as :func:`reconstruct_fourier`, but applied on the
     projector's ``N × N`` slice before the crop); ``Aᵀ`` comes from autograd. Each iteration
@@ -600,12 +600,12 @@ def reconstruct_cg(
 
 
 def _reconstruct_astra(imgs: np.ndarray, rotmats: np.ndarray, shifts: np.ndarray | None, iterations: int) -> np.ndarray:
-    """ASTRA's ``CGLS3D_CUDA`` in the geometry of :mod:`cryoorient_ray.core.projection_astra`.
+    """ASTRA's ``CGLS3D_CUDA`` in the geometry of :mod:`cryoorient_ray.core.imaging.projection_astra`.
 
     ``imgs (B, L, L)`` float32, ``rotmats (B, 3, 3)``, ``shifts (B, 2)``; returns ``(L, L, L)`` float32.
-    Call only when :func:`~cryoorient_ray.core.projection_astra.astra_available` is True.
+    Call only when :func:`~cryoorient_ray.core.imaging.projection_astra.astra_available` is True.
     """
-    from cryoorient_ray.core.projection_astra import astra_available, astra_vectors
+    from cryoorient_ray.core.imaging.projection_astra import astra_available, astra_vectors
 
     if not astra_available():
         raise CryoOrientError("ASTRA with CUDA is not available (no astra-toolbox, or no usable GPU)")
@@ -650,7 +650,7 @@ def reconstruct_astra(
 ) -> ArrayLike:
     """CGLS reconstruction with ASTRA's ``CGLS3D_CUDA`` (needs astra-toolbox with CUDA and a GPU).
 
-    Same geometry as :func:`~cryoorient_ray.core.projection_astra.astra_project` (its ray-casting
+    Same geometry as :func:`~cryoorient_ray.core.imaging.projection_astra.astra_project` (its ray-casting
     forward model; no CTF, so ``pixel_size`` is accepted for a uniform API and not used). The
     whole stack goes to the GPU at once (``B · L²`` float32 values), with every image repeated
     for each element of ``symmetry``. ``iterations`` CGLS iterations start from zero. Returns the
@@ -698,7 +698,7 @@ def reconstruct(
     - ``"fourier"``: :func:`reconstruct_fourier` (direct Fourier inversion; fast on CPU).
     - ``"cg"``: :func:`reconstruct_cg` (least squares, started from the Fourier inversion).
     - ``"astra"``: :func:`reconstruct_astra` (ASTRA's ``CGLS3D_CUDA``; needs a CUDA GPU; no CTF).
-    - ``"auto"``: ``"astra"`` when :func:`~cryoorient_ray.core.projection_astra.astra_available`
+    - ``"auto"``: ``"astra"`` when :func:`~cryoorient_ray.core.imaging.projection_astra.astra_available`
       is True and no CTF is given, else ``"fourier"``.
 
     ``kwargs`` go to the chosen function (e.g. ``pixel_size``, ``wiener``, ``iterations``,
@@ -710,7 +710,7 @@ def reconstruct(
         raise CryoOrientError(f"unknown reconstruction method {method!r}; choose one of {', '.join(METHODS)}")
     functions = {"fourier": reconstruct_fourier, "cg": reconstruct_cg, "astra": reconstruct_astra}
     if method == "auto":
-        from cryoorient_ray.core.projection_astra import astra_available
+        from cryoorient_ray.core.imaging.projection_astra import astra_available
 
         astra_ok = ctf is None and not set(kwargs) - _options(reconstruct_astra)
         method = "astra" if astra_ok and astra_available() else "fourier"

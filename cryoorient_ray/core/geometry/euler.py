@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from cryoorient_ray.core._array import ArrayLike, as_tensor, check_last_dim, check_matrix, to_output
-from cryoorient_ray.core.quaternion import rotmat_to_unitquat, unitquat_to_rotmat
+from cryoorient_ray.core.geometry.quaternion import rotmat_to_unitquat, unitquat_to_rotmat
 
 # Below this |sin(tilt)| the view is along ±z and rot, psi are not separable (gimbal lock).
 _GIMBAL_EPS = 1e-6

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from cryoorient_ray.core.symmetry import symmetric_quat_distance
+from cryoorient_ray.core.geometry.symmetry import symmetric_quat_distance
 from cryoorient_ray.errors import CryoOrientError
 
 

@@ -1,7 +1,7 @@
 """Orientation recovery: unit quaternions whose distances match the estimated ones on a pair graph.
 
 Minimises the paper's objective (Banjac et al. 2021, eq. 5) over the edges ``(i, j)`` of a sparse
-pair graph (:mod:`cryoorient_ray.core.graph`)
+pair graph (:mod:`cryoorient_ray.core.recovery.graph`)
 
     L_OR = mean_edges |d̂_ij − d_q(q̂_i, q̂_j)|²,      d_q = 2·arccos|⟨q̂_i, q̂_j⟩|,
 
@@ -13,7 +13,7 @@ Two things make it fast and reliable where the paper's recovery took hours:
   edges with ``index_add_``: one pass over ``E`` edges, no autograd graph. :class:`EdgeObjective`
   holds one *partition* of the edges and returns ``(loss sum, gradient)``; partitions add up, so
   the same optimiser runs in-process (one partition) or with partitions on Ray actors
-  (:mod:`cryoorient_ray.distributed.recover`), the driver summing their gradients (synchronous
+  (:mod:`cryoorient_ray.distributed.recover_actors`), the driver summing their gradients (synchronous
   data parallelism: every step sees the gradient of the whole graph, so results do not depend on
   the number of actors).
 - **A smooth warm start.** The first phase minimises ``|cos d̂_ij − cos d_q|²`` where
@@ -23,7 +23,7 @@ Two things make it fast and reliable where the paper's recovery took hours:
 
 ``L_OR`` is tracked at every step; the paper shows it is a usable proxy for the orientation error
 when no ground truth exists. The solution is defined up to the O(4) transformations of S³ that
-preserve all distances; :mod:`cryoorient_ray.core.gauge` picks the physical one from the images.
+preserve all distances; :mod:`cryoorient_ray.core.recovery.gauge` picks the physical one from the images.
 
 Quaternions are scalar-first ``(w, x, y, z)``. This module never imports ray.
 """
@@ -332,7 +332,7 @@ def round_to_rotations(
 
 def _gram_start(n_nodes, grad_fn, n_edges, s: RecoverySettings, seed: int, trace: list[float], on_step):
     """Rank-9 Gram completion (unit vectors in R⁹, target (1 + 2 cos d̂)/3), rounded to quaternions."""
-    from cryoorient_ray.core.quaternion import rotmat_to_unitquat
+    from cryoorient_ray.core.geometry.quaternion import rotmat_to_unitquat
 
     g = torch.Generator().manual_seed(int(seed))
     y0 = torch.randn(n_nodes, 9, generator=g)

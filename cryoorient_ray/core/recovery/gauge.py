@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from cryoorient_ray.core._array import as_tensor
-from cryoorient_ray.core.quaternion import (
+from cryoorient_ray.core.geometry.quaternion import (
     quat_conjugate,
     quat_product,
     rotmat_to_unitquat,
@@ -284,7 +284,7 @@ def crossval_score_fn(
     """Score of a set of rotation matrices: cross-validated re-projection correlation.
 
     The images are split in two random halves; a volume reconstructed from each half
-    (:func:`~cryoorient_ray.core.reconstruct.reconstruct_fourier`, CTF-corrected when ``ctf``
+    (:func:`~cryoorient_ray.core.reconstruction.inversion.reconstruct_fourier`, CTF-corrected when ``ctf``
     is given) is re-projected at the other half's orientations (times their CTF) and correlated
     (Pearson, per image, after a Gaussian low-pass of ``lowpass`` cycles/pixel) with those
     images; the score is the mean over both directions.
@@ -292,12 +292,12 @@ def crossval_score_fn(
     Args:
         images: ``(P, L, L)`` centred images.
         ctf: optional dict of per-image CTF parameters (``(P,)`` arrays or scalars, keys of
-            :data:`~cryoorient_ray.core.reconstruct.CTF_KEYS`).
+            :data:`~cryoorient_ray.core.reconstruction.inversion.CTF_KEYS`).
         pixel_size: Å per pixel of ``images`` (for the CTF).
     """
-    from cryoorient_ray.core.ctf import apply_ctf
-    from cryoorient_ray.core.projection import FourierSliceProjector
-    from cryoorient_ray.core.reconstruct import reconstruct_fourier, subset_ctf
+    from cryoorient_ray.core.imaging.ctf import apply_ctf
+    from cryoorient_ray.core.imaging.projection import FourierSliceProjector
+    from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier, subset_ctf
 
     x = _images(images)
     p = x.shape[0]

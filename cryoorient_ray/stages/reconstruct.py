@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cryoorient_ray.config import ReconstructConfig, RunConfig
-from cryoorient_ray.core.quaternion import unitquat_to_rotmat
+from cryoorient_ray.core.geometry.quaternion import unitquat_to_rotmat
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.store import ProjectionStore
 
@@ -71,10 +71,10 @@ def reconstruct_from_recovery(
     progress=None,
 ) -> ReconstructionOutcome:
     """Volumes, half maps, FSC curves (and refinement) for one recovered protein."""
-    from cryoorient_ray.core.align import align_rotation
-    from cryoorient_ray.core.fsc import fsc
-    from cryoorient_ray.core.reconstruct import half_maps, reconstruct
-    from cryoorient_ray.core.sampling import sample_orientations
+    from cryoorient_ray.core.geometry.sampling import sample_orientations
+    from cryoorient_ray.core.reconstruction.fsc import fsc
+    from cryoorient_ray.core.reconstruction.inversion import half_maps, reconstruct
+    from cryoorient_ray.core.recovery.align import align_rotation
 
     rcfg = cfg.reconstruct
     store = ProjectionStore.open(store_path)
@@ -106,7 +106,7 @@ def reconstruct_from_recovery(
     t0 = time.perf_counter()
     q_use = q
     if rcfg.refine_rounds > 0:
-        from cryoorient_ray.core.refine import refine_orientations
+        from cryoorient_ray.core.refinement.local import refine_orientations
 
         res = refine_orientations(
             images.numpy(),

@@ -400,13 +400,13 @@ def make_projector(volume: ArrayLike, backend: str = "auto", device=None, **kwar
     - ``"torch"``: :class:`FourierSliceProjector` (``kwargs`` go to it, e.g. ``oversampling``).
     - ``"real"``: :func:`real_space_project` (slow reference).
     - ``"astra"``: ASTRA's CUDA ``parallel3d_vec`` forward projector
-      (:func:`cryoorient_ray.core.projection_astra.astra_project`); needs a CUDA GPU.
-    - ``"auto"``: ``"astra"`` when :func:`~cryoorient_ray.core.projection_astra.astra_available`
+      (:func:`cryoorient_ray.core.imaging.projection_astra.astra_project`); needs a CUDA GPU.
+    - ``"auto"``: ``"astra"`` when :func:`~cryoorient_ray.core.imaging.projection_astra.astra_available`
       is True, else ``"torch"``.
 
     The callable also takes ``image_size=`` (``L``, default ``D``).
     """
-    from cryoorient_ray.core import projection_astra
+    from cryoorient_ray.core.imaging import projection_astra
 
     if backend not in BACKENDS:
         raise CryoOrientError(f"unknown projection backend {backend!r}; choose one of {', '.join(BACKENDS)}")

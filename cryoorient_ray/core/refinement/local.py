@@ -4,7 +4,7 @@ Starting from orientations that are roughly right (e.g. ~10° errors from distan
 each round
 
 1. reconstructs the map from the images and the current orientations
-   (:func:`~cryoorient_ray.core.reconstruct.reconstruct_fourier`, CTF-corrected when a CTF is
+   (:func:`~cryoorient_ray.core.reconstruction.inversion.reconstruct_fourier`, CTF-corrected when a CTF is
    given, soft spherical mask), and two half maps from a fixed random split of the images;
 2. low-passes the reference by the half maps' FSC: every Fourier coefficient is weighted by
    ``w(s) = sqrt(2·FSC(s) / (1 + FSC(s)))`` (Rosenthal & Henderson's ``C_ref``) up to the first
@@ -25,7 +25,7 @@ each round
 Scoring happens in Fourier space, without making images: by the projection-slice theorem the
 2D DFT of a projection is the central slice ``Rᵀ·(kx, ky, 0)`` of the map's 3D FT (computed once
 per round, zero-padded 2× with the trilinear gridding correction, as
-:class:`~cryoorient_ray.core.projection.FourierSliceProjector` does). Only the points of the
+:class:`~cryoorient_ray.core.imaging.projection.FourierSliceProjector` does). Only the points of the
 images' ``L × L`` rfft half-plane inside the filter's band are sampled (``grid_sample``) and
 multiplied by the image's CTF; the images' DFTs (their shifts undone by a phase ramp) are
 computed once. The score is the normalised cross-correlation of the low-passed image and the
@@ -35,7 +35,7 @@ low-passed projection,
 
 over the band without the zero frequency (``h`` counts the Hermitian mates): by Parseval the
 correlation over the ``L × L`` box. The CTF is applied on that grid too, i.e. its point-spread
-function wraps round the box where :func:`~cryoorient_ray.core.ctf.apply_ctf` pads 2× first; for
+function wraps round the box where :func:`~cryoorient_ray.core.imaging.ctf.apply_ctf` pads 2× first; for
 PSFs small against the box this changes nothing (measured: the same errors as on the padded
 grid, at a quarter of the cost).
 
@@ -64,10 +64,10 @@ import torch
 import torch.nn.functional as F
 
 from cryoorient_ray.core._array import ArrayLike, as_tensor, check_pixel_size
-from cryoorient_ray.core.align import align_rotation
-from cryoorient_ray.core.fsc import best_hand, fsc, soft_mask
-from cryoorient_ray.core.quaternion import quat_canonicalize, quat_distance, quat_product, unitquat_to_rotmat
-from cryoorient_ray.core.reconstruct import _ctf_source, reconstruct_fourier
+from cryoorient_ray.core.geometry.quaternion import quat_canonicalize, quat_distance, quat_product, unitquat_to_rotmat
+from cryoorient_ray.core.reconstruction.fsc import best_hand, fsc, soft_mask
+from cryoorient_ray.core.reconstruction.inversion import _ctf_source, reconstruct_fourier
+from cryoorient_ray.core.recovery.align import align_rotation
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = ["RefineResult", "candidate_lattice", "refine_orientations"]
@@ -101,7 +101,7 @@ class RefineResult:
             (highest frequency scored, 1/Å), ``resolution_0143`` (FSC = 0.143 of the half maps
             after the round, Å; optimistic: both halves were aligned to the same reference),
             ``seconds`` (the round's matching and reconstructions, without the measures against
-            the truth); with ``q_true`` also ``error`` (:func:`~cryoorient_ray.core.align.
+            the truth); with ``q_true`` also ``error`` (:func:`~cryoorient_ray.core.recovery.align.
             align_rotation` mean after the round, rad), with ``reference`` also ``resolution_05``
             (FSC = 0.5 of the map after the round against ``reference``, Å).
         initial: the same measures for the input orientations: ``resolution_0143`` and, when
@@ -392,9 +392,9 @@ def refine_orientations(
         volume: optional ``(L, L, L)`` reference for the first round, in the gauge of
             ``quaternions`` (default: the reconstruction from the images at ``quaternions``).
         shifts: optional ``(P, 2)`` shifts ``(tx, ty)`` in pixels the images were made with (kept fixed).
-        ctf: None, a dict of CTF parameters (keys of :data:`~cryoorient_ray.core.reconstruct.CTF_KEYS`,
+        ctf: None, a dict of CTF parameters (keys of :data:`~cryoorient_ray.core.reconstruction.inversion.CTF_KEYS`,
             scalars or ``(P,)`` arrays) or an array ``(P, 2L, L + 1)`` on the 2× padded rfft
-            grid, as :func:`~cryoorient_ray.core.reconstruct.reconstruct_fourier` takes it; used
+            grid, as :func:`~cryoorient_ray.core.reconstruction.inversion.reconstruct_fourier` takes it; used
             for the reconstructions (CTF correction) and multiplied into the projections.
         pixel_size: Å per pixel (the CTF, and the frequencies and resolutions reported).
         rounds: number of rounds (≥ 0; 0 only reconstructs).

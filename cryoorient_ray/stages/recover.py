@@ -8,8 +8,8 @@ What `cryoorient recover` runs (and the `recover` stage of `cryoorient run`):
    images) or — for experiments — the exact d_q, optionally perturbed by Gaussian noise;
 3. the sparse pair graph (kNN + random edges); only its largest connected component is
    recovered when it falls apart (with a warning);
-4. recovery (:mod:`cryoorient_ray.core.recover`, in-process or on Ray actors);
-5. the physical gauge from the images (:mod:`cryoorient_ray.core.gauge`);
+4. recovery (:mod:`cryoorient_ray.core.recovery.solver`, in-process or on Ray actors);
+5. the physical gauge from the images (:mod:`cryoorient_ray.core.recovery.gauge`);
 6. when the store knows the true orientations: E_OR (O(4), as the paper) and the registration
    error (global rotation + hand, as peers report), and whether the gauge found the physical
    solution.
@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from cryoorient_ray.config import RecoverConfig
-from cryoorient_ray.core.graph import PairGraph, build_pair_graph, knn_edges
-from cryoorient_ray.core.quaternion import quat_distance
-from cryoorient_ray.core.recover import RecoveryResult, RecoverySettings, check_distances
-from cryoorient_ray.core.symmetry import symmetric_quat_distance
+from cryoorient_ray.core.geometry.quaternion import quat_distance
+from cryoorient_ray.core.geometry.symmetry import symmetric_quat_distance
+from cryoorient_ray.core.recovery.graph import PairGraph, build_pair_graph, knn_edges
+from cryoorient_ray.core.recovery.solver import RecoveryResult, RecoverySettings, check_distances
 from cryoorient_ray.errors import CryoOrientError
-from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
+from cryoorient_ray.io.store import ProjectionStore
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Selection:
 
     def subset(self, nodes: np.ndarray) -> Selection:
         """The projections ``nodes`` (indices into ``rows``) of this selection."""
-        from cryoorient_ray.core.reconstruct import subset_ctf
+        from cryoorient_ray.core.reconstruction.inversion import subset_ctf
 
         return Selection(
             rows=self.rows[nodes],
@@ -82,20 +82,8 @@ def select_projections(store: ProjectionStore, cfg: RecoverConfig, seed: int = 0
     proteins = store.proteins
     if not proteins:
         raise CryoOrientError(f"{store.path} lists no proteins")
-    if cfg.protein is None:
-        pid = 0
-    else:
-        names = [p["name"] for p in proteins]
-        if cfg.protein in names:
-            pid = names.index(cfg.protein)
-        elif cfg.protein.isdigit() and int(cfg.protein) < len(proteins):
-            pid = int(cfg.protein)
-        else:
-            raise CryoOrientError(f"protein {cfg.protein!r} is not in {store.path} (it has: {', '.join(names)})")
-    rows = store.done_rows()
-    meta = store.read_metadata(rows, names=["split", "protein"])
-    keep = (meta["protein"] == pid) & (meta["split"] == SPLIT_CODES[cfg.split])
-    rows = rows[keep]
+    pid = 0 if cfg.protein is None else store.protein_index(cfg.protein)
+    rows = store.select_rows(split=cfg.split, protein=pid)
     if cfg.max_projections is not None and len(rows) > cfg.max_projections:
         rows = np.sort(np.random.default_rng(seed).choice(rows, cfg.max_projections, replace=False))
     if len(rows) < 3:
@@ -121,8 +109,8 @@ def make_estimator(
     store: ProjectionStore, sel: Selection, cfg: RecoverConfig, model_path: str | None, seed: int = 0
 ) -> Estimator:
     """The distance estimator named by ``cfg.estimator``."""
-    from cryoorient_ray.core.model import load_distance_model
-    from cryoorient_ray.evaluation import embed_rows, fit_euclidean
+    from cryoorient_ray.core.learning.model import load_distance_model
+    from cryoorient_ray.stages.evaluate import embed_rows, fit_euclidean
 
     if cfg.estimator == "exact":
         if sel.q_true is None:
@@ -161,7 +149,7 @@ def make_estimator(
             f"{store.path} has {store.image_size}² images; {model_path} needs at least {model.spec.min_image_size}²"
         )
     if cfg.actors > 0:  # Ray is running: stream the images through Ray Data workers
-        from cryoorient_ray.distributed.recover import embed_with_ray_data
+        from cryoorient_ray.distributed.recover_actors import embed_with_ray_data
 
         emb = torch.as_tensor(
             embed_with_ray_data(str(store.path), cfg.split, str(model_path), sel.rows, concurrency=cfg.actors)
@@ -186,8 +174,8 @@ def _restrict(graph: PairGraph, keep: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def gauge_inputs(store: ProjectionStore, sel: Selection, size: int):
     """Centred, Fourier-cropped images of ``sel``, their CTF and the cropped pixel size."""
-    from cryoorient_ray.core.gauge import fourier_crop
-    from cryoorient_ray.core.projection import shift_images
+    from cryoorient_ray.core.imaging.projection import shift_images
+    from cryoorient_ray.core.recovery.gauge import fourier_crop
 
     imgs = torch.as_tensor(store.read_images(sel.rows), dtype=torch.float32)
     if np.abs(sel.shifts).max(initial=0.0) > 0:
@@ -199,7 +187,7 @@ def gauge_inputs(store: ProjectionStore, sel: Selection, size: int):
 
 def run_gauge(store: ProjectionStore, sel: Selection, q_est: np.ndarray, cfg: RecoverConfig, seed: int):
     """Resolve the gauge on a random subset of the recovered projections; returns the GaugeResult."""
-    from cryoorient_ray.core.gauge import crossval_score_fn, resolve_gauge
+    from cryoorient_ray.core.recovery.gauge import crossval_score_fn, resolve_gauge
 
     rng = np.random.default_rng(seed + 11)
     p = len(q_est)
@@ -248,8 +236,8 @@ def recover_store(
     status=None,
 ) -> RecoveryOutcome:
     """Run the whole recovery on ``store_path``. Ray must be running when ``cfg.actors > 0``."""
-    from cryoorient_ray.core.align import align_o4, align_rotation, error_report
-    from cryoorient_ray.distributed.recover import recover_on_actors
+    from cryoorient_ray.core.recovery.align import align_o4, align_rotation, error_report
+    from cryoorient_ray.distributed.recover_actors import recover_on_actors
 
     def say(msg: str) -> None:
         if status is not None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cryoorient_ray.core.euler import unitquat_to_euler_relion
-from cryoorient_ray.core.sampling import sample_orientations
+from cryoorient_ray.core.geometry.euler import unitquat_to_euler_relion
+from cryoorient_ray.core.geometry.sampling import sample_orientations
 from cryoorient_ray.errors import CryoOrientError
 
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_TEST = 0, 1, 2

@@ -2,7 +2,7 @@
 
 The Ray 2.4x+ (Train V2) way of combining the two: a Tune *function trainable*
 (:func:`tune_trial`) builds and fits one ``TorchTrainer`` per trial with the same code as
-``cryoorient train`` (:func:`~cryoorient_ray.distributed.train.build_trainer`); Tune's
+``cryoorient train`` (:func:`~cryoorient_ray.distributed.train_workers.build_trainer`); Tune's
 ``TuneReportCallback`` forwards every epoch's ``ray.train.report`` to Tune, so
 ``training_iteration`` is the epoch and ASHA can stop weak trials on the validation L_DE after
 ``grace_period`` epochs. The trial actor itself only drives its Train run (a fraction of a CPU);
@@ -192,7 +192,7 @@ def n_trials(space: dict[str, tuple[str, Any]], num_samples: int) -> int:
 
 def check_space_fits_store(space: dict[str, tuple[str, Any]], base_train: TrainConfig, image_size: int) -> None:
     """Refuse architectures deeper than the images allow before any trial starts."""
-    from cryoorient_ray.core.model import SiameseSpec
+    from cryoorient_ray.core.learning.model import SiameseSpec
 
     kind, args = space.get("train.model.channels", ("value", base_train.model.channels))
     for channels in [args] if kind == "value" else _candidates(kind, args):
@@ -246,7 +246,7 @@ def tune_trial(config: dict, base_train: dict, stores: list[str], seed: int, exp
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cryoorient_ray.distributed.train import build_trainer, export_trained_model
+    from cryoorient_ray.distributed.train_workers import build_trainer, export_trained_model
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_train_config(base_train, config)

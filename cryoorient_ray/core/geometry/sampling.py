@@ -8,13 +8,13 @@
     SO(3): directions crowd at the poles, as in the paper's Figure 12, orange).
 
 ``coverage`` restricts the viewing direction ``(rot, tilt)`` (RELION angles, see
-:mod:`cryoorient_ray.core.euler`); ``psi`` always covers ``[0, 360)``:
+:mod:`cryoorient_ray.core.geometry.euler`); ``psi`` always covers ``[0, 360)``:
   - ``"full"``:    ``tilt ∈ [0, 180]``, ``rot ∈ [0, 360)``
   - ``"half"``:    ``tilt ∈ [0, 90)``,  ``rot ∈ [0, 360)``  (a hemisphere)
   - ``"quarter"``: ``tilt ∈ [0, 90)``,  ``rot ∈ [0, 180)``  (the paper's treatment of 5a1a's D2)
 
 For symmetric proteins, prefer full coverage with a symmetry-aware distance
-(:mod:`cryoorient_ray.core.symmetry`) over restricting coverage.
+(:mod:`cryoorient_ray.core.geometry.symmetry`) over restricting coverage.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import math
 
 import numpy as np
 
-from cryoorient_ray.core.euler import euler_relion_to_unitquat
-from cryoorient_ray.core.quaternion import quat_canonicalize
+from cryoorient_ray.core.geometry.euler import euler_relion_to_unitquat
+from cryoorient_ray.core.geometry.quaternion import quat_canonicalize
 from cryoorient_ray.errors import CryoOrientError
 
 SAMPLERS = ("uniform", "euler")
