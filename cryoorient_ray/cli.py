@@ -187,7 +187,8 @@ def run(
     With --address every stage runs on that Ray cluster (see clusters/ and docs/SCALING.md).
     """
     from cryoorient_ray.config import load_config
-    from cryoorient_ray.pipeline import SUMMARY_NAME, run_pipeline
+    from cryoorient_ray.pipeline import run_pipeline
+    from cryoorient_ray.stages.base import SUMMARY_NAME
 
     cfg = load_config(config, {"seed": seed, "ray.address": address}, sets)
     out_dir, results = run_pipeline(cfg, out, argv=sys.argv, progress=progress, force=force)
@@ -228,7 +229,7 @@ def simulate(
     Runs one Ray task per shard; re-running the same command resumes an interrupted store.
     """
     from cryoorient_ray.config import load_config
-    from cryoorient_ray.pipeline import run_simulate
+    from cryoorient_ray.stages.simulate import run_simulate
 
     overrides = {
         "seed": seed,
@@ -274,7 +275,7 @@ def train(
     Euclidean on test pairs), history.json, TensorBoard logs and Ray Train checkpoints.
     """
     from cryoorient_ray.config import load_config
-    from cryoorient_ray.pipeline import run_train
+    from cryoorient_ray.stages.train import run_train
 
     overrides = {
         "seed": seed,
@@ -307,7 +308,7 @@ def distances(
     ),
 ) -> None:
     """Plot d̂ against d_q on test pairs and print L_DE (learned model and/or Euclidean baseline)."""
-    from cryoorient_ray.pipeline import evaluate_distances
+    from cryoorient_ray.stages.train import evaluate_distances
 
     out.mkdir(parents=True, exist_ok=True)
     reports = evaluate_distances(store, out, model, euclidean, split, pairs, seed, proteins)
@@ -330,7 +331,7 @@ def store_info(
     import json as _json
 
     from cryoorient_ray.io.store import ProjectionStore
-    from cryoorient_ray.pipeline import write_store_preview
+    from cryoorient_ray.stages.simulate import write_store_preview
 
     st = ProjectionStore.open(store)
     summary = st.summary()
@@ -389,7 +390,7 @@ def import_star(
 ) -> None:
     """Import a RELION particle stack (.star + .mrcs) into a projection store."""
     from cryoorient_ray.io.relion import import_relion
-    from cryoorient_ray.pipeline import write_store_preview
+    from cryoorient_ray.stages.simulate import write_store_preview
 
     st = import_relion(star, store, shard_size=shard_size, symmetry=symmetry, split=split)
     preview = write_store_preview(st, store.with_name(store.stem + "_samples.png"))
@@ -447,7 +448,7 @@ def recover(
     store knows the truth, E_OR (O(4)), the registration error and their histogram.
     """
     from cryoorient_ray.config import load_config
-    from cryoorient_ray.pipeline import run_recover
+    from cryoorient_ray.stages.recover import run_recover
 
     chosen = [
         name for name, on in (("--euclidean", euclidean), ("--exact", exact), ("--perturb", perturb is not None)) if on
@@ -505,7 +506,7 @@ def reconstruct(
 ) -> None:
     """Reconstruct a volume from projections + orientations: .mrc maps, half-map FSC, FSC vs truth when known."""
     from cryoorient_ray.config import load_config
-    from cryoorient_ray.pipeline import run_reconstruct
+    from cryoorient_ray.stages.reconstruct import run_reconstruct
 
     cfg = load_config(config, {"reconstruct.refine_rounds": refine, "reconstruct.method": method}, sets)
     out_dir, result = run_reconstruct(cfg, store, str(orientations), out, argv=sys.argv)
@@ -525,7 +526,7 @@ def align(
     ),
 ) -> None:
     """E_OR (the paper's min over O(4)) and the registration error (global rotation + hand) between two .star files."""
-    from cryoorient_ray.pipeline import run_align
+    from cryoorient_ray.stages.recover import run_align
 
     rep = run_align(str(truth), str(estimate), out, symmetry)
     stdout.print(
@@ -583,7 +584,7 @@ def tune(
     if ctx.invoked_subcommand is not None:
         return
     from cryoorient_ray.config import load_config
-    from cryoorient_ray.pipeline import run_tune
+    from cryoorient_ray.stages.tune import run_tune
 
     if resume is not None:
         given = [
@@ -669,7 +670,7 @@ def orientations(
 ) -> None:
     """Sample orientations; write RELION .star (rot/tilt/psi), .npy (wxyz quaternions) and a PNG."""
     from cryoorient_ray.config import load_config
-    from cryoorient_ray.pipeline import run_orientations
+    from cryoorient_ray.stages.orientations import run_orientations
 
     overrides = {
         "seed": seed,

@@ -71,7 +71,10 @@ def run(ctx: Context) -> dict:
     from cryoorient_ray.core.learning.model import save_distance_model
     from cryoorient_ray.core.recovery.align import align_o4
     from cryoorient_ray.io.store import ProjectionStore
-    from cryoorient_ray.pipeline import MODEL_NAME, stage_reconstruct, stage_recover, stage_simulate, store_path_for
+    from cryoorient_ray.stages.base import MODEL_NAME, store_path_for
+    from cryoorient_ray.stages.reconstruct import stage_reconstruct
+    from cryoorient_ray.stages.recover import stage_recover
+    from cryoorient_ray.stages.simulate import stage_simulate
 
     n = 5000
     steps = ctx.pick(2500, 40000)

@@ -14,7 +14,9 @@ What the ``reconstruct`` stage of `cryoorient run` (and `cryoorient reconstruct`
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +26,11 @@ import torch
 
 from cryoorient_ray.config import ReconstructConfig, RunConfig
 from cryoorient_ray.core.geometry.quaternion import unitquat_to_rotmat
+from cryoorient_ray.core.geometry.sampling import sample_orientations
 from cryoorient_ray.errors import CryoOrientError
+from cryoorient_ray.io.files import atomic_savez, atomic_write_text
 from cryoorient_ray.io.store import ProjectionStore
+from cryoorient_ray.stages.base import StageResult, prepare_output_dir, store_path_for, write_summary
 
 
 @dataclass
@@ -71,7 +76,6 @@ def reconstruct_from_recovery(
     progress=None,
 ) -> ReconstructionOutcome:
     """Volumes, half maps, FSC curves (and refinement) for one recovered protein."""
-    from cryoorient_ray.core.geometry.sampling import sample_orientations
     from cryoorient_ray.core.reconstruction.fsc import fsc
     from cryoorient_ray.core.reconstruction.inversion import half_maps, reconstruct
     from cryoorient_ray.core.recovery.align import align_rotation
@@ -158,3 +162,91 @@ def reconstruct_from_recovery(
 
 def _res(value: float) -> float | None:
     return None if not math.isfinite(value) else round(float(value), 2)
+
+
+def stage_reconstruct(cfg: RunConfig, out: Path, progress: bool = True, store_path: str | None = None) -> StageResult:
+    """Volumes from the recovered orientations (and, with the truth, the Figure 11 comparison); FSC."""
+    from cryoorient_ray.core.density.volume import DensityMap
+    from cryoorient_ray.io.mrc import write_map
+    from cryoorient_ray.plots import plot_fsc, plot_refinement, plot_volume_slices
+    from cryoorient_ray.stages.reconstruct import load_recovered, reconstruct_from_recovery
+
+    t0 = time.perf_counter()
+    store_path = store_path or store_path_for(cfg, out)
+    recovered = load_recovered(out / "recovered_orientations.npz")
+    outcome = reconstruct_from_recovery(store_path, recovered, cfg)
+    files: dict[str, str] = {}
+    names = {
+        "recovered": "reconstruction.mrc",
+        "recovered (aligned)": "reconstruction_aligned.mrc",
+        "true orientations": "reconstruction_true_orientations.mrc",
+        "random orientations": "reconstruction_random_orientations.mrc",
+    }
+    for key, fname in names.items():
+        if key in outcome.volumes:
+            write_map(out / fname, DensityMap(outcome.volumes[key], outcome.pixel_size, name=key))
+            files[key.split(" ")[0] + "_map"] = fname
+    curves = {name: (res.frequency, res.fsc) for name, res in outcome.fsc.items()}
+    plot_fsc(curves, out / "fsc.png", title=f"{outcome.metrics['projections']} projections")
+    files["fsc"] = "fsc.png"
+    shown = {k: v for k, v in outcome.volumes.items() if k != "recovered (aligned)" or "true map" in outcome.volumes}
+    if "true map" in outcome.volumes:
+        shown.pop("recovered", None)
+    plot_volume_slices(shown, out / "volumes.png")
+    files["slices"] = "volumes.png"
+    fsc_json = {name: res.to_dict() for name, res in outcome.fsc.items()}
+    atomic_write_text(out / "fsc.json", json.dumps(fsc_json, indent=2) + "\n")
+    files["fsc_data"] = "fsc.json"
+    if outcome.refined is not None:
+        from cryoorient_ray.io.relion import export_relion
+        from cryoorient_ray.io.store import ProjectionStore
+
+        star, mrcs = export_relion(
+            ProjectionStore.open(store_path), out, rows=outcome.rows, name="refined", quaternions=outcome.refined
+        )
+        files["refined_star"] = star.name
+        files["refined_stack"] = mrcs.name
+    if outcome.refine_history:
+        plot_refinement(outcome.refine_history, out / "refinement.png")
+        files["refinement"] = "refinement.png"
+        atomic_write_text(out / "refinement.json", json.dumps(outcome.refine_history, indent=2) + "\n")
+    return StageResult(
+        name="reconstruct",
+        status="done",
+        seconds=round(time.perf_counter() - t0, 3),
+        outputs=files,
+        metrics={k: v for k, v in outcome.metrics.items() if v is not None},
+    )
+
+
+def run_reconstruct(
+    cfg: RunConfig,
+    store_path: str,
+    orientations: str,
+    out_dir: str | os.PathLike,
+    argv: list[str] | None = None,
+) -> tuple[Path, StageResult]:
+    """`cryoorient reconstruct`: from a store and recovered orientations (.npz) or a .star of the whole store."""
+    import shutil
+
+    from cryoorient_ray.io.star import read_orientations_star
+    from cryoorient_ray.io.store import ProjectionStore
+
+    src = Path(orientations)
+    if not src.is_file():
+        raise CryoOrientError(f"orientations file not found: {src}")
+    out = prepare_output_dir(cfg, out_dir, argv)
+    target = out / "recovered_orientations.npz"
+    if src.suffix == ".npz":
+        if src.resolve() != target.resolve():
+            shutil.copyfile(src, target)
+    else:
+        q = read_orientations_star(src)
+        store = ProjectionStore.open(store_path)
+        rows = store.done_rows()
+        if len(rows) != len(q):
+            raise CryoOrientError(f"{src} has {len(q)} orientations but {store_path} has {len(rows)} images")
+        atomic_savez(target, rows=rows, quaternions=q, quaternions_true=np.full_like(q, np.nan))
+    result = stage_reconstruct(cfg, out, store_path=store_path)
+    write_summary(out, cfg, [result])
+    return out, result

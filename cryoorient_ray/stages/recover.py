@@ -17,21 +17,37 @@ What `cryoorient recover` runs (and the `recover` stage of `cryoorient run`):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from cryoorient_ray.config import RecoverConfig
+from cryoorient_ray.config import RecoverConfig, RunConfig
 from cryoorient_ray.core.geometry.quaternion import quat_distance
 from cryoorient_ray.core.geometry.symmetry import symmetric_quat_distance
 from cryoorient_ray.core.recovery.graph import PairGraph, build_pair_graph, knn_edges
 from cryoorient_ray.core.recovery.solver import RecoveryResult, RecoverySettings, check_distances
 from cryoorient_ray.errors import CryoOrientError
+from cryoorient_ray.io.files import atomic_savez, atomic_write_text
 from cryoorient_ray.io.store import ProjectionStore
+from cryoorient_ray.plots import (
+    plot_orientations,
+)
+from cryoorient_ray.stages.base import (
+    MODEL_NAME,
+    StageResult,
+    _ray_nodes_metric,
+    check_ray_address,
+    prepare_output_dir,
+    store_path_for,
+    write_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -339,3 +355,176 @@ def recover_store(
         errors = {}
     metrics["total_s"] = round(time.perf_counter() - t0, 3)
     return RecoveryOutcome(sel, est.name, graph, nodes, result, q_raw, q_final, gauge, metrics, errors)
+
+
+def _recovery_progress(show: bool):
+    """A rich progress bar driven by ``progress(phase, step, total, L_OR)``; ``(bar, callback)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.fields[phase]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        disable=not show,
+        transient=True,
+    )
+    task = bar.add_task("recover", total=1, phase="recover", status="")
+    state = {"phase": None}
+
+    def callback(phase: str, step: int, total: int, value: float) -> None:
+        if phase != state["phase"]:
+            state["phase"] = phase
+            bar.reset(task, total=total, phase=phase, status="")
+        if step % 10 == 0 or step == total:
+            bar.update(task, completed=step, status=f"L_OR {value:.4f}")
+
+    def status(text: str) -> None:
+        bar.update(task, status=text)
+
+    return bar, callback, status
+
+
+def write_recovery_outputs(outcome, store_path: str, out: Path, prefix: str = "recovered") -> dict[str, str]:
+    """.star + .mrcs (RELION), .npz, L_OR curve, directions and (truth known) error histogram."""
+    from cryoorient_ray.io.relion import export_relion
+    from cryoorient_ray.io.store import ProjectionStore
+    from cryoorient_ray.plots import plot_error_histogram, plot_recovery_loss
+
+    sel, nodes = outcome.selection, outcome.nodes
+    rows = sel.rows[nodes]
+    store = ProjectionStore.open(store_path)
+    star, mrcs = export_relion(store, out, rows=rows, name=prefix, quaternions=outcome.q_final)
+    q_true = sel.q_true[nodes] if sel.q_true is not None else np.full((len(rows), 4), np.nan)
+    atomic_savez(
+        out / f"{prefix}_orientations.npz",
+        rows=rows,
+        quaternions=outcome.q_final,
+        quaternions_before_gauge=outcome.q_raw,
+        quaternions_true=q_true,
+        loss=np.asarray(outcome.result.loss),
+    )
+    m = outcome.metrics
+    files = {
+        "star": star.name,
+        "stack": mrcs.name,
+        "array": f"{prefix}_orientations.npz",
+        "loss_curve": f"{prefix}_loss.png",
+        "directions": f"{prefix}_directions.png",
+    }
+    title = f"{m['protein']}: {m['recovered']} projections, {m['edges']} edges, {m['estimator']} distances"
+    plot_recovery_loss(outcome.result.loss, outcome.result.phase, out / files["loss_curve"], title=title)
+    q_plot = outcome.q_final
+    if outcome.errors:
+        q_plot = outcome.errors["registration"].apply(outcome.q_final)
+        plot_error_histogram(
+            {
+                "after O(4) alignment (E_OR)": outcome.errors["o4"].errors,
+                "after rotation + hand (physical)": outcome.errors["registration"].errors,
+            },
+            out / f"{prefix}_errors.png",
+            title=f"{m['protein']}: E_OR {m['e_or_o4']:.3f} rad, registration {m['registration']:.3f} rad",
+        )
+        files["errors"] = f"{prefix}_errors.png"
+    plot_orientations(q_plot, out / files["directions"], title=f"recovered orientations ({m['protein']})")
+    atomic_write_text(out / f"{prefix}.json", json.dumps(m, indent=2) + "\n")
+    files["report"] = f"{prefix}.json"
+    return files
+
+
+def stage_recover(
+    cfg: RunConfig,
+    out: Path,
+    progress: bool = True,
+    store_path: str | None = None,
+    model_path: str | os.PathLike | None = None,
+) -> StageResult:
+    """Recover orientations of one protein's projections (pair graph, L_OR on actors, gauge, errors)."""
+    from contextlib import nullcontext
+
+    from cryoorient_ray.distributed.runtime import clear_nodes_used
+    from cryoorient_ray.io.store import absolute_store_path
+    from cryoorient_ray.stages.recover import recover_store
+
+    t0 = time.perf_counter()
+    rcfg = cfg.recover
+    store_path = absolute_store_path(store_path) if store_path else store_path_for(cfg, out)
+    clear_nodes_used("recover")
+    if model_path is None and rcfg.estimator == "model":
+        model_path = rcfg.model or str(out / MODEL_NAME)
+        if not Path(model_path).is_file():
+            raise CryoOrientError(f"model file not found: {model_path} (train first, or set recover.model)")
+    if model_path is not None:  # Ray Data embedding workers do not share the driver's working directory
+        model_path = os.path.abspath(model_path)
+    if rcfg.actors > 0:
+        from cryoorient_ray.distributed.runtime import ray_runtime
+
+        runtime = ray_runtime(cfg.ray)
+    else:
+        runtime = nullcontext()
+    bar, callback, status = _recovery_progress(progress)
+    with runtime, bar:
+        outcome = recover_store(
+            store_path, rcfg, None if model_path is None else str(model_path), cfg.seed, callback, status
+        )
+    files = write_recovery_outputs(outcome, store_path, out)
+    m = outcome.metrics
+    keep = ("recovered", "edges", "L_OR", "e_or_o4", "registration", "gauge_physical", "recovery_s", "gauge_s")
+    metrics = {k: (round(m[k], 4) if isinstance(m[k], float) else m[k]) for k in keep if k in m}
+    metrics.update(_ray_nodes_metric("recover"))
+    return StageResult(
+        name="recover",
+        status="done",
+        seconds=round(time.perf_counter() - t0, 3),
+        outputs=files,
+        metrics=metrics,
+    )
+
+
+def run_recover(
+    cfg: RunConfig,
+    store_path: str,
+    model_path: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    argv: list[str] | None = None,
+    progress: bool = True,
+) -> tuple[Path, StageResult]:
+    """`cryoorient recover`: the recovery stage alone, on a given store."""
+    if cfg.recover.actors > 0:
+        check_ray_address(cfg)
+    out = prepare_output_dir(cfg, out_dir, argv)
+    result = stage_recover(cfg, out, progress=progress, store_path=store_path, model_path=model_path)
+    write_summary(out, cfg, [result])
+    return out, result
+
+
+def run_align(
+    truth_star: str,
+    estimate_star: str,
+    out_dir: str | os.PathLike,
+    symmetry: str = "C1",
+) -> dict:
+    """`cryoorient align`: E_OR (O(4)) and registration error between two .star files of one stack."""
+    from cryoorient_ray.core.recovery.align import align_o4, align_rotation, error_report
+    from cryoorient_ray.io.star import read_orientations_star
+    from cryoorient_ray.plots import plot_error_histogram
+
+    qt = read_orientations_star(truth_star)
+    qe = read_orientations_star(estimate_star)
+    if len(qt) != len(qe):
+        raise CryoOrientError(f"{truth_star} has {len(qt)} orientations but {estimate_star} has {len(qe)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    o4 = align_o4(qt, qe, symmetry=symmetry)
+    reg = align_rotation(qt, qe, symmetry=symmetry, allow_mirror=True)
+    seconds = time.perf_counter() - t0
+    report = {"n": int(len(qt)), **error_report(o4, reg), "seconds": round(seconds, 3)}
+    plot_error_histogram(
+        {"after O(4) alignment (E_OR)": o4.errors, "after rotation + hand": reg.errors},
+        out / "align_errors.png",
+        title=f"E_OR {report['e_or_o4']:.3f} rad, registration {reg.mean:.3f} rad ({len(qt)} orientations)",
+    )
+    atomic_write_text(out / "align.json", json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,128 @@
+"""The train stage: the distance learned with Ray Train, its curves and its test-pair evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from cryoorient_ray.config import RunConfig
+from cryoorient_ray.errors import CryoOrientError
+from cryoorient_ray.io.files import atomic_write_text
+from cryoorient_ray.plots import (
+    plot_distance_scatter,
+    plot_training_curves,
+)
+from cryoorient_ray.stages.base import (
+    MODEL_NAME,
+    StageResult,
+    _ray_nodes_metric,
+    check_ray_address,
+    prepare_output_dir,
+    store_path_for,
+    write_summary,
+)
+from cryoorient_ray.stages.simulate import stage_simulate
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_distances(
+    store_path: str,
+    out: Path,
+    model_path: str | os.PathLike | None = None,
+    euclidean: bool = False,
+    split: str = "test",
+    n_pairs: int = 1000,
+    seed: int = 0,
+    proteins: str = "all",
+) -> dict[str, dict]:
+    """d̂ vs d_q on the same ``n_pairs`` pairs for the learned model and/or the Euclidean baseline.
+
+    Writes ``distances.png`` (scatter, one panel per estimator) and ``distances.json``.
+    """
+    from cryoorient_ray.core.learning.model import load_distance_model
+    from cryoorient_ray.io.store import ProjectionStore
+    from cryoorient_ray.stages.evaluate import distance_report, fit_euclidean, predict_pairs, sample_pairs
+
+    if model_path is None and not euclidean:
+        raise CryoOrientError("give a trained model (--model) and/or --euclidean")
+    store = ProjectionStore.open(store_path)
+    estimators = {}
+    if model_path is not None:
+        model, meta = load_distance_model(model_path)
+        if store.image_size < model.spec.min_image_size:
+            raise CryoOrientError(
+                f"{store_path} has {store.image_size}² images; {model_path} needs at least {model.spec.min_image_size}²"
+            )
+        estimators["learned"] = model
+    if euclidean:
+        estimators["euclidean"] = fit_euclidean(store, n_pairs=max(500, n_pairs), seed=seed + 1)
+    row_i, row_j, true = sample_pairs(store, split, n_pairs, seed, proteins)
+    panels, reports = {}, {}
+    for name, est in estimators.items():
+        pred = predict_pairs(est, store, row_i, row_j)
+        reports[name] = distance_report(pred, true)
+        panels[name] = (true, pred, reports[name])
+    if "euclidean" in estimators:
+        reports["euclidean"]["scale"] = float(estimators["euclidean"].scale)
+    plot_distance_scatter(panels, out / "distances.png")
+    atomic_write_text(
+        out / "distances.json", json.dumps({"split": split, "proteins": proteins, **reports}, indent=2) + "\n"
+    )
+    return reports
+
+
+def stage_train(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult:
+    """Train the distance on Ray Train; export model.pt; plot L_DE curves; compare with the Euclidean baseline."""
+    from cryoorient_ray.distributed import runtime
+    from cryoorient_ray.distributed.train_workers import train_distance
+    from cryoorient_ray.io.store import absolute_store_path
+
+    t0 = time.perf_counter()
+    stores = [absolute_store_path(s) for s in cfg.train.stores] or [store_path_for(cfg, out)]
+    runtime.clear_nodes_used("train")
+    with runtime.ray_runtime(cfg.ray):
+        groups_before = runtime.placement_group_ids()
+        summary = train_distance(cfg.train, stores, out, seed=cfg.seed, progress=progress)
+        runtime.record_nodes("train", runtime.placement_group_nodes(exclude=groups_before))
+    history = json.loads((out / "history.json").read_text())
+    plot_training_curves(history, out / "training.png")
+    reports = evaluate_distances(stores[0], out, out / MODEL_NAME, euclidean=True, seed=cfg.seed)
+    metrics = {
+        "best_val_L_DE": round(summary["best_val_loss"], 4),
+        "test_L_DE": round(reports["learned"]["L_DE"], 4),
+        "euclidean_test_L_DE": round(reports["euclidean"]["L_DE"], 4),
+        "epochs": summary["epochs_run"],
+        **_ray_nodes_metric("train"),
+    }
+    if "heldout_loss" in summary["final"]:
+        metrics["heldout_val_L_DE"] = round(summary["final"]["heldout_loss"], 4)
+    return StageResult(
+        name="train",
+        status="done",
+        seconds=round(time.perf_counter() - t0, 3),
+        outputs={
+            "model": MODEL_NAME,
+            "curves": "training.png",
+            "scatter": "distances.png",
+            "tensorboard": "tensorboard/",
+        },
+        metrics=metrics,
+    )
+
+
+def run_train(
+    cfg: RunConfig, out_dir: str | os.PathLike | None = None, argv: list[str] | None = None, progress: bool = True
+) -> tuple[Path, list[StageResult]]:
+    """`cryoorient train`: simulate first when no store is given, then train."""
+    check_ray_address(cfg)
+    out = prepare_output_dir(cfg, out_dir, argv)
+    results = []
+    if not cfg.train.stores:
+        results.append(stage_simulate(cfg, out, progress=progress))
+    results.append(stage_train(cfg, out, progress=progress))
+    write_summary(out, cfg, results)
+    return out, results
