@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,10 +30,18 @@ class StageResult:
     """What a stage did: status, wall time, files written (relative to the run folder), numbers."""
 
     name: str
-    status: str  # "done" | "not available"
+    status: str  # "done", or "cached" when `cryoorient run` reused a finished stage
     seconds: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float | int | str] = field(default_factory=dict)
+
+    @classmethod
+    def done(
+        cls, name: str, started: float, outputs: dict[str, str], metrics: dict[str, float | int | str] | None = None
+    ) -> StageResult:
+        """A finished stage, timed from ``started`` (a :func:`time.perf_counter` reading)."""
+        seconds = round(time.perf_counter() - started, 3)
+        return cls(name=name, status="done", seconds=seconds, outputs=outputs, metrics=dict(metrics or {}))
 
 
 def prepare_output_dir(cfg: RunConfig, out_dir: str | os.PathLike | None, argv: list[str] | None) -> Path:
@@ -84,3 +94,19 @@ def write_summary(out: Path, cfg: RunConfig, results: list[StageResult], head: d
         "stages": [asdict(r) for r in results],
     }
     return atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+
+
+def run_standalone(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike | None,
+    argv: list[str] | None,
+    stages: Sequence[Callable[[Path], StageResult]],
+    needs_ray: bool = True,
+) -> tuple[Path, list[StageResult]]:
+    """One command's stages outside `cryoorient run`: check Ray, make the run folder, run, write the summary."""
+    if needs_ray:
+        check_ray_address(cfg)
+    out = prepare_output_dir(cfg, out_dir, argv)
+    results = [stage(out) for stage in stages]
+    write_summary(out, cfg, results)
+    return out, results

@@ -17,7 +17,7 @@ from cryoorient_ray.plots import (
     plot_orientations,
     random_pair_distances,
 )
-from cryoorient_ray.stages.base import StageResult, prepare_output_dir
+from cryoorient_ray.stages.base import StageResult, run_standalone
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,9 @@ def stage_orientations(cfg: RunConfig, out: Path) -> StageResult:
     metrics: dict[str, float | int | str] = {"n": int(len(q)), "sampler": ocfg.sampler, "coverage": ocfg.coverage}
     if len(d):
         metrics["median_pair_distance_rad"] = round(float(np.median(d)), 4)
-    return StageResult(
-        name="orientations",
-        status="done",
-        seconds=round(time.perf_counter() - t0, 3),
+    return StageResult.done(
+        "orientations",
+        t0,
         outputs={"star": "orientations.star", "array": "orientations.npy", "plot": "orientations.png"},
         metrics=metrics,
     )
@@ -50,5 +49,5 @@ def run_orientations(
     cfg: RunConfig, out_dir: str | os.PathLike | None = None, argv: list[str] | None = None
 ) -> tuple[Path, StageResult]:
     """`cryoorient orientations`: only the orientation-sampling stage."""
-    out = prepare_output_dir(cfg, out_dir, argv)
-    return out, stage_orientations(cfg, out)
+    out, results = run_standalone(cfg, out_dir, argv, [lambda o: stage_orientations(cfg, o)], needs_ray=False)
+    return out, results[0]

@@ -210,10 +210,9 @@ def stage_reconstruct(cfg: RunConfig, out: Path, progress: bool = True, store_pa
         plot_refinement(outcome.refine_history, out / "refinement.png")
         files["refinement"] = "refinement.png"
         atomic_write_text(out / "refinement.json", json.dumps(outcome.refine_history, indent=2) + "\n")
-    return StageResult(
-        name="reconstruct",
-        status="done",
-        seconds=round(time.perf_counter() - t0, 3),
+    return StageResult.done(
+        "reconstruct",
+        t0,
         outputs=files,
         metrics={k: v for k, v in outcome.metrics.items() if v is not None},
     )

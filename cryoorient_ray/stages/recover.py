@@ -43,10 +43,8 @@ from cryoorient_ray.stages.base import (
     MODEL_NAME,
     StageResult,
     _ray_nodes_metric,
-    check_ray_address,
-    prepare_output_dir,
+    run_standalone,
     store_path_for,
-    write_summary,
 )
 
 log = logging.getLogger(__name__)
@@ -473,10 +471,9 @@ def stage_recover(
     keep = ("recovered", "edges", "L_OR", "e_or_o4", "registration", "gauge_physical", "recovery_s", "gauge_s")
     metrics = {k: (round(m[k], 4) if isinstance(m[k], float) else m[k]) for k in keep if k in m}
     metrics.update(_ray_nodes_metric("recover"))
-    return StageResult(
-        name="recover",
-        status="done",
-        seconds=round(time.perf_counter() - t0, 3),
+    return StageResult.done(
+        "recover",
+        t0,
         outputs=files,
         metrics=metrics,
     )
@@ -491,12 +488,9 @@ def run_recover(
     progress: bool = True,
 ) -> tuple[Path, StageResult]:
     """`cryoorient recover`: the recovery stage alone, on a given store."""
-    if cfg.recover.actors > 0:
-        check_ray_address(cfg)
-    out = prepare_output_dir(cfg, out_dir, argv)
-    result = stage_recover(cfg, out, progress=progress, store_path=store_path, model_path=model_path)
-    write_summary(out, cfg, [result])
-    return out, result
+    stage = lambda o: stage_recover(cfg, o, progress=progress, store_path=store_path, model_path=model_path)  # noqa: E731
+    out, results = run_standalone(cfg, out_dir, argv, [stage], needs_ray=cfg.recover.actors > 0)
+    return out, results[0]
 
 
 def run_align(

@@ -19,10 +19,8 @@ from cryoorient_ray.plots import (
 from cryoorient_ray.stages.base import (
     StageResult,
     _ray_nodes_metric,
-    check_ray_address,
-    prepare_output_dir,
+    run_standalone,
     store_path_for,
-    write_summary,
 )
 
 log = logging.getLogger(__name__)
@@ -63,10 +61,9 @@ def stage_simulate(cfg: RunConfig, out: Path, progress: bool = True) -> StageRes
     write_store_preview(store, out / "projections.png", seed=cfg.seed)
     summary = store.summary()
     atomic_write_text(out / "store_summary.json", json.dumps(summary, indent=2) + "\n")
-    return StageResult(
-        name="simulate",
-        status="done",
-        seconds=round(time.perf_counter() - t0, 3),
+    return StageResult.done(
+        "simulate",
+        t0,
         outputs={"store": os.path.relpath(path, out) if "://" not in path else path, "preview": "projections.png"},
         metrics={
             "proteins": len(summary["proteins"]),
@@ -81,8 +78,5 @@ def run_simulate(
     cfg: RunConfig, out_dir: str | os.PathLike | None = None, argv: list[str] | None = None, progress: bool = True
 ) -> tuple[Path, StageResult]:
     """`cryoorient simulate`: the simulation stage alone."""
-    check_ray_address(cfg)
-    out = prepare_output_dir(cfg, out_dir, argv)
-    result = stage_simulate(cfg, out, progress=progress)
-    write_summary(out, cfg, [result])
-    return out, result
+    out, results = run_standalone(cfg, out_dir, argv, [lambda o: stage_simulate(cfg, o, progress=progress)])
+    return out, results[0]

@@ -19,10 +19,8 @@ from cryoorient_ray.stages.base import (
     MODEL_NAME,
     StageResult,
     _ray_nodes_metric,
-    check_ray_address,
-    prepare_output_dir,
+    run_standalone,
     store_path_for,
-    write_summary,
 )
 from cryoorient_ray.stages.simulate import stage_simulate
 
@@ -100,10 +98,9 @@ def stage_train(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult
     }
     if "heldout_loss" in summary["final"]:
         metrics["heldout_val_L_DE"] = round(summary["final"]["heldout_loss"], 4)
-    return StageResult(
-        name="train",
-        status="done",
-        seconds=round(time.perf_counter() - t0, 3),
+    return StageResult.done(
+        "train",
+        t0,
         outputs={
             "model": MODEL_NAME,
             "curves": "training.png",
@@ -118,11 +115,6 @@ def run_train(
     cfg: RunConfig, out_dir: str | os.PathLike | None = None, argv: list[str] | None = None, progress: bool = True
 ) -> tuple[Path, list[StageResult]]:
     """`cryoorient train`: simulate first when no store is given, then train."""
-    check_ray_address(cfg)
-    out = prepare_output_dir(cfg, out_dir, argv)
-    results = []
-    if not cfg.train.stores:
-        results.append(stage_simulate(cfg, out, progress=progress))
-    results.append(stage_train(cfg, out, progress=progress))
-    write_summary(out, cfg, results)
-    return out, results
+    stages = [] if cfg.train.stores else [lambda o: stage_simulate(cfg, o, progress=progress)]
+    stages.append(lambda o: stage_train(cfg, o, progress=progress))
+    return run_standalone(cfg, out_dir, argv, stages)
