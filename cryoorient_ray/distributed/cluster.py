@@ -14,6 +14,7 @@ reconstruct the driver process (CPU, or the driver's GPU)
 :func:`plan_stages` turns a config and the cluster's nodes into that table with a verdict per
 stage ("fits now", or what is missing: an autoscaling cluster adds nodes on demand, a fixed one
 waits forever). :func:`storage_warnings` names the paths that other nodes cannot see.
+:func:`cluster_check_report` connects to the cluster and gathers all of it (:func:`check_report`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from cryoorient_ray.config import RunConfig
+from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.store import is_url
 
 GIB = 1024**3
@@ -227,3 +229,43 @@ def check_report(cfg: RunConfig, nodes: list[NodeInfo], driver_has_gpu: bool = F
         "stages": [asdict(p) | {"demand": p.demand()} for p in plan_stages(cfg, nodes, driver_has_gpu)],
         "warnings": storage_warnings(cfg, nodes),
     }
+
+
+def cluster_check_report(cfg: RunConfig, address: str | None = None, local: bool = False) -> dict:
+    """Connect to the config's Ray cluster (or start a local one) and return :func:`check_report`
+    plus ``"address"`` (where it looked): what ``cryoorient cluster check`` prints.
+
+    Looks at ``cfg.ray.address``, else RAY_ADDRESS, else a ``ray start`` cluster on this machine
+    ('auto'); ``local`` starts a local Ray instead. ``address`` is the ``--address`` option
+    (already in ``cfg.ray``), which excludes ``local``. A Ray started here is shut down again.
+
+    Raises:
+        CryoOrientError: ``address`` with ``local``; an address that does not answer; no cluster at 'auto'.
+    """
+    if local and address:
+        raise CryoOrientError("give either --address or --local, not both")
+    from cryoorient_ray.distributed.runtime import check_address, init_ray, resolve_address, shutdown_ray
+
+    if local:
+        ray_cfg = cfg.ray.model_copy(update={"address": "local"})
+    else:
+        ray_cfg = cfg.ray.model_copy(update={"address": resolve_address(cfg.ray) or "auto"})
+        check_address(ray_cfg.address, timeout=ray_cfg.connect_timeout)  # also when Ray already runs here
+    try:
+        started = init_ray(ray_cfg)
+    except CryoOrientError as exc:
+        if ray_cfg.address == "auto":
+            raise CryoOrientError(
+                "no running Ray cluster found on this machine: start one with `ray start --head`, "
+                "pass --address host:6379 (or set RAY_ADDRESS), or use --local"
+            ) from None
+        raise exc from None
+    try:
+        import torch
+
+        where = resolve_address(ray_cfg) or "a local Ray started for this check"
+        report = check_report(cfg, describe_nodes(), driver_has_gpu=torch.cuda.is_available())
+    finally:
+        if started:
+            shutdown_ray()
+    return report | {"address": where}
