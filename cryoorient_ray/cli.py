@@ -1,7 +1,7 @@
 """The ``cryoorient`` command line (typer). Thin: parse options, load the config, call a stage, print.
 
-Every option that overrides a config value says which one with :class:`ConfigKey` in its
-``Annotated`` type; :func:`config_overrides` turns a command's arguments into the
+Every option that overrides a config value names its dotted key (:func:`option`, ``key=``);
+:func:`config_overrides` turns a command's arguments into the
 ``{dotted.key: value}`` overrides of :func:`~cryoorient_ray.config.load_config`. Options that
 several commands share are declared once below (``SeedOption``, ``StoresOption``, ...), and the
 families whose help differs per command (the store argument, ``--config``, ``--workers``,
@@ -21,7 +21,6 @@ import logging
 import sys
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -65,15 +64,16 @@ _state = {"verbose": False}
 # ----------------------------------------------------------------------------- options shared by commands
 
 
-@dataclass(frozen=True)
-class ConfigKey:
-    """``Annotated`` metadata of an option: the dotted config key it overrides (typer ignores it)."""
-
-    key: str
+def option(*names: str, key: str | None = None, **kwargs: Any) -> Any:
+    """``typer.Option(*names, **kwargs)`` that also records ``key``, the dotted config key the option
+    overrides (read by :func:`config_overrides`; typer ignores it)."""
+    info = typer.Option(*names, **kwargs)
+    info.config_key = key
+    return info
 
 
 def config_overrides(command: Callable[..., Any], values: dict[str, Any]) -> dict[str, Any]:
-    """``{dotted.key: value}`` for each parameter of ``command`` whose type carries a :class:`ConfigKey`.
+    """``{dotted.key: value}`` for each parameter of ``command`` declared with an :func:`option` ``key``.
 
     ``values`` maps parameter names to what was passed (a command's ``locals()`` on entry).
     Paths become strings and empty lists ``None``; ``None`` (option not given) leaves the config alone.
@@ -81,8 +81,8 @@ def config_overrides(command: Callable[..., Any], values: dict[str, Any]) -> dic
     out = {}
     for name, hint in typing.get_type_hints(command, include_extras=True).items():
         for meta in getattr(hint, "__metadata__", ()):
-            if isinstance(meta, ConfigKey):
-                out[meta.key] = _config_value(values[name])
+            if getattr(meta, "config_key", None):
+                out[meta.config_key] = _config_value(values[name])
     return out
 
 
@@ -105,13 +105,13 @@ def config_option(help: str) -> Any:
 
 
 def workers_option(help: str) -> Any:
-    """``--workers``: Ray Train workers (of the run, or of each trial)."""
-    return typer.Option("--workers", help=help)
+    """``--workers`` (``train.num_workers``): Ray Train workers (of the run, or of each trial)."""
+    return option("--workers", key="train.num_workers", help=help)
 
 
 def gpu_option(help: str) -> Any:
-    """``--gpu/--cpu``: one GPU per Ray Train worker."""
-    return typer.Option("--gpu/--cpu", help=help)
+    """``--gpu/--cpu`` (``train.use_gpu``): one GPU per Ray Train worker."""
+    return option("--gpu/--cpu", key="train.use_gpu", help=help)
 
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML run config (see configs/).", show_default=False)]
@@ -121,29 +121,25 @@ OptionalConfigArg = Annotated[
 OutOption = Annotated[
     Optional[Path], typer.Option("--out", "-o", help="Output folder (default: the config's output_dir).")
 ]
-SeedOption = Annotated[
-    Optional[int], typer.Option("--seed", help="Random seed (overrides the config)."), ConfigKey("seed")
-]
+SeedOption = Annotated[Optional[int], option("--seed", help="Random seed (overrides the config).", key="seed")]
 SetOption = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="Override any config value: section.key=value (repeatable)."),
+    Optional[list[str]], typer.Option("--set", help="Override any config value: section.key=value (repeatable).")
 ]
 AddressOption = Annotated[
     Optional[str],
-    typer.Option(
+    option(
         "--address",
         help="Ray cluster to run on: host:6379 of a running head, 'auto' or ray://host:10001 "
         "(default: ray.address, else RAY_ADDRESS, else a local Ray).",
         show_default=False,
+        key="ray.address",
     ),
-    ConfigKey("ray.address"),
 ]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 StoreArg = Annotated[str, store_argument()]
 StoresOption = Annotated[
     Optional[list[str]],
-    typer.Option("--store", "-s", help="Projection store(s) to train on (repeatable)."),
-    ConfigKey("train.stores"),
+    option("--store", "-s", help="Projection store(s) to train on (repeatable).", key="train.stores"),
 ]
 SymmetryOption = Annotated[str, typer.Option(help="Point group of the particle.")]
 
@@ -288,47 +284,38 @@ def simulate(
     config: OptionalConfigArg = None,
     inputs: Annotated[
         Optional[list[str]],
-        typer.Option("--input", "-i", help="Model/map file, folder, PDB/EMDB id or pseudo[:SEED] (repeatable)."),
-        ConfigKey("simulate.inputs"),
+        option(
+            "--input",
+            "-i",
+            help="Model/map file, folder, PDB/EMDB id or pseudo[:SEED] (repeatable).",
+            key="simulate.inputs",
+        ),
     ] = None,
-    n: Annotated[
-        Optional[int], typer.Option("--n", "-n", help="Projections per map."), ConfigKey("simulate.n_per_map")
-    ] = None,
+    n: Annotated[Optional[int], option("--n", "-n", help="Projections per map.", key="simulate.n_per_map")] = None,
     image_size: Annotated[
-        Optional[int],
-        typer.Option(help="Image size L in pixels (maps are boxed to L³)."),
-        ConfigKey("simulate.image_size"),
+        Optional[int], option(help="Image size L in pixels (maps are boxed to L³).", key="simulate.image_size")
     ] = None,
     voxel_size: Annotated[
-        Optional[float], typer.Option(help="Å per pixel (default: the map's own)."), ConfigKey("simulate.voxel_size")
+        Optional[float], option(help="Å per pixel (default: the map's own).", key="simulate.voxel_size")
     ] = None,
     snr_db: Annotated[
         Optional[float],
-        typer.Option(help="Noise: SNR in dB per image (-12 ≈ the paper's σ²=16)."),
-        ConfigKey("simulate.noise.snr_db"),
+        option(help="Noise: SNR in dB per image (-12 ≈ the paper's σ²=16).", key="simulate.noise.snr_db"),
     ] = None,
     max_shift: Annotated[
-        Optional[float],
-        typer.Option(help="Largest off-centring shift, pixels."),
-        ConfigKey("simulate.shifts.max_shift"),
+        Optional[float], option(help="Largest off-centring shift, pixels.", key="simulate.shifts.max_shift")
     ] = None,
     ctf: Annotated[
-        Optional[bool],
-        typer.Option("--ctf/--no-ctf", help="Apply a CTF (RELION convention)."),
-        ConfigKey("simulate.ctf.enabled"),
+        Optional[bool], option("--ctf/--no-ctf", help="Apply a CTF (RELION convention).", key="simulate.ctf.enabled")
     ] = None,
     symmetry: Annotated[
-        Optional[str],
-        typer.Option(help="Default point group of the inputs."),
-        ConfigKey("simulate.orientations.symmetry"),
+        Optional[str], option(help="Default point group of the inputs.", key="simulate.orientations.symmetry")
     ] = None,
     shard_size: Annotated[
-        Optional[int],
-        typer.Option(help="Projections per shard (one Ray task each)."),
-        ConfigKey("simulate.shard_size"),
+        Optional[int], option(help="Projections per shard (one Ray task each).", key="simulate.shard_size")
     ] = None,
     backend: Annotated[
-        Optional[str], typer.Option(help="Projector: auto, torch, real or astra."), ConfigKey("simulate.backend")
+        Optional[str], option(help="Projector: auto, torch, real or astra.", key="simulate.backend")
     ] = None,
     seed: SeedOption = None,
     out: OutOption = None,
@@ -350,16 +337,12 @@ def simulate(
 def train(
     config: OptionalConfigArg = None,
     stores: StoresOption = None,
-    workers: Annotated[Optional[int], workers_option("Ray Train workers."), ConfigKey("train.num_workers")] = None,
-    gpu: Annotated[Optional[bool], gpu_option("One GPU per worker."), ConfigKey("train.use_gpu")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs."), ConfigKey("train.epochs")] = None,
-    batch_size: Annotated[
-        Optional[int], typer.Option(help="Pairs per step per worker."), ConfigKey("train.batch_size")
-    ] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate."), ConfigKey("train.lr")] = None,
-    n_features: Annotated[
-        Optional[int], typer.Option(help="n_f, the embedding size."), ConfigKey("train.model.n_features")
-    ] = None,
+    workers: Annotated[Optional[int], workers_option("Ray Train workers.")] = None,
+    gpu: Annotated[Optional[bool], gpu_option("One GPU per worker.")] = None,
+    epochs: Annotated[Optional[int], option(help="Epochs.", key="train.epochs")] = None,
+    batch_size: Annotated[Optional[int], option(help="Pairs per step per worker.", key="train.batch_size")] = None,
+    lr: Annotated[Optional[float], option(help="Learning rate.", key="train.lr")] = None,
+    n_features: Annotated[Optional[int], option(help="n_f, the embedding size.", key="train.model.n_features")] = None,
     seed: SeedOption = None,
     out: OutOption = None,
     sets: SetOption = None,
@@ -503,41 +486,37 @@ def recover(
     store: Annotated[str, store_argument("Projection store (simulated or imported with import-star).")],
     config: Annotated[Optional[Path], config_option("YAML run config (recover section).")] = None,
     model: Annotated[
-        Optional[Path], typer.Option(help="Trained model.pt (the learned distance)."), ConfigKey("recover.model")
+        Optional[Path], option(help="Trained model.pt (the learned distance).", key="recover.model")
     ] = None,
     euclidean: Annotated[bool, typer.Option("--euclidean", help="Use the Euclidean baseline ‖p_i − p_j‖.")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="Use the true distances d_q (experiment).")] = False,
     perturb: Annotated[
         Optional[float],
-        typer.Option("--perturb", help="True distances plus Gaussian noise of this variance σ² (rad²)."),
-        ConfigKey("recover.perturb_sigma2"),
+        option(
+            "--perturb",
+            help="True distances plus Gaussian noise of this variance σ² (rad²).",
+            key="recover.perturb_sigma2",
+        ),
     ] = None,
-    protein: Annotated[
-        Optional[str], typer.Option(help="Protein name or index in the store."), ConfigKey("recover.protein")
-    ] = None,
-    split: Annotated[
-        Optional[str], typer.Option(help="Split to recover: train, val or test."), ConfigKey("recover.split")
-    ] = None,
+    protein: Annotated[Optional[str], option(help="Protein name or index in the store.", key="recover.protein")] = None,
+    split: Annotated[Optional[str], option(help="Split to recover: train, val or test.", key="recover.split")] = None,
     n: Annotated[
-        Optional[int],
-        typer.Option("--n", "-n", help="Recover a random subset of this many."),
-        ConfigKey("recover.max_projections"),
+        Optional[int], option("--n", "-n", help="Recover a random subset of this many.", key="recover.max_projections")
     ] = None,
     k: Annotated[
-        Optional[int], typer.Option(help="Nearest neighbours per projection in the pair graph."), ConfigKey("recover.k")
+        Optional[int], option(help="Nearest neighbours per projection in the pair graph.", key="recover.k")
     ] = None,
     n_random: Annotated[
-        Optional[int], typer.Option(help="Random long-range pairs per projection."), ConfigKey("recover.n_random")
+        Optional[int], option(help="Random long-range pairs per projection.", key="recover.n_random")
     ] = None,
     actors: Annotated[
-        Optional[int],
-        typer.Option(help="Ray actors holding edge partitions (0 = in-process)."),
-        ConfigKey("recover.actors"),
+        Optional[int], option(help="Ray actors holding edge partitions (0 = in-process).", key="recover.actors")
     ] = None,
     gauge: Annotated[
         Optional[bool],
-        typer.Option("--gauge/--no-gauge", help="Resolve the physical solution from the images."),
-        ConfigKey("recover.gauge.enabled"),
+        option(
+            "--gauge/--no-gauge", help="Resolve the physical solution from the images.", key="recover.gauge.enabled"
+        ),
     ] = None,
     seed: SeedOption = None,
     out: OutOption = None,
@@ -579,18 +558,13 @@ def _recovery_line(m: dict) -> str:
 def reconstruct(
     store: Annotated[str, store_argument("Projection store the orientations belong to.")],
     orientations: Annotated[
-        Path,
-        typer.Argument(help="recovered_orientations.npz (from recover) or a .star with one row per store image."),
+        Path, typer.Argument(help="recovered_orientations.npz (from recover) or a .star with one row per store image.")
     ],
     config: Annotated[Optional[Path], config_option("YAML run config (reconstruct section).")] = None,
     refine: Annotated[
-        Optional[int],
-        typer.Option(help="Rounds of projection-matching refinement."),
-        ConfigKey("reconstruct.refine_rounds"),
+        Optional[int], option(help="Rounds of projection-matching refinement.", key="reconstruct.refine_rounds")
     ] = None,
-    method: Annotated[
-        Optional[str], typer.Option(help="auto, fourier, cg or astra."), ConfigKey("reconstruct.method")
-    ] = None,
+    method: Annotated[Optional[str], option(help="auto, fourier, cg or astra.", key="reconstruct.method")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/reconstruct"),
     sets: SetOption = None,
 ) -> None:
@@ -629,31 +603,23 @@ def align(
 # The search's own options (`tune`).
 SpaceOption = Annotated[
     Optional[Path],
-    typer.Option("--space", help="Search space YAML (default: tune.space, configs/tune_space.yaml)."),
-    ConfigKey("tune.space"),
+    option("--space", help="Search space YAML (default: tune.space, configs/tune_space.yaml).", key="tune.space"),
 ]
 SamplesOption = Annotated[
-    Optional[int],
-    typer.Option("--samples", "-n", help="Configurations drawn from the space."),
-    ConfigKey("tune.num_samples"),
+    Optional[int], option("--samples", "-n", help="Configurations drawn from the space.", key="tune.num_samples")
 ]
 MaxConcurrentOption = Annotated[
     Optional[int],
-    typer.Option(help="Trials at once (default: as many as the Ray resources fit)."),
-    ConfigKey("tune.max_concurrent_trials"),
+    option(help="Trials at once (default: as many as the Ray resources fit).", key="tune.max_concurrent_trials"),
 ]
 CpusPerWorkerOption = Annotated[
-    Optional[float],
-    typer.Option(help="CPUs per Train worker (fractional is fine)."),
-    ConfigKey("train.cpus_per_worker"),
+    Optional[float], option(help="CPUs per Train worker (fractional is fine).", key="train.cpus_per_worker")
 ]
 TrialEpochsOption = Annotated[
-    Optional[int],
-    typer.Option(help="Epochs of a trial that is not stopped (ASHA's max_t)."),
-    ConfigKey("train.epochs"),
+    Optional[int], option(help="Epochs of a trial that is not stopped (ASHA's max_t).", key="train.epochs")
 ]
 GracePeriodOption = Annotated[
-    Optional[int], typer.Option(help="Epochs before ASHA may stop a trial."), ConfigKey("tune.grace_period")
+    Optional[int], option(help="Epochs before ASHA may stop a trial.", key="tune.grace_period")
 ]
 ResumeOption = Annotated[
     Optional[Path], typer.Option("--resume", help="Resume the interrupted experiment in this folder.")
@@ -669,11 +635,9 @@ def tune(
     stores: StoresOption = None,
     samples: SamplesOption = None,
     max_concurrent: MaxConcurrentOption = None,
-    workers: Annotated[
-        Optional[int], workers_option("Ray Train workers per trial."), ConfigKey("train.num_workers")
-    ] = None,
+    workers: Annotated[Optional[int], workers_option("Ray Train workers per trial.")] = None,
     cpus_per_worker: CpusPerWorkerOption = None,
-    gpu: Annotated[Optional[bool], gpu_option("One GPU per Train worker."), ConfigKey("train.use_gpu")] = None,
+    gpu: Annotated[Optional[bool], gpu_option("One GPU per Train worker.")] = None,
     epochs: TrialEpochsOption = None,
     grace_period: GracePeriodOption = None,
     resume: ResumeOption = None,
@@ -752,23 +716,18 @@ def tune_report(
 @guarded
 def orientations(
     config: OptionalConfigArg = None,
-    n: Annotated[
-        Optional[int], typer.Option("--n", "-n", help="Number of orientations."), ConfigKey("simulate.n_per_map")
-    ] = None,
+    n: Annotated[Optional[int], option("--n", "-n", help="Number of orientations.", key="simulate.n_per_map")] = None,
     sampler: Annotated[
-        Optional[str],
-        typer.Option(help="uniform (SO(3)) or euler (uniform angles)."),
-        ConfigKey("simulate.orientations.sampler"),
+        Optional[str], option(help="uniform (SO(3)) or euler (uniform angles).", key="simulate.orientations.sampler")
     ] = None,
     coverage: Annotated[
-        Optional[str],
-        typer.Option(help="full, half or quarter of the viewing sphere."),
-        ConfigKey("simulate.orientations.coverage"),
+        Optional[str], option(help="full, half or quarter of the viewing sphere.", key="simulate.orientations.coverage")
     ] = None,
     symmetry: Annotated[
         Optional[str],
-        typer.Option(help="Point group for the pair-distance plot: C1, Cn, Dn, T, O, I."),
-        ConfigKey("simulate.orientations.symmetry"),
+        option(
+            help="Point group for the pair-distance plot: C1, Cn, Dn, T, O, I.", key="simulate.orientations.symmetry"
+        ),
     ] = None,
     seed: SeedOption = None,
     out: OutOption = None,
