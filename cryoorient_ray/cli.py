@@ -22,7 +22,7 @@ import sys
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -31,6 +31,9 @@ from rich.table import Table
 
 from cryoorient_ray import __version__
 from cryoorient_ray.errors import CryoOrientError
+
+if TYPE_CHECKING:
+    from cryoorient_ray.config import RunConfig
 
 PIPELINE_PANEL = "Pipeline stages"
 TOOLS_PANEL = "Tools"
@@ -220,7 +223,7 @@ def _root(
         os.environ["CRYOORIENT_RAY_LOGS"] = "1"
 
 
-def _load_config(command: Callable[..., Any], values: dict[str, Any], extra: dict[str, Any] | None = None):
+def _load_config(command: Callable[..., Any], values: dict[str, Any], extra: dict[str, Any] | None = None) -> RunConfig:
     """The run config of a command: its ``config`` file (or the defaults), its typed options
     (:func:`config_overrides`, then ``extra``) and its ``--set`` overrides, applied last."""
     from cryoorient_ray.config import load_config
