@@ -1,4 +1,13 @@
-"""The ``cryoorient`` command line (typer). Thin: parse options, load config, call pipeline.
+"""The ``cryoorient`` command line (typer). Thin: parse options, load the config, call a stage, print.
+
+Every option that overrides a config value names its dotted key (:func:`option`, ``key=``);
+:func:`config_overrides` turns a command's arguments into the
+``{dotted.key: value}`` overrides of :func:`~cryoorient_ray.config.load_config`. Options that
+several commands share are declared once below (``SeedOption``, ``StoresOption``, ...), and the
+families whose help differs per command (the store argument, ``--config``, ``--workers``,
+``--gpu``) through one small factory each. Checks of option combinations live in the library
+(:func:`~cryoorient_ray.config.recover_estimator`, :func:`~cryoorient_ray.config.check_tune_resume`,
+:func:`~cryoorient_ray.distributed.cluster.cluster_check_report`).
 
 Bad input (a :class:`~cryoorient_ray.errors.CryoOrientError`) prints one red line on stderr
 and exits with code 1. ``--verbose`` turns on debug logging and full tracebacks.
@@ -10,9 +19,10 @@ import functools
 import json
 import logging
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -21,6 +31,9 @@ from rich.table import Table
 
 from cryoorient_ray import __version__
 from cryoorient_ray.errors import CryoOrientError
+
+if TYPE_CHECKING:
+    from cryoorient_ray.config import RunConfig
 
 PIPELINE_PANEL = "Pipeline stages"
 TOOLS_PANEL = "Tools"
@@ -50,6 +63,60 @@ stdout = Console()
 stderr = Console(stderr=True)
 _state = {"verbose": False}
 
+
+# ----------------------------------------------------------------------------- options shared by commands
+
+
+def option(*names: str, key: str | None = None, **kwargs: Any) -> Any:
+    """``typer.Option(*names, **kwargs)`` that also records ``key``, the dotted config key the option
+    overrides (read by :func:`config_overrides`; typer ignores it)."""
+    info = typer.Option(*names, **kwargs)
+    info.config_key = key
+    return info
+
+
+def config_overrides(command: Callable[..., Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``{dotted.key: value}`` for each parameter of ``command`` declared with an :func:`option` ``key``.
+
+    ``values`` maps parameter names to what was passed (a command's ``locals()`` on entry).
+    Paths become strings and empty lists ``None``; ``None`` (option not given) leaves the config alone.
+    """
+    out = {}
+    for name, hint in typing.get_type_hints(command, include_extras=True).items():
+        for meta in getattr(hint, "__metadata__", ()):
+            if getattr(meta, "config_key", None):
+                out[meta.config_key] = _config_value(values[name])
+    return out
+
+
+def _config_value(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)) and not value:
+        return None
+    return value
+
+
+def store_argument(help: str = "Projection store (folder or URL).") -> Any:
+    """The projection store argument (a folder or an fsspec URL), with the command's own help."""
+    return typer.Argument(help=help, show_default=False)
+
+
+def config_option(help: str) -> Any:
+    """``--config/-c``, the run config of commands whose first argument is something else."""
+    return typer.Option("--config", "-c", help=help)
+
+
+def workers_option(help: str) -> Any:
+    """``--workers`` (``train.num_workers``): Ray Train workers (of the run, or of each trial)."""
+    return option("--workers", key="train.num_workers", help=help)
+
+
+def gpu_option(help: str) -> Any:
+    """``--gpu/--cpu`` (``train.use_gpu``): one GPU per Ray Train worker."""
+    return option("--gpu/--cpu", key="train.use_gpu", help=help)
+
+
 ConfigArg = Annotated[Path, typer.Argument(help="YAML run config (see configs/).", show_default=False)]
 OptionalConfigArg = Annotated[
     Optional[Path], typer.Argument(help="YAML run config; defaults if omitted.", show_default=False)
@@ -57,20 +124,27 @@ OptionalConfigArg = Annotated[
 OutOption = Annotated[
     Optional[Path], typer.Option("--out", "-o", help="Output folder (default: the config's output_dir).")
 ]
-SeedOption = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides the config).")]
+SeedOption = Annotated[Optional[int], option("--seed", help="Random seed (overrides the config).", key="seed")]
 SetOption = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="Override any config value: section.key=value (repeatable)."),
+    Optional[list[str]], typer.Option("--set", help="Override any config value: section.key=value (repeatable).")
 ]
 AddressOption = Annotated[
     Optional[str],
-    typer.Option(
+    option(
         "--address",
         help="Ray cluster to run on: host:6379 of a running head, 'auto' or ray://host:10001 "
         "(default: ray.address, else RAY_ADDRESS, else a local Ray).",
         show_default=False,
+        key="ray.address",
     ),
 ]
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+StoreArg = Annotated[str, store_argument()]
+StoresOption = Annotated[
+    Optional[list[str]],
+    option("--store", "-s", help="Projection store(s) to train on (repeatable).", key="train.stores"),
+]
+SymmetryOption = Annotated[str, typer.Option(help="Point group of the particle.")]
 
 
 def _fail(message: str) -> None:
@@ -149,13 +223,22 @@ def _root(
         os.environ["CRYOORIENT_RAY_LOGS"] = "1"
 
 
-def _print_stages(out: Path, results: list) -> None:
+def _load_config(command: Callable[..., Any], values: dict[str, Any], extra: dict[str, Any] | None = None) -> RunConfig:
+    """The run config of a command: its ``config`` file (or the defaults), its typed options
+    (:func:`config_overrides`, then ``extra``) and its ``--set`` overrides, applied last."""
+    from cryoorient_ray.config import load_config
+
+    return load_config(values.get("config"), {**config_overrides(command, values), **(extra or {})}, values.get("sets"))
+
+
+def _print_stages(out: Path, results: Any) -> None:
+    """The table of a run folder's stages (one :class:`~cryoorient_ray.stages.base.StageResult` or a list)."""
     table = Table(title=f"Run folder: {out}", title_justify="left")
     table.add_column("stage")
     table.add_column("status")
     table.add_column("seconds", justify="right")
     table.add_column("outputs / numbers")
-    for r in results:
+    for r in results if isinstance(results, list) else [results]:
         style = "green" if r.status == "done" else "dim"
         detail = ", ".join(r.outputs.values())
         if r.metrics:
@@ -178,7 +261,7 @@ def run(
     sets: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Re-run every stage, even those already done.")] = False,
     address: AddressOption = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Run the whole pipeline from one config: map → projections → distances → orientations → volume.
 
@@ -186,11 +269,10 @@ def run(
     report.html (figures and numbers), summary.json, recovered.star and reconstruction.mrc.
     With --address every stage runs on that Ray cluster (see clusters/ and docs/SCALING.md).
     """
-    from cryoorient_ray.config import load_config
     from cryoorient_ray.pipeline import run_pipeline
     from cryoorient_ray.stages.base import SUMMARY_NAME
 
-    cfg = load_config(config, {"seed": seed, "ray.address": address}, sets)
+    cfg = _load_config(run, locals())
     out_dir, results = run_pipeline(cfg, out, argv=sys.argv, progress=progress, force=force)
     _print_stages(out_dir, results)
     summary = json.loads((out_dir / SUMMARY_NAME).read_text())
@@ -205,98 +287,85 @@ def simulate(
     config: OptionalConfigArg = None,
     inputs: Annotated[
         Optional[list[str]],
-        typer.Option("--input", "-i", help="Model/map file, folder, PDB/EMDB id or pseudo[:SEED] (repeatable)."),
+        option(
+            "--input",
+            "-i",
+            help="Model/map file, folder, PDB/EMDB id or pseudo[:SEED] (repeatable).",
+            key="simulate.inputs",
+        ),
     ] = None,
-    n: Annotated[Optional[int], typer.Option("--n", "-n", help="Projections per map.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Image size L in pixels (maps are boxed to L³).")] = None,
-    voxel_size: Annotated[Optional[float], typer.Option(help="Å per pixel (default: the map's own).")] = None,
+    n: Annotated[Optional[int], option("--n", "-n", help="Projections per map.", key="simulate.n_per_map")] = None,
+    image_size: Annotated[
+        Optional[int], option(help="Image size L in pixels (maps are boxed to L³).", key="simulate.image_size")
+    ] = None,
+    voxel_size: Annotated[
+        Optional[float], option(help="Å per pixel (default: the map's own).", key="simulate.voxel_size")
+    ] = None,
     snr_db: Annotated[
-        Optional[float], typer.Option(help="Noise: SNR in dB per image (-12 ≈ the paper's σ²=16).")
+        Optional[float],
+        option(help="Noise: SNR in dB per image (-12 ≈ the paper's σ²=16).", key="simulate.noise.snr_db"),
     ] = None,
-    max_shift: Annotated[Optional[float], typer.Option(help="Largest off-centring shift, pixels.")] = None,
-    ctf: Annotated[Optional[bool], typer.Option("--ctf/--no-ctf", help="Apply a CTF (RELION convention).")] = None,
-    symmetry: Annotated[Optional[str], typer.Option(help="Default point group of the inputs.")] = None,
-    shard_size: Annotated[Optional[int], typer.Option(help="Projections per shard (one Ray task each).")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="Projector: auto, torch, real or astra.")] = None,
+    max_shift: Annotated[
+        Optional[float], option(help="Largest off-centring shift, pixels.", key="simulate.shifts.max_shift")
+    ] = None,
+    ctf: Annotated[
+        Optional[bool], option("--ctf/--no-ctf", help="Apply a CTF (RELION convention).", key="simulate.ctf.enabled")
+    ] = None,
+    symmetry: Annotated[
+        Optional[str], option(help="Default point group of the inputs.", key="simulate.orientations.symmetry")
+    ] = None,
+    shard_size: Annotated[
+        Optional[int], option(help="Projections per shard (one Ray task each).", key="simulate.shard_size")
+    ] = None,
+    backend: Annotated[
+        Optional[str], option(help="Projector: auto, torch, real or astra.", key="simulate.backend")
+    ] = None,
     seed: SeedOption = None,
     out: OutOption = None,
     sets: SetOption = None,
     address: AddressOption = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Simulate projections (orientation, shift, CTF, noise) of density maps into a sharded Zarr store.
 
     Runs one Ray task per shard; re-running the same command resumes an interrupted store.
     """
-    from cryoorient_ray.config import load_config
     from cryoorient_ray.stages.simulate import run_simulate
 
-    overrides = {
-        "seed": seed,
-        "simulate.inputs": inputs or None,
-        "simulate.n_per_map": n,
-        "simulate.image_size": image_size,
-        "simulate.voxel_size": voxel_size,
-        "simulate.noise.snr_db": snr_db,
-        "simulate.shifts.max_shift": max_shift,
-        "simulate.ctf.enabled": ctf,
-        "simulate.orientations.symmetry": symmetry,
-        "simulate.shard_size": shard_size,
-        "simulate.backend": backend,
-        "ray.address": address,
-    }
-    cfg = load_config(config, overrides, sets)
-    out_dir, result = run_simulate(cfg, out, argv=sys.argv, progress=progress)
-    _print_stages(out_dir, [result])
+    _print_stages(*run_simulate(_load_config(simulate, locals()), out, argv=sys.argv, progress=progress))
 
 
 @app.command(rich_help_panel=PIPELINE_PANEL)
 @guarded
 def train(
     config: OptionalConfigArg = None,
-    stores: Annotated[
-        Optional[list[str]], typer.Option("--store", "-s", help="Projection store(s) to train on (repeatable).")
-    ] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Ray Train workers.")] = None,
-    gpu: Annotated[Optional[bool], typer.Option("--gpu/--cpu", help="One GPU per worker.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Pairs per step per worker.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
-    n_features: Annotated[Optional[int], typer.Option(help="n_f, the embedding size.")] = None,
+    stores: StoresOption = None,
+    workers: Annotated[Optional[int], workers_option("Ray Train workers.")] = None,
+    gpu: Annotated[Optional[bool], gpu_option("One GPU per worker.")] = None,
+    epochs: Annotated[Optional[int], option(help="Epochs.", key="train.epochs")] = None,
+    batch_size: Annotated[Optional[int], option(help="Pairs per step per worker.", key="train.batch_size")] = None,
+    lr: Annotated[Optional[float], option(help="Learning rate.", key="train.lr")] = None,
+    n_features: Annotated[Optional[int], option(help="n_f, the embedding size.", key="train.model.n_features")] = None,
     seed: SeedOption = None,
     out: OutOption = None,
     sets: SetOption = None,
     address: AddressOption = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Train the Siamese distance data-parallel with Ray Train (simulating the store first if none is given).
 
     Writes model.pt (loadable without Ray), training.png (L_DE curves), distances.png (learned vs
     Euclidean on test pairs), history.json, TensorBoard logs and Ray Train checkpoints.
     """
-    from cryoorient_ray.config import load_config
     from cryoorient_ray.stages.train import run_train
 
-    overrides = {
-        "seed": seed,
-        "train.stores": stores or None,
-        "train.num_workers": workers,
-        "train.use_gpu": gpu,
-        "train.epochs": epochs,
-        "train.batch_size": batch_size,
-        "train.lr": lr,
-        "train.model.n_features": n_features,
-        "ray.address": address,
-    }
-    cfg = load_config(config, overrides, sets)
-    out_dir, results = run_train(cfg, out, argv=sys.argv, progress=progress)
-    _print_stages(out_dir, results)
+    _print_stages(*run_train(_load_config(train, locals()), out, argv=sys.argv, progress=progress))
 
 
 @app.command(rich_help_panel=TOOLS_PANEL)
 @guarded
 def distances(
-    store: Annotated[str, typer.Argument(help="Projection store with true orientations.", show_default=False)],
+    store: Annotated[str, store_argument("Projection store with true orientations.")],
     model: Annotated[Optional[Path], typer.Option(help="Trained model.pt.")] = None,
     euclidean: Annotated[bool, typer.Option("--euclidean", help="Also the Euclidean baseline ‖p_i − p_j‖.")] = False,
     split: Annotated[str, typer.Option(help="Split the pairs come from.")] = "test",
@@ -324,7 +393,7 @@ def distances(
 @store_app.command("info")
 @guarded
 def store_info(
-    store: Annotated[str, typer.Argument(help="Projection store (folder or URL).", show_default=False)],
+    store: StoreArg,
     png: Annotated[Optional[Path], typer.Option(help="Preview image to write (default: <store>_samples.png).")] = None,
 ) -> None:
     """Counts, shapes, splits and shard progress of a store, and a PNG grid of sample images."""
@@ -363,7 +432,7 @@ def store_info(
 @app.command("export-star", rich_help_panel=TOOLS_PANEL)
 @guarded
 def export_star(
-    store: Annotated[str, typer.Argument(help="Projection store.", show_default=False)],
+    store: StoreArg,
     out: Annotated[Path, typer.Argument(help="Output folder for <name>.star and <name>.mrcs.", show_default=False)],
     split: Annotated[Optional[str], typer.Option(help="Only this split: train, val or test.")] = None,
     protein: Annotated[Optional[str], typer.Option(help="Only this protein (name as in `store info`).")] = None,
@@ -384,7 +453,7 @@ def export_star(
 def import_star(
     star: Annotated[Path, typer.Argument(help="RELION particles .star (3.0 or 3.1+).", show_default=False)],
     store: Annotated[Path, typer.Argument(help="New projection store to create.", show_default=False)],
-    symmetry: Annotated[str, typer.Option(help="Point group of the particle.")] = "C1",
+    symmetry: SymmetryOption = "C1",
     split: Annotated[str, typer.Option(help="Split the particles go to (test = to recover).")] = "test",
     shard_size: Annotated[int, typer.Option(help="Particles per shard.")] = 256,
 ) -> None:
@@ -417,29 +486,46 @@ def maps_fetch(
 @app.command(rich_help_panel=PIPELINE_PANEL)
 @guarded
 def recover(
-    store: Annotated[str, typer.Argument(help="Projection store (simulated or imported with import-star).")],
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config (recover section).")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Trained model.pt (the learned distance).")] = None,
+    store: Annotated[str, store_argument("Projection store (simulated or imported with import-star).")],
+    config: Annotated[Optional[Path], config_option("YAML run config (recover section).")] = None,
+    model: Annotated[
+        Optional[Path], option(help="Trained model.pt (the learned distance).", key="recover.model")
+    ] = None,
     euclidean: Annotated[bool, typer.Option("--euclidean", help="Use the Euclidean baseline ‖p_i − p_j‖.")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="Use the true distances d_q (experiment).")] = False,
     perturb: Annotated[
         Optional[float],
-        typer.Option("--perturb", help="True distances plus Gaussian noise of this variance σ² (rad²)."),
+        option(
+            "--perturb",
+            help="True distances plus Gaussian noise of this variance σ² (rad²).",
+            key="recover.perturb_sigma2",
+        ),
     ] = None,
-    protein: Annotated[Optional[str], typer.Option(help="Protein name or index in the store.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Split to recover: train, val or test.")] = None,
-    n: Annotated[Optional[int], typer.Option("--n", "-n", help="Recover a random subset of this many.")] = None,
-    k: Annotated[Optional[int], typer.Option(help="Nearest neighbours per projection in the pair graph.")] = None,
-    n_random: Annotated[Optional[int], typer.Option(help="Random long-range pairs per projection.")] = None,
-    actors: Annotated[Optional[int], typer.Option(help="Ray actors holding edge partitions (0 = in-process).")] = None,
+    protein: Annotated[Optional[str], option(help="Protein name or index in the store.", key="recover.protein")] = None,
+    split: Annotated[Optional[str], option(help="Split to recover: train, val or test.", key="recover.split")] = None,
+    n: Annotated[
+        Optional[int], option("--n", "-n", help="Recover a random subset of this many.", key="recover.max_projections")
+    ] = None,
+    k: Annotated[
+        Optional[int], option(help="Nearest neighbours per projection in the pair graph.", key="recover.k")
+    ] = None,
+    n_random: Annotated[
+        Optional[int], option(help="Random long-range pairs per projection.", key="recover.n_random")
+    ] = None,
+    actors: Annotated[
+        Optional[int], option(help="Ray actors holding edge partitions (0 = in-process).", key="recover.actors")
+    ] = None,
     gauge: Annotated[
-        Optional[bool], typer.Option("--gauge/--no-gauge", help="Resolve the physical solution from the images.")
+        Optional[bool],
+        option(
+            "--gauge/--no-gauge", help="Resolve the physical solution from the images.", key="recover.gauge.enabled"
+        ),
     ] = None,
     seed: SeedOption = None,
     out: OutOption = None,
     sets: SetOption = None,
     address: AddressOption = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Recover orientations from estimated distances on a sparse pair graph (kNN + random pairs), on Ray actors.
 
@@ -447,36 +533,19 @@ def recover(
     recovered_orientations.npz, the L_OR curve, the recovered viewing directions and, when the
     store knows the truth, E_OR (O(4)), the registration error and their histogram.
     """
-    from cryoorient_ray.config import load_config
+    from cryoorient_ray.config import recover_estimator
     from cryoorient_ray.stages.recover import run_recover
 
-    chosen = [
-        name for name, on in (("--euclidean", euclidean), ("--exact", exact), ("--perturb", perturb is not None)) if on
-    ]
-    if model is not None:
-        chosen.insert(0, "--model")
-    if len(chosen) > 1 and chosen != ["--exact", "--perturb"]:
-        raise CryoOrientError(f"choose one distance estimator; got {' and '.join(chosen)}")
-    estimator = "euclidean" if euclidean else "exact" if (exact or perturb is not None) else "model" if model else None
-    overrides = {
-        "seed": seed,
-        "recover.estimator": estimator,
-        "recover.model": str(model) if model else None,
-        "recover.perturb_sigma2": perturb,
-        "recover.protein": protein,
-        "recover.split": split,
-        "recover.max_projections": n,
-        "recover.k": k,
-        "recover.n_random": n_random,
-        "recover.actors": actors,
-        "recover.gauge.enabled": gauge,
-        "ray.address": address,
-    }
-    cfg = load_config(config, overrides, sets)
-    if out is None and config is None:
-        out = Path("runs/recover")
+    estimator = recover_estimator(model, euclidean=euclidean, exact=exact, perturb=perturb)
+    cfg = _load_config(recover, locals(), {"recover.estimator": estimator})
+    out = Path("runs/recover") if out is None and config is None else out
     out_dir, result = run_recover(cfg, store, out_dir=out, argv=sys.argv, progress=progress)
-    m = result.metrics
+    stdout.print(_recovery_line(result.metrics), highlight=False)
+    _print_stages(out_dir, result)
+
+
+def _recovery_line(m: dict) -> str:
+    """One line of the recover stage's numbers: L_OR, E_OR and registration when known, the gauge verdict."""
     line = f"recovered {m.get('recovered')} orientations: L_OR {m.get('L_OR', float('nan')):.4f}"
     if "e_or_o4" in m:
         line += f", E_OR {m['e_or_o4']:.4f} rad (O(4)), registration {m['registration']:.4f} rad (rotation + hand)"
@@ -484,33 +553,29 @@ def recover(
         line += (
             f", gauge {'found the physical solution' if m['gauge_physical'] else 'did NOT find the physical solution'}"
         )
-    stdout.print(line, highlight=False)
-    _print_stages(out_dir, [result])
+    return line
 
 
 @app.command(rich_help_panel=PIPELINE_PANEL)
 @guarded
 def reconstruct(
-    store: Annotated[str, typer.Argument(help="Projection store the orientations belong to.")],
+    store: Annotated[str, store_argument("Projection store the orientations belong to.")],
     orientations: Annotated[
-        Path,
-        typer.Argument(help="recovered_orientations.npz (from recover) or a .star with one row per store image."),
+        Path, typer.Argument(help="recovered_orientations.npz (from recover) or a .star with one row per store image.")
     ],
-    config: Annotated[
-        Optional[Path], typer.Option("--config", "-c", help="YAML run config (reconstruct section).")
+    config: Annotated[Optional[Path], config_option("YAML run config (reconstruct section).")] = None,
+    refine: Annotated[
+        Optional[int], option(help="Rounds of projection-matching refinement.", key="reconstruct.refine_rounds")
     ] = None,
-    refine: Annotated[Optional[int], typer.Option(help="Rounds of projection-matching refinement.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="auto, fourier, cg or astra.")] = None,
+    method: Annotated[Optional[str], option(help="auto, fourier, cg or astra.", key="reconstruct.method")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/reconstruct"),
     sets: SetOption = None,
 ) -> None:
     """Reconstruct a volume from projections + orientations: .mrc maps, half-map FSC, FSC vs truth when known."""
-    from cryoorient_ray.config import load_config
     from cryoorient_ray.stages.reconstruct import run_reconstruct
 
-    cfg = load_config(config, {"reconstruct.refine_rounds": refine, "reconstruct.method": method}, sets)
-    out_dir, result = run_reconstruct(cfg, store, str(orientations), out, argv=sys.argv)
-    _print_stages(out_dir, [result])
+    cfg = _load_config(reconstruct, locals())
+    _print_stages(*run_reconstruct(cfg, store, str(orientations), out, argv=sys.argv))
 
 
 @app.command(rich_help_panel=TOOLS_PANEL)
@@ -520,7 +585,7 @@ def align(
     estimate: Annotated[
         Path, typer.Argument(help=".star with the estimated orientations, same particles, same order.")
     ],
-    symmetry: Annotated[str, typer.Option(help="Point group of the particle.")] = "C1",
+    symmetry: SymmetryOption = "C1",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for align.json and align_errors.png.")] = Path(
         "runs/align"
     ),
@@ -538,36 +603,47 @@ def align(
     stdout.print(f"Histogram: {out / 'align_errors.png'}")
 
 
+# The search's own options (`tune`).
+SpaceOption = Annotated[
+    Optional[Path],
+    option("--space", help="Search space YAML (default: tune.space, configs/tune_space.yaml).", key="tune.space"),
+]
+SamplesOption = Annotated[
+    Optional[int], option("--samples", "-n", help="Configurations drawn from the space.", key="tune.num_samples")
+]
+MaxConcurrentOption = Annotated[
+    Optional[int],
+    option(help="Trials at once (default: as many as the Ray resources fit).", key="tune.max_concurrent_trials"),
+]
+CpusPerWorkerOption = Annotated[
+    Optional[float], option(help="CPUs per Train worker (fractional is fine).", key="train.cpus_per_worker")
+]
+TrialEpochsOption = Annotated[
+    Optional[int], option(help="Epochs of a trial that is not stopped (ASHA's max_t).", key="train.epochs")
+]
+GracePeriodOption = Annotated[
+    Optional[int], option(help="Epochs before ASHA may stop a trial.", key="tune.grace_period")
+]
+ResumeOption = Annotated[
+    Optional[Path], typer.Option("--resume", help="Resume the interrupted experiment in this folder.")
+]
+
+
 @tune_app.callback(invoke_without_command=True)
 @guarded
 def tune(
     ctx: typer.Context,
-    config: Annotated[
-        Optional[Path], typer.Option("--config", "-c", help="YAML run config (the base of every trial).")
-    ] = None,
-    space: Annotated[
-        Optional[Path],
-        typer.Option("--space", help="Search space YAML (default: tune.space, configs/tune_space.yaml)."),
-    ] = None,
-    stores: Annotated[
-        Optional[list[str]], typer.Option("--store", "-s", help="Projection store(s) to train on (repeatable).")
-    ] = None,
-    samples: Annotated[
-        Optional[int], typer.Option("--samples", "-n", help="Configurations drawn from the space.")
-    ] = None,
-    max_concurrent: Annotated[
-        Optional[int], typer.Option(help="Trials at once (default: as many as the Ray resources fit).")
-    ] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Ray Train workers per trial.")] = None,
-    cpus_per_worker: Annotated[
-        Optional[float], typer.Option(help="CPUs per Train worker (fractional is fine).")
-    ] = None,
-    gpu: Annotated[Optional[bool], typer.Option("--gpu/--cpu", help="One GPU per Train worker.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs of a trial that is not stopped (ASHA's max_t).")] = None,
-    grace_period: Annotated[Optional[int], typer.Option(help="Epochs before ASHA may stop a trial.")] = None,
-    resume: Annotated[
-        Optional[Path], typer.Option("--resume", help="Resume the interrupted experiment in this folder.")
-    ] = None,
+    config: Annotated[Optional[Path], config_option("YAML run config (the base of every trial).")] = None,
+    space: SpaceOption = None,
+    stores: StoresOption = None,
+    samples: SamplesOption = None,
+    max_concurrent: MaxConcurrentOption = None,
+    workers: Annotated[Optional[int], workers_option("Ray Train workers per trial.")] = None,
+    cpus_per_worker: CpusPerWorkerOption = None,
+    gpu: Annotated[Optional[bool], gpu_option("One GPU per Train worker.")] = None,
+    epochs: TrialEpochsOption = None,
+    grace_period: GracePeriodOption = None,
+    resume: ResumeOption = None,
     seed: SeedOption = None,
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Experiment folder (default: <output_dir>/tune).")
@@ -583,42 +659,21 @@ def tune(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from cryoorient_ray.config import load_config
+    from cryoorient_ray.config import check_tune_resume
     from cryoorient_ray.stages.tune import run_tune
 
     if resume is not None:
-        given = [
-            name for name, v in (("--config", config), ("--space", space), ("--store", stores), ("--set", sets)) if v
-        ]
-        if given:
-            raise CryoOrientError(f"--resume uses the experiment's own config and space; drop {', '.join(given)}")
+        check_tune_resume({"--config": config, "--space": space, "--store": stores, "--set": sets})
         out_dir, summary, report = run_tune(None, resume, argv=sys.argv, progress=progress, resume=True)
     else:
-        overrides = {
-            "seed": seed,
-            "train.stores": stores or None,
-            "train.num_workers": workers,
-            "train.cpus_per_worker": cpus_per_worker,
-            "train.use_gpu": gpu,
-            "train.epochs": epochs,
-            "tune.space": str(space) if space is not None else None,
-            "tune.num_samples": samples,
-            "tune.max_concurrent_trials": max_concurrent,
-            "tune.grace_period": grace_period,
-        }
-        cfg = load_config(config, overrides, sets)
-        if out is None:
-            out = Path(cfg.output_dir) / "tune"
+        cfg = _load_config(tune, locals())
+        out = Path(cfg.output_dir) / "tune" if out is None else out
         out_dir, summary, report = run_tune(cfg, out, argv=sys.argv, progress=progress)
-    _print_tune_report(report)
-    stdout.print(
-        f"{summary['trials']} trials in {summary['seconds']:.0f} s ({summary['concurrent_trials']} at once)"
-        + (f", {summary['errors']} failed: {summary['first_error']}" if summary["errors"] else ""),
-        highlight=False,
-    )
+    _print_tune_report(report, summary)
 
 
-def _print_tune_report(report: dict) -> None:
+def _print_tune_report(report: dict, summary: dict | None = None) -> None:
+    """The best trial and where the report is; with a search ``summary``, also its trials, time and failures."""
     best = report["best"]
     counts = ", ".join(f"{n} {s}" for s, n in report["status"].items() if n)
     stdout.print(
@@ -635,6 +690,12 @@ def _print_tune_report(report: dict) -> None:
     folder = Path(report["best_config"]).parent
     stdout.print(f"Report: {folder / 'tune_report.html'}  Best config: {report['best_config']}")
     stdout.print(f"TensorBoard: tensorboard --logdir {report['experiment_dir']}")
+    if summary is not None:
+        stdout.print(
+            f"{summary['trials']} trials in {summary['seconds']:.0f} s ({summary['concurrent_trials']} at once)"
+            + (f", {summary['errors']} failed: {summary['first_error']}" if summary["errors"] else ""),
+            highlight=False,
+        )
 
 
 @tune_app.command("report")
@@ -658,39 +719,36 @@ def tune_report(
 @guarded
 def orientations(
     config: OptionalConfigArg = None,
-    n: Annotated[Optional[int], typer.Option("--n", "-n", help="Number of orientations.")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help="uniform (SO(3)) or euler (uniform angles).")] = None,
-    coverage: Annotated[Optional[str], typer.Option(help="full, half or quarter of the viewing sphere.")] = None,
+    n: Annotated[Optional[int], option("--n", "-n", help="Number of orientations.", key="simulate.n_per_map")] = None,
+    sampler: Annotated[
+        Optional[str], option(help="uniform (SO(3)) or euler (uniform angles).", key="simulate.orientations.sampler")
+    ] = None,
+    coverage: Annotated[
+        Optional[str], option(help="full, half or quarter of the viewing sphere.", key="simulate.orientations.coverage")
+    ] = None,
     symmetry: Annotated[
-        Optional[str], typer.Option(help="Point group for the pair-distance plot: C1, Cn, Dn, T, O, I.")
+        Optional[str],
+        option(
+            help="Point group for the pair-distance plot: C1, Cn, Dn, T, O, I.", key="simulate.orientations.symmetry"
+        ),
     ] = None,
     seed: SeedOption = None,
     out: OutOption = None,
     sets: SetOption = None,
 ) -> None:
     """Sample orientations; write RELION .star (rot/tilt/psi), .npy (wxyz quaternions) and a PNG."""
-    from cryoorient_ray.config import load_config
     from cryoorient_ray.stages.orientations import run_orientations
 
-    overrides = {
-        "seed": seed,
-        "simulate.n_per_map": n,
-        "simulate.orientations.sampler": sampler,
-        "simulate.orientations.coverage": coverage,
-        "simulate.orientations.symmetry": symmetry,
-    }
-    cfg = load_config(config, overrides, sets)
-    out_dir, result = run_orientations(cfg, out, argv=sys.argv)
-    _print_stages(out_dir, [result])
+    _print_stages(*run_orientations(_load_config(orientations, locals()), out, argv=sys.argv))
 
 
 @config_app.command("show")
 @guarded
 def config_show(config: OptionalConfigArg = None, sets: SetOption = None) -> None:
     """Validate a config and print it with every default filled in."""
-    from cryoorient_ray.config import dump_config, load_config
+    from cryoorient_ray.config import dump_config
 
-    stdout.print(dump_config(load_config(config, None, sets)), highlight=False, markup=False, end="")
+    stdout.print(dump_config(_load_config(config_show, locals())), highlight=False, markup=False, end="")
 
 
 @cluster_app.command("check")
@@ -709,41 +767,19 @@ def cluster_check(
     Connects to --address, else the config's ray.address, else RAY_ADDRESS, else a cluster
     started on this machine with `ray start` ('auto'); --local starts a local Ray instead.
     """
-    from cryoorient_ray.config import load_config
+    cfg = _load_config(cluster_check, locals())
+    from cryoorient_ray.distributed.cluster import cluster_check_report
 
-    cfg = load_config(config, {"ray.address": address}, sets)
-    if local and address:
-        raise CryoOrientError("give either --address or --local, not both")
-    from cryoorient_ray.distributed.cluster import check_report, describe_nodes
-    from cryoorient_ray.distributed.runtime import check_address, init_ray, resolve_address, shutdown_ray
-
-    if local:
-        ray_cfg = cfg.ray.model_copy(update={"address": "local"})
-    else:
-        ray_cfg = cfg.ray.model_copy(update={"address": resolve_address(cfg.ray) or "auto"})
-        check_address(ray_cfg.address, timeout=ray_cfg.connect_timeout)  # also when Ray already runs here
-    try:
-        started = init_ray(ray_cfg)
-    except CryoOrientError as exc:
-        if ray_cfg.address == "auto":
-            raise CryoOrientError(
-                "no running Ray cluster found on this machine: start one with `ray start --head`, "
-                "pass --address host:6379 (or set RAY_ADDRESS), or use --local"
-            ) from None
-        raise exc from None
-    try:
-        import torch
-
-        where = resolve_address(ray_cfg) or "a local Ray started for this check"
-        report = check_report(cfg, describe_nodes(), driver_has_gpu=torch.cuda.is_available())
-    finally:
-        if started:
-            shutdown_ray()
-    report["address"] = where
+    report = cluster_check_report(cfg, address=address, local=local)
     if as_json:
         stdout.print_json(json.dumps(report))
-        return
-    nodes = Table(title=f"Ray at {where}", title_justify="left")
+    else:
+        _print_cluster_report(report)
+
+
+def _print_cluster_report(report: dict) -> None:
+    """The nodes table, the totals line, the per-stage plan table and the warnings of ``cluster check``."""
+    nodes = Table(title=f"Ray at {report['address']}", title_justify="left")
     for col in ("node", "address", "role", "CPU", "GPU", "accelerator", "memory GiB", "object store GiB"):
         nodes.add_column(col, justify="right" if col in ("CPU", "GPU", "memory GiB", "object store GiB") else "left")
     for n in report["nodes"]:

@@ -461,3 +461,43 @@ def write_stamped_config(cfg: RunConfig, out_dir: str | os.PathLike, argv: list[
     stamped = cfg.model_copy(update={"stamp": make_stamp(argv)})
     header = f"# Resolved config written by cryoorient_ray {__version__}; load it with `cryoorient run <this file>`.\n"
     return atomic_write_text(Path(out_dir) / STAMPED_CONFIG_NAME, header + dump_config(stamped))
+
+
+# ----------------------------------------------------------------------------- option combinations
+
+
+def recover_estimator(
+    model: str | os.PathLike | None, euclidean: bool = False, exact: bool = False, perturb: float | None = None
+) -> Literal["model", "euclidean", "exact"] | None:
+    """The ``recover.estimator`` that ``cryoorient recover``'s distance options ask for (None: the config's).
+
+    ``model`` (a model file), ``euclidean`` and ``exact`` exclude each other; ``perturb`` (σ², rad²)
+    means the exact distances plus noise, so it goes alone or with ``exact``.
+
+    Raises:
+        CryoOrientError: more than one estimator, e.g. ``choose one distance estimator; got --model and --exact``.
+    """
+    chosen = [
+        name for name, on in (("--euclidean", euclidean), ("--exact", exact), ("--perturb", perturb is not None)) if on
+    ]
+    if model is not None:
+        chosen.insert(0, "--model")
+    if len(chosen) > 1 and chosen != ["--exact", "--perturb"]:
+        raise CryoOrientError(f"choose one distance estimator; got {' and '.join(chosen)}")
+    if euclidean:
+        return "euclidean"
+    if exact or perturb is not None:
+        return "exact"
+    return "model" if model else None
+
+
+def check_tune_resume(options: dict[str, Any]) -> None:
+    """A resumed search runs from the experiment's own config and space: each of ``options``
+    (``{"--config": value, ...}``) must be unset (None or empty).
+
+    Raises:
+        CryoOrientError: naming the options to drop.
+    """
+    given = [name for name, value in options.items() if value]
+    if given:
+        raise CryoOrientError(f"--resume uses the experiment's own config and space; drop {', '.join(given)}")

@@ -133,3 +133,80 @@ def test_config_show_prints_resolved_yaml():
 @pytest.mark.parametrize("args", [["--verbose", "run", "configs/demo.yaml", "--set", "ray.num_cpus=0"]])
 def test_verbose_still_reports_bad_input_in_one_line(args):
     _one_error_line(runner.invoke(app, args), "ray.num_cpus")
+
+
+def test_options_override_the_config_keys_they_name():
+    """Each command's typed options become the same {dotted.key: value} overrides as before the ConfigKey tags."""
+    from pathlib import Path
+
+    from cryoorient_ray import cli
+
+    sim = dict(inputs=["pseudo:3"], n=5, image_size=32, voxel_size=6.0, snr_db=-12.0, max_shift=2.0, ctf=False)
+    sim |= dict(symmetry="D2", shard_size=8, backend="torch", seed=3, address="auto")
+    assert cli.config_overrides(cli.simulate, sim | dict(config=None, out=None, sets=None, progress=True)) == {
+        "seed": 3,
+        "simulate.inputs": ["pseudo:3"],
+        "simulate.n_per_map": 5,
+        "simulate.image_size": 32,
+        "simulate.voxel_size": 6.0,
+        "simulate.noise.snr_db": -12.0,
+        "simulate.shifts.max_shift": 2.0,
+        "simulate.ctf.enabled": False,  # a given False is kept, not dropped
+        "simulate.orientations.symmetry": "D2",
+        "simulate.shard_size": 8,
+        "simulate.backend": "torch",
+        "ray.address": "auto",
+    }
+    unset = {name: None for name in ("stores", "workers", "gpu", "epochs", "batch_size", "lr", "n_features", "seed")}
+    got = cli.config_overrides(cli.train, unset | dict(stores=[], config=None, out=None, sets=None, address=None))
+    assert all(value is None for value in got.values()) and len(got) == 9  # empty --store list: the config's
+    rec = dict(model=Path("m.pt"), perturb=0.1, protein="0", split="val", n=50, k=4, n_random=6, actors=2, gauge=True)
+    assert cli.config_overrides(cli.recover, rec | dict(seed=1, address=None)) == {
+        "recover.model": "m.pt",
+        "recover.perturb_sigma2": 0.1,
+        "recover.protein": "0",
+        "recover.split": "val",
+        "recover.max_projections": 50,
+        "recover.k": 4,
+        "recover.n_random": 6,
+        "recover.actors": 2,
+        "recover.gauge.enabled": True,
+        "seed": 1,
+        "ray.address": None,
+    }
+    tune = dict(space=Path("s.yaml"), stores=["a.zarr"], samples=4, max_concurrent=2, workers=1, cpus_per_worker=0.5)
+    tune |= dict(gpu=None, epochs=3, grace_period=1, seed=2)
+    assert cli.config_overrides(cli.tune, tune | dict(ctx=None, config=None, resume=None, out=None)) == {
+        "tune.space": "s.yaml",
+        "train.stores": ["a.zarr"],
+        "tune.num_samples": 4,
+        "tune.max_concurrent_trials": 2,
+        "train.num_workers": 1,
+        "train.cpus_per_worker": 0.5,
+        "train.use_gpu": None,
+        "train.epochs": 3,
+        "tune.grace_period": 1,
+        "seed": 2,
+    }
+    ori = dict(n=7, sampler="euler", coverage="half", symmetry="C2", seed=0)
+    assert cli.config_overrides(cli.orientations, ori) == {
+        "simulate.n_per_map": 7,
+        "simulate.orientations.sampler": "euler",
+        "simulate.orientations.coverage": "half",
+        "simulate.orientations.symmetry": "C2",
+        "seed": 0,
+    }
+    assert cli.config_overrides(cli.reconstruct, dict(refine=2, method="cg")) == {
+        "reconstruct.refine_rounds": 2,
+        "reconstruct.method": "cg",
+    }
+    assert cli.config_overrides(cli.run, dict(seed=5, address="h:6379")) == {"seed": 5, "ray.address": "h:6379"}
+    assert cli.config_overrides(cli.cluster_check, dict(address=None)) == {"ray.address": None}
+    assert cli.config_overrides(cli.config_show, {}) == {}
+
+
+def test_recover_rejects_two_estimators_in_one_line(tmp_path):
+    args = ["recover", str(tmp_path / "s.zarr"), "--euclidean", "--model", str(tmp_path / "m.pt"), "-o", str(tmp_path)]
+    _one_error_line(runner.invoke(app, args), "choose one distance estimator; got --model and --euclidean")
+    args = ["tune", "--resume", str(tmp_path), "--space", "s.yaml", "--set", "seed=1"]
+    _one_error_line(runner.invoke(app, args), "drop --space, --set")

@@ -274,3 +274,10 @@ def test_without_an_address_a_new_local_ray_starts_even_if_one_runs_here(monkeyp
     assert calls[-1][0] == "local" and calls[-1][1]["num_cpus"] == 2
     runtime.init_ray(RayConfig(address="auto", num_cpus=2))  # a cluster: its own resources
     assert calls[-1][0] == "auto" and "num_cpus" not in calls[-1][1]
+
+
+def test_cluster_check_report_refuses_address_with_local():
+    from cryoorient_ray.distributed.cluster import cluster_check_report
+
+    with pytest.raises(CryoOrientError, match="either --address or --local, not both"):
+        cluster_check_report(RunConfig(), address="127.0.0.1:6379", local=True)

@@ -90,3 +90,28 @@ def test_stamped_config_records_provenance_and_reloads(tmp_path):
     assert data["stamp"]["command"] == "cryoorient run 'my config.yaml'"
     again = load_config(path)
     assert again.simulate.n_per_map == 7 and again.stamp is not None
+
+
+def test_recover_estimator_from_the_distance_options():
+    from cryoorient_ray.config import recover_estimator
+
+    assert recover_estimator(None) is None  # the config's
+    assert recover_estimator(Path("m.pt")) == "model"
+    assert recover_estimator(None, euclidean=True) == "euclidean"
+    assert recover_estimator(None, exact=True) == "exact"
+    assert recover_estimator(None, perturb=0.0) == "exact"  # σ² 0 still asks for the exact distances
+    assert recover_estimator(None, exact=True, perturb=0.1) == "exact"
+    with pytest.raises(CryoOrientError, match="choose one distance estimator; got --model and --euclidean"):
+        recover_estimator(Path("m.pt"), euclidean=True)
+    with pytest.raises(CryoOrientError, match="got --euclidean and --exact and --perturb"):
+        recover_estimator(None, euclidean=True, exact=True, perturb=0.1)
+    with pytest.raises(CryoOrientError, match="got --model and --perturb"):
+        recover_estimator("m.pt", perturb=0.1)
+
+
+def test_tune_resume_takes_no_config_options():
+    from cryoorient_ray.config import check_tune_resume
+
+    check_tune_resume({"--config": None, "--store": [], "--set": None})
+    with pytest.raises(CryoOrientError, match="own config and space; drop --config, --set"):
+        check_tune_resume({"--config": Path("c.yaml"), "--space": None, "--set": ["seed=1"]})

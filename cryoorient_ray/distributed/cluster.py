@@ -14,6 +14,7 @@ reconstruct the driver process (CPU, or the driver's GPU)
 :func:`plan_stages` turns a config and the cluster's nodes into that table with a verdict per
 stage ("fits now", or what is missing: an autoscaling cluster adds nodes on demand, a fixed one
 waits forever). :func:`storage_warnings` names the paths that other nodes cannot see.
+:func:`cluster_check_report` connects to the cluster and gathers all of it (:func:`check_report`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from cryoorient_ray.config import RunConfig
+from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.store import is_url
 
 GIB = 1024**3
@@ -116,27 +118,35 @@ def _n_inputs(cfg: RunConfig) -> int:
 
 def plan_stages(cfg: RunConfig, nodes: list[NodeInfo], driver_has_gpu: bool = False) -> list[StagePlan]:
     """The resources each stage of ``cfg`` will request on ``nodes`` (see the module docstring)."""
-    total_cpu = sum(n.cpus for n in nodes)
-    total_gpu = sum(n.gpus for n in nodes)
+    plans = [_plan_simulate(cfg, nodes), _plan_train(cfg, nodes)]
+    plans.append(_plan_recover(cfg, nodes, driver_has_gpu))
+    method = cfg.reconstruct.method
+    gpu_note = " (ASTRA CGLS if installed: the driver has a GPU)" if driver_has_gpu else " (CPU)"
+    plans.append(StagePlan("reconstruct", "driver process", 1, {}, True, f"method {method}" + gpu_note))
+    return plans
+
+
+def _plan_simulate(cfg: RunConfig, nodes: list[NodeInfo]) -> StagePlan:
+    """One 1-CPU Ray task per shard of the store."""
     sim = cfg.simulate
     n_proj = sim.n_per_map * _n_inputs(cfg)
     shards = -(-n_proj // min(sim.shard_size, n_proj))
-    plans = []
-
     fits, note = _fit(nodes, 1, {"CPU": 1.0})
-    parallel = min(shards, int(total_cpu))
-    plans.append(
-        StagePlan(
-            "simulate",
-            "Ray tasks, one per shard",
-            shards,
-            {"CPU": 1.0},
-            fits,
-            f"{n_proj} projections in {shards} shards (≥{shards} if inputs are folders), "
-            f"{parallel} at a time; projector on CPU" + ("" if fits else f"; {note}"),
-        )
+    parallel = min(shards, int(sum(n.cpus for n in nodes)))
+    return StagePlan(
+        "simulate",
+        "Ray tasks, one per shard",
+        shards,
+        {"CPU": 1.0},
+        fits,
+        f"{n_proj} projections in {shards} shards (≥{shards} if inputs are folders), "
+        f"{parallel} at a time; projector on CPU" + ("" if fits else f"; {note}"),
     )
 
+
+def _plan_train(cfg: RunConfig, nodes: list[NodeInfo]) -> StagePlan:
+    """``train.num_workers`` Ray Train workers, and the CPUs they leave to the Ray Data read tasks."""
+    total_cpu = sum(n.cpus for n in nodes)
     t = cfg.train
     per = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if t.use_gpu else {})}
     fits, note = _fit(nodes, t.num_workers, per)
@@ -149,41 +159,22 @@ def plan_stages(cfg: RunConfig, nodes: list[NodeInfo], driver_has_gpu: bool = Fa
         )
     elif fits:
         note += f"; {left:g} CPUs left for Ray Data reads"
-    plans.append(StagePlan("train", "Ray Train workers (data parallel)", t.num_workers, per, fits, note))
+    if t.use_gpu and sum(n.gpus for n in nodes) == 0:
+        note += "; the cluster has no GPU now"
+    return StagePlan("train", "Ray Train workers (data parallel)", t.num_workers, per, fits, note)
 
+
+def _plan_recover(cfg: RunConfig, nodes: list[NodeInfo], driver_has_gpu: bool) -> StagePlan:
+    """``recover.actors`` edge-partition actors, or the driver process when there are none."""
     r = cfg.recover
     if r.actors > 0:
         fits, note = _fit(nodes, r.actors, {"CPU": r.cpus_per_actor})
         if r.estimator == "model":
             note += f"; embedding: {r.actors} Ray Data workers × {READ_TASK_CPUS:g} CPU"
-        plans.append(StagePlan("recover", "edge-partition actors", r.actors, {"CPU": r.cpus_per_actor}, fits, note))
-    else:
-        device = r.device if r.device != "auto" else ("cuda" if driver_has_gpu else "cpu")
-        plans.append(
-            StagePlan(
-                "recover",
-                "driver process",
-                1,
-                {},
-                True,
-                f"in-process on {device} (recover.actors > 0 spreads the pair graph over actors)",
-            )
-        )
-
-    method = cfg.reconstruct.method
-    plans.append(
-        StagePlan(
-            "reconstruct",
-            "driver process",
-            1,
-            {},
-            True,
-            f"method {method}" + (" (ASTRA CGLS if installed: the driver has a GPU)" if driver_has_gpu else " (CPU)"),
-        )
-    )
-    if t.use_gpu and total_gpu == 0:
-        plans[1].note += "; the cluster has no GPU now"
-    return plans
+        return StagePlan("recover", "edge-partition actors", r.actors, {"CPU": r.cpus_per_actor}, fits, note)
+    device = r.device if r.device != "auto" else ("cuda" if driver_has_gpu else "cpu")
+    note = f"in-process on {device} (recover.actors > 0 spreads the pair graph over actors)"
+    return StagePlan("recover", "driver process", 1, {}, True, note)
 
 
 def storage_warnings(cfg: RunConfig, nodes: list[NodeInfo]) -> list[str]:
@@ -227,3 +218,43 @@ def check_report(cfg: RunConfig, nodes: list[NodeInfo], driver_has_gpu: bool = F
         "stages": [asdict(p) | {"demand": p.demand()} for p in plan_stages(cfg, nodes, driver_has_gpu)],
         "warnings": storage_warnings(cfg, nodes),
     }
+
+
+def cluster_check_report(cfg: RunConfig, address: str | None = None, local: bool = False) -> dict:
+    """Connect to the config's Ray cluster (or start a local one) and return :func:`check_report`
+    plus ``"address"`` (where it looked): what ``cryoorient cluster check`` prints.
+
+    Looks at ``cfg.ray.address``, else RAY_ADDRESS, else a ``ray start`` cluster on this machine
+    ('auto'); ``local`` starts a local Ray instead. ``address`` is the ``--address`` option
+    (already in ``cfg.ray``), which excludes ``local``. A Ray started here is shut down again.
+
+    Raises:
+        CryoOrientError: ``address`` with ``local``; an address that does not answer; no cluster at 'auto'.
+    """
+    if local and address:
+        raise CryoOrientError("give either --address or --local, not both")
+    from cryoorient_ray.distributed.runtime import check_address, init_ray, resolve_address, shutdown_ray
+
+    if local:
+        ray_cfg = cfg.ray.model_copy(update={"address": "local"})
+    else:
+        ray_cfg = cfg.ray.model_copy(update={"address": resolve_address(cfg.ray) or "auto"})
+        check_address(ray_cfg.address, timeout=ray_cfg.connect_timeout)  # also when Ray already runs here
+    try:
+        started = init_ray(ray_cfg)
+    except CryoOrientError as exc:
+        if ray_cfg.address == "auto":
+            raise CryoOrientError(
+                "no running Ray cluster found on this machine: start one with `ray start --head`, "
+                "pass --address host:6379 (or set RAY_ADDRESS), or use --local"
+            ) from None
+        raise exc from None
+    try:
+        import torch
+
+        where = resolve_address(ray_cfg) or "a local Ray started for this check"
+        report = check_report(cfg, describe_nodes(), driver_has_gpu=torch.cuda.is_available())
+    finally:
+        if started:
+            shutdown_ray()
+    return report | {"address": where}
