@@ -86,14 +86,11 @@ def reconstruct_from_recovery(
     q = np.asarray(recovered["quaternions"], dtype=np.float64)
     if len(rows) != len(q):
         raise CryoOrientError(f"{len(rows)} rows but {len(q)} orientations in the recovery file")
-    meta = store.read_metadata(rows)
-    images = torch.as_tensor(store.read_images(rows), dtype=torch.float32)
-    shifts = meta["shift"].astype(np.float32)
-    shifts_t = torch.as_tensor(shifts) if np.abs(shifts).max(initial=0.0) > 0 else None
-    ctf = store.ctf_parameters(meta)
+    meta = store.read_metadata(rows, names=["protein"])
+    stack = store.particles(rows)
     pixel = store.pixel_size
     size = store.image_size
-    kwargs = {"pixel_size": pixel, "wiener": wiener_constant(rcfg, store)}
+    kwargs = {"wiener": wiener_constant(rcfg, store)}
     if rcfg.mask_radius is not None:
         kwargs["mask_radius"] = rcfg.mask_radius
     method = rcfg.method
@@ -104,7 +101,7 @@ def reconstruct_from_recovery(
 
     def rec(quats: np.ndarray) -> np.ndarray:
         r = torch.as_tensor(unitquat_to_rotmat(quats), dtype=torch.float32)
-        return np.asarray(reconstruct(images, r, shifts_t, ctf, method=method, **kwargs), dtype=np.float32)
+        return np.asarray(reconstruct(stack, r, method=method, **kwargs), dtype=np.float32)
 
     out = ReconstructionOutcome(pixel_size=pixel, rows=rows)
     t0 = time.perf_counter()
@@ -113,11 +110,8 @@ def reconstruct_from_recovery(
         from cryoorient_ray.core.refinement.local import refine_orientations
 
         res = refine_orientations(
-            images.numpy(),
+            stack,
             q,
-            shifts=shifts if shifts_t is not None else None,
-            ctf=ctf,
-            pixel_size=pixel,
             rounds=rcfg.refine_rounds,
             wiener=kwargs["wiener"],
             q_true=q_true if has_truth else None,
@@ -134,7 +128,7 @@ def reconstruct_from_recovery(
     t1 = time.perf_counter()
     r_use = torch.as_tensor(unitquat_to_rotmat(q_use), dtype=torch.float32)
     out.volumes["recovered"] = rec(q_use)
-    h1, h2 = half_maps(images, r_use, shifts_t, ctf, split=cfg.seed, method=method, **kwargs)
+    h1, h2 = half_maps(stack, r_use, split=cfg.seed, method=method, **kwargs)
     half = fsc(np.asarray(h1), np.asarray(h2), pixel_size=pixel, mask=size / 2 - 1)
     out.fsc["half maps (recovered)"] = half
     out.metrics["halfmap_fsc05_A"] = _res(half.resolution_05)

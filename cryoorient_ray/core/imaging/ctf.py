@@ -40,9 +40,10 @@ import numpy as np
 import torch
 
 from cryoorient_ray.core._array import ArrayLike, as_tensor, check_pixel_size, to_output
+from cryoorient_ray.core.imaging.fourier import freq_grid_2d_per_A
 from cryoorient_ray.errors import CryoOrientError
 
-__all__ = ["apply_ctf", "ctf_2d", "ctf_at", "electron_wavelength"]
+__all__ = ["apply_ctf", "check_ctf_params", "ctf_2d", "ctf_at", "electron_wavelength"]
 
 
 def electron_wavelength(voltage_kv: float) -> float:
@@ -79,6 +80,12 @@ def _params(**params: ArrayLike) -> tuple[dict[str, torch.Tensor], int]:
     if ((q0 < 0) | (q0 > 1)).any():
         raise CryoOrientError("amplitude_contrast must lie in [0, 1]")
     return out, batch
+
+
+def check_ctf_params(**params: ArrayLike) -> int:
+    """Check CTF parameters (the keyword arguments of :func:`ctf_2d`: finite, one batch size,
+    voltage > 0, ``0 ≤ Q0 ≤ 1``); returns the batch size ``B``."""
+    return _params(**params)[1]
 
 
 def _ctf_from_params(sx: torch.Tensor, sy: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -197,9 +204,7 @@ def ctf_2d(
         phase_shift=phase_shift,
         bfactor=bfactor,
     )
-    fy = torch.fft.fftfreq(lsize, d=px, dtype=torch.float64)
-    fx = torch.fft.rfftfreq(lsize, d=px, dtype=torch.float64) if rfft else fy
-    sy, sx = torch.meshgrid(fy, fx, indexing="ij")
+    sy, sx = freq_grid_2d_per_A(lsize, px, rfft=rfft)
     return _ctf_from_params(sx, sy, p).to(dtype=dtype, device=device)
 
 
