@@ -20,22 +20,13 @@ import numpy as np
 import torch
 
 from cryoorient_ray.core._array import ArrayLike, as_tensor, check_pixel_size
+from cryoorient_ray.core.imaging.ctf import OPTICS_DEFAULTS, check_ctf_params, ctf_2d
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = ["CTF_KEYS", "CTFParams", "ParticleStack", "as_particle_stack"]
 
 # Keys of a CTF parameter dict (as ctf_2d takes them); the first three are required.
-CTF_KEYS = (
-    "defocus_u",
-    "defocus_v",
-    "defocus_angle",
-    "voltage",
-    "cs",
-    "amplitude_contrast",
-    "phase_shift",
-    "bfactor",
-)
-_CTF_DEFAULTS = {"voltage": 300.0, "cs": 2.7, "amplitude_contrast": 0.1, "phase_shift": 0.0, "bfactor": 0.0}
+CTF_KEYS = ("defocus_u", "defocus_v", "defocus_angle", *OPTICS_DEFAULTS)
 
 
 def _values(value: ArrayLike, name: str) -> np.ndarray:
@@ -71,8 +62,6 @@ class CTFParams:
     bfactor: np.ndarray = field(default_factory=lambda: np.array([0.0]))
 
     def __post_init__(self) -> None:
-        from cryoorient_ray.core.imaging.ctf import check_ctf_params
-
         for key in CTF_KEYS:
             object.__setattr__(self, key, _values(getattr(self, key), key))
         check_ctf_params(**self.to_dict())  # finite, voltage > 0, 0 ≤ Q0 ≤ 1, one batch size
@@ -86,7 +75,7 @@ class CTFParams:
         missing = [k for k in CTF_KEYS[:3] if k not in params]
         if missing:
             raise CryoOrientError(f"the CTF needs {', '.join(missing)} (per image or one value for all)")
-        return cls(**{k: params.get(k, _CTF_DEFAULTS.get(k)) for k in CTF_KEYS})
+        return cls(**{k: params.get(k, OPTICS_DEFAULTS.get(k)) for k in CTF_KEYS})
 
     def to_dict(self) -> dict[str, np.ndarray]:
         """The parameters as keyword arguments of :func:`~cryoorient_ray.core.imaging.ctf.ctf_2d` / ``apply_ctf``."""
@@ -109,8 +98,6 @@ class CTFParams:
 
     def grid(self, size: int, pixel_size_A: float, idx: torch.Tensor, dtype=torch.float32, device=None) -> torch.Tensor:
         """CTF ``(m, size, size//2 + 1)`` of the ``m`` images ``idx`` on the ``rfft2`` grid of ``size²`` images."""
-        from cryoorient_ray.core.imaging.ctf import ctf_2d
-
         out = ctf_2d(size, pixel_size_A, **self.subset(idx).to_dict(), dtype=dtype, device=device)
         return out.expand(idx.numel(), -1, -1) if out.shape[0] == 1 else out
 
