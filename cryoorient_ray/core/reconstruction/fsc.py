@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from cryoorient_ray.core._array import ArrayLike, as_tensor, check_pixel_size, to_output
+from cryoorient_ray.core.imaging.fourier import fft_index
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = ["FSCResult", "best_hand", "fsc", "fsc_resolution", "mirror_volume", "soft_mask"]
@@ -93,7 +94,7 @@ def _cubic(volume: ArrayLike, name: str) -> tuple[torch.Tensor, bool]:
 
 def _shell_index(d: int, device) -> torch.Tensor:
     """``round(|k|)`` of every voxel of the (unshifted) ``fftn`` grid of a ``D³`` box, flattened."""
-    f = torch.fft.fftfreq(d, d=1.0 / d, dtype=torch.float64, device=device)  # integer frequencies
+    f = fft_index(d, device=device)  # integer frequencies (cycles per box)
     kz, ky, kx = torch.meshgrid(f, f, f, indexing="ij")
     return torch.round(torch.sqrt(kx * kx + ky * ky + kz * kz)).to(torch.int64).reshape(-1)
 

@@ -506,23 +506,6 @@ def _band(fsc_curve: np.ndarray, lsize: int) -> tuple[Callable[[np.ndarray], np.
 # refinement
 
 
-def _match_round(matcher: _Matcher, q: torch.Tensor, halves, refs, cand: _Candidates, chunk: int, report) -> tuple:
-    """One round's matching of every image: ``(q_new (P, 4), best scores (P,))``."""
-    q_new = q.clone()
-    best_scores = torch.empty(q.shape[0], dtype=torch.float64)
-    done = 0
-    with torch.no_grad():
-        for half, ref_map in zip(halves, refs, strict=True):
-            ref_ft = centred_volume_ft(ref_map, 2 * matcher.lsize)
-            for s0 in range(0, len(half), chunk):
-                idx = torch.from_numpy(half[s0 : s0 + chunk])
-                q_new[idx], best_scores[idx] = _match(matcher, ref_ft, q[idx], idx, cand)
-                done += idx.numel()
-                report(done)
-    q_new = quat_canonicalize(q_new / torch.linalg.norm(q_new, dim=1, keepdim=True))
-    return q_new, best_scores
-
-
 def _references(rnd: int, current: dict, init_volume, mask, cross_halves: bool) -> list[torch.Tensor]:
     """The maps the two halves of the images are matched against in round ``rnd``."""
     if rnd == 1 and init_volume is not None:
@@ -530,6 +513,90 @@ def _references(rnd: int, current: dict, init_volume, mask, cross_halves: bool) 
     if cross_halves:
         return [current["half"][1], current["half"][0]]  # each half against the other half's map
     return [current["full"]] * 2
+
+
+@dataclass
+class _Refinement:
+    """What every round of :func:`refine_orientations` shares: the checked inputs and the matcher."""
+
+    work: ParticleStack
+    settings: RefineSettings
+    schedule: list[float]
+    lattice: _Lattice
+    rng: np.random.Generator
+    halves: tuple[np.ndarray, np.ndarray]
+    maps: _Maps
+    matcher: _Matcher
+    init_volume: torch.Tensor | None
+    progress: Callable[[int, int, int, int], None] | None
+
+    def match(self, rnd: int, q: torch.Tensor, refs, cand: _Candidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image matched in batches: ``(q_new (P, 4), best scores (P,))``."""
+        matcher, p = self.matcher, q.shape[0]
+        chunk = max(
+            1,
+            min(
+                self.settings.checked_batch_size(),
+                _POINTS_PER_CHUNK // max(1, (cand.vecs.shape[0] + 1) * matcher.n_points),
+            ),
+        )
+        q_new = q.clone()
+        best_scores = torch.empty(p, dtype=torch.float64)
+        done = 0
+        with torch.no_grad():
+            for half, ref_map in zip(self.halves, refs, strict=True):
+                ref_ft = centred_volume_ft(ref_map, 2 * matcher.lsize)
+                for s0 in range(0, len(half), chunk):
+                    idx = torch.from_numpy(half[s0 : s0 + chunk])
+                    q_new[idx], best_scores[idx] = _match(matcher, ref_ft, q[idx], idx, cand)
+                    done += idx.numel()
+                    if self.progress is not None:
+                        self.progress(rnd, len(self.schedule), done, p)
+        return quat_canonicalize(q_new / torch.linalg.norm(q_new, dim=1, keepdim=True)), best_scores
+
+    def round(self, rnd: int, radius_deg: float, q: torch.Tensor, current: dict) -> tuple[torch.Tensor, dict, dict]:
+        """Round ``rnd``: the new orientations, their maps and the round's history entry."""
+        t0 = time.perf_counter()
+        lsize = self.work.image_size
+        band_weight, max_radius = _band(current["fsc"].fsc, lsize)
+        self.matcher.set_band(band_weight, max_radius)
+        refs = _references(rnd, current, self.init_volume, self.maps.mask, self.settings.cross_halves)
+        cand = _Candidates.make(self.lattice, radius_deg, self.rng)
+        q_new, best_scores = self.match(rnd, q, refs, cand)
+        change = float(quat_distance(q, q_new).mean())
+        current = self.maps.maps(q_new)
+        seconds = time.perf_counter() - t0
+        entry = {
+            "round": rnd,
+            "search_deg": radius_deg,
+            "step_deg": math.degrees(cand.step),
+            "n_candidates": cand.vecs.shape[0],
+            "change": change,
+            "correlation": float(best_scores.mean()),
+            "band": max_radius / lsize / self.work.pixel_size_A,
+            "resolution_0143": current["fsc"].resolution_0143,
+            **self.maps.truth_metrics(q_new, current["full"]),
+            "seconds": seconds,
+        }
+        return q_new, current, entry
+
+
+def _setup(stack, quaternions, settings, volume, q_true, reference, progress) -> tuple[_Refinement, torch.Tensor]:
+    """Checked inputs of :func:`refine_orientations`: the shared state and the start ``(P, 4)``."""
+    work = _working_stack(stack)
+    p, lsize = len(work), work.image_size
+    q = _quats(quaternions, p, "quaternions")
+    qt = None if q_true is None else _quats(q_true, p, "q_true")
+    schedule = settings.schedule()
+    lattice = _Lattice.make(settings.n_candidates)
+    settings.checked_batch_size()
+    rng = np.random.default_rng(settings.seed)
+    perm = rng.permutation(p)
+    halves = (np.sort(perm[: p // 2]), np.sort(perm[p // 2 :]))
+    maps = _Maps(work, settings, halves, qt, _volume(reference, lsize, "reference"))
+    init_volume = _volume(volume, lsize, "volume")
+    state = _Refinement(work, settings, schedule, lattice, rng, halves, maps, _Matcher(work), init_volume, progress)
+    return state, q
 
 
 def refine_orientations(
@@ -572,58 +639,14 @@ def refine_orientations(
     """
     start_time = time.perf_counter()
     stack = as_particle_stack(stack)
-    settings = _settings(settings, options)
-    work = _working_stack(stack)
-    p, lsize = len(work), work.image_size
-    q = _quats(quaternions, p, "quaternions")
-    qt = None if q_true is None else _quats(q_true, p, "q_true")
-    schedule = settings.schedule()
-    lattice = _Lattice.make(settings.n_candidates)
-    batch_size = settings.checked_batch_size()
-    rng = np.random.default_rng(settings.seed)
-    perm = rng.permutation(p)
-    halves = (np.sort(perm[: p // 2]), np.sort(perm[p // 2 :]))
-    maps = _Maps(work, settings, halves, qt, _volume(reference, lsize, "reference"))
-    init_volume = _volume(volume, lsize, "volume")
-    matcher = _Matcher(work)
-
-    current = maps.maps(q)
-    initial = {"resolution_0143": current["fsc"].resolution_0143, **maps.truth_metrics(q, current["full"])}
+    state, q = _setup(stack, quaternions, _settings(settings, options), volume, q_true, reference, progress)
+    current = state.maps.maps(q)
+    initial = {"resolution_0143": current["fsc"].resolution_0143, **state.maps.truth_metrics(q, current["full"])}
     q_start = q.clone()
     history = []
-    for rnd, radius_deg in enumerate(schedule, start=1):
-        t0 = time.perf_counter()
-        band_weight, max_radius = _band(current["fsc"].fsc, lsize)
-        matcher.set_band(band_weight, max_radius)
-        refs = _references(rnd, current, init_volume, maps.mask, settings.cross_halves)
-        cand = _Candidates.make(lattice, radius_deg, rng)
-        k = cand.vecs.shape[0]
-        chunk = max(1, min(batch_size, _POINTS_PER_CHUNK // max(1, (k + 1) * matcher.n_points)))
-
-        def report(done: int, rnd=rnd) -> None:
-            if progress is not None:
-                progress(rnd, len(schedule), done, p)
-
-        q_new, best_scores = _match_round(matcher, q, halves, refs, cand, chunk, report)
-        change = float(quat_distance(q, q_new).mean())
-        q = q_new
-        current = maps.maps(q)
-        seconds = time.perf_counter() - t0
-        history.append(
-            {
-                "round": rnd,
-                "search_deg": radius_deg,
-                "step_deg": math.degrees(cand.step),
-                "n_candidates": k,
-                "change": change,
-                "correlation": float(best_scores.mean()),
-                "band": max_radius / lsize / work.pixel_size_A,
-                "resolution_0143": current["fsc"].resolution_0143,
-                **maps.truth_metrics(q, current["full"]),
-                "seconds": seconds,
-            }
-        )
-
+    for rnd, radius_deg in enumerate(state.schedule, start=1):
+        q, current, entry = state.round(rnd, radius_deg, q, current)
+        history.append(entry)
     vol = current["full"]
     return RefineResult(
         quaternions=quat_canonicalize(q).numpy(),
