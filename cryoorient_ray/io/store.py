@@ -388,7 +388,7 @@ class ProjectionStore:
     def particles(self, rows: np.ndarray) -> ParticleStack:
         """The particles ``rows``: images ``(n, L, L)`` float32 (numpy-backed), their shifts (None when
         all are zero), their CTF (:meth:`ctf_parameters`) and the store's pixel size."""
-        from cryoorient_ray.core.imaging.particles import CTFParams, ParticleStack  # noqa: F811
+        from cryoorient_ray.core.imaging.particles import CTFParams, ParticleStack
 
         rows = np.asarray(rows)
         meta = self.read_metadata(rows, names=["shift", "defocus_u", "defocus_v", "defocus_angle"])

@@ -110,7 +110,8 @@ class ParticleStack:
         images: ``(P, L, L)`` real torch tensor indexed ``[y, x]`` (numpy input is wrapped without a
             copy; float32 and float64 are kept, other dtypes become float64 as ``as_tensor`` does).
         shifts: ``(P, 2)`` ``(tx, ty)`` in pixels the images were made with, or None (no shifts).
-        ctf: :class:`CTFParams` (1 or ``P`` values each) or None (no CTF was applied).
+        ctf: :class:`CTFParams` (1 or ``P`` values each; a dict of :data:`CTF_KEYS` is converted
+            with :meth:`CTFParams.from_dict`) or None (no CTF was applied).
         pixel_size_A: Å per pixel; required with a CTF, else optional.
         numpy_out: whether algorithms hand back numpy arrays (True when ``images`` was given as numpy).
     """

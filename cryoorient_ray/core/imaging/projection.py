@@ -55,15 +55,20 @@ _FOURIER_POINTS_PER_CHUNK = 1 << 24
 # validation helpers
 
 
-def _volume_tensor(volume: ArrayLike, dtype: torch.dtype, device) -> torch.Tensor:
-    vol, _ = as_tensor(volume)
+def cubic_volume(volume: ArrayLike, name: str = "volume") -> tuple[torch.Tensor, bool]:
+    """``(tensor, was_numpy)`` of a finite cubic ``(D, D, D)`` map (``D ≥ 2``), or a clear error naming ``name``."""
+    vol, was_np = as_tensor(volume)
     if vol.ndim != 3 or not (vol.shape[0] == vol.shape[1] == vol.shape[2]):
-        raise CryoOrientError(f"volume must be a cubic (D, D, D) array; got shape {tuple(vol.shape)}")
+        raise CryoOrientError(f"{name} must be a cubic (D, D, D) array; got shape {tuple(vol.shape)}")
     if vol.shape[0] < 2:
-        raise CryoOrientError(f"volume must be at least 2 voxels wide; got shape {tuple(vol.shape)}")
+        raise CryoOrientError(f"{name} must be at least 2 voxels wide; got shape {tuple(vol.shape)}")
     if not torch.isfinite(vol).all():
-        raise CryoOrientError("volume contains NaN or infinite values")
-    return vol.detach().to(dtype=dtype, device=device)
+        raise CryoOrientError(f"{name} contains NaN or infinite values")
+    return vol, was_np
+
+
+def _volume_tensor(volume: ArrayLike, dtype: torch.dtype, device) -> torch.Tensor:
+    return cubic_volume(volume)[0].detach().to(dtype=dtype, device=device)
 
 
 def _rotmats_tensor(rotmats: ArrayLike, dtype: torch.dtype, device) -> tuple[torch.Tensor, bool]:
