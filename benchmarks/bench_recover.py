@@ -190,7 +190,7 @@ def bench_gauge(args) -> dict:
             np.asarray(quat_distance(q[near.i], q[near.j]))
             + np.random.default_rng(t + 7).normal(0, math.sqrt(args.sigma2), near.n_edges)
         )
-        gres = resolve_gauge(res.quaternions, imgs, (near.i, near.j, dn), score_fn=crossval_score_fn(imgs, seed=t))
+        gres = resolve_gauge(imgs, res.quaternions, (near.i, near.j, dn), score_fn=crossval_score_fn(imgs, seed=t))
         secs = time.perf_counter() - t0
         fixed = gres.apply(res.quaternions)
         e_or = align_o4(q, fixed).mean

@@ -11,9 +11,10 @@ import torch
 from cryoorient_ray.core.density.phantom import pseudo_protein
 from cryoorient_ray.core.geometry.quaternion import quat_conjugate, quat_distance, quat_product, unitquat_to_rotmat
 from cryoorient_ray.core.geometry.sampling import sample_orientations
+from cryoorient_ray.core.imaging.fourier import fourier_crop
 from cryoorient_ray.core.imaging.projection import FourierSliceProjector
 from cryoorient_ray.core.recovery.align import align_o4, align_rotation
-from cryoorient_ray.core.recovery.gauge import crossval_score_fn, fourier_crop, inplane_angles, resolve_gauge
+from cryoorient_ray.core.recovery.gauge import crossval_score_fn, inplane_angles, resolve_gauge
 from cryoorient_ray.core.recovery.graph import build_pair_graph
 
 
@@ -51,7 +52,7 @@ def test_gauge_recovers_a_known_left_rotation(noiseless_set, conjugate):
     # distances cannot tell: O(4) error 0, but not a physical solution (registration error large)
     assert align_o4(q, est).mean < 1e-6
     assert align_rotation(q, est).mean > 0.3
-    res = resolve_gauge(est, imgs, pairs, score_fn=crossval_score_fn(imgs), phi_steps=12, polish_rounds=3)
+    res = resolve_gauge(imgs, est, pairs, score_fn=crossval_score_fn(imgs), phi_steps=12, polish_rounds=3)
     assert res.conjugate == conjugate
     assert res.axis_residual < res.axis_residual_other
     fixed = res.apply(est)
@@ -72,7 +73,7 @@ def test_gauge_refuses_too_few_pairs(noiseless_set):
 
     q, imgs, _ = noiseless_set
     with pytest.raises(CryoOrientError, match="too few"):
-        resolve_gauge(q, imgs, (np.array([0]), np.array([1]), np.array([0.1])))
+        resolve_gauge(imgs, q, (np.array([0]), np.array([1]), np.array([0.1])))
     with pytest.raises(CryoOrientError, match="images"):
-        resolve_gauge(q[:10], imgs, (np.array([0]), np.array([1]), np.array([0.1])))
+        resolve_gauge(imgs, q[:10], (np.array([0]), np.array([1]), np.array([0.1])))
     assert math.isfinite(float(np.sum(imgs)))

@@ -15,6 +15,7 @@ import torch
 
 from cryoorient_ray.core import sample_orientations, unitquat_to_rotmat
 from cryoorient_ray.core.imaging.ctf import apply_ctf, ctf_2d
+from cryoorient_ray.core.imaging.particles import CTFParams, ParticleStack
 from cryoorient_ray.core.imaging.projection import FourierSliceProjector
 from cryoorient_ray.core.imaging.projection_astra import astra_available, astra_vectors
 from cryoorient_ray.core.reconstruction.fsc import best_hand, fsc, mirror_volume
@@ -96,13 +97,13 @@ def test_shifts_are_undone(data):
     rng = np.random.default_rng(5)
     shifts = rng.uniform(-3.0, 3.0, (N_IMAGES, 2)).astype(np.float32)
     images = FourierSliceProjector(vol)(rot, shifts)
-    rec = reconstruct_fourier(images, rot, shifts)
+    rec = reconstruct_fourier(ParticleStack(images, shifts=shifts), rot)
     assert fsc(rec, vol).resolution(0.5) <= 2.5
     assert corr(rec, vol) > 0.99
     ignored = reconstruct_fourier(images, rot)
     assert corr(ignored, vol) < corr(rec, vol) - 0.1
     # The opposite sign moves every image twice as far instead of back.
-    assert corr(reconstruct_fourier(images, rot, -shifts), vol) < corr(ignored, vol)
+    assert corr(reconstruct_fourier(ParticleStack(images, shifts=-shifts), rot), vol) < corr(ignored, vol)
 
 
 def test_ctf_is_corrected(data):
@@ -116,22 +117,24 @@ def test_ctf_is_corrected(data):
         "defocus_angle": rng.uniform(0, 180, N_IMAGES),
     }
     blurred = apply_ctf(images, px, **ctf)
-    rec = reconstruct_fourier(blurred, rot, ctf=ctf, pixel_size=px)
+    rec = reconstruct_fourier(ParticleStack(blurred, ctf=CTFParams.from_dict(ctf), pixel_size_A=px), rot)
     plain = reconstruct_fourier(blurred, rot)
     assert corr(rec, vol) > 0.97  # measured ≈ 0.99
     assert corr(plain, vol) < corr(rec, vol) - 0.1
     assert fsc(rec, vol).resolution(0.5) < fsc(plain, vol).resolution(0.5)
     # The same CTF as an array on the padded grid (N = 2 L), as a torch stack.
     grid = ctf_2d(2 * D, px, **ctf)
-    rec_t = reconstruct_fourier(torch.from_numpy(blurred), torch.from_numpy(rot), ctf=grid)
+    rec_t = reconstruct_fourier(torch.from_numpy(blurred), torch.from_numpy(rot), ctf_grid=grid)
     assert isinstance(rec_t, torch.Tensor)
     np.testing.assert_allclose(rec_t.numpy(), rec, atol=1e-4 * np.abs(rec).max())
     with pytest.raises(CryoOrientError, match="pixel_size"):
-        reconstruct_fourier(blurred, rot, ctf=ctf)
+        reconstruct_fourier(ParticleStack(blurred, ctf=CTFParams.from_dict(ctf)), rot)
     with pytest.raises(CryoOrientError, match="unknown CTF"):
-        reconstruct_fourier(blurred, rot, ctf={**ctf, "defocus": 1.0}, pixel_size=px)
+        reconstruct_fourier(
+            ParticleStack(blurred, ctf=CTFParams.from_dict({**ctf, "defocus": 1.0}), pixel_size_A=px), rot
+        )
     with pytest.raises(CryoOrientError, match="padded rfft grid"):
-        reconstruct_fourier(blurred, rot, ctf=ctf_2d(D, px, **ctf))
+        reconstruct_fourier(blurred, rot, ctf_grid=ctf_2d(D, px, **ctf))
 
 
 def test_symmetry_fills_in_missing_views():
@@ -195,13 +198,14 @@ def test_bad_input():
     with pytest.raises(CryoOrientError, match="rotation"):
         reconstruct_fourier(images, 2 * rot)
     with pytest.raises(CryoOrientError, match="shifts"):
-        reconstruct_fourier(images, rot, np.zeros((10, 3)))
+        reconstruct_fourier(ParticleStack(images, shifts=np.zeros((10, 3))), rot)
     with pytest.raises(CryoOrientError, match="wiener"):
         reconstruct_fourier(images, rot, wiener=-1)
     with pytest.raises(CryoOrientError, match="point group"):
         reconstruct_fourier(images, rot, symmetry="X3")
     with pytest.raises(CryoOrientError, match="CTF"):
-        reconstruct(images, rot, ctf={"defocus_u": 1e4, "defocus_v": 1e4, "defocus_angle": 0.0}, method="astra")
+        ctf = CTFParams.from_dict({"defocus_u": 1e4, "defocus_v": 1e4, "defocus_angle": 0.0})
+        reconstruct(ParticleStack(images, ctf=ctf, pixel_size_A=1.0), rot, method="astra")
 
 
 def test_edge_of_the_nyquist_sphere_and_nearly_orthonormal_rotations():
@@ -267,7 +271,7 @@ def test_astra_path_under_an_emulated_astra(monkeypatch):
     rot = unitquat_to_rotmat(sample_orientations(5, seed=2))
     shifts = rng.uniform(-2, 2, (5, 2))
     images = rng.random((5, 12, 12)).astype(np.float32)
-    out = reconstruct(images, rot, shifts, method="astra", iterations=7)
+    out = reconstruct(ParticleStack(images, shifts=shifts), rot, method="astra", iterations=7)
     assert recorded["cfg"]["type"] == "CGLS3D_CUDA" and recorded["iterations"] == 7
     kinds = dict(recorded["created"])
     _, vol_geom, _ = store[kinds["-vol"]]
@@ -285,7 +289,7 @@ def test_astra_path_under_an_emulated_astra(monkeypatch):
     assert recorded["cfg"]["type"] == "CGLS3D_CUDA"
     recorded.clear()
     ctf = {"defocus_u": 1e4, "defocus_v": 1e4, "defocus_angle": 0.0}
-    reconstruct(images, rot, ctf=ctf, method="auto", pixel_size=2.0)
+    reconstruct(ParticleStack(images, ctf=CTFParams.from_dict(ctf), pixel_size_A=2.0), rot, method="auto")
     assert "cfg" not in recorded
     reconstruct(images, rot, method="auto", wiener=0.1)  # an option ASTRA does not take
     assert "cfg" not in recorded
@@ -310,8 +314,9 @@ def test_astra_cgls_gives_back_the_volume(data):
     rng = np.random.default_rng(8)
     shifts = rng.uniform(-2.0, 2.0, (N_IMAGES, 2))
     images = FourierSliceProjector(vol)(rot, shifts.astype(np.float32))
-    rec = reconstruct(images, rot, shifts, method="astra", iterations=30)
+    rec = reconstruct(ParticleStack(images, shifts=shifts), rot, method="astra", iterations=30)
     assert rec.shape == (D, D, D)
     assert corr(rec, vol) > 0.98
     assert fsc(rec, vol).resolution(0.5) <= 3.0
-    assert fsc(reconstruct(images, MIRROR @ rot @ MIRROR, shifts, method="astra", iterations=30), vol).mean < 0.5
+    mirrored = reconstruct(ParticleStack(images, shifts=shifts), MIRROR @ rot @ MIRROR, method="astra", iterations=30)
+    assert fsc(mirrored, vol).mean < 0.5

@@ -14,11 +14,12 @@ import torch
 from cryoorient_ray.core import quat_product, sample_orientations, unitquat_to_rotmat
 from cryoorient_ray.core.density.phantom import pseudo_protein
 from cryoorient_ray.core.imaging.ctf import apply_ctf
+from cryoorient_ray.core.imaging.particles import CTFParams, ParticleStack
 from cryoorient_ray.core.imaging.projection import FourierSliceProjector
 from cryoorient_ray.core.reconstruction.fsc import fsc
 from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier
 from cryoorient_ray.core.recovery.align import align_rotation
-from cryoorient_ray.core.refinement.local import RefineResult, candidate_lattice, refine_orientations
+from cryoorient_ray.core.refinement.local import RefineResult, RefineSettings, candidate_lattice, refine_orientations
 from cryoorient_ray.errors import CryoOrientError
 
 BOX = 32
@@ -67,7 +68,11 @@ def test_noiseless_refinement_reaches_a_few_degrees_and_keeps_the_gauge():
     q0 = quat_product(perturb(q, START_DEG, seed=2), gauge)  # R → R·G: another gauge, same images
     calls = []
     res = refine_orientations(
-        images, q0, pixel_size=VOXEL, q_true=q, progress=lambda *a: calls.append(a), search_deg=(12, 6, 3)
+        ParticleStack(images, pixel_size_A=VOXEL),
+        q0,
+        q_true=q,
+        progress=lambda *a: calls.append(a),
+        search_deg=(12, 6, 3),
     )
     assert isinstance(res, RefineResult)
     assert res.quaternions.shape == (600, 4) and res.quaternions.dtype == np.float64
@@ -101,7 +106,7 @@ def test_noisy_images_still_improve():
     vol, q, clean = make_data(600, seed=3)
     images = add_noise(clean, snr_db=-6.0, seed=4)
     q0 = perturb(q, START_DEG, seed=5)
-    res = refine_orientations(images, q0, pixel_size=VOXEL, q_true=q, reference=vol)
+    res = refine_orientations(ParticleStack(images, pixel_size_A=VOXEL), q0, q_true=q, reference=vol)
     start, end = res.initial["error"], res.history[-1]["error"]
     # measured: 9.0° → 6.0°, 6.1°, 6.3° (the first round does it; the per-image noise limit is ~5°)
     assert end < 0.8 * start
@@ -118,7 +123,8 @@ def test_ctf_and_shifts():
     ctf = {"defocus_u": du, "defocus_v": 0.95 * du, "defocus_angle": rng.uniform(0, 180, n)}
     images = apply_ctf(images, VOXEL, **ctf)
     q0 = perturb(q, START_DEG, seed=8)
-    res = refine_orientations(images, q0, shifts=shifts, ctf=ctf, pixel_size=VOXEL, rounds=2, q_true=q)
+    stack = ParticleStack(images, shifts=shifts, ctf=CTFParams.from_dict(ctf), pixel_size_A=VOXEL)
+    res = refine_orientations(stack, q0, RefineSettings(rounds=2), q_true=q)
     # measured: 9.0° → 3.8°, 1.7° (with ctf=None: 4.3°, 3.1°)
     assert np.degrees(res.history[-1]["error"]) < 3.0
 
@@ -154,10 +160,13 @@ def test_bad_input():
     with pytest.raises(CryoOrientError, match="square"):
         refine_orientations(np.zeros((10, 16, 15)), q)
     with pytest.raises(CryoOrientError, match="shifts"):
-        refine_orientations(images, q, shifts=np.zeros((9, 2)))
+        refine_orientations(ParticleStack(images, shifts=np.zeros((9, 2))), q)
     with pytest.raises(CryoOrientError, match="search_deg"):
         refine_orientations(images, q, search_deg=(10, -1))
     with pytest.raises(CryoOrientError, match="reference"):
         refine_orientations(images, q, reference=np.zeros((8, 8, 8)))
     with pytest.raises(CryoOrientError, match="CTF"):
-        refine_orientations(images, q, ctf={"defocus_u": np.ones(3) * 1e4, "defocus_v": 1e4, "defocus_angle": 0.0})
+        ctf = CTFParams.from_dict({"defocus_u": np.ones(3) * 1e4, "defocus_v": 1e4, "defocus_angle": 0.0})
+        refine_orientations(ParticleStack(images, ctf=ctf, pixel_size_A=1.0), q)
+    with pytest.raises(CryoOrientError, match="no option"):
+        refine_orientations(images, q, search=3.0)

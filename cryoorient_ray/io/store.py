@@ -32,12 +32,15 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cryoorient_ray import __version__
 from cryoorient_ray.errors import CryoOrientError
+
+if TYPE_CHECKING:
+    from cryoorient_ray.core.imaging.particles import ParticleStack
 
 FORMAT = "cryoorient-projections/1"
 SPLITS = ("train", "val", "test")
@@ -381,6 +384,22 @@ class ProjectionStore:
             "cs": float(optics.get("cs", 2.7)),
             "amplitude_contrast": float(optics.get("amplitude_contrast", 0.1)),
         }
+
+    def particles(self, rows: np.ndarray) -> ParticleStack:
+        """The particles ``rows``: images ``(n, L, L)`` float32 (numpy-backed), their shifts (None when
+        all are zero), their CTF (:meth:`ctf_parameters`) and the store's pixel size."""
+        from cryoorient_ray.core.imaging.particles import CTFParams, ParticleStack
+
+        rows = np.asarray(rows)
+        meta = self.read_metadata(rows, names=["shift", "defocus_u", "defocus_v", "defocus_angle"])
+        shifts = np.asarray(meta["shift"], dtype=np.float32)
+        ctf = self.ctf_parameters(meta)
+        return ParticleStack(
+            self.read_images(rows),
+            shifts=shifts if np.abs(shifts).max(initial=0.0) > 0 else None,
+            ctf=None if ctf is None else CTFParams.from_dict(ctf),
+            pixel_size_A=self.pixel_size,
+        )
 
     def to_dask(self):
         """The images as a dask array with one dask chunk per shard (for analysis)."""

@@ -27,6 +27,7 @@ import torch
 from cryoorient_ray.config import ReconstructConfig, RunConfig
 from cryoorient_ray.core.geometry.quaternion import unitquat_to_rotmat
 from cryoorient_ray.core.geometry.sampling import sample_orientations
+from cryoorient_ray.core.imaging.particles import ParticleStack
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_savez, atomic_write_text
 from cryoorient_ray.io.store import ProjectionStore
@@ -69,6 +70,67 @@ def load_recovered(path: Path) -> dict:
         return {k: z[k] for k in z.files}
 
 
+@dataclass(frozen=True)
+class _Reconstructor:
+    """The particles and the reconstruction options of one run: volumes from orientations, FSCs."""
+
+    stack: ParticleStack
+    method: str
+    options: dict
+    mask_radius_fsc: float
+
+    def volume(self, quats: np.ndarray) -> np.ndarray:
+        from cryoorient_ray.core.reconstruction.inversion import reconstruct
+
+        r = torch.as_tensor(unitquat_to_rotmat(quats), dtype=torch.float32)
+        return np.asarray(reconstruct(self.stack, r, method=self.method, **self.options), dtype=np.float32)
+
+    def fsc(self, a: np.ndarray, b: np.ndarray):
+        from cryoorient_ray.core.reconstruction.fsc import fsc
+
+        return fsc(a, b, pixel_size=self.stack.pixel_size_A, mask=self.mask_radius_fsc)
+
+
+def _refine(recon: _Reconstructor, q: np.ndarray, cfg: RunConfig, truth: tuple, progress, out) -> np.ndarray:
+    """Projection-matching refinement (``reconstruct.refine_rounds``) into ``out``; the refined ``(P, 4)``."""
+    from cryoorient_ray.core.refinement.local import refine_orientations
+
+    t0 = time.perf_counter()
+    q_true, truth_map = truth
+    res = refine_orientations(
+        recon.stack,
+        q,
+        rounds=cfg.reconstruct.refine_rounds,
+        wiener=recon.options["wiener"],
+        q_true=q_true,
+        reference=truth_map,
+        progress=progress,
+        seed=cfg.seed,
+    )
+    out.refined = np.asarray(res.quaternions, dtype=np.float64)
+    out.refine_history = [dict(res.initial, round=0), *res.history] if res.initial else list(res.history)
+    out.metrics["refine_s"] = round(time.perf_counter() - t0, 2)
+    return out.refined
+
+
+def _compare_with_truth(recon: _Reconstructor, q_use, q_true, truth_map, symmetry: str, seed: int, out) -> None:
+    """The recovered orientations registered onto the truth, and the Figure 11 volumes, into ``out``."""
+    from cryoorient_ray.core.recovery.align import align_rotation
+
+    reg = align_rotation(q_true, q_use, symmetry=symmetry)
+    out.metrics["registration_rad"] = round(float(reg.mean), 4)
+    out.volumes["recovered (aligned)"] = recon.volume(np.asarray(reg.apply(q_use)))
+    out.volumes["true orientations"] = recon.volume(q_true)
+    out.volumes["random orientations"] = recon.volume(sample_orientations(len(q_use), seed=seed + 99))
+    out.volumes["true map"] = truth_map
+    for name in ("recovered (aligned)", "true orientations", "random orientations"):
+        res = recon.fsc(out.volumes[name], truth_map)
+        out.fsc[name + " vs true map"] = res
+        key = name.split(" ")[0]
+        out.metrics[f"{key}_fsc05_A"] = _res(res.resolution_05)
+        out.metrics[f"{key}_fsc0143_A"] = _res(res.resolution_0143)
+
+
 def reconstruct_from_recovery(
     store_path: str,
     recovered: dict,
@@ -76,9 +138,7 @@ def reconstruct_from_recovery(
     progress=None,
 ) -> ReconstructionOutcome:
     """Volumes, half maps, FSC curves (and refinement) for one recovered protein."""
-    from cryoorient_ray.core.reconstruction.fsc import fsc
-    from cryoorient_ray.core.reconstruction.inversion import half_maps, reconstruct
-    from cryoorient_ray.core.recovery.align import align_rotation
+    from cryoorient_ray.core.reconstruction.inversion import half_maps
 
     rcfg = cfg.reconstruct
     store = ProjectionStore.open(store_path)
@@ -86,77 +146,35 @@ def reconstruct_from_recovery(
     q = np.asarray(recovered["quaternions"], dtype=np.float64)
     if len(rows) != len(q):
         raise CryoOrientError(f"{len(rows)} rows but {len(q)} orientations in the recovery file")
-    meta = store.read_metadata(rows)
-    images = torch.as_tensor(store.read_images(rows), dtype=torch.float32)
-    shifts = meta["shift"].astype(np.float32)
-    shifts_t = torch.as_tensor(shifts) if np.abs(shifts).max(initial=0.0) > 0 else None
-    ctf = store.ctf_parameters(meta)
-    pixel = store.pixel_size
-    size = store.image_size
-    kwargs = {"pixel_size": pixel, "wiener": wiener_constant(rcfg, store)}
+    options = {"wiener": wiener_constant(rcfg, store)}
     if rcfg.mask_radius is not None:
-        kwargs["mask_radius"] = rcfg.mask_radius
-    method = rcfg.method
-    protein = int(meta["protein"][0])
+        options["mask_radius"] = rcfg.mask_radius
+    recon = _Reconstructor(store.particles(rows), rcfg.method, options, store.image_size / 2 - 1)
+    protein = int(store.read_metadata(rows, names=["protein"])["protein"][0])
     q_true = recovered.get("quaternions_true")
     has_truth = q_true is not None and bool(np.isfinite(q_true).all())
     truth = store.read_volume(protein).astype(np.float32) if has_truth and store.has_volume(protein) else None
 
-    def rec(quats: np.ndarray) -> np.ndarray:
-        r = torch.as_tensor(unitquat_to_rotmat(quats), dtype=torch.float32)
-        return np.asarray(reconstruct(images, r, shifts_t, ctf, method=method, **kwargs), dtype=np.float32)
-
-    out = ReconstructionOutcome(pixel_size=pixel, rows=rows)
-    t0 = time.perf_counter()
+    out = ReconstructionOutcome(pixel_size=store.pixel_size, rows=rows)
     q_use = q
     if rcfg.refine_rounds > 0:
-        from cryoorient_ray.core.refinement.local import refine_orientations
-
-        res = refine_orientations(
-            images.numpy(),
-            q,
-            shifts=shifts if shifts_t is not None else None,
-            ctf=ctf,
-            pixel_size=pixel,
-            rounds=rcfg.refine_rounds,
-            wiener=kwargs["wiener"],
-            q_true=q_true if has_truth else None,
-            reference=truth,
-            progress=progress,
-            seed=cfg.seed,
-        )
-        q_use = np.asarray(res.quaternions, dtype=np.float64)
-        out.refined = q_use
-        out.refine_history = [dict(res.initial, round=0), *res.history] if res.initial else list(res.history)
-        out.metrics["refine_s"] = round(time.perf_counter() - t0, 2)
+        q_use = _refine(recon, q, cfg, (q_true if has_truth else None, truth), progress, out)
     out.metrics["refined"] = bool(rcfg.refine_rounds > 0)
 
     t1 = time.perf_counter()
     r_use = torch.as_tensor(unitquat_to_rotmat(q_use), dtype=torch.float32)
-    out.volumes["recovered"] = rec(q_use)
-    h1, h2 = half_maps(images, r_use, shifts_t, ctf, split=cfg.seed, method=method, **kwargs)
-    half = fsc(np.asarray(h1), np.asarray(h2), pixel_size=pixel, mask=size / 2 - 1)
+    out.volumes["recovered"] = recon.volume(q_use)
+    h1, h2 = half_maps(recon.stack, r_use, split=cfg.seed, method=rcfg.method, **options)
+    half = recon.fsc(np.asarray(h1), np.asarray(h2))
     out.fsc["half maps (recovered)"] = half
     out.metrics["halfmap_fsc05_A"] = _res(half.resolution_05)
     out.metrics["halfmap_fsc0143_A"] = _res(half.resolution_0143)
-
     if truth is not None:
-        reg = align_rotation(q_true, q_use, symmetry=store.symmetries().get(protein) or "C1")
-        out.metrics["registration_rad"] = round(float(reg.mean), 4)
-        q_aligned = np.asarray(reg.apply(q_use))
-        out.volumes["recovered (aligned)"] = rec(q_aligned)
-        out.volumes["true orientations"] = rec(q_true)
-        out.volumes["random orientations"] = rec(sample_orientations(len(q), seed=cfg.seed + 99))
-        out.volumes["true map"] = truth
-        for name in ("recovered (aligned)", "true orientations", "random orientations"):
-            res = fsc(out.volumes[name], truth, pixel_size=pixel, mask=size / 2 - 1)
-            out.fsc[name + " vs true map"] = res
-            key = name.split(" ")[0]
-            out.metrics[f"{key}_fsc05_A"] = _res(res.resolution_05)
-            out.metrics[f"{key}_fsc0143_A"] = _res(res.resolution_0143)
+        symmetry = store.symmetries().get(protein) or "C1"
+        _compare_with_truth(recon, q_use, q_true, truth, symmetry, cfg.seed, out)
     out.metrics["reconstruct_s"] = round(time.perf_counter() - t1, 2)
     out.metrics["projections"] = int(len(rows))
-    out.metrics["pixel_size_A"] = pixel
+    out.metrics["pixel_size_A"] = store.pixel_size
     return out
 
 

@@ -31,6 +31,7 @@ import torch
 from cryoorient_ray.config import RecoverConfig, RunConfig
 from cryoorient_ray.core.geometry.quaternion import quat_distance
 from cryoorient_ray.core.geometry.symmetry import symmetric_quat_distance
+from cryoorient_ray.core.imaging.particles import CTFParams
 from cryoorient_ray.core.recovery.graph import PairGraph, build_pair_graph, knn_edges
 from cryoorient_ray.core.recovery.solver import RecoveryResult, RecoverySettings, check_distances
 from cryoorient_ray.errors import CryoOrientError
@@ -63,12 +64,10 @@ class Selection:
     symmetry: str
     q_true: np.ndarray | None
     shifts: np.ndarray
-    ctf: dict | None
+    ctf: CTFParams | None
 
     def subset(self, nodes: np.ndarray) -> Selection:
         """The projections ``nodes`` (indices into ``rows``) of this selection."""
-        from cryoorient_ray.core.reconstruction.inversion import subset_ctf
-
         return Selection(
             rows=self.rows[nodes],
             protein=self.protein,
@@ -76,7 +75,7 @@ class Selection:
             symmetry=self.symmetry,
             q_true=None if self.q_true is None else self.q_true[nodes],
             shifts=self.shifts[nodes],
-            ctf=subset_ctf(self.ctf, nodes),
+            ctf=None if self.ctf is None else self.ctf.subset(nodes),
         )
 
 
@@ -108,6 +107,7 @@ def select_projections(store: ProjectionStore, cfg: RecoverConfig, seed: int = 0
     meta = store.read_metadata(rows)
     has_truth = bool(store.manifest.get("has_orientations", True)) and np.isfinite(meta["quaternion"]).all()
     ctf = store.ctf_parameters(meta)
+    ctf = None if ctf is None else CTFParams.from_dict(ctf)
     return Selection(
         rows=rows,
         protein=pid,
@@ -187,16 +187,8 @@ def _restrict(graph: PairGraph, keep: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def gauge_inputs(store: ProjectionStore, sel: Selection, size: int):
-    """Centred, Fourier-cropped images of ``sel``, their CTF and the cropped pixel size."""
-    from cryoorient_ray.core.imaging.projection import shift_images
-    from cryoorient_ray.core.recovery.gauge import fourier_crop
-
-    imgs = torch.as_tensor(store.read_images(sel.rows), dtype=torch.float32)
-    if np.abs(sel.shifts).max(initial=0.0) > 0:
-        imgs = shift_images(imgs, torch.as_tensor(-sel.shifts, dtype=torch.float32))
-    small = fourier_crop(imgs, size)
-    pixel = store.pixel_size * imgs.shape[-1] / small.shape[-1]
-    return small, sel.ctf, pixel
+    """The particles of ``sel``, centred and Fourier-cropped to ``size`` (a ParticleStack)."""
+    return store.particles(sel.rows).centred().fourier_crop(size)
 
 
 def run_gauge(store: ProjectionStore, sel: Selection, q_est: np.ndarray, cfg: RecoverConfig, seed: int):
@@ -211,11 +203,11 @@ def run_gauge(store: ProjectionStore, sel: Selection, q_est: np.ndarray, cfg: Re
     q_sub = q_est[nodes]
     i, j = knn_edges(q_sub, 8, "quaternion")
     d = np.asarray(quat_distance(q_sub[i], q_sub[j]))
-    imgs, ctf, pixel = gauge_inputs(store, sel.subset(nodes), cfg.gauge.image_size)
-    score = crossval_score_fn(imgs, ctf=ctf, pixel_size=pixel, seed=seed)
+    stack = gauge_inputs(store, sel.subset(nodes), cfg.gauge.image_size)
+    score = crossval_score_fn(stack, seed=seed)
     res = resolve_gauge(
+        stack,
         q_sub,
-        imgs,
         (i, j, d),
         score_fn=score,
         phi_steps=cfg.gauge.phi_steps,

@@ -40,9 +40,10 @@ import numpy as np
 import torch
 
 from cryoorient_ray.core._array import ArrayLike, as_tensor, check_pixel_size, to_output
+from cryoorient_ray.core.imaging.fourier import freq_grid_2d_per_A
 from cryoorient_ray.errors import CryoOrientError
 
-__all__ = ["apply_ctf", "ctf_2d", "ctf_at", "electron_wavelength"]
+__all__ = ["OPTICS_DEFAULTS", "apply_ctf", "check_ctf_params", "ctf_2d", "ctf_at", "electron_wavelength"]
 
 
 def electron_wavelength(voltage_kv: float) -> float:
@@ -53,8 +54,22 @@ def electron_wavelength(voltage_kv: float) -> float:
     return 12.2643247 / math.sqrt(v * (1.0 + v * 0.978466e-6))
 
 
-def _params(**params: ArrayLike) -> tuple[dict[str, torch.Tensor], int]:
-    """Cast CTF parameters to float64 ``(B,)`` tensors, broadcasting scalars and length-1 arrays."""
+# The optics parameters of every CTF function (keyword arguments) and their defaults.
+OPTICS_DEFAULTS = {"voltage": 300.0, "cs": 2.7, "amplitude_contrast": 0.1, "phase_shift": 0.0, "bfactor": 0.0}
+
+
+def _params(
+    defocus_u: ArrayLike, defocus_v: ArrayLike, defocus_angle: ArrayLike, optics: dict[str, ArrayLike]
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Cast CTF parameters to float64 ``(B,)`` tensors, broadcasting scalars and length-1 arrays.
+
+    ``optics`` holds any of :data:`OPTICS_DEFAULTS`' keys (the rest take their defaults).
+    """
+    unknown = sorted(set(optics) - set(OPTICS_DEFAULTS))
+    if unknown:
+        raise CryoOrientError(f"unknown CTF parameter(s) {unknown}; the optics are {', '.join(OPTICS_DEFAULTS)}")
+    params = {"defocus_u": defocus_u, "defocus_v": defocus_v, "defocus_angle": defocus_angle}
+    params.update({**OPTICS_DEFAULTS, **optics})
     out: dict[str, torch.Tensor] = {}
     batch = 1
     for name, value in params.items():
@@ -79,6 +94,12 @@ def _params(**params: ArrayLike) -> tuple[dict[str, torch.Tensor], int]:
     if ((q0 < 0) | (q0 > 1)).any():
         raise CryoOrientError("amplitude_contrast must lie in [0, 1]")
     return out, batch
+
+
+def check_ctf_params(defocus_u: ArrayLike, defocus_v: ArrayLike, defocus_angle: ArrayLike, **optics: ArrayLike) -> int:
+    """Check CTF parameters as :func:`ctf_2d` takes them (finite, one batch size, voltage > 0,
+    ``0 ≤ Q0 ≤ 1``, no unknown name); returns the batch size ``B``."""
+    return _params(defocus_u, defocus_v, defocus_angle, optics)[1]
 
 
 def _ctf_from_params(sx: torch.Tensor, sy: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -113,17 +134,15 @@ def ctf_at(
     defocus_u: ArrayLike,
     defocus_v: ArrayLike,
     defocus_angle: ArrayLike,
-    voltage: ArrayLike = 300.0,
-    cs: ArrayLike = 2.7,
-    amplitude_contrast: ArrayLike = 0.1,
-    phase_shift: ArrayLike = 0.0,
-    bfactor: ArrayLike = 0.0,
+    **optics: ArrayLike,
 ) -> ArrayLike:
     """RELION's CTF at arbitrary frequencies.
 
     Args:
         freq_x, freq_y: spatial frequencies in 1/Å (any broadcastable shapes ``S``).
-        defocus_u ... bfactor: scalars or ``(B,)`` arrays (see the module docstring for units).
+        defocus_u, defocus_v, defocus_angle: scalars or ``(B,)`` arrays (Å, Å, degrees).
+        optics: ``voltage`` (kV), ``cs`` (mm), ``amplitude_contrast``, ``phase_shift`` (degrees),
+            ``bfactor`` (Å²), scalars or ``(B,)`` arrays; defaults :data:`OPTICS_DEFAULTS`.
 
     Returns:
         ``(B,) + S`` float64 values, numpy if ``freq_x`` was numpy.
@@ -135,16 +154,7 @@ def ctf_at(
     if not isinstance(freq_y, torch.Tensor):
         sy = sy.reshape(np.shape(freq_y))
     sx, sy = torch.broadcast_tensors(sx.to(torch.float64), sy.to(device=sx.device, dtype=torch.float64))
-    p, _ = _params(
-        defocus_u=defocus_u,
-        defocus_v=defocus_v,
-        defocus_angle=defocus_angle,
-        voltage=voltage,
-        cs=cs,
-        amplitude_contrast=amplitude_contrast,
-        phase_shift=phase_shift,
-        bfactor=bfactor,
-    )
+    p, _ = _params(defocus_u, defocus_v, defocus_angle, optics)
     p = {k: v.to(sx.device) for k, v in p.items()}
     return to_output(_ctf_from_params(sx, sy, p), was_np)
 
@@ -162,22 +172,20 @@ def ctf_2d(
     defocus_u: ArrayLike,
     defocus_v: ArrayLike,
     defocus_angle: ArrayLike,
-    voltage: ArrayLike = 300.0,
-    cs: ArrayLike = 2.7,
-    amplitude_contrast: ArrayLike = 0.1,
-    phase_shift: ArrayLike = 0.0,
-    bfactor: ArrayLike = 0.0,
+    *,
     rfft: bool = True,
     dtype: torch.dtype = torch.float32,
     device=None,
+    **optics: ArrayLike,
 ) -> torch.Tensor:
     """CTF on the FFT grid of ``L × L`` images with pixels of ``pixel_size`` Å.
 
     Args:
         image_size: ``L``.
         pixel_size: Å per pixel (> 0).
-        defocus_u, defocus_v, defocus_angle, voltage, cs, amplitude_contrast, phase_shift, bfactor:
-            scalars or ``(B,)`` arrays (all arrays of one length ``B``); units in the module docstring.
+        defocus_u, defocus_v, defocus_angle: scalars or ``(B,)`` arrays (Å, Å, degrees).
+        optics: ``voltage``, ``cs``, ``amplitude_contrast``, ``phase_shift``, ``bfactor`` as
+            :func:`ctf_at` takes them. All arrays have one length ``B``; units in the module docstring.
         rfft: ``True`` for the half grid of ``torch.fft.rfft2`` (``(B, L, L//2 + 1)``), ``False``
             for the full ``torch.fft.fft2`` grid (``(B, L, L)``); both unshifted (zero frequency
             at ``[0, 0]``, ``fftshift`` for display).
@@ -187,19 +195,8 @@ def ctf_2d(
         ``(B, L, L//2 + 1)`` or ``(B, L, L)`` torch tensor; rows are y frequencies, columns x.
     """
     lsize, px = _check_size(image_size, pixel_size)
-    p, _ = _params(
-        defocus_u=defocus_u,
-        defocus_v=defocus_v,
-        defocus_angle=defocus_angle,
-        voltage=voltage,
-        cs=cs,
-        amplitude_contrast=amplitude_contrast,
-        phase_shift=phase_shift,
-        bfactor=bfactor,
-    )
-    fy = torch.fft.fftfreq(lsize, d=px, dtype=torch.float64)
-    fx = torch.fft.rfftfreq(lsize, d=px, dtype=torch.float64) if rfft else fy
-    sy, sx = torch.meshgrid(fy, fx, indexing="ij")
+    p, _ = _params(defocus_u, defocus_v, defocus_angle, optics)
+    sy, sx = freq_grid_2d_per_A(lsize, px, rfft=rfft)
     return _ctf_from_params(sx, sy, p).to(dtype=dtype, device=device)
 
 
@@ -209,18 +206,16 @@ def apply_ctf(
     defocus_u: ArrayLike,
     defocus_v: ArrayLike,
     defocus_angle: ArrayLike,
-    voltage: ArrayLike = 300.0,
-    cs: ArrayLike = 2.7,
-    amplitude_contrast: ArrayLike = 0.1,
-    phase_shift: ArrayLike = 0.0,
-    bfactor: ArrayLike = 0.0,
+    *,
     pad_factor: int = 2,
+    **optics: ArrayLike,
 ) -> ArrayLike:
     """Multiply ``(B, L, L)`` images by the CTF in Fourier space.
 
     Each image is zero-padded (centred) to ``pad_factor · L``, so the CTF's point-spread function
     does not wrap round the box, multiplied by :func:`ctf_2d` on that finer grid and cropped back.
-    Parameters are scalars (one CTF for all images) or ``(B,)`` arrays (one per image).
+    Parameters (as :func:`ctf_2d` takes them; ``optics`` as :func:`ctf_at`) are scalars (one
+    CTF for all images) or ``(B,)`` arrays (one per image).
 
     Returns:
         ``(B, L, L)`` images of the type and dtype given.
@@ -232,20 +227,7 @@ def apply_ctf(
         raise CryoOrientError(f"pad_factor must be an integer >= 1; got {pad_factor!r}")
     b, lsize = imgs.shape[0], imgs.shape[1]
     m = int(pad_factor) * lsize
-    ctf = ctf_2d(
-        m,
-        pixel_size,
-        defocus_u,
-        defocus_v,
-        defocus_angle,
-        voltage=voltage,
-        cs=cs,
-        amplitude_contrast=amplitude_contrast,
-        phase_shift=phase_shift,
-        bfactor=bfactor,
-        dtype=imgs.dtype,
-        device=imgs.device,
-    )
+    ctf = ctf_2d(m, pixel_size, defocus_u, defocus_v, defocus_angle, dtype=imgs.dtype, device=imgs.device, **optics)
     if ctf.shape[0] not in (1, b):
         raise CryoOrientError(f"CTF parameters have batch size {ctf.shape[0]} but there are {b} images")
     before = m // 2 - lsize // 2  # pixel L//2 stays the centre: it lands on m//2

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cryoorient_ray.core._array import ArrayLike, as_tensor, to_output
+from cryoorient_ray.core.imaging.fourier import centred_volume_ft, freq_grid_2d, index_grid_2d, phase_ramp
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = [
@@ -54,15 +55,20 @@ _FOURIER_POINTS_PER_CHUNK = 1 << 24
 # validation helpers
 
 
-def _volume_tensor(volume: ArrayLike, dtype: torch.dtype, device) -> torch.Tensor:
-    vol, _ = as_tensor(volume)
+def cubic_volume(volume: ArrayLike, name: str = "volume") -> tuple[torch.Tensor, bool]:
+    """``(tensor, was_numpy)`` of a finite cubic ``(D, D, D)`` map (``D ≥ 2``), or a clear error naming ``name``."""
+    vol, was_np = as_tensor(volume)
     if vol.ndim != 3 or not (vol.shape[0] == vol.shape[1] == vol.shape[2]):
-        raise CryoOrientError(f"volume must be a cubic (D, D, D) array; got shape {tuple(vol.shape)}")
+        raise CryoOrientError(f"{name} must be a cubic (D, D, D) array; got shape {tuple(vol.shape)}")
     if vol.shape[0] < 2:
-        raise CryoOrientError(f"volume must be at least 2 voxels wide; got shape {tuple(vol.shape)}")
+        raise CryoOrientError(f"{name} must be at least 2 voxels wide; got shape {tuple(vol.shape)}")
     if not torch.isfinite(vol).all():
-        raise CryoOrientError("volume contains NaN or infinite values")
-    return vol.detach().to(dtype=dtype, device=device)
+        raise CryoOrientError(f"{name} contains NaN or infinite values")
+    return vol, was_np
+
+
+def _volume_tensor(volume: ArrayLike, dtype: torch.dtype, device) -> torch.Tensor:
+    return cubic_volume(volume)[0].detach().to(dtype=dtype, device=device)
 
 
 def _rotmats_tensor(rotmats: ArrayLike, dtype: torch.dtype, device) -> tuple[torch.Tensor, bool]:
@@ -179,27 +185,13 @@ class FourierSliceProjector:
         self.volume_size = d = vol.shape[0]
         self.padded_size = n = self.oversampling * d
 
-        # Centred zero padding: voxel d//2 lands on n//2.
-        before = n // 2 - d // 2
-        after = n - d - before
-        padded = F.pad(vol, (before, after, before, after, before, after))
-        if gridding_correction:
-            x = (torch.arange(n, device=self.device, dtype=dtype) - n // 2) / n
-            # FT of the interpolation kernel: triangle → sinc², cubic B-spline → sinc⁴.
-            s2 = torch.sinc(x) ** (2 if interpolation == "linear" else 4)
-            padded = padded / (s2[:, None, None] * s2[None, :, None] * s2[None, None, :])
-        # Origin to index 0, FFT, zero frequency back to n//2: index n//2 + m is frequency m/n.
-        ft = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded)))
-        # (1, 2, n, n, n): real and imaginary parts as channels for grid_sample.
-        self._ft = torch.stack([ft.real, ft.imag], 0).unsqueeze(0).contiguous()
-
+        # (1, 2, n, n, n): the centred, gridding-corrected FT, real and imaginary parts as channels.
+        self._ft = centred_volume_ft(vol, n, interpolation if gridding_correction else None)
         # Integer frequencies of the half-plane in irfft2 layout: rows in FFT order, columns 0..n//2.
-        my = ((torch.arange(n, device=self.device) + n // 2) % n - n // 2).to(dtype)  # 0, 1, ..., -1
-        mx = torch.arange(n // 2 + 1, device=self.device, dtype=dtype)
-        gy, gx = torch.meshgrid(my, mx, indexing="ij")
+        gy, gx = index_grid_2d(n, dtype=dtype, device=self.device)
         self._plane = torch.stack([gx, gy], -1)  # (n, n//2+1, 2) as (kx, ky) in units of 1/n
-        self._kx = mx / n  # cycles per pixel, for the shift phase ramp
-        self._ky = my / n
+        self._kx = gx[0] / n  # cycles per pixel, for the shift phase ramp
+        self._ky = gy[:, 0] / n
 
     def max_shift(self, image_size: int | None = None) -> float:
         """Largest |shift| (pixels, per axis) that cannot wrap content round into an ``L`` image."""
@@ -255,8 +247,7 @@ class FourierSliceProjector:
         else:
             slc = self._sample_cubic(idx)
         if t is not None:
-            phase = -2.0 * math.pi * (t[:, 0, None, None] * self._kx + t[:, 1, None, None] * self._ky[:, None])
-            slc = slc * torch.polar(torch.ones_like(phase), phase)
+            slc = slc * phase_ramp(t, self._kx, self._ky[:, None])
         img = torch.fft.irfft2(slc, s=(n, n))  # origin at index 0, periodic with period n
         crop = _centered_crop_indices(n, lsize, img.device)
         return img[:, crop][:, :, crop].reshape(b, lsize, lsize)
@@ -380,10 +371,8 @@ def shift_images(images: ArrayLike, shifts: ArrayLike) -> ArrayLike:
     extra = 1 - m % 2  # make the padded size odd
     m += extra
     padded = F.pad(imgs, (pad, pad + extra, pad, pad + extra))
-    kx = torch.fft.rfftfreq(m, device=imgs.device, dtype=imgs.dtype)
-    ky = torch.fft.fftfreq(m, device=imgs.device, dtype=imgs.dtype)
-    phase = -2.0 * math.pi * (t[:, 0, None, None] * kx + t[:, 1, None, None] * ky[:, None])
-    ft = torch.fft.rfft2(padded) * torch.polar(torch.ones_like(phase), phase)
+    fy, fx = freq_grid_2d(m, dtype=imgs.dtype, device=imgs.device)
+    ft = torch.fft.rfft2(padded) * phase_ramp(t, fx, fy)
     out = torch.fft.irfft2(ft, s=(m, m))[:, pad : pad + lsize, pad : pad + lsize]
     return to_output(out, was_np)
 

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from cryoorient_ray.core._array import ArrayLike, as_tensor, check_pixel_size, to_output
+from cryoorient_ray.core.imaging.fourier import fft_index
+from cryoorient_ray.core.imaging.projection import cubic_volume
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = ["FSCResult", "best_hand", "fsc", "fsc_resolution", "mirror_volume", "soft_mask"]
@@ -80,20 +82,9 @@ class FSCResult:
         }
 
 
-def _cubic(volume: ArrayLike, name: str) -> tuple[torch.Tensor, bool]:
-    vol, was_np = as_tensor(volume)
-    if vol.ndim != 3 or not (vol.shape[0] == vol.shape[1] == vol.shape[2]):
-        raise CryoOrientError(f"{name} must be a cubic (D, D, D) array; got shape {tuple(vol.shape)}")
-    if vol.shape[0] < 2:
-        raise CryoOrientError(f"{name} must be at least 2 voxels wide; got shape {tuple(vol.shape)}")
-    if not torch.isfinite(vol).all():
-        raise CryoOrientError(f"{name} contains NaN or infinite values")
-    return vol, was_np
-
-
 def _shell_index(d: int, device) -> torch.Tensor:
     """``round(|k|)`` of every voxel of the (unshifted) ``fftn`` grid of a ``D³`` box, flattened."""
-    f = torch.fft.fftfreq(d, d=1.0 / d, dtype=torch.float64, device=device)  # integer frequencies
+    f = fft_index(d, device=device)  # integer frequencies (cycles per box)
     kz, ky, kx = torch.meshgrid(f, f, f, indexing="ij")
     return torch.round(torch.sqrt(kx * kx + ky * ky + kz * kz)).to(torch.int64).reshape(-1)
 
@@ -133,8 +124,8 @@ def fsc(vol1: ArrayLike, vol2: ArrayLike, pixel_size: float = 1.0, mask: ArrayLi
         :class:`FSCResult` with ``frequency`` (1/Å) and ``fsc`` for the shells ``0 … D // 2``.
     """
     px = check_pixel_size(pixel_size)
-    a, _ = _cubic(vol1, "vol1")
-    b, _ = _cubic(vol2, "vol2")
+    a, _ = cubic_volume(vol1, "vol1")
+    b, _ = cubic_volume(vol2, "vol2")
     if a.shape != b.shape:
         raise CryoOrientError(f"FSC needs two maps of the same size; got {tuple(a.shape)} and {tuple(b.shape)}")
     d = a.shape[0]
@@ -209,7 +200,7 @@ def mirror_volume(volume: ArrayLike) -> ArrayLike:
     For an odd ``D`` this is ``volume[::-1]``; for an even ``D`` the voxel ``D // 2`` stays in place
     (and slice 0, at ``-D/2``, maps to itself: its mirror lies outside the box). Returns the type given.
     """
-    vol, was_np = _cubic(volume, "volume")
+    vol, was_np = cubic_volume(volume, "volume")
     d = vol.shape[0]
     idx = (2 * (d // 2) - torch.arange(d, device=vol.device)) % d
     return to_output(vol[idx], was_np)

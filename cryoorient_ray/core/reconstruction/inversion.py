@@ -30,9 +30,11 @@ to Nyquist. Dividing by the summed weights is not an exact density compensation,
 correction over-corrects slightly: amplitudes come out ~1 % high (~2–3 % for smoother maps;
 ``oversampling=3`` halves it). :func:`reconstruct_cg` solves the least-squares problem against
 the projector's own forward model and removes it (correlation 0.999999 after 5 iterations).
-Speed (float32, measured on an idle 16-core Xeon with 2 threads): 0.3–0.6 s for 2,000 images of
-32², 4–7 s for 5,000 of 64² (the scatter-add is single-threaded, so more threads help little);
-on an H100 the same code takes 10 ms and 50 ms (0.8 s for 20,000 images of 128²).
+Timings are in docs/BENCHMARKS.md.
+
+Every function takes one :class:`~cryoorient_ray.core.imaging.particles.ParticleStack` (images,
+shifts, CTF, pixel size; bare ``(B, L, L)`` images are a stack without shifts or CTF) and the
+``(B, 3, 3)`` rotation matrices; the result is numpy when the stack's images were numpy.
 
 This module never imports ray or zarr; ASTRA is imported lazily and its 3D CUDA calls are only
 made when :func:`~cryoorient_ray.core.imaging.projection_astra.astra_available` is True (without a GPU
@@ -41,6 +43,7 @@ they kill the process).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -49,34 +52,27 @@ import torch
 import torch.nn.functional as F
 
 from cryoorient_ray.core._array import ArrayLike, as_tensor, to_output
-from cryoorient_ray.core.imaging.ctf import ctf_2d
+from cryoorient_ray.core.imaging.fourier import (
+    centred_volume_ft,
+    gridding_correction_3d,
+    index_grid_2d,
+    phase_ramp,
+)
+from cryoorient_ray.core.imaging.particles import ParticleStack, as_particle_stack
 from cryoorient_ray.core.imaging.projection import _rotmats_tensor, _shifts_tensor
 from cryoorient_ray.core.reconstruction.fsc import soft_mask
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = [
-    "CTF_KEYS",
     "METHODS",
     "half_maps",
     "reconstruct",
     "reconstruct_astra",
     "reconstruct_cg",
     "reconstruct_fourier",
-    "subset_ctf",
 ]
 
 METHODS = ("auto", "fourier", "cg", "astra")
-# Keys of a CTF parameter dict (as ctf_2d takes them); the first three are required.
-CTF_KEYS = (
-    "defocus_u",
-    "defocus_v",
-    "defocus_angle",
-    "voltage",
-    "cs",
-    "amplitude_contrast",
-    "phase_shift",
-    "bfactor",
-)
 # Inserted points (image points × 8 trilinear corners) per index_add_ call: bounds memory (~0.5 GB).
 _INSERT_POINTS_PER_CHUNK = 1 << 23
 # Points sampled per chunk of the CG forward model (as the projector's slice sampling).
@@ -104,8 +100,9 @@ def _images_tensor(images: ArrayLike) -> tuple[torch.Tensor, bool]:
     return imgs, was_np
 
 
-def _inputs(images, rotmats, shifts, device=None):
-    imgs, was_np = _images_tensor(images)
+def _inputs(stack: ParticleStack, rotmats, device=None):
+    """Checked ``(images, rotmats, shifts | None, numpy_out)`` tensors of one dtype on ``device``."""
+    imgs, _ = _images_tensor(stack.images)
     dtype = imgs.dtype
     device = imgs.device if device is None else torch.device(device)
     imgs = imgs.detach().to(device)
@@ -115,8 +112,8 @@ def _inputs(images, rotmats, shifts, device=None):
             f"the image stack and the orientations differ in length: {imgs.shape[0]} images, {rot.shape[0]} rotations"
         )
     r, _ = _rotmats_tensor(rot.detach(), dtype, device)
-    t = _shifts_tensor(None if shifts is None else as_tensor(shifts)[0].detach(), imgs.shape[0], dtype, device)
-    return imgs, r, t, was_np
+    t = _shifts_tensor(stack.shifts, imgs.shape[0], dtype, device)
+    return imgs, r, t, stack.numpy_out
 
 
 def _int_option(value, name: str, minimum: int = 1) -> int:
@@ -135,42 +132,26 @@ def _float_option(value, name: str) -> float:
     return v
 
 
-def _ctf_source(ctf, b: int, n: int, pixel_size: float, dtype, device) -> CtfSource | None:
+def _ctf_source(stack: ParticleStack, ctf_grid, n: int, dtype, device) -> CtfSource | None:
     """A function ``image indices (m,) -> CTF (m, N, N//2 + 1)`` on the padded rfft grid, or None.
 
-    ``ctf`` is None, a dict of :func:`~cryoorient_ray.core.imaging.ctf.ctf_2d` parameters (scalars or
-    ``(B,)`` arrays; ``defocus_u``, ``defocus_v``, ``defocus_angle`` required) or an array
-    ``(B, N, N//2 + 1)`` / ``(1, N, N//2 + 1)`` already on the padded grid.
+    From the stack's :class:`~cryoorient_ray.core.imaging.particles.CTFParams` (evaluated with
+    :func:`~cryoorient_ray.core.imaging.ctf.ctf_2d` on the ``N × N`` grid) or from ``ctf_grid``,
+    an array ``(B, N, N//2 + 1)`` / ``(1, N, N//2 + 1)`` already on that grid.
     """
-    if ctf is None:
-        return None
-    if isinstance(ctf, dict):
-        unknown = sorted(set(ctf) - set(CTF_KEYS))
-        if unknown:
-            raise CryoOrientError(f"unknown CTF parameter(s) {unknown}; use {', '.join(CTF_KEYS)}")
-        missing = [k for k in CTF_KEYS[:3] if k not in ctf]
-        if missing:
-            raise CryoOrientError(f"the CTF needs {', '.join(missing)} (per image or one value for all)")
-        params: dict[str, torch.Tensor] = {}
-        for key, value in ctf.items():
-            v, _ = as_tensor(value)
-            v = v.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-            if v.numel() not in (1, b):
-                raise CryoOrientError(f"CTF parameter {key} has {v.numel()} values for {b} images")
-            params[key] = v
-        if pixel_size is None:
-            raise CryoOrientError("a CTF given by its parameters needs pixel_size (Å)")
-        # Validates pixel_size and every value (voltage > 0, 0 ≤ Q0 ≤ 1, finite) once, on a tiny grid.
-        ctf_2d(2, pixel_size, **params)
+    if ctf_grid is None:
+        if stack.ctf is None:
+            return None
+        params, px = stack.ctf, stack.pixel_size_A
 
         def from_params(idx: torch.Tensor) -> torch.Tensor:
-            i = idx.cpu()
-            sub = {k: (v if v.numel() == 1 else v[i]) for k, v in params.items()}
-            out = ctf_2d(n, pixel_size, **sub, dtype=dtype, device=device)
-            return out.expand(idx.numel(), -1, -1) if out.shape[0] == 1 else out
+            return params.grid(n, px, idx.cpu(), dtype=dtype, device=device)
 
         return from_params
-    grid, _ = as_tensor(ctf)
+    if stack.ctf is not None:
+        raise CryoOrientError("give the CTF either in the particle stack or as ctf_grid, not both")
+    b = len(stack)
+    grid, _ = as_tensor(ctf_grid)
     shape = (n, n // 2 + 1)
     if grid.ndim != 3 or tuple(grid.shape[1:]) != shape or grid.shape[0] not in (1, b):
         raise CryoOrientError(
@@ -210,12 +191,6 @@ def _pad_images(imgs: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def _gridding_correction(n: int, dtype, device) -> torch.Tensor:
-    """``sinc²((i - N//2) / N)`` along one axis: the transform of the trilinear kernel."""
-    x = (torch.arange(n, device=device, dtype=dtype) - n // 2) / n
-    return torch.sinc(x) ** 2
-
-
 def _crop_centre(vol: torch.Tensor, d: int) -> torch.Tensor:
     n = vol.shape[0]
     lo = n // 2 - d // 2
@@ -230,9 +205,7 @@ class _HalfPlane:
     """The rfft half-plane points of an ``N × N`` image inside the Nyquist circle ``|k| ≤ N/2``."""
 
     def __init__(self, n: int, dtype, device) -> None:
-        ky = torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64, device=device)  # 0, 1, …, -1 (rows)
-        kx = torch.arange(n // 2 + 1, dtype=torch.float64, device=device)
-        gy, gx = torch.meshgrid(ky, kx, indexing="ij")
+        gy, gx = index_grid_2d(n, device=device)  # rows 0, 1, …, -1; columns 0 … N//2
         keep = (gx * gx + gy * gy) <= (n / 2) ** 2
         self.flat = torch.nonzero(keep.reshape(-1)).squeeze(1)  # into the (N, N//2+1) grid
         self.kx = gx.reshape(-1)[self.flat].to(dtype)
@@ -325,9 +298,7 @@ def _backproject(
         stop = min(b, start + chunk)
         ft = torch.fft.rfft2(_pad_images(imgs[start:stop], n)).reshape(stop - start, -1)[:, plane.flat]
         if t is not None:
-            # The projector multiplied by exp(-2πi k·t): undo it.
-            phase = 2.0 * math.pi * (t[start:stop, 0, None] * kx + t[start:stop, 1, None] * ky)
-            ft = ft * torch.polar(torch.ones_like(phase), phase)
+            ft = ft * phase_ramp(t[start:stop], kx, ky, sign=1.0)  # the projector's exp(-2πi k·t) undone
         if ctf is None:
             ctf2 = plane.half.expand(stop - start, -1)
         else:
@@ -347,12 +318,10 @@ def _backproject(
 
 
 def reconstruct_fourier(
-    images: ArrayLike,
+    stack: ParticleStack | ArrayLike,
     rotmats: ArrayLike,
-    shifts: ArrayLike | None = None,
-    ctf: dict | ArrayLike | None = None,
     *,
-    pixel_size: float | None = None,
+    ctf_grid: ArrayLike | None = None,
     oversampling: int = 2,
     wiener: float = 1e-2,
     symmetry: str | None = None,
@@ -364,18 +333,16 @@ def reconstruct_fourier(
     """Direct Fourier inversion with trilinear gridding and a Wiener-style constant (module docstring).
 
     Args:
-        images: ``(B, L, L)`` projections indexed ``[y, x]`` (numpy or torch; float64 input is
-            computed in float64, anything else in float32).
+        stack: the particles (:class:`~cryoorient_ray.core.imaging.particles.ParticleStack`, or
+            bare ``(B, L, L)`` images): images indexed ``[y, x]`` (float64 computed in float64,
+            anything else in float32); their shifts ``(tx, ty)`` pixels (object moved by ``+t``)
+            are undone; their CTF (RELION's parameters, with the stack's ``pixel_size_A``) is
+            evaluated with :func:`~cryoorient_ray.core.imaging.ctf.ctf_2d` on the padded ``N × N``
+            grid. Images are multiplied by the CTF and the weights accumulate ``CTF²`` (phase flip
+            and amplitude correction in one).
         rotmats: ``(B, 3, 3)`` rotation matrices (active, RELION's ``A``; ``unitquat_to_rotmat(q)``).
-        shifts: optional ``(B, 2)`` shifts ``(tx, ty)`` in pixels the images were made with
-            (object moved by ``+t``); they are undone.
-        ctf: None, a dict of CTF parameters (keys :data:`CTF_KEYS`: ``defocus_u``,
-            ``defocus_v``, ``defocus_angle`` required, scalars or ``(B,)`` arrays; RELION's units)
-            evaluated with :func:`~cryoorient_ray.core.imaging.ctf.ctf_2d` on the padded ``N × N`` grid
-            (needs ``pixel_size``), or an array ``(B, N, N//2 + 1)`` (or ``(1, …)``) on that grid.
-            Images are multiplied by the CTF and the weights accumulate ``CTF²`` (phase flip and
-            amplitude correction in one).
-        pixel_size: Å per pixel, for a CTF given by its parameters.
+        ctf_grid: instead of the stack's CTF, an array ``(B, N, N//2 + 1)`` (or ``(1, …)``) on the
+            padded rfft grid.
         oversampling: padding factor ``N / L`` (≥ 1; 2 matches the projector and apply_ctf).
         wiener: constant added to the weights ``Σ w·CTF²`` before dividing (≈ 1 / SNR of one
             image's Fourier coefficient; a weight of 1 is one image's full contribution). Must
@@ -387,32 +354,32 @@ def reconstruct_fourier(
         batch_size: images per chunk (also bounded so one chunk inserts ≤ 2²³ points). Default:
             64 on CPU (small chunks keep the grid lines a chunk touches in cache across its 8
             corner passes; the fastest for 32² and 64² images) and 1024 on a GPU (fewer launches).
-        device: torch device of the computation (default: that of ``images``).
+        device: torch device of the computation (default: that of the images).
 
     Returns:
         ``(D, D, D)`` volume with ``D = L``, indexed ``[z, y, x]``, origin at voxel ``D // 2``;
-        numpy if ``images`` was numpy, else a tensor on ``device``.
+        numpy if the stack's images were numpy, else a tensor on ``device``.
 
     Raises:
         CryoOrientError: mismatched lengths or shapes, bad rotations, bad options.
     """
+    stack = as_particle_stack(stack)
     oversampling = _int_option(oversampling, "oversampling")
     wiener = _float_option(wiener, "wiener")
-    imgs, r, t, was_np = _inputs(images, rotmats, shifts, device)
+    imgs, r, t, was_np = _inputs(stack, rotmats, device)
     dtype, dev = imgs.dtype, imgs.device
     if batch_size is None:
         batch_size = 64 if dev.type == "cpu" else 1024
     batch_size = _int_option(batch_size, "batch_size")
     d = imgs.shape[1]
     n = oversampling * d
-    ctf_fn = _ctf_source(ctf, imgs.shape[0], n, pixel_size, dtype, dev)
+    ctf_fn = _ctf_source(stack, ctf_grid, n, dtype, dev)
     sym = _symmetry_rotmats(symmetry, dtype, dev)
     with torch.no_grad():
         data, weight = _backproject(imgs, r, t, ctf_fn, n, sym, batch_size)
         ft = data / (weight + wiener) if wiener > 0 else torch.where(weight > 0, data / weight, torch.zeros_like(data))
         vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(ft))).real
-        s2 = _gridding_correction(n, dtype, dev)
-        vol = vol / (s2[:, None, None] * s2[None, :, None] * s2[None, None, :])
+        vol = vol / gridding_correction_3d(n, "linear", dtype, dev)
         vol = _crop_centre(vol, d).contiguous()
         if mask_radius is not None:
             vol = vol * torch.from_numpy(soft_mask(d, mask_radius, mask_width)).to(device=dev, dtype=dtype)
@@ -442,24 +409,15 @@ class _SliceOperator:
         else:  # image i with rotation R_i·g: every (g, i) pair
             self.r = torch.einsum("bij,gjk->gbik", r, sym).reshape(-1, 3, 3)
             self.source = torch.arange(b, device=device).repeat(sym.shape[0])
-        my = torch.fft.fftfreq(n, d=1.0 / n, dtype=dtype, device=device)
-        mx = torch.arange(n // 2 + 1, dtype=dtype, device=device)
-        gy, gx = torch.meshgrid(my, mx, indexing="ij")
+        gy, gx = index_grid_2d(n, dtype=dtype, device=device)
         self.plane = torch.stack([gx, gy], -1)  # (N, N//2+1, 2) as (kx, ky)
-        self.kx, self.ky = mx / n, my / n
-        s2 = _gridding_correction(n, dtype, device)
-        self.s2 = s2[:, None, None] * s2[None, :, None] * s2[None, None, :]
+        self.kx, self.ky = gx[0] / n, gy[:, 0] / n
         self.chunk = max(1, min(batch_size, _CG_POINTS_PER_CHUNK // (n * (n // 2 + 1))))
         self.crop = (torch.arange(self.d, device=device) - self.d // 2) % n
 
     def transform(self, vol: torch.Tensor) -> torch.Tensor:
         """``(D³)`` → ``(1, 2, N, N, N)`` centred FT (real, imag channels), gridding-corrected."""
-        n, d = self.n, self.d
-        before = n // 2 - d // 2
-        after = n - d - before
-        padded = F.pad(vol, (before, after, before, after, before, after)) / self.s2
-        ft = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded)))
-        return torch.stack([ft.real, ft.imag], 0).unsqueeze(0)
+        return centred_volume_ft(vol, self.n)
 
     def images(self, ft: torch.Tensor, sl: slice) -> torch.Tensor:
         n = self.n
@@ -470,9 +428,7 @@ class _SliceOperator:
         slc = torch.complex(sampled[0, 0], sampled[0, 1])
         src = self.source[sl]
         if self.t is not None:
-            t = self.t[src]
-            phase = -2.0 * math.pi * (t[:, 0, None, None] * self.kx + t[:, 1, None, None] * self.ky[:, None])
-            slc = slc * torch.polar(torch.ones_like(phase), phase)
+            slc = slc * phase_ramp(self.t[src], self.kx, self.ky[:, None])
         if self.ctf is not None:
             slc = slc * self.ctf(src)
         img = torch.fft.irfft2(slc, s=(n, n))
@@ -505,68 +461,10 @@ class _SliceOperator:
         return v.grad + lam * p
 
 
-def reconstruct_cg(
-    images: ArrayLike,
-    rotmats: ArrayLike,
-    shifts: ArrayLike | None = None,
-    ctf: dict | ArrayLike | None = None,
-    *,
-    pixel_size: float | None = None,
-    iterations: int = 5,
-    regularization: float = 0.0,
-    init: ArrayLike | None = None,
-    oversampling: int = 2,
-    symmetry: str | None = None,
-    mask_radius: float | None = None,
-    mask_width: float = 3.0,
-    batch_size: int = 64,
-    tol: float = 1e-6,
-    device=None,
-    return_residuals: bool = False,
-):
-    """Least squares ``min_V Σ_i ‖A_i V − p_i‖² + λ‖V‖²`` by conjugate gradients on the normal equations.
-
-    ``A_i`` is the forward model of :class:`~cryoorient_ray.core.imaging.projection.FourierSliceProjector`
-    (trilinear slice sampling, gridding-corrected, ``oversampling``-padded), then the shift and
-    the CTF (same ``ctf``/``pixel_size`` forms as :func:`reconstruct_fourier`, but applied on the
-    projector's ``N × N`` slice before the crop); ``Aᵀ`` comes from autograd. Each iteration
-    costs one forward and one backward pass over all images. Starts from ``init`` or from
-    :func:`reconstruct_fourier` (with the same options), so a few iterations refine it.
-
-    Args:
-        images, rotmats, shifts, ctf, pixel_size, oversampling, symmetry, mask_radius,
-            mask_width, device: as :func:`reconstruct_fourier` (the mask is applied at the end).
-        iterations: CG iterations (≥ 0; 0 returns the starting volume, masked).
-        regularization: ``λ`` (≥ 0), in units of squared image intensity per squared voxel value.
-        init: optional ``(D, D, D)`` starting volume.
-        batch_size: images per forward/backward chunk.
-        tol: stop when ``‖r‖ ≤ tol · ‖r₀‖`` (the normal-equation residual).
-        return_residuals: also return the data residuals ``Σ‖A V − p‖²`` (start, then after each iteration).
-
-    Returns:
-        ``(D, D, D)`` volume (type as ``images``), or ``(volume, residuals)``.
-    """
-    iterations = _int_option(iterations, "iterations", minimum=0)
-    lam = _float_option(regularization, "regularization")
-    tol = _float_option(tol, "tol")
-    oversampling = _int_option(oversampling, "oversampling")
-    batch_size = _int_option(batch_size, "batch_size")
-    imgs, r, t, was_np = _inputs(images, rotmats, shifts, device)
-    dtype, dev = imgs.dtype, imgs.device
-    d = imgs.shape[1]
-    n = oversampling * d
-    ctf_fn = _ctf_source(ctf, imgs.shape[0], n, pixel_size, dtype, dev)
-    sym = _symmetry_rotmats(symmetry, dtype, dev)
-    if init is None:
-        x = reconstruct_fourier(
-            imgs, r, t, ctf, pixel_size=pixel_size, oversampling=oversampling, symmetry=symmetry, device=dev
-        )
-    else:
-        x, _ = as_tensor(init)
-        if tuple(x.shape) != (d, d, d):
-            raise CryoOrientError(f"init must be a ({d}, {d}, {d}) volume for {d}-pixel images; got {tuple(x.shape)}")
-    x = x.detach().to(device=dev, dtype=dtype).clone()
-    op = _SliceOperator(imgs, r, t, ctf_fn, n, sym, batch_size)
+def _conjugate_gradients(
+    op: _SliceOperator, x: torch.Tensor, lam: float, iterations: int, tol: float, track: bool
+) -> tuple[torch.Tensor, list[float]]:
+    """CG on ``(AᵀA + λ) V = Aᵀ b`` from ``x``; the data residuals (start, then per iteration when ``track``)."""
     grad, res2 = op.gradient(x, lam)
     residuals = [res2]
     rr = -grad
@@ -584,11 +482,74 @@ def reconstruct_cg(
         x = x + alpha * p
         rr = rr - alpha * ap
         rs_new = float((rr * rr).sum())
-        if return_residuals:
+        if track:
             residuals.append(op.gradient(x, lam)[1])
         p = rr + (rs_new / rs) * p
         rs = rs_new
-    x = x.detach()
+    return x.detach(), residuals
+
+
+def reconstruct_cg(
+    stack: ParticleStack | ArrayLike,
+    rotmats: ArrayLike,
+    *,
+    ctf_grid: ArrayLike | None = None,
+    iterations: int = 5,
+    regularization: float = 0.0,
+    init: ArrayLike | None = None,
+    oversampling: int = 2,
+    symmetry: str | None = None,
+    mask_radius: float | None = None,
+    mask_width: float = 3.0,
+    batch_size: int = 64,
+    tol: float = 1e-6,
+    device=None,
+    return_residuals: bool = False,
+):
+    """Least squares ``min_V Σ_i ‖A_i V − p_i‖² + λ‖V‖²`` by conjugate gradients on the normal equations.
+
+    ``A_i`` is the forward model of :class:`~cryoorient_ray.core.imaging.projection.FourierSliceProjector`
+    (trilinear slice sampling, gridding-corrected, ``oversampling``-padded), then the shift and
+    the CTF (the stack's, or ``ctf_grid``, as :func:`reconstruct_fourier` takes them, but applied
+    on the projector's ``N × N`` slice before the crop); ``Aᵀ`` comes from autograd. Each
+    iteration costs one forward and one backward pass over all images. Starts from ``init`` or
+    from :func:`reconstruct_fourier` (with the same options), so a few iterations refine it.
+
+    Args:
+        stack, rotmats, ctf_grid, oversampling, symmetry, mask_radius, mask_width, device: as
+            :func:`reconstruct_fourier` (the mask is applied at the end).
+        iterations: CG iterations (≥ 0; 0 returns the starting volume, masked).
+        regularization: ``λ`` (≥ 0), in units of squared image intensity per squared voxel value.
+        init: optional ``(D, D, D)`` starting volume.
+        batch_size: images per forward/backward chunk.
+        tol: stop when ``‖r‖ ≤ tol · ‖r₀‖`` (the normal-equation residual).
+        return_residuals: also return the data residuals ``Σ‖A V − p‖²`` (start, then after each iteration).
+
+    Returns:
+        ``(D, D, D)`` volume (numpy if the stack's images were numpy), or ``(volume, residuals)``.
+    """
+    stack = as_particle_stack(stack)
+    iterations = _int_option(iterations, "iterations", minimum=0)
+    lam = _float_option(regularization, "regularization")
+    tol = _float_option(tol, "tol")
+    oversampling = _int_option(oversampling, "oversampling")
+    batch_size = _int_option(batch_size, "batch_size")
+    imgs, r, t, was_np = _inputs(stack, rotmats, device)
+    dtype, dev = imgs.dtype, imgs.device
+    d = imgs.shape[1]
+    n = oversampling * d
+    ctf_fn = _ctf_source(stack, ctf_grid, n, dtype, dev)
+    sym = _symmetry_rotmats(symmetry, dtype, dev)
+    if init is None:
+        start = dataclasses.replace(stack, images=imgs, shifts=t, numpy_out=False)
+        x = reconstruct_fourier(start, r, ctf_grid=ctf_grid, oversampling=oversampling, symmetry=symmetry, device=dev)
+    else:
+        x, _ = as_tensor(init)
+        if tuple(x.shape) != (d, d, d):
+            raise CryoOrientError(f"init must be a ({d}, {d}, {d}) volume for {d}-pixel images; got {tuple(x.shape)}")
+    x = x.detach().to(device=dev, dtype=dtype).clone()
+    op = _SliceOperator(imgs, r, t, ctf_fn, n, sym, batch_size)
+    x, residuals = _conjugate_gradients(op, x, lam, iterations, tol, return_residuals)
     if mask_radius is not None:
         x = x * torch.from_numpy(soft_mask(d, mask_radius, mask_width)).to(device=dev, dtype=dtype)
     out = to_output(x, was_np)
@@ -638,33 +599,34 @@ def _reconstruct_astra(imgs: np.ndarray, rotmats: np.ndarray, shifts: np.ndarray
 
 
 def reconstruct_astra(
-    images: ArrayLike,
+    stack: ParticleStack | ArrayLike,
     rotmats: ArrayLike,
-    shifts: ArrayLike | None = None,
     *,
     iterations: int = 50,
     symmetry: str | None = None,
     mask_radius: float | None = None,
     mask_width: float = 3.0,
-    pixel_size: float | None = None,
 ) -> ArrayLike:
     """CGLS reconstruction with ASTRA's ``CGLS3D_CUDA`` (needs astra-toolbox with CUDA and a GPU).
 
     Same geometry as :func:`~cryoorient_ray.core.imaging.projection_astra.astra_project` (its ray-casting
-    forward model; no CTF, so ``pixel_size`` is accepted for a uniform API and not used). The
-    whole stack goes to the GPU at once (``B · L²`` float32 values), with every image repeated
-    for each element of ``symmetry``. ``iterations`` CGLS iterations start from zero. Returns the
-    type of ``images`` (a tensor comes back on the device ``images`` was on).
+    forward model, with the stack's shifts; no CTF, so a stack with a CTF is refused). The whole
+    stack goes to the GPU at once (``B · L²`` float32 values), with every image repeated for each
+    element of ``symmetry``. ``iterations`` CGLS iterations start from zero. Returns numpy if
+    the stack's images were numpy, else a tensor on their device.
 
     Raises:
         CryoOrientError: when ASTRA with CUDA is not usable, or on bad input.
     """
+    stack = as_particle_stack(stack)
+    if stack.ctf is not None:
+        raise CryoOrientError("the 'astra' reconstruction has no CTF model; use method='fourier' or 'cg'")
     iterations = _int_option(iterations, "iterations")
-    imgs, _, _, was_np = _inputs(images, rotmats, shifts, "cpu")  # validates everything
+    imgs, _, _, was_np = _inputs(stack, rotmats, "cpu")  # validates everything
     r64, _ = _rotmats_tensor(as_tensor(rotmats)[0].detach(), torch.float64, "cpu")  # full precision for ASTRA
     sym = _symmetry_rotmats(symmetry, torch.float64, "cpu")
     img_np = imgs.to(torch.float32).numpy()
-    t_np = None if shifts is None else as_tensor(shifts)[0].detach().to(device="cpu", dtype=torch.float64).numpy()
+    t_np = None if stack.shifts is None else stack.shifts.to(device="cpu", dtype=torch.float64).numpy()
     if sym is not None:
         r64 = torch.einsum("bij,gjk->gbik", r64, sym).reshape(-1, 3, 3)
         img_np = np.tile(img_np, (sym.shape[0], 1, 1))
@@ -673,8 +635,8 @@ def reconstruct_astra(
     if mask_radius is not None:
         vol = vol * soft_mask(vol.shape[0], mask_radius, mask_width)
     out = torch.from_numpy(np.ascontiguousarray(vol)).to(imgs.dtype)
-    if not was_np and isinstance(images, torch.Tensor):
-        out = out.to(images.device)
+    if not was_np:
+        out = out.to(stack.images.device)
     return to_output(out, was_np)
 
 
@@ -683,15 +645,13 @@ def reconstruct_astra(
 
 
 def reconstruct(
-    images: ArrayLike,
+    stack: ParticleStack | ArrayLike,
     rotmats: ArrayLike,
-    shifts: ArrayLike | None = None,
-    ctf: dict | ArrayLike | None = None,
     *,
     method: str = "auto",
     **kwargs,
 ) -> ArrayLike:
-    """Reconstruct a ``(D, D, D)`` volume from ``(B, L, L)`` images with known orientations.
+    """Reconstruct a ``(D, D, D)`` volume from a particle stack with known orientations ``rotmats (B, 3, 3)``.
 
     Methods:
 
@@ -699,20 +659,21 @@ def reconstruct(
     - ``"cg"``: :func:`reconstruct_cg` (least squares, started from the Fourier inversion).
     - ``"astra"``: :func:`reconstruct_astra` (ASTRA's ``CGLS3D_CUDA``; needs a CUDA GPU; no CTF).
     - ``"auto"``: ``"astra"`` when :func:`~cryoorient_ray.core.imaging.projection_astra.astra_available`
-      is True and no CTF is given, else ``"fourier"``.
+      is True and the stack has no CTF, else ``"fourier"``.
 
-    ``kwargs`` go to the chosen function (e.g. ``pixel_size``, ``wiener``, ``iterations``,
-    ``symmetry``, ``mask_radius``); ``"auto"`` only picks ASTRA when it takes them all
-    (``iterations``, ``symmetry``, ``mask_radius``, ``mask_width``, ``pixel_size``). An option
-    the chosen method does not take raises :class:`~cryoorient_ray.errors.CryoOrientError`.
+    ``kwargs`` go to the chosen function (e.g. ``wiener``, ``iterations``, ``symmetry``,
+    ``mask_radius``); ``"auto"`` only picks ASTRA when it takes them all (``iterations``,
+    ``symmetry``, ``mask_radius``, ``mask_width``). An option the chosen method does not take
+    raises :class:`~cryoorient_ray.errors.CryoOrientError`.
     """
+    stack = as_particle_stack(stack)
     if method not in METHODS:
         raise CryoOrientError(f"unknown reconstruction method {method!r}; choose one of {', '.join(METHODS)}")
     functions = {"fourier": reconstruct_fourier, "cg": reconstruct_cg, "astra": reconstruct_astra}
     if method == "auto":
         from cryoorient_ray.core.imaging.projection_astra import astra_available
 
-        astra_ok = ctf is None and not set(kwargs) - _options(reconstruct_astra)
+        astra_ok = stack.ctf is None and not set(kwargs) - _options(reconstruct_astra)
         method = "astra" if astra_ok and astra_available() else "fourier"
     unknown = sorted(set(kwargs) - _options(functions[method]))
     if unknown:
@@ -720,11 +681,7 @@ def reconstruct(
             f"the {method!r} reconstruction takes no option(s) {unknown}; "
             f"it takes {', '.join(sorted(_options(functions[method])))}"
         )
-    if method == "astra":
-        if ctf is not None:
-            raise CryoOrientError("the 'astra' reconstruction has no CTF model; use method='fourier' or 'cg'")
-        return reconstruct_astra(images, rotmats, shifts, **kwargs)
-    return functions[method](images, rotmats, shifts, ctf, **kwargs)
+    return functions[method](stack, rotmats, **kwargs)
 
 
 def _options(function) -> set[str]:
@@ -735,53 +692,8 @@ def _options(function) -> set[str]:
     return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def subset_ctf(ctf, idx: np.ndarray, n_images: int | None = None):
-    """The CTF of the images ``idx`` of a stack: per-image entries of a parameter dict indexed,
-    scalars kept; a ``(n_images, N, N//2 + 1)`` grid indexed; ``None`` and shared grids unchanged."""
-    if ctf is None:
-        return None
-    if isinstance(ctf, dict):
-        out = {}
-        for key, value in ctf.items():
-            v, was_np = as_tensor(value)
-            v = v.reshape(-1)
-            out[key] = value if v.numel() == 1 else to_output(v[torch.as_tensor(idx, device=v.device)], was_np)
-        return out
-    grid, was_np = as_tensor(ctf)
-    if grid.ndim == 3 and grid.shape[0] == n_images:
-        return to_output(grid[torch.as_tensor(idx, device=grid.device)], was_np)
-    return ctf
-
-
-def half_maps(
-    images: ArrayLike,
-    rotmats: ArrayLike,
-    shifts: ArrayLike | None = None,
-    ctf: dict | ArrayLike | None = None,
-    *,
-    split: ArrayLike | int | np.random.Generator | None = None,
-    method: str = "auto",
-    **kwargs,
-) -> tuple[ArrayLike, ArrayLike]:
-    """Two independent reconstructions from two halves of the data (for the gold-standard FSC).
-
-    Args:
-        images, rotmats, shifts, ctf, method, kwargs: as :func:`reconstruct`.
-        split: how to halve the ``B`` images: None (seed 0), an int seed or a
-            ``numpy.random.Generator`` (a random permutation, first ``B // 2`` vs the rest), or a
-            ``(B,)`` boolean/0-1 array (False/0 → first half, True/1 → second).
-
-    Returns:
-        ``(half1, half2)``, each ``(D, D, D)`` of the type of ``images``.
-    """
-    imgs, _ = _images_tensor(images)
-    b = imgs.shape[0]
-    rot, _ = as_tensor(rotmats)
-    if rot.ndim != 3 or rot.shape[0] != b:
-        raise CryoOrientError(
-            f"the image stack and the orientations differ in length: {b} images, "
-            f"{rot.shape[0] if rot.ndim else 0} rotations"
-        )
+def _halves(split, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two index sets of :func:`half_maps`' ``split``."""
     if split is None or isinstance(split, (int, np.integer, np.random.Generator)) and not isinstance(split, bool):
         rng = split if isinstance(split, np.random.Generator) else np.random.default_rng(0 if split is None else split)
         perm = rng.permutation(b)
@@ -793,23 +705,51 @@ def half_maps(
         first, second = np.flatnonzero(s == 0), np.flatnonzero(s == 1)
     if len(first) == 0 or len(second) == 0:
         raise CryoOrientError(f"half maps need at least one image in each half; got {len(first)} and {len(second)}")
+    return first, second
 
-    def take(x, idx):
-        if x is None:
-            return None
-        tx, was_np = as_tensor(x)
-        return to_output(tx[torch.as_tensor(idx, device=tx.device)], was_np)
 
-    maps = []
-    for idx in (first, second):
-        maps.append(
-            reconstruct(
-                take(images, idx),
-                take(rotmats, idx),
-                take(shifts, idx),
-                subset_ctf(ctf, idx, b),
-                method=method,
-                **kwargs,
-            )
+def _take(x, idx: np.ndarray, n_images: int | None = None):
+    """Rows ``idx`` of an array (of a per-image one only, when ``n_images`` is given), type kept."""
+    if x is None:
+        return None
+    tx, was_np = as_tensor(x)
+    if n_images is not None and not (tx.ndim == 3 and tx.shape[0] == n_images):
+        return x  # a shared CTF grid
+    return to_output(tx[torch.as_tensor(idx, device=tx.device)], was_np)
+
+
+def half_maps(
+    stack: ParticleStack | ArrayLike,
+    rotmats: ArrayLike,
+    *,
+    split: ArrayLike | int | np.random.Generator | None = None,
+    method: str = "auto",
+    **kwargs,
+) -> tuple[ArrayLike, ArrayLike]:
+    """Two independent reconstructions from two halves of the data (for the gold-standard FSC).
+
+    Args:
+        stack, rotmats, method, kwargs: as :func:`reconstruct` (a per-image ``ctf_grid`` is split too).
+        split: how to halve the ``B`` images: None (seed 0), an int seed or a
+            ``numpy.random.Generator`` (a random permutation, first ``B // 2`` vs the rest), or a
+            ``(B,)`` boolean/0-1 array (False/0 → first half, True/1 → second).
+
+    Returns:
+        ``(half1, half2)``, each ``(D, D, D)`` (numpy if the stack's images were numpy).
+    """
+    stack = as_particle_stack(stack)
+    imgs, _ = _images_tensor(stack.images)
+    b = imgs.shape[0]
+    rot, _ = as_tensor(rotmats)
+    if rot.ndim != 3 or rot.shape[0] != b:
+        raise CryoOrientError(
+            f"the image stack and the orientations differ in length: {b} images, "
+            f"{rot.shape[0] if rot.ndim else 0} rotations"
         )
+    maps = []
+    for idx in _halves(split, b):
+        options = dict(kwargs)
+        if options.get("ctf_grid") is not None:
+            options["ctf_grid"] = _take(options["ctf_grid"], idx, b)
+        maps.append(reconstruct(stack.subset(idx), _take(rotmats, idx), method=method, **options))
     return maps[0], maps[1]

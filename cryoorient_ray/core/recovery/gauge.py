@@ -26,12 +26,14 @@ the images:
    ``J = diag(1, 1, −1)``), which no set of projections can tell apart: the search covers
    ``[0, π)`` and the hand stays the user's choice, as in every cryo-EM reconstruction.
 
-Quaternions are scalar-first ``(w, x, y, z)``; images ``(P, L, L)`` indexed ``[y, x]``, centred
-(shifts undone). Pure numpy/torch: no ray, no zarr.
+Quaternions are scalar-first ``(w, x, y, z)``; the particles are one
+:class:`~cryoorient_ray.core.imaging.particles.ParticleStack` (images ``(P, L, L)`` indexed
+``[y, x]``, centred first when they carry shifts). Pure numpy/torch: no ray, no zarr.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,20 +42,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cryoorient_ray.core._array import as_tensor
+from cryoorient_ray.core._array import ArrayLike, as_tensor
 from cryoorient_ray.core.geometry.quaternion import (
     quat_conjugate,
     quat_product,
     rotmat_to_unitquat,
+    rotvec_to_rotmat,
     unitquat_to_rotmat,
+    unitquat_to_rotvec,
 )
+from cryoorient_ray.core.imaging.fourier import lowpass_gaussian
+from cryoorient_ray.core.imaging.particles import ParticleStack, as_particle_stack
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = [
     "GaugeResult",
     "apply_gauge",
     "fit_view_axis",
-    "fourier_crop",
     "inplane_angles",
     "resolve_gauge",
 ]
@@ -112,34 +117,10 @@ def _images(images) -> torch.Tensor:
     return as_tensor(images)[0].to(torch.float32)
 
 
-def _gaussian_lowpass(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``images (B, L, L)`` times a Gaussian of width ``sigma`` cycles/pixel in Fourier space."""
-    f = torch.fft.fftfreq(images.shape[-1])
-    g = torch.exp(-(f[:, None] ** 2 + f[None, :] ** 2) / (2 * sigma**2))
-    return torch.fft.ifft2(torch.fft.fft2(images) * g).real
-
-
-def fourier_crop(images, size: int) -> torch.Tensor:
-    """Downsample ``(B, L, L)`` images to ``(B, size, size)`` by cropping their Fourier transform.
-
-    The pixel size grows by ``L / size``; the centre pixel ``L // 2`` maps to ``size // 2``.
-    ``size ≥ L`` returns the images unchanged.
-    """
-    x = _images(images)
-    lsize = x.shape[-1]
-    if size >= lsize:
-        return x
-    ft = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1))), dim=(-2, -1))
-    a = lsize // 2 - size // 2
-    ft = ft[..., a : a + size, a : a + size]
-    out = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(ft, dim=(-2, -1))), dim=(-2, -1)).real
-    return out * (size * size) / (lsize * lsize)
-
-
 def _polar(images: torch.Tensor, n_angles: int, lowpass: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-passed, standardised images sampled on a polar grid ``(B, n_r, n_angles)``, radii weights."""
     b, lsize = images.shape[0], images.shape[-1]
-    x = _gaussian_lowpass(images, lowpass)
+    x = lowpass_gaussian(images, lowpass)
     x = x - x.mean(dim=(-2, -1), keepdim=True)
     x = x / x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
     r = torch.arange(1, lsize // 2, dtype=torch.float32)
@@ -206,16 +187,6 @@ def inplane_angles(
     return np.concatenate(psi_out).astype(np.float64), np.concatenate(peak_out).astype(np.float64)
 
 
-def _rotation_vectors(q: np.ndarray) -> np.ndarray:
-    """Rotation vectors (axis·angle) of ``(M, 4)`` quaternions."""
-    q = np.where(q[:, :1] < 0, -q, q)
-    v = q[:, 1:]
-    s = np.linalg.norm(v, axis=1)
-    ang = 2 * np.arctan2(s, q[:, 0])
-    scale = np.where(s > 1e-12, ang / np.maximum(s, 1e-12), 2.0)
-    return v * scale[:, None]
-
-
 def fit_view_axis(
     q_est: np.ndarray, i: np.ndarray, j: np.ndarray, psi: np.ndarray, weights: np.ndarray | None = None, n_iter: int = 5
 ) -> tuple[np.ndarray, float]:
@@ -226,7 +197,7 @@ def fit_view_axis(
     """
     q = np.asarray(q_est, np.float64)
     rel = quat_product(q[j], quat_conjugate(q[i]))
-    om = _rotation_vectors(rel)
+    om = np.asarray(unitquat_to_rotvec(rel))
     w = np.ones(len(psi)) if weights is None else np.asarray(weights, np.float64)
     keep = w > 0
     n = np.zeros(3)
@@ -256,16 +227,6 @@ def _frame_with_third_row(n: np.ndarray) -> np.ndarray:
     return np.stack([e1, e2, n])
 
 
-def _axis_angle_matrix(rv: np.ndarray) -> np.ndarray:
-    """Rotation matrix of the rotation vector ``rv`` (Rodrigues)."""
-    ang = float(np.linalg.norm(rv))
-    if ang < 1e-15:
-        return np.eye(3)
-    k = rv / ang
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + math.sin(ang) * kx + (1 - math.cos(ang)) * kx @ kx
-
-
 def _rz(phi: float) -> np.ndarray:
     c, s = math.cos(phi), math.sin(phi)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
@@ -274,62 +235,113 @@ def _rz(phi: float) -> np.ndarray:
 ScoreFn = Callable[[np.ndarray], float]
 
 
-def crossval_score_fn(
-    images,
-    ctf: dict | None = None,
-    pixel_size: float = 1.0,
-    seed: int = 0,
-    lowpass: float = 0.2,
-) -> ScoreFn:
+def crossval_score_fn(stack: ParticleStack | ArrayLike, seed: int = 0, lowpass: float = 0.2) -> ScoreFn:
     """Score of a set of rotation matrices: cross-validated re-projection correlation.
 
-    The images are split in two random halves; a volume reconstructed from each half
-    (:func:`~cryoorient_ray.core.reconstruction.inversion.reconstruct_fourier`, CTF-corrected when ``ctf``
-    is given) is re-projected at the other half's orientations (times their CTF) and correlated
-    (Pearson, per image, after a Gaussian low-pass of ``lowpass`` cycles/pixel) with those
-    images; the score is the mean over both directions.
+    The particles are split in two random halves; a volume reconstructed from each half
+    (:func:`~cryoorient_ray.core.reconstruction.inversion.reconstruct_fourier`, CTF-corrected when the
+    stack has a CTF) is re-projected at the other half's orientations (times their CTF) and
+    correlated (Pearson, per image, after a Gaussian low-pass of ``lowpass`` cycles/pixel) with
+    those images; the score is the mean over both directions.
 
     Args:
-        images: ``(P, L, L)`` centred images.
-        ctf: optional dict of per-image CTF parameters (``(P,)`` arrays or scalars, keys of
-            :data:`~cryoorient_ray.core.reconstruction.inversion.CTF_KEYS`).
-        pixel_size: Å per pixel of ``images`` (for the CTF).
+        stack: the particles (a :class:`~cryoorient_ray.core.imaging.particles.ParticleStack` or bare
+            ``(P, L, L)`` centred images), centred first if they carry shifts.
     """
     from cryoorient_ray.core.imaging.ctf import apply_ctf
     from cryoorient_ray.core.imaging.projection import FourierSliceProjector
-    from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier, subset_ctf
+    from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier
 
-    x = _images(images)
-    p = x.shape[0]
+    stack = _float_stack(stack)
+    p = len(stack)
 
     def filt(im: torch.Tensor) -> torch.Tensor:
-        y = _gaussian_lowpass(im, lowpass)
+        y = lowpass_gaussian(im, lowpass)
         y = y - y.mean(dim=(-2, -1), keepdim=True)
         return y / y.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
 
     perm = np.random.default_rng(seed).permutation(p)
     halves = (np.sort(perm[: p // 2]), np.sort(perm[p // 2 :]))
-    targets = [filt(x[h]) for h in halves]
-    ctfs = [subset_ctf(ctf, h) for h in halves]
+    parts = [stack.subset(h) for h in halves]
+    targets = [filt(part.images) for part in parts]
 
     def score(rotmats: np.ndarray) -> float:
         r = torch.as_tensor(np.asarray(rotmats), dtype=torch.float32)
         total = 0.0
         for k in (0, 1):
             src, dst = halves[k], halves[1 - k]
-            vol = reconstruct_fourier(x[src], r[src], ctf=ctfs[k], pixel_size=pixel_size if ctf else None)
+            vol = reconstruct_fourier(parts[k], r[src])
             rep = FourierSliceProjector(vol)(r[dst])
+            ctf = parts[1 - k].ctf
             if ctf is not None:
-                rep = torch.as_tensor(apply_ctf(rep, pixel_size, **ctfs[1 - k]), dtype=torch.float32)
+                rep = torch.as_tensor(apply_ctf(rep, stack.pixel_size_A, **ctf.to_dict()), dtype=torch.float32)
             total += float((filt(rep) * targets[1 - k]).sum(dim=(-2, -1)).mean())
         return total / 2
 
     return score
 
 
+def _float_stack(stack: ParticleStack | ArrayLike) -> ParticleStack:
+    """The stack centred (shifts undone), as float32 tensors (results come back as tensors)."""
+    stack = as_particle_stack(stack).centred()
+    return dataclasses.replace(stack, images=stack.images.to(torch.float32), numpy_out=False)
+
+
+def _near_pairs(pairs, max_pair_distance: float, max_pairs: int, rng: np.random.Generator):
+    """The neighbour pairs ``(i, j)`` the axis fit uses: ``d̂ ≤ max_pair_distance`` (at most ``max_pairs``)."""
+    i, j, d = (np.asarray(a) for a in pairs)
+    near = np.flatnonzero(d <= max_pair_distance)
+    if len(near) < 20:
+        near = np.argsort(d)[: min(len(d), 200)]
+    if len(near) < 10:
+        raise CryoOrientError("too few neighbour pairs to resolve the gauge (need at least 10)")
+    if len(near) > max_pairs:
+        near = rng.choice(near, max_pairs, replace=False)
+    return i[near], j[near]
+
+
+def _search_phi(score_fn: ScoreFn, c0: np.ndarray, r_est: np.ndarray, phi_steps: int, phi_refine: int):
+    """The in-plane angle ``φ`` maximising ``score_fn(Rz(φ)·C₀·R̂)``: a grid over ``[0, π)``, then
+    ``phi_refine`` rounds of ±step/3; returns ``(φ, angles, scores)``."""
+    grid = np.arange(phi_steps) * (math.pi / phi_steps)
+    vals = [score_fn(_rz(a) @ c0 @ r_est) for a in grid]
+    angles, scores = list(grid), list(vals)
+    phi = float(grid[int(np.argmax(vals))])
+    step = math.pi / phi_steps
+    for _ in range(phi_refine):
+        step /= 3
+        for a in (phi - step, phi + step):
+            angles.append(a)
+            scores.append(score_fn(_rz(a) @ c0 @ r_est))
+        k = int(np.argmax(scores))
+        phi = float(angles[k])
+    return phi % math.pi, np.asarray(angles) % math.pi, np.asarray(scores)
+
+
+def _polish(score_fn: ScoreFn, corr_mat: np.ndarray, r_est: np.ndarray, best: float, rounds: int) -> np.ndarray:
+    """Pattern search on the correction: try ± small rotations about x, y, z; move while it improves, then halve."""
+    step = math.radians(3.0)
+    for _ in range(rounds):
+        improved, moves = True, 0
+        while improved and moves < 6:
+            improved = False
+            for axis in range(3):
+                for sign in (1.0, -1.0):
+                    rv = np.zeros(3)
+                    rv[axis] = sign * step
+                    trial = np.asarray(rotvec_to_rotmat(rv)) @ corr_mat
+                    val = score_fn(trial @ r_est)
+                    if val > best:
+                        best, corr_mat, improved = val, trial, True
+                        moves += 1
+                        break
+        step /= 2
+    return corr_mat
+
+
 def resolve_gauge(
+    stack: ParticleStack | ArrayLike,
     q_est: np.ndarray,
-    images,
     pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
     score_fn: ScoreFn | None = None,
     max_pair_distance: float = math.radians(25),
@@ -342,8 +354,10 @@ def resolve_gauge(
     """Find the left correction (and conjugation) that makes ``q_est`` physical.
 
     Args:
+        stack: the particles in the order of ``q_est`` (a
+            :class:`~cryoorient_ray.core.imaging.particles.ParticleStack` or bare ``(P, L, L)``
+            centred images), centred first if they carry shifts.
         q_est: ``(P, 4)`` recovered quaternions.
-        images: ``(P, L, L)`` the projections, centred (shifts undone), in the order of ``q_est``.
         pairs: ``(i, j, d̂)`` candidate neighbour pairs (e.g. the pair graph's kNN edges) with
             their estimated distances; those with ``d̂ ≤ max_pair_distance`` are used.
         score_fn: ``f(rotmats (P, 3, 3)) -> float`` (higher = more consistent), for the in-plane
@@ -357,73 +371,29 @@ def resolve_gauge(
         :class:`GaugeResult`; ``result.apply(q_est)`` gives the physical orientations.
     """
     q = np.asarray(q_est, np.float64)
-    i, j, d = (np.asarray(a) for a in pairs)
     if q.ndim != 2 or q.shape[1] != 4:
         raise CryoOrientError(f"q_est must be (P, 4); got {q.shape}")
-    if np.shape(images)[0] != len(q):
-        raise CryoOrientError(f"{np.shape(images)[0]} images but {len(q)} orientations")
-    near = np.flatnonzero(d <= max_pair_distance)
-    if len(near) < 20:
-        near = np.argsort(d)[: min(len(d), 200)]
-    if len(near) < 10:
-        raise CryoOrientError("too few neighbour pairs to resolve the gauge (need at least 10)")
+    stack = as_particle_stack(stack)
+    if len(stack) != len(q):
+        raise CryoOrientError(f"{len(stack)} images but {len(q)} orientations")
     rng = np.random.default_rng(seed)
-    if len(near) > max_pairs:
-        near = rng.choice(near, max_pairs, replace=False)
-    i, j = i[near], j[near]
-    psi, peak = inplane_angles(images, i, j)
+    i, j = _near_pairs(pairs, max_pair_distance, max_pairs, rng)
+    psi, peak = inplane_angles(_float_stack(stack).images, i, j)
     weights = np.clip(peak, 0, None)
-    fits = {}
-    for conj in (False, True):
-        qq = quat_conjugate(q) if conj else q
-        fits[conj] = fit_view_axis(qq, i, j, psi, weights)
+    fits = {conj: fit_view_axis(quat_conjugate(q) if conj else q, i, j, psi, weights) for conj in (False, True)}
     conj = fits[True][1] < fits[False][1]
     n, res = fits[conj]
     c0 = _frame_with_third_row(n)
-    qq = quat_conjugate(q) if conj else q
-    r_est = unitquat_to_rotmat(qq)
+    r_est = unitquat_to_rotmat(quat_conjugate(q) if conj else q)
 
-    angles = np.zeros(0)
-    scores = np.zeros(0)
-    phi = 0.0
+    angles, scores, phi = np.zeros(0), np.zeros(0), 0.0
     if score_fn is not None:
-        grid = np.arange(phi_steps) * (math.pi / phi_steps)
-        vals = [score_fn(_rz(a) @ c0 @ r_est) for a in grid]
-        angles, scores = list(grid), list(vals)
-        phi = float(grid[int(np.argmax(vals))])
-        step = math.pi / phi_steps
-        for _ in range(phi_refine):
-            step /= 3
-            for a in (phi - step, phi + step):
-                angles.append(a)
-                scores.append(score_fn(_rz(a) @ c0 @ r_est))
-            k = int(np.argmax(scores))
-            phi = float(angles[k])
-        phi = phi % math.pi
-        angles, scores = np.asarray(angles) % math.pi, np.asarray(scores)
+        phi, angles, scores = _search_phi(score_fn, c0, r_est, phi_steps, phi_refine)
     corr_mat = _rz(phi) @ c0
     if score_fn is not None and polish_rounds > 0:
-        # Pattern search: try ± small rotations about x, y, z; move while it improves, then halve.
-        best = max(scores)
-        step = math.radians(3.0)
-        for _ in range(polish_rounds):
-            improved, moves = True, 0
-            while improved and moves < 6:
-                improved = False
-                for axis in range(3):
-                    for sign in (1.0, -1.0):
-                        rv = np.zeros(3)
-                        rv[axis] = sign * step
-                        trial = _axis_angle_matrix(rv) @ corr_mat
-                        val = score_fn(trial @ r_est)
-                        if val > best:
-                            best, corr_mat, improved = val, trial, True
-                            moves += 1
-                            break
-            step /= 2
-    corr = rotmat_to_unitquat(corr_mat)
+        corr_mat = _polish(score_fn, corr_mat, r_est, max(scores), polish_rounds)
     return GaugeResult(
-        correction=np.asarray(corr, np.float64),
+        correction=np.asarray(rotmat_to_unitquat(corr_mat), np.float64),
         conjugate=bool(conj),
         view_axis=n,
         axis_residual=res,

@@ -39,21 +39,14 @@ function wraps round the box where :func:`~cryoorient_ray.core.imaging.ctf.apply
 PSFs small against the box this changes nothing (measured: the same errors as on the padded
 grid, at a quarter of the cost).
 
-Measured (pseudo-protein, box 32, 6 Å voxels, P = 600, starts 9° off, default schedule
-12°/6°/3°): noiseless 9.0° → 3.8°, 1.9°, 1.2°; at SNR −6 dB 9.0° → 6.0°, 6.1°, 6.3° with the
-FSC = 0.5 resolution against the true map 15.6 → 14.1 Å. With noise the first round does the
-work: a particle ~10 pixels in radius at −6 dB pins each orientation to ~5° at best (the true map
-as reference, starting from the truth: 4.6° with the argmax, 2.0° with the posterior mean, which
-shrinks to the start), and later rounds drift slightly towards the per-image noise optimum.
-A local search cannot repair starts off by more than about ``search_deg`` of the first round.
-
-Cost: one trilinear fetch per candidate and band point. On one CPU thread (2-core machine),
-P = 1,000 images of 32² with 57 candidates take ~2.5 s per round, three reconstructions
-included. This module never imports ray or zarr.
+A local search cannot repair starts off by more than about ``search_deg`` of the first round. With
+noise the first round does the work; measured accuracy and cost per round are in
+docs/BENCHMARKS.md ("Refinement"). This module never imports ray or zarr.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -63,14 +56,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cryoorient_ray.core._array import ArrayLike, as_tensor, check_pixel_size
-from cryoorient_ray.core.geometry.quaternion import quat_canonicalize, quat_distance, quat_product, unitquat_to_rotmat
+from cryoorient_ray.core._array import ArrayLike, as_tensor
+from cryoorient_ray.core.geometry.quaternion import (
+    quat_canonicalize,
+    quat_distance,
+    quat_product,
+    rotvec_to_unitquat,
+    unitquat_to_rotmat,
+)
+from cryoorient_ray.core.imaging.fourier import centred_volume_ft, index_grid_2d, phase_ramp
+from cryoorient_ray.core.imaging.particles import ParticleStack, as_particle_stack
 from cryoorient_ray.core.reconstruction.fsc import best_hand, fsc, soft_mask
 from cryoorient_ray.core.reconstruction.inversion import _ctf_source, reconstruct_fourier
 from cryoorient_ray.core.recovery.align import align_rotation
 from cryoorient_ray.errors import CryoOrientError
 
-__all__ = ["RefineResult", "candidate_lattice", "refine_orientations"]
+__all__ = ["RefineResult", "RefineSettings", "candidate_lattice", "refine_orientations"]
 
 # FSC threshold beyond which the reference's shells are dropped (the gold-standard criterion).
 _BAND_THRESHOLD = 0.143
@@ -169,59 +170,71 @@ def _quadratic_pinv() -> np.ndarray:
     return np.linalg.pinv(design)  # (10, 19)
 
 
-def _rotvec_to_quat(v: torch.Tensor) -> torch.Tensor:
-    """Rotation vectors ``(..., 3)`` (rad) → unit quaternions ``(..., 4)`` (wxyz)."""
-    angle = torch.linalg.norm(v, dim=-1, keepdim=True)
-    half = 0.5 * angle
-    # sin(θ/2)/θ, with its limit 1/2 at θ = 0
-    scale = torch.where(angle > 1e-12, torch.sin(half) / angle.clamp_min(1e-12), torch.full_like(angle, 0.5))
-    return torch.cat([torch.cos(half), v * scale], -1)
+@dataclass(frozen=True)
+class _Lattice:
+    """The candidate lattice of :func:`candidate_lattice` (``points (K, 3)`` float64, ``radius`` in
+    steps) with the vertex fit's ``stencil (K, 19)`` (:func:`_stencil_index`) and ``pinv (10, 19)``."""
+
+    points: torch.Tensor
+    radius: float
+    stencil: torch.Tensor
+    pinv: torch.Tensor
+
+    @classmethod
+    def make(cls, n_candidates: int) -> _Lattice:
+        points, radius = candidate_lattice(n_candidates)
+        return cls(
+            points=torch.from_numpy(points).double(),
+            radius=radius,
+            stencil=torch.from_numpy(_stencil_index(points)),
+            pinv=torch.from_numpy(_quadratic_pinv()),
+        )
 
 
-def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q = rng.standard_normal(4)
-    return np.asarray(unitquat_to_rotmat(q / np.linalg.norm(q)), dtype=np.float64)
+@dataclass(frozen=True)
+class _Candidates:
+    """One round's candidate perturbations ``δ_k``: rotation vectors ``vecs (K, 3)`` (rad), the
+    lattice points scaled by ``step`` (rad per lattice step) and turned by ``turn (3, 3)``."""
+
+    vecs: torch.Tensor
+    lattice: _Lattice
+    step: float
+    turn: torch.Tensor
+
+    @classmethod
+    def make(cls, lattice: _Lattice, radius_deg: float, rng: np.random.Generator) -> _Candidates:
+        """The lattice scaled to a ball of ``radius_deg`` and turned by a random rotation drawn from ``rng``."""
+        step = math.radians(radius_deg) / lattice.radius
+        q = rng.standard_normal(4)
+        turn = torch.from_numpy(np.asarray(unitquat_to_rotmat(q / np.linalg.norm(q)), dtype=np.float64))
+        return cls(vecs=(lattice.points * step) @ turn.T, lattice=lattice, step=step, turn=turn)
 
 
 # ----------------------------------------------------------------------------------------------
 # Fourier-space matching
 
-
-def _centred_ft(volume: torch.Tensor, n: int) -> torch.Tensor:
-    """``(L, L, L)`` → ``(1, 2, N, N, N)`` centred 3D FT of the zero-padded map, gridding-corrected (trilinear)."""
-    d = volume.shape[0]
-    before = n // 2 - d // 2
-    after = n - d - before
-    padded = F.pad(volume, (before, after, before, after, before, after))
-    x = (torch.arange(n, dtype=volume.dtype) - n // 2) / n
-    s2 = torch.sinc(x) ** 2
-    padded = padded / (s2[:, None, None] * s2[None, :, None] * s2[None, None, :])
-    ft = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded)))
-    return torch.stack([ft.real, ft.imag], 0).unsqueeze(0).contiguous()
+# Cycles per L box → index offset in the 2× padded reference FT.
+_REF_SCALE = 2.0
 
 
 class _Matcher:
     """The images' DFTs on their ``L × L`` rfft grid and the scoring of candidate rotations."""
 
-    def __init__(self, imgs: torch.Tensor, shifts: torch.Tensor | None, ctf_fn) -> None:
+    def __init__(self, stack: ParticleStack) -> None:
+        imgs, shifts = stack.images, stack.shifts
         p, lsize = imgs.shape[0], imgs.shape[1]
         self.lsize = lsize
         # Pixel L//2 to index 0: the phases are about the rotation centre.
         ft = torch.fft.rfft2(torch.roll(imgs, (-(lsize // 2), -(lsize // 2)), (1, 2)))  # (P, L, L//2+1)
-        ky = torch.fft.fftfreq(lsize, d=1.0 / lsize, dtype=torch.float64)
-        kx = torch.arange(lsize // 2 + 1, dtype=torch.float64)
-        gy, gx = torch.meshgrid(ky, kx, indexing="ij")
+        gy, gx = index_grid_2d(lsize)  # cycles per box
         self.kx_all, self.ky_all = gx.reshape(-1), gy.reshape(-1)
         self.radius_all = torch.sqrt(gx * gx + gy * gy).reshape(-1)
         ft = ft.reshape(p, -1)
         if shifts is not None:  # the data were moved by +t: undo it
-            phase = (2.0 * math.pi / lsize) * (
-                shifts[:, 0, None].double() * self.kx_all + shifts[:, 1, None].double() * self.ky_all
-            )
-            ft = ft * torch.polar(torch.ones_like(phase), phase).to(ft.dtype)
+            ft = ft * phase_ramp(shifts.double(), self.kx_all, self.ky_all, sign=1.0, period=lsize).to(ft.dtype)
         self.ft = ft
-        # ctf_fn gives the CTF on the 2× padded grid; its even rows and columns are the L grid.
-        self.ctf_fn = ctf_fn
+        # The CTF on the 2× padded grid; its even rows and columns are the L grid.
+        self.ctf_fn = _ctf_source(stack, None, 2 * lsize, torch.float32, torch.device("cpu"))
 
     def set_band(self, weight_of_radius: Callable[[np.ndarray], np.ndarray], max_radius: float) -> None:
         """Choose the band points (``0 < |k| ≤ max_radius`` in cycles per box) and their weights ``h w²``."""
@@ -245,16 +258,17 @@ class _Matcher:
         norm_i = (self.w2 * (i.real**2 + i.imag**2)).sum(-1)
         return a, (c * c * self.w2).expand(idx.numel(), -1), norm_i
 
-    def scores(self, ref: torch.Tensor, scale: float, rows: torch.Tensor, a, cw, norm_i) -> torch.Tensor:
-        """NCC ``(b, K)`` of images (terms from :meth:`image_terms`) with the reference at rotations.
+    def scores(self, ref: torch.Tensor, rows: torch.Tensor, terms) -> torch.Tensor:
+        """NCC ``(b, K)`` of images (``terms`` from :meth:`image_terms`) with the reference at rotations.
 
-        ``rows`` is ``(b, K, 2, 3)``: the first two rows of each candidate rotation matrix;
-        ``scale`` converts the images' frequencies (cycles per box) to indices of the reference's FT.
+        ``ref`` is the ``(1, 2, 2L, 2L, 2L)`` centred FT of the reference; ``rows`` is
+        ``(b, K, 2, 3)``: the first two rows of each candidate rotation matrix.
         """
+        a, cw, norm_i = terms
         b, k = rows.shape[0], rows.shape[1]
         n = ref.shape[-1]
         # Rᵀ (kx, ky, 0) = kx R[0, :] + ky R[1, :], in reference indices (x, y, z), centred at n//2.
-        pos = torch.einsum("mc,bkcj->bkmj", self.kxy * scale, rows) + n // 2
+        pos = torch.einsum("mc,bkcj->bkmj", self.kxy * _REF_SCALE, rows) + n // 2
         grid = pos * (2.0 / (n - 1)) - 1.0
         sampled = F.grid_sample(ref, grid.reshape(1, b * k, -1, 1, 3), mode="bilinear", align_corners=True)
         sampled = sampled.reshape(2, b, k, -1)  # (re/im, b, K, M)
@@ -263,37 +277,14 @@ class _Matcher:
         return num / torch.sqrt((norm_p * norm_i[:, None]).clamp_min(1e-30))
 
 
-def _match(matcher, ref_ft, ref_scale, q, idx, vecs, lattice, step, turn, stencil, pinv):
-    """Refined orientations ``(b, 4)`` and their NCC ``(b,)`` for images ``idx`` at orientations ``q (b, 4)``.
+def _vertex_offsets(sc: torch.Tensor, best: torch.Tensor, cand: _Candidates) -> torch.Tensor:
+    """``(b, 3)`` lattice offsets of the vertex of the quadratic fitted to the best point's 19-point stencil.
 
-    Scores the candidates ``δ_k ⊗ q_i`` (``vecs (K, 3)``: the rotation vectors of the ``δ_k``, the
-    lattice ``lattice (K, 3)`` turned by ``turn`` and scaled by ``step``), then picks per image:
-
-    - where the posterior over the candidates is sharp (largest probability > 1/2): the vertex of
-      the quadratic least-squares fit to the scores of the best candidate's 19-point stencil
-      (lattice offsets with ``|o|² ≤ 2``), at most one lattice step away, kept if it scores at
-      least as well as the best candidate (else the best candidate);
-    - elsewhere (noisy images, flat scores): the posterior mean of the rotation vectors. The log
-      likelihood of candidate ``k`` for white Gaussian noise, with the amplitude fitted and the
-      noise power estimated from the best fit, is ``dof · NCC_k² / (1 − NCC_best²)`` (``dof``:
-      half the weighted number of band coefficients). The argmax of a flat, noisy landscape
-      wanders to the edge of the ball; the mean does not.
+    Zero where the stencil leaves the lattice or the fit is not a maximum; at most one lattice step.
     """
-    b = idx.numel()
-    rows_b = torch.arange(b)
-    a, cw, norm_i = matcher.image_terms(idx)
-    deltas = _rotvec_to_quat(vecs)  # (K, 4)
-    cand = quat_product(deltas[None, :, :], q[:, None, :])  # (b, K, 4)
-    rows = unitquat_to_rotmat(cand)[:, :, :2, :].float()
-    sc = matcher.scores(ref_ft, ref_scale, rows, a, cw, norm_i).double()  # (b, K)
-    best = sc.argmax(1)
-    s_best = sc[rows_b, best]
-    dof = 0.5 * float(matcher.w2.sum())
-    post = torch.softmax(dof * sc**2 / (1 - s_best[:, None] ** 2).clamp_min(1e-12), 1)
-    sharp = post.max(1).values > _SHARP
-    # Vertex of the quadratic fitted to the scores of the best point's 19-point stencil.
-    st = stencil[best]  # (b, 19)
-    coef = torch.gather(sc, 1, st.clamp_min(0)) @ pinv.T  # (b, 10): 1, x, y, z, x², y², z², xy, xz, yz
+    b = sc.shape[0]
+    st = cand.lattice.stencil[best]  # (b, 19)
+    coef = torch.gather(sc, 1, st.clamp_min(0)) @ cand.lattice.pinv.T  # (b, 10): 1, x, y, z, x², y², z², xy, xz, yz
     grad = coef[:, 1:4]
     c = coef[:, 4:]
     hess = torch.stack(
@@ -308,31 +299,103 @@ def _match(matcher, ref_ft, ref_scale, q, idx, vecs, lattice, step, turn, stenci
     eye = torch.eye(3, dtype=hess.dtype).expand(b, 3, 3)
     off = -torch.linalg.solve(torch.where(ok[:, None, None], hess, -eye), grad)
     off = torch.where(ok[:, None], off, torch.zeros_like(off))
-    off = off / torch.linalg.norm(off, dim=1, keepdim=True).clamp_min(1.0)  # at most one lattice step
-    v_vertex = ((lattice[best] + off) * step) @ turn.T  # (b, 3)
-    v_mean = post @ vecs
-    q_fine = quat_product(_rotvec_to_quat(torch.where(sharp[:, None], v_vertex, v_mean)), q)
-    rows_f = unitquat_to_rotmat(q_fine)[:, None, :2, :].float()
-    s_fine = matcher.scores(ref_ft, ref_scale, rows_f, a, cw, norm_i).double()[:, 0]
+    return off / torch.linalg.norm(off, dim=1, keepdim=True).clamp_min(1.0)
+
+
+def _match(
+    matcher: _Matcher, ref_ft: torch.Tensor, q: torch.Tensor, idx: torch.Tensor, cand: _Candidates
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refined orientations ``(b, 4)`` and their NCC ``(b,)`` for images ``idx`` at orientations ``q (b, 4)``.
+
+    Scores the candidates ``δ_k ⊗ q_i`` (``cand.vecs``), then picks per image:
+
+    - where the posterior over the candidates is sharp (largest probability > 1/2): the vertex of
+      the quadratic least-squares fit to the scores of the best candidate's 19-point stencil
+      (lattice offsets with ``|o|² ≤ 2``), at most one lattice step away, kept if it scores at
+      least as well as the best candidate (else the best candidate);
+    - elsewhere (noisy images, flat scores): the posterior mean of the rotation vectors. The log
+      likelihood of candidate ``k`` for white Gaussian noise, with the amplitude fitted and the
+      noise power estimated from the best fit, is ``dof · NCC_k² / (1 − NCC_best²)`` (``dof``:
+      half the weighted number of band coefficients). The argmax of a flat, noisy landscape
+      wanders to the edge of the ball; the mean does not.
+    """
+    rows_b = torch.arange(idx.numel())
+    terms = matcher.image_terms(idx)
+    candidates = quat_product(rotvec_to_unitquat(cand.vecs)[None, :, :], q[:, None, :])  # (b, K, 4)
+    sc = matcher.scores(ref_ft, unitquat_to_rotmat(candidates)[:, :, :2, :].float(), terms).double()  # (b, K)
+    best = sc.argmax(1)
+    s_best = sc[rows_b, best]
+    dof = 0.5 * float(matcher.w2.sum())
+    post = torch.softmax(dof * sc**2 / (1 - s_best[:, None] ** 2).clamp_min(1e-12), 1)
+    sharp = post.max(1).values > _SHARP
+    v_vertex = ((cand.lattice.points[best] + _vertex_offsets(sc, best, cand)) * cand.step) @ cand.turn.T  # (b, 3)
+    v_mean = post @ cand.vecs
+    q_fine = quat_product(rotvec_to_unitquat(torch.where(sharp[:, None], v_vertex, v_mean)), q)
+    s_fine = matcher.scores(ref_ft, unitquat_to_rotmat(q_fine)[:, None, :2, :].float(), terms).double()[:, 0]
     take = ~sharp | (s_fine >= s_best)
-    return torch.where(take[:, None], q_fine, cand[rows_b, best]), torch.where(take, s_fine, s_best)
+    return torch.where(take[:, None], q_fine, candidates[rows_b, best]), torch.where(take, s_fine, s_best)
 
 
 # ----------------------------------------------------------------------------------------------
-# input checks
+# settings and input checks
 
 
-def _take_ctf(ctf, idx: np.ndarray, p: int):
-    if ctf is None:
-        return None
-    if isinstance(ctf, dict):
-        out = {}
-        for key, value in ctf.items():
-            v = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
-            out[key] = v if v.size == 1 else v.reshape(-1)[idx]
-        return out
-    grid, _ = as_tensor(ctf)
-    return grid[torch.as_tensor(idx)] if grid.ndim == 3 and grid.shape[0] == p else grid
+@dataclass(frozen=True)
+class RefineSettings:
+    """The search of :func:`refine_orientations` (every field can also be given to it as a keyword).
+
+    Attributes:
+        rounds: number of rounds (≥ 0; 0 only reconstructs).
+        search_deg: radius (degrees) of the search ball per round: a number (every round) or a
+            sequence (round ``r`` uses entry ``r``, the last one repeating).
+        n_candidates: lattice candidates per image and round (≥ 7; rounded down to whole shells
+            of :func:`candidate_lattice`: 57 → spacing ``search_deg / √5``).
+        wiener: Wiener constant of the reconstructions (``reconstruct_fourier``'s ``wiener``).
+        mask_radius: radius (pixels) of the soft spherical mask on every map (3-pixel cosine
+            edge); None: ``L / 2 - 4``.
+        seed: of the half-map split and of the lattice's random turn each round.
+        cross_halves: match each half of the images against the map of the other half instead
+            of the full map (no self-reference; measured slightly worse at P = 600, so off).
+        batch_size: images scored per batch.
+    """
+
+    rounds: int = 3
+    search_deg: float | Sequence[float] = (12.0, 6.0, 3.0)
+    n_candidates: int = 57
+    wiener: float = 1e-2
+    mask_radius: float | None = None
+    seed: int = 0
+    cross_halves: bool = False
+    batch_size: int = 64
+
+    def schedule(self) -> list[float]:
+        """The search radius (degrees) of every round, checked."""
+        rounds = self.rounds
+        if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
+            raise CryoOrientError(f"rounds must be an integer >= 0; got {rounds!r}")
+        return _search_schedule(self.search_deg, int(rounds))
+
+    def checked_mask_radius(self, lsize: int) -> float:
+        radius = lsize / 2 - 4 if self.mask_radius is None else self.mask_radius
+        if isinstance(radius, bool) or not isinstance(radius, (int, float, np.number)) or not radius > 0:
+            raise CryoOrientError(f"mask_radius must be a positive number of pixels; got {radius!r}")
+        return radius
+
+    def checked_batch_size(self) -> int:
+        b = self.batch_size
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+            raise CryoOrientError(f"batch_size must be a positive integer; got {b!r}")
+        return int(b)
+
+
+def _settings(settings: RefineSettings | None, options: dict) -> RefineSettings:
+    known = {f.name for f in dataclasses.fields(RefineSettings)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise CryoOrientError(
+            f"refine_orientations takes no option(s) {unknown}; the settings are {', '.join(sorted(known))}"
+        )
+    return dataclasses.replace(settings or RefineSettings(), **options)
 
 
 def _search_schedule(search_deg, rounds: int) -> list[float]:
@@ -360,61 +423,213 @@ def _quats(q: ArrayLike, p: int, name: str) -> torch.Tensor:
     return t / norm
 
 
+def _volume(volume: ArrayLike | None, lsize: int, name: str) -> torch.Tensor | None:
+    if volume is None:
+        return None
+    v, _ = as_tensor(volume)
+    if tuple(v.shape) != (lsize,) * 3:
+        raise CryoOrientError(f"{name} must have shape {(lsize,) * 3}; got {tuple(v.shape)}")
+    return v.detach().cpu().to(torch.float32)
+
+
+def _working_stack(stack: ParticleStack) -> ParticleStack:
+    """The stack as float32 CPU tensors (images and shifts), checked for refinement."""
+    imgs = stack.images
+    if imgs.shape[1] < 8:
+        raise CryoOrientError(f"images must be a (P, L, L) stack of square images, L >= 8; got {tuple(imgs.shape)}")
+    if imgs.shape[0] < 2:
+        raise CryoOrientError(f"refinement needs at least 2 images (two half maps); got {imgs.shape[0]}")
+    imgs = imgs.detach().cpu().to(torch.float32)
+    if not torch.isfinite(imgs).all():
+        raise CryoOrientError("images contain NaN or infinite values")
+    t = None if stack.shifts is None else stack.shifts.cpu().to(torch.float32)
+    return dataclasses.replace(stack, images=imgs, shifts=t, pixel_size_A=stack.pixel_size_A or 1.0, numpy_out=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the maps of a round
+
+
+class _Maps:
+    """Reconstructions (full and half maps, masked), their FSC, and the measures against the truth."""
+
+    def __init__(self, stack: ParticleStack, settings: RefineSettings, halves, q_true, reference) -> None:
+        self.stack, self.halves, self.q_true, self.reference = stack, halves, q_true, reference
+        self.px = stack.pixel_size_A
+        self.wiener = settings.wiener
+        self.mask = torch.from_numpy(soft_mask(stack.image_size, settings.checked_mask_radius(stack.image_size), 3.0))
+
+    def reconstruct(self, q: torch.Tensor, idx: np.ndarray | None = None) -> torch.Tensor:
+        rot = unitquat_to_rotmat(q).to(torch.float32)
+        if idx is None:
+            part = self.stack
+        else:
+            part, rot = self.stack.subset(idx), rot[torch.as_tensor(idx)]
+        return reconstruct_fourier(part, rot, wiener=self.wiener) * self.mask
+
+    def maps(self, q: torch.Tensor) -> dict:
+        out = {"full": self.reconstruct(q), "half": [self.reconstruct(q, h) for h in self.halves]}
+        out["fsc"] = fsc(out["half"][0], out["half"][1], self.px)
+        return out
+
+    def truth_metrics(self, q: torch.Tensor, full: torch.Tensor) -> dict:
+        out = {}
+        if self.q_true is not None:
+            reg = align_rotation(self.q_true.numpy(), q.numpy())
+            out["error"] = float(reg.mean)
+            if self.reference is not None:
+                aligned = torch.as_tensor(reg.apply(q.numpy()))
+                out["resolution_05"] = fsc(self.reconstruct(aligned), self.reference, self.px).resolution_05
+        elif self.reference is not None:
+            out["resolution_05"] = fsc(best_hand(full, self.reference), self.reference, self.px).resolution_05
+        return out
+
+
+def _band(fsc_curve: np.ndarray, lsize: int) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    """The reference's filter ``w(|k|)`` (cycles per box) from the half maps' FSC, and the band's edge."""
+    curve = np.clip(fsc_curve, 0.0, 1.0)
+    below = np.flatnonzero(curve[1:] < _BAND_THRESHOLD)
+    last = (below[0] + 1) if below.size else len(curve)  # first shell left out
+    last = min(max(last, _MIN_SHELLS), len(curve))
+    weight = np.maximum(np.sqrt(2 * curve / (1 + curve)), _MIN_WEIGHT)
+    weight[last:] = 0.0
+    # Shell s is s cycles per box (frequency s / L per pixel), as the images' DFT grid.
+    max_radius = min(last - 1, lsize / 2 - 1)
+
+    def band_weight(r, w=weight):
+        return np.interp(r, np.arange(len(w)), w)
+
+    return band_weight, max_radius
+
+
 # ----------------------------------------------------------------------------------------------
 # refinement
 
 
+def _references(rnd: int, current: dict, init_volume, mask, cross_halves: bool) -> list[torch.Tensor]:
+    """The maps the two halves of the images are matched against in round ``rnd``."""
+    if rnd == 1 and init_volume is not None:
+        return [init_volume * mask] * 2
+    if cross_halves:
+        return [current["half"][1], current["half"][0]]  # each half against the other half's map
+    return [current["full"]] * 2
+
+
+@dataclass
+class _Refinement:
+    """What every round of :func:`refine_orientations` shares: the checked inputs and the matcher."""
+
+    work: ParticleStack
+    settings: RefineSettings
+    schedule: list[float]
+    lattice: _Lattice
+    rng: np.random.Generator
+    halves: tuple[np.ndarray, np.ndarray]
+    maps: _Maps
+    matcher: _Matcher
+    init_volume: torch.Tensor | None
+    progress: Callable[[int, int, int, int], None] | None
+
+    def match(self, rnd: int, q: torch.Tensor, refs, cand: _Candidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image matched in batches: ``(q_new (P, 4), best scores (P,))``."""
+        matcher, p = self.matcher, q.shape[0]
+        chunk = max(
+            1,
+            min(
+                self.settings.checked_batch_size(),
+                _POINTS_PER_CHUNK // max(1, (cand.vecs.shape[0] + 1) * matcher.n_points),
+            ),
+        )
+        q_new = q.clone()
+        best_scores = torch.empty(p, dtype=torch.float64)
+        done = 0
+        with torch.no_grad():
+            for half, ref_map in zip(self.halves, refs, strict=True):
+                ref_ft = centred_volume_ft(ref_map, 2 * matcher.lsize)
+                for s0 in range(0, len(half), chunk):
+                    idx = torch.from_numpy(half[s0 : s0 + chunk])
+                    q_new[idx], best_scores[idx] = _match(matcher, ref_ft, q[idx], idx, cand)
+                    done += idx.numel()
+                    if self.progress is not None:
+                        self.progress(rnd, len(self.schedule), done, p)
+        return quat_canonicalize(q_new / torch.linalg.norm(q_new, dim=1, keepdim=True)), best_scores
+
+    def round(self, rnd: int, radius_deg: float, q: torch.Tensor, current: dict) -> tuple[torch.Tensor, dict, dict]:
+        """Round ``rnd``: the new orientations, their maps and the round's history entry."""
+        t0 = time.perf_counter()
+        lsize = self.work.image_size
+        band_weight, max_radius = _band(current["fsc"].fsc, lsize)
+        self.matcher.set_band(band_weight, max_radius)
+        refs = _references(rnd, current, self.init_volume, self.maps.mask, self.settings.cross_halves)
+        cand = _Candidates.make(self.lattice, radius_deg, self.rng)
+        q_new, best_scores = self.match(rnd, q, refs, cand)
+        change = float(quat_distance(q, q_new).mean())
+        current = self.maps.maps(q_new)
+        seconds = time.perf_counter() - t0
+        entry = {
+            "round": rnd,
+            "search_deg": radius_deg,
+            "step_deg": math.degrees(cand.step),
+            "n_candidates": cand.vecs.shape[0],
+            "change": change,
+            "correlation": float(best_scores.mean()),
+            "band": max_radius / lsize / self.work.pixel_size_A,
+            "resolution_0143": current["fsc"].resolution_0143,
+            **self.maps.truth_metrics(q_new, current["full"]),
+            "seconds": seconds,
+        }
+        return q_new, current, entry
+
+
+def _setup(stack, quaternions, settings, volume, q_true, reference, progress) -> tuple[_Refinement, torch.Tensor]:
+    """Checked inputs of :func:`refine_orientations`: the shared state and the start ``(P, 4)``."""
+    work = _working_stack(stack)
+    p, lsize = len(work), work.image_size
+    q = _quats(quaternions, p, "quaternions")
+    qt = None if q_true is None else _quats(q_true, p, "q_true")
+    schedule = settings.schedule()
+    lattice = _Lattice.make(settings.n_candidates)
+    settings.checked_batch_size()
+    rng = np.random.default_rng(settings.seed)
+    perm = rng.permutation(p)
+    halves = (np.sort(perm[: p // 2]), np.sort(perm[p // 2 :]))
+    maps = _Maps(work, settings, halves, qt, _volume(reference, lsize, "reference"))
+    init_volume = _volume(volume, lsize, "volume")
+    state = _Refinement(work, settings, schedule, lattice, rng, halves, maps, _Matcher(work), init_volume, progress)
+    return state, q
+
+
 def refine_orientations(
-    images: ArrayLike,
+    stack: ParticleStack | ArrayLike,
     quaternions: ArrayLike,
+    settings: RefineSettings | None = None,
     *,
     volume: ArrayLike | None = None,
-    shifts: ArrayLike | None = None,
-    ctf: dict | ArrayLike | None = None,
-    pixel_size: float = 1.0,
-    rounds: int = 3,
-    search_deg: float | Sequence[float] = (12.0, 6.0, 3.0),
-    n_candidates: int = 57,
-    wiener: float = 1e-2,
-    mask_radius: float | None = None,
     q_true: ArrayLike | None = None,
     reference: ArrayLike | None = None,
     progress: Callable[[int, int, int, int], None] | None = None,
-    seed: int = 0,
-    cross_halves: bool = False,
-    batch_size: int = 64,
+    **options,
 ) -> RefineResult:
     """Refine orientations locally by projection matching (see the module docstring).
 
     Args:
-        images: ``(P, L, L)`` particle images indexed ``[y, x]`` (numpy or torch; computed in float32).
+        stack: the particles (:class:`~cryoorient_ray.core.imaging.particles.ParticleStack`, or bare
+            ``(P, L, L)`` images): images indexed ``[y, x]`` (computed in float32), their shifts
+            (kept fixed), their CTF (used for the reconstructions and multiplied into the
+            projections) and ``pixel_size_A`` (the CTF, and the frequencies and resolutions
+            reported; 1 Å when not given).
         quaternions: ``(P, 4)`` starting orientations (wxyz), in any gauge.
+        settings: the search (:class:`RefineSettings`); ``options`` override its fields by name
+            (``rounds``, ``search_deg``, ``n_candidates``, ``wiener``, ``mask_radius``, ``seed``,
+            ``cross_halves``, ``batch_size``).
         volume: optional ``(L, L, L)`` reference for the first round, in the gauge of
             ``quaternions`` (default: the reconstruction from the images at ``quaternions``).
-        shifts: optional ``(P, 2)`` shifts ``(tx, ty)`` in pixels the images were made with (kept fixed).
-        ctf: None, a dict of CTF parameters (keys of :data:`~cryoorient_ray.core.reconstruction.inversion.CTF_KEYS`,
-            scalars or ``(P,)`` arrays) or an array ``(P, 2L, L + 1)`` on the 2× padded rfft
-            grid, as :func:`~cryoorient_ray.core.reconstruction.inversion.reconstruct_fourier` takes it; used
-            for the reconstructions (CTF correction) and multiplied into the projections.
-        pixel_size: Å per pixel (the CTF, and the frequencies and resolutions reported).
-        rounds: number of rounds (≥ 0; 0 only reconstructs).
-        search_deg: radius (degrees) of the search ball per round: a number (every round) or a
-            sequence (round ``r`` uses entry ``r``, the last one repeating).
-        n_candidates: lattice candidates per image and round (≥ 7; rounded down to whole shells
-            of :func:`candidate_lattice`: 57 → spacing ``search_deg / √5``).
-        wiener: Wiener constant of the reconstructions (``reconstruct_fourier``'s ``wiener``).
-        mask_radius: radius (pixels) of the soft spherical mask on every map (3-pixel cosine
-            edge); default ``L / 2 - 4``.
         q_true: optional ``(P, 4)`` true orientations: each round then reports its ``error``.
         reference: optional ``(L, L, L)`` true map: each round reports ``resolution_05``. With
             ``q_true`` the map is reconstructed from the orientations registered onto the truth
             (so any gauge works); without it, only the hand is matched (:func:`~cryoorient_ray.
-            core.fsc.best_hand`) and the input must be in the reference's gauge.
+            core.reconstruction.fsc.best_hand`) and the input must be in the reference's gauge.
         progress: ``progress(round, n_rounds, done, total)`` after each batch of images.
-        seed: of the half-map split and of the lattice's random turn each round.
-        cross_halves: match each half of the images against the map of the other half instead
-            of the full map (no self-reference; measured slightly worse at P = 600, so off).
-        batch_size: images scored per batch.
 
     Returns:
         :class:`RefineResult`.
@@ -423,153 +638,19 @@ def refine_orientations(
         CryoOrientError: mismatched lengths or shapes, bad options.
     """
     start_time = time.perf_counter()
-    imgs, was_np = as_tensor(images)
-    if imgs.ndim != 3 or imgs.shape[1] != imgs.shape[2] or imgs.shape[1] < 8:
-        raise CryoOrientError(f"images must be a (P, L, L) stack of square images, L >= 8; got {tuple(imgs.shape)}")
-    p, lsize = imgs.shape[0], imgs.shape[1]
-    if p < 2:
-        raise CryoOrientError(f"refinement needs at least 2 images (two half maps); got {p}")
-    imgs = imgs.detach().cpu().to(torch.float32)
-    if not torch.isfinite(imgs).all():
-        raise CryoOrientError("images contain NaN or infinite values")
-    q = _quats(quaternions, p, "quaternions")
-    qt = None if q_true is None else _quats(q_true, p, "q_true")
-    if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
-        raise CryoOrientError(f"rounds must be an integer >= 0; got {rounds!r}")
-    schedule = _search_schedule(search_deg, int(rounds))
-    lattice, lattice_radius = candidate_lattice(n_candidates)
-    lattice_t = torch.from_numpy(lattice).double()
-    stencil = torch.from_numpy(_stencil_index(lattice))
-    pinv = torch.from_numpy(_quadratic_pinv())
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise CryoOrientError(f"batch_size must be a positive integer; got {batch_size!r}")
-    if mask_radius is None:
-        mask_radius = lsize / 2 - 4
-    if isinstance(mask_radius, bool) or not isinstance(mask_radius, (int, float, np.number)) or not mask_radius > 0:
-        raise CryoOrientError(f"mask_radius must be a positive number of pixels; got {mask_radius!r}")
-    px = check_pixel_size(pixel_size)
-    t = None
-    if shifts is not None:
-        t, _ = as_tensor(shifts)
-        t = t.detach().cpu().to(torch.float32)
-        if tuple(t.shape) != (p, 2) or not torch.isfinite(t).all():
-            raise CryoOrientError(f"shifts must be finite with shape (P, 2) = ({p}, 2); got {tuple(t.shape)}")
-    ref_true = None
-    if reference is not None:
-        ref_true, _ = as_tensor(reference)
-        if tuple(ref_true.shape) != (lsize,) * 3:
-            raise CryoOrientError(f"reference must have shape {(lsize,) * 3}; got {tuple(ref_true.shape)}")
-        ref_true = ref_true.detach().cpu().to(torch.float32)
-    init_volume = None
-    if volume is not None:
-        init_volume, _ = as_tensor(volume)
-        if tuple(init_volume.shape) != (lsize,) * 3:
-            raise CryoOrientError(f"volume must have shape {(lsize,) * 3}; got {tuple(init_volume.shape)}")
-        init_volume = init_volume.detach().cpu().to(torch.float32)
-
-    # Validates the CTF (dict or padded-grid array, as reconstruct_fourier takes it).
-    ctf_fn = _ctf_source(ctf, p, 2 * lsize, px, torch.float32, torch.device("cpu"))
-    matcher = _Matcher(imgs, t, ctf_fn)
-    ref_scale = 2.0  # cycles per L box → index offset in the 2× padded reference FT
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(p)
-    halves = (np.sort(perm[: p // 2]), np.sort(perm[p // 2 :]))
-    mask = torch.from_numpy(soft_mask(lsize, mask_radius, 3.0))
-
-    def recon(qq: torch.Tensor, idx: np.ndarray | None = None) -> torch.Tensor:
-        rot = unitquat_to_rotmat(qq).to(torch.float32)
-        if idx is None:
-            args = (imgs, rot, t, ctf)
-        else:
-            ii = torch.as_tensor(idx)
-            args = (imgs[ii], rot[ii], None if t is None else t[ii], _take_ctf(ctf, idx, p))
-        vol = reconstruct_fourier(*args, pixel_size=px, wiener=wiener)
-        return vol * mask
-
-    def maps(qq: torch.Tensor) -> dict:
-        out = {"full": recon(qq), "half": [recon(qq, h) for h in halves]}
-        out["fsc"] = fsc(out["half"][0], out["half"][1], px)
-        return out
-
-    def truth_metrics(qq: torch.Tensor, full: torch.Tensor) -> dict:
-        out = {}
-        if qt is not None:
-            reg = align_rotation(qt.numpy(), qq.numpy())
-            out["error"] = float(reg.mean)
-            if ref_true is not None:
-                aligned = torch.as_tensor(reg.apply(qq.numpy()))
-                out["resolution_05"] = fsc(recon(aligned), ref_true, px).resolution_05
-        elif ref_true is not None:
-            out["resolution_05"] = fsc(best_hand(full, ref_true), ref_true, px).resolution_05
-        return out
-
-    current = maps(q)
-    initial = {"resolution_0143": current["fsc"].resolution_0143, **truth_metrics(q, current["full"])}
+    stack = as_particle_stack(stack)
+    state, q = _setup(stack, quaternions, _settings(settings, options), volume, q_true, reference, progress)
+    current = state.maps.maps(q)
+    initial = {"resolution_0143": current["fsc"].resolution_0143, **state.maps.truth_metrics(q, current["full"])}
     q_start = q.clone()
     history = []
-    for rnd, radius_deg in enumerate(schedule, start=1):
-        t0 = time.perf_counter()
-        curve = np.clip(current["fsc"].fsc, 0.0, 1.0)
-        below = np.flatnonzero(curve[1:] < _BAND_THRESHOLD)
-        last = (below[0] + 1) if below.size else len(curve)  # first shell left out
-        last = min(max(last, _MIN_SHELLS), len(curve))
-        weight = np.maximum(np.sqrt(2 * curve / (1 + curve)), _MIN_WEIGHT)
-        weight[last:] = 0.0
-        # Shell s is s cycles per box (frequency s / L per pixel), as the images' DFT grid.
-        max_radius = min(last - 1, lsize / 2 - 1)
-
-        def band_weight(r, w=weight):
-            return np.interp(r, np.arange(len(w)), w)
-
-        matcher.set_band(band_weight, max_radius)
-        if rnd == 1 and init_volume is not None:
-            refs = [init_volume * mask] * 2
-        elif cross_halves:
-            refs = [current["half"][1], current["half"][0]]  # each half against the other half's map
-        else:
-            refs = [current["full"]] * 2
-        step = math.radians(radius_deg) / lattice_radius
-        turn = torch.from_numpy(_random_rotation(rng))
-        vecs = (lattice_t * step) @ turn.T  # (K, 3) rotation vectors of the candidate perturbations
-        k = vecs.shape[0]
-        q_new = q.clone()
-        best_scores = torch.empty(p, dtype=torch.float64)
-        chunk = max(1, min(int(batch_size), _POINTS_PER_CHUNK // max(1, (k + 1) * matcher.n_points)))
-        done = 0
-        with torch.no_grad():
-            for half, ref_map in zip(halves, refs, strict=True):
-                ref_ft = _centred_ft(ref_map, 2 * lsize)
-                for s0 in range(0, len(half), chunk):
-                    idx = torch.from_numpy(half[s0 : s0 + chunk])
-                    q_new[idx], best_scores[idx] = _match(
-                        matcher, ref_ft, ref_scale, q[idx], idx, vecs, lattice_t, step, turn, stencil, pinv
-                    )
-                    done += idx.numel()
-                    if progress is not None:
-                        progress(rnd, len(schedule), done, p)
-        q_new = quat_canonicalize(q_new / torch.linalg.norm(q_new, dim=1, keepdim=True))
-        change = float(quat_distance(q, q_new).mean())
-        q = q_new
-        current = maps(q)
-        seconds = time.perf_counter() - t0
-        entry = {
-            "round": rnd,
-            "search_deg": radius_deg,
-            "step_deg": math.degrees(step),
-            "n_candidates": k,
-            "change": change,
-            "correlation": float(best_scores.mean()),
-            "band": max_radius / lsize / px,
-            "resolution_0143": current["fsc"].resolution_0143,
-        }
-        entry.update(truth_metrics(q, current["full"]))
-        entry["seconds"] = seconds
+    for rnd, radius_deg in enumerate(state.schedule, start=1):
+        q, current, entry = state.round(rnd, radius_deg, q, current)
         history.append(entry)
-
     vol = current["full"]
     return RefineResult(
         quaternions=quat_canonicalize(q).numpy(),
-        volume=vol.numpy() if was_np else vol,
+        volume=vol.numpy() if stack.numpy_out else vol,
         history=history,
         initial=initial,
         change=float(quat_distance(q_start, q).mean()),
