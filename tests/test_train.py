@@ -31,12 +31,13 @@ def two_protein_store(ray_local, tmp_path_factory):
 
 
 def test_train_two_workers_kill_one_and_resume(two_protein_store, tmp_path):
-    from cryoorient_ray.distributed.train_workers import train_distance
+    from cryoorient_ray.distributed.train_workers import FaultInjection, TrainJob, train_distance
 
     # small batches: the tiny store gives each worker only ~30 training images per shard
     cfg = TrainConfig(epochs=6, batch_size=16, lr=5e-3, val_pairs_per_shard=150, num_workers=2, model=TINY_MODEL)
     marker = tmp_path / "killed"
-    summary = train_distance(cfg, [two_protein_store], tmp_path, fault_injection={"epoch": 2, "marker": str(marker)})
+    fault = FaultInjection(epoch=2, marker=str(marker))
+    summary = train_distance(TrainJob(cfg, [two_protein_store], tmp_path, fault_injection=fault))
     history = json.loads((tmp_path / "history.json").read_text())
     assert marker.read_text().startswith("killed at epoch 2")  # a worker really died
     assert [h["epoch"] for h in history] == list(range(6))  # no epoch repeated or lost
