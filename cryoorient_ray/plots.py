@@ -278,7 +278,7 @@ def plot_tune_summary(
     2. each trial's best L_DE, best first, coloured by status (complete, stopped early, error, unfinished);
     3. best L_DE against n_f as a box plot per n_f with the trials as points (the paper's Figure 17b).
 
-    ``trials`` are records of :func:`cryoorient_ray.distributed.tune_trials.collect_trials` (keys
+    ``trials`` are records of :func:`cryoorient_ray.stages.tune.collect_trials` (keys
     ``trial_id, params, curve, best, status``); ``n_features`` is the n_f of trials that did not search it.
     """
     colours = {"complete": "tab:green", "stopped early": "tab:orange", "error": "tab:red", "unfinished": "tab:gray"}

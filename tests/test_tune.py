@@ -202,7 +202,7 @@ def test_bad_tune_input_is_one_line(tmp_path):
 
 def test_best_run_config_round_trips_through_yaml(tmp_path):
     from cryoorient_ray.config import RunConfig, dump_config
-    from cryoorient_ray.distributed.tune_trials import best_run_config
+    from cryoorient_ray.stages.tune import best_run_config
 
     base = RunConfig(train=TrainConfig(epochs=7, lr=1e-3))
     trial = {"params": {"train.lr": 0.02, "train.model.channels": [8, 16], "train.model.head": "so3"}}
