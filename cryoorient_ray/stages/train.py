@@ -11,17 +11,8 @@ from pathlib import Path
 from cryoorient_ray.config import RunConfig
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_write_text
-from cryoorient_ray.plots import (
-    plot_distance_scatter,
-    plot_training_curves,
-)
-from cryoorient_ray.stages.base import (
-    MODEL_NAME,
-    StageResult,
-    _ray_nodes_metric,
-    run_standalone,
-    store_path_for,
-)
+from cryoorient_ray.plots import plot_distance_scatter, plot_training_curves
+from cryoorient_ray.stages.base import MODEL_NAME, StageResult, _ray_nodes_metric, run_standalone, store_path_for
 from cryoorient_ray.stages.simulate import stage_simulate
 
 log = logging.getLogger(__name__)
