@@ -36,7 +36,7 @@ def main() -> None:
     from cryoorient_ray.config import RayConfig, TrainConfig, load_config
     from cryoorient_ray.distributed.runtime import init_ray
     from cryoorient_ray.distributed.simulate_tasks import simulate_store
-    from cryoorient_ray.distributed.train_workers import train_distance
+    from cryoorient_ray.distributed.train_workers import TrainJob, train_distance
 
     init_ray(RayConfig(num_cpus=max(4, os.cpu_count() or 1)))
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -65,7 +65,7 @@ def main() -> None:
             model={"channels": [16, 32, 64], "n_features": 32},
         )
         t0 = time.perf_counter()
-        train_distance(cfg, [str(work / "store.zarr")], work / pairing)
+        train_distance(TrainJob(cfg, [str(work / "store.zarr")], work / pairing))
         history = json.loads((work / pairing / "history.json").read_text())
         rates = [h["pairs_per_second_per_worker"] for h in history[1:]] or [history[0]["pairs_per_second_per_worker"]]
         results.append(

@@ -707,7 +707,7 @@ def tune_report(
     ] = None,
 ) -> None:
     """Summarise a search (finished or interrupted): L_DE per trial, L_DE vs n_f, the trial table, best_config.yaml."""
-    from cryoorient_ray.distributed.tune_trials import write_tune_report
+    from cryoorient_ray.stages.tune import write_tune_report
 
     _print_tune_report(write_tune_report(experiment, out))
 

@@ -188,7 +188,7 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(2, ge=1, description="Ray Train workers")
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional, so Ray Data read tasks are not starved")
-    mixed_precision: bool = Field(True, description="bf16/fp16 autocast on GPU")
+    mixed_precision: bool = Field(True, description="bf16 autocast on CUDA")
     max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
     model: ModelConfig = Field(default_factory=ModelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

@@ -269,25 +269,14 @@ def plot_refinement(history: list[dict], path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
-def plot_tune_summary(
-    trials: list[dict], path: str | os.PathLike, metric: str = "val_loss", max_epochs: int = 0, n_features: int = 0
-) -> Path:
-    """A Ray Tune search at a glance, three panels:
+TRIAL_COLOURS = {"complete": "tab:green", "stopped early": "tab:orange", "error": "tab:red", "unfinished": "tab:gray"}
 
-    1. the metric (validation L_DE) per epoch of every trial: ASHA's early stops show as short curves;
-    2. each trial's best L_DE, best first, coloured by status (complete, stopped early, error, unfinished);
-    3. best L_DE against n_f as a box plot per n_f with the trials as points (the paper's Figure 17b).
 
-    ``trials`` are records of :func:`cryoorient_ray.distributed.tune_trials.collect_trials` (keys
-    ``trial_id, params, curve, best, status``); ``n_features`` is the n_f of trials that did not search it.
-    """
-    colours = {"complete": "tab:green", "stopped early": "tab:orange", "error": "tab:red", "unfinished": "tab:gray"}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    ax = axes[0]
+def _plot_trial_curves(ax, trials: list[dict], metric: str, max_epochs: int) -> None:
     for t in trials:
         if t["curve"]:
             xs = np.arange(1, len(t["curve"]) + 1)
-            ax.plot(xs, t["curve"], marker="o", ms=3, color=colours.get(t["status"], "k"), alpha=0.7)
+            ax.plot(xs, t["curve"], marker="o", ms=3, color=TRIAL_COLOURS.get(t["status"], "k"), alpha=0.7)
     if max_epochs:
         ax.set_xlim(0.5, max_epochs + 0.5)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -296,16 +285,15 @@ def plot_tune_summary(
     ax.set_yscale("log")
     ax.set_title("L_DE per epoch of every trial")
     ax.grid(True, alpha=0.3)
-    handles = [plt.Line2D([], [], color=c, marker="o", label=s) for s, c in colours.items()]
+    handles = [plt.Line2D([], [], color=c, marker="o", label=s) for s, c in TRIAL_COLOURS.items()]
     ax.legend(handles=[h for h in handles if any(t["status"] == h.get_label() for t in trials)], fontsize=8)
 
-    ax = axes[1]
-    done = [t for t in trials if t["best"] is not None]
-    done = sorted(done, key=lambda t: t["best"])
+
+def _plot_trial_bests(ax, done: list[dict], metric: str) -> None:
     ax.bar(
         np.arange(len(done)),
         [t["best"] for t in done],
-        color=[colours.get(t["status"], "k") for t in done],
+        color=[TRIAL_COLOURS.get(t["status"], "k") for t in done],
     )
     ax.set_xticks(np.arange(len(done)), [t["trial_id"][-5:] for t in done], rotation=60, fontsize=7)
     ax.set_xlabel("trial")
@@ -313,7 +301,8 @@ def plot_tune_summary(
     ax.set_title("best L_DE per trial")
     ax.grid(True, axis="y", alpha=0.3)
 
-    ax = axes[2]
+
+def _plot_best_vs_n_features(ax, done: list[dict], metric: str, n_features: int) -> None:
     by_nf: dict[int, list[float]] = {}
     for t in done:
         nf = int(t["params"].get("train.model.n_features", n_features))
@@ -329,4 +318,23 @@ def plot_tune_summary(
     ax.set_ylabel(f"best {metric} (rad²)")
     ax.set_title("L_DE vs n_f (paper Fig. 17b)")
     ax.grid(True, axis="y", alpha=0.3)
+
+
+def plot_tune_summary(
+    trials: list[dict], path: str | os.PathLike, metric: str = "val_loss", max_epochs: int = 0, n_features: int = 0
+) -> Path:
+    """A Ray Tune search at a glance, three panels:
+
+    1. the metric (validation L_DE, rad²) per epoch of every trial: ASHA's early stops show as short curves;
+    2. each trial's best L_DE, best first, coloured by status (complete, stopped early, error, unfinished);
+    3. best L_DE against n_f as a box plot per n_f with the trials as points (the paper's Figure 17b).
+
+    ``trials`` are records of :func:`cryoorient_ray.stages.tune.collect_trials` (keys
+    ``trial_id, params, curve, best, status``); ``n_features`` is the n_f of trials that did not search it.
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    done = sorted((t for t in trials if t["best"] is not None), key=lambda t: t["best"])
+    _plot_trial_curves(axes[0], trials, metric, max_epochs)
+    _plot_trial_bests(axes[1], done, metric)
+    _plot_best_vs_n_features(axes[2], done, metric, n_features)
     return _save(fig, path)

@@ -32,7 +32,8 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _img(path: Path) -> str:
+def png_to_img_tag(path: Path) -> str:
+    """An ``<img>`` tag with the PNG file at ``path`` embedded (base64), for self-contained pages."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
 
@@ -76,7 +77,9 @@ def write_report(out: Path, summary: dict) -> Path:
         if sec != section:
             parts.append(f"<h2>{html.escape(sec)}</h2>")
             section = sec
-        parts.append(f"<figure>{_img(path)}<figcaption class='cap'>{html.escape(caption)}</figcaption></figure>")
+        parts.append(
+            f"<figure>{png_to_img_tag(path)}<figcaption class='cap'>{html.escape(caption)}</figcaption></figure>"
+        )
     parts.append("<h2>Stages and timings</h2>")
     parts.append(_metrics_table(summary.get("stages", [])))
     parts.append("<h2>summary.json</h2><pre>" + html.escape(json.dumps(summary, indent=2)) + "</pre>")

@@ -53,3 +53,20 @@ def test_pair_stream_is_uniform_symmetric_and_split_disjoint(ray_local, tmp_path
     # and the flattening really changed the law: for uniform D2 orientations about 4.5 % of pairs
     # fall below 0.6 rad; flattened over the reachable [0, ~2.1] it is about 29 %
     assert 0.25 < np.mean(d < 0.6) < 0.33
+
+
+def test_pair_reader_is_seeded_and_stays_within_split_and_protein(tmp_path):
+    """The per-shard pair reader on its own (what each Ray Data read task runs), without Ray."""
+    from cryoorient_ray.distributed.data import PairSampling, _make_pairs_batch, shard_descriptors
+
+    store = make_store(tmp_path / "s.zarr", n_per_protein=80, shard_size=40, heldout=("b",))
+    items = shard_descriptors([tmp_path / "s.zarr"], "val", "seen")
+    batch = {k: np.array([it[k] for it in items]) for k in items[0]}
+    sampling = PairSampling("val", "seen", pairs_per_shard=30, n_bins=8, seed=3, max_candidates=10_000)
+    a, b = _make_pairs_batch(batch, sampling), _make_pairs_batch(batch, sampling)
+    assert all(np.array_equal(a[k], b[k]) for k in a) and len(a["distance"]) == 30 * len(items)
+    meta = store.read_metadata()
+    assert np.all(meta["split"][a["index_i"]] == 1) and np.all(meta["split"][a["index_j"]] == 1)
+    assert np.all(meta["protein"][a["index_i"]] == 0) and np.all(meta["protein"][a["index_j"]] == 0)
+    fresh = _make_pairs_batch(batch, PairSampling("val", "seen", 30, 8, None, 10_000))
+    assert not np.array_equal(fresh["index_i"], a["index_i"])  # seed None: fresh pairs each time

@@ -226,3 +226,21 @@ def test_simulate_every_shared_model_into_one_store(ray_local, shared_data, tmp_
     assert store.is_complete and len(store.proteins) == len(models)
     assert np.bincount(store.read_metadata(names=["protein"])["protein"]).tolist() == [4] * len(models)
     assert len({p["name"] for p in store.proteins}) == len(models)
+
+
+def test_shard_render_settings_carry_the_optics_only_with_ctf(tmp_path):
+    import dataclasses
+    import pickle
+
+    from cryoorient_ray.distributed.simulate_tasks import ShardRenderSettings, shard_render_settings
+    from tests.helpers import make_store
+
+    store = make_store(tmp_path / "s.zarr")
+    plain = load_config(None, None, ["simulate.noise.snr_db=-6", "simulate.backend=torch"]).simulate
+    s = shard_render_settings(plain, 5, store, "somewhere.zarr")
+    assert s == ShardRenderSettings("somewhere.zarr", 5, store.pixel_size, "torch", -6.0, None)
+    assert pickle.loads(pickle.dumps(s)) == s  # what Ray sends to each shard task
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.seed = 6  # type: ignore[misc]
+    ctf = load_config(None, None, ["simulate.ctf.enabled=true", "simulate.ctf.voltage=200"]).simulate
+    assert shard_render_settings(ctf, 0, store, "x").ctf == {"voltage": 200.0, "cs": 2.7, "amplitude_contrast": 0.1}

@@ -31,12 +31,13 @@ def two_protein_store(ray_local, tmp_path_factory):
 
 
 def test_train_two_workers_kill_one_and_resume(two_protein_store, tmp_path):
-    from cryoorient_ray.distributed.train_workers import train_distance
+    from cryoorient_ray.distributed.train_workers import FaultInjection, TrainJob, train_distance
 
     # small batches: the tiny store gives each worker only ~30 training images per shard
     cfg = TrainConfig(epochs=6, batch_size=16, lr=5e-3, val_pairs_per_shard=150, num_workers=2, model=TINY_MODEL)
     marker = tmp_path / "killed"
-    summary = train_distance(cfg, [two_protein_store], tmp_path, fault_injection={"epoch": 2, "marker": str(marker)})
+    fault = FaultInjection(epoch=2, marker=str(marker))
+    summary = train_distance(TrainJob(cfg, [two_protein_store], tmp_path, fault_injection=fault))
     history = json.loads((tmp_path / "history.json").read_text())
     assert marker.read_text().startswith("killed at epoch 2")  # a worker really died
     assert [h["epoch"] for h in history] == list(range(6))  # no epoch repeated or lost
@@ -162,3 +163,56 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert all(a >= b - 1e-12 for a, b in zip(f[warm:], f[warm + 1 :], strict=False))  # then never rises
     assert abs(f[total] - 0.01) < 1e-9 and abs(f[-1] - 0.01) < 1e-9  # floor, also past the estimate
     assert lr_factor(10, total, "constant") == 1.0 and lr_factor(10, 0, "cosine") == 1.0
+
+
+def test_worker_settings_cross_to_the_worker_as_a_plain_dict(tmp_path):
+    """The driver's WorkerSettings go through train_loop_config as plain data and come back equal."""
+    import dataclasses
+    import pickle
+
+    from cryoorient_ray.core.learning.model import SiameseSpec
+    from cryoorient_ray.distributed.train_workers import (
+        Augmentation,
+        FaultInjection,
+        TrainJob,
+        WorkerSettings,
+        open_training_stores,
+        worker_settings,
+    )
+    from cryoorient_ray.io.store import ProjectionStore
+    from tests.helpers import make_store
+
+    make_store(tmp_path / "a.zarr", n_per_protein=100, size=16, shard_size=50, heldout=("b",), symmetry="D2")
+    make_store(tmp_path / "b.zarr", n_per_protein=60, proteins=("c",), size=16, shard_size=50)
+    stores = [str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")]
+    cfg = TrainConfig(epochs=3, batch_size=8, num_workers=2, model=TINY_MODEL, augment={"max_shift": 2})
+    spec = SiameseSpec(**cfg.model.model_dump())
+    job = TrainJob(cfg, stores, tmp_path / "run", seed=4, fault_injection=FaultInjection(epoch=1, marker="m"))
+    settings = worker_settings(job, open_training_stores(stores, spec))
+    plain = dataclasses.asdict(settings)
+    assert not any(dataclasses.is_dataclass(v) for v in plain.values())  # nested settings as dicts too
+    assert WorkerSettings(**pickle.loads(pickle.dumps(plain))) == settings
+    assert settings.lr_schedule == "cosine" == TrainConfig().lr_schedule  # the config's default, not another
+    assert settings.model == spec and settings.augment == Augmentation(snr_db=None, max_shift=2)
+    assert settings.fault_injection == FaultInjection(1, "m", rank=0, delay_s=6.0)
+    assert settings.symmetry == {0: "D2", 1: "D2", 100_000: "C1"} and settings.has_heldout
+    # train rows of the seen proteins (a: ~50, c: ~30) over batch 8 × 2 workers, per epoch
+    seen = sum(len(ProjectionStore.open(s).select_rows(split="train", proteins="seen")) for s in stores)
+    assert settings.total_steps == int(np.ceil(seen / 16)) * 3
+    assert settings.threads == 1 and settings.progress_file == str((tmp_path / "run" / "progress.jsonl").resolve())
+
+
+def test_training_stores_are_checked_before_ray(tmp_path):
+    from cryoorient_ray.core.learning.model import SiameseSpec
+    from cryoorient_ray.distributed.train_workers import open_training_stores
+    from cryoorient_ray.errors import CryoOrientError
+    from tests.helpers import make_store
+
+    make_store(tmp_path / "s.zarr", size=16)
+    with pytest.raises(CryoOrientError, match="no projection store"):
+        open_training_stores([], SiameseSpec(**TINY_MODEL))
+    with pytest.raises(CryoOrientError, match="need at least 32"):
+        open_training_stores([str(tmp_path / "s.zarr")], SiameseSpec(channels=[4, 4, 4, 4, 4]))
+    make_store(tmp_path / "partial.zarr", size=16, write_shards=False)
+    with pytest.raises(CryoOrientError, match="is incomplete"):
+        open_training_stores([str(tmp_path / "partial.zarr")], SiameseSpec(**TINY_MODEL))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import yaml
@@ -202,7 +203,7 @@ def test_bad_tune_input_is_one_line(tmp_path):
 
 def test_best_run_config_round_trips_through_yaml(tmp_path):
     from cryoorient_ray.config import RunConfig, dump_config
-    from cryoorient_ray.distributed.tune_trials import best_run_config
+    from cryoorient_ray.stages.tune import best_run_config
 
     base = RunConfig(train=TrainConfig(epochs=7, lr=1e-3))
     trial = {"params": {"train.lr": 0.02, "train.model.channels": [8, 16], "train.model.head": "so3"}}
@@ -212,3 +213,57 @@ def test_best_run_config_round_trips_through_yaml(tmp_path):
     assert loaded.train.lr == 0.02 and loaded.train.model.channels == [8, 16] and loaded.train.model.head == "so3"
     assert loaded.train.epochs == 7 and loaded.train.stores == ["/data/store.zarr"] and loaded.stamp is None
     assert yaml.safe_load((tmp_path / "b.yaml").read_text())["output_dir"] == str(tmp_path / "best")
+
+
+def _fake_experiment(exp):
+    """An experiment folder as Tune leaves it, written by hand: four trials, one per status."""
+    from cryoorient_ray.config import write_stamped_config
+
+    exp.mkdir()
+    cfg = load_config(None, sets=["train.epochs=3", "train.stores=[/data/s.zarr]"])
+    write_stamped_config(cfg, exp, ["cryoorient", "tune"])
+    (exp / "tune_space.yaml").write_text("parameters:\n  train.lr: {grid: [0.1, 0.2]}\n")
+    trials = {  # params, val_loss per epoch, Tune's status, exported model
+        "a1": ({"train.lr": 0.005, "train.model.n_features": 8}, [0.9, 0.5, 0.4], "TERMINATED", True),
+        "b2": ({"train.lr": 1e-7, "train.model.n_features": 16}, [1.2], "TERMINATED", False),
+        "c3": ({"train.lr": 0.003, "train.model.n_features": 16}, [1.0, 0.45], "RUNNING", False),
+        "d4": ({"train.lr": 0.3, "train.model.n_features": 8}, [], "ERROR", False),
+    }
+    state = {"trial_data": []}
+    for tid, (params, curve, status, done) in trials.items():
+        d = exp / f"trial_{tid}"
+        d.mkdir()
+        (d / "params.json").write_text(json.dumps(params))
+        lines = [json.dumps({"val_loss": v, "training_iteration": i + 1}) for i, v in enumerate(curve)]
+        (d / "result.json").write_text("\n".join(lines) + '\n{"val_loss": 0.1, "trai')  # a line cut short
+        if done:
+            (d / "train").mkdir()
+            (d / "train" / "model.pt").write_bytes(b"x")
+        state["trial_data"].append([json.dumps({"trial_id": tid, "status": status}), "{}"])
+    (exp / "experiment_state-2026.json").write_text(json.dumps(state))
+
+
+def test_report_of_an_experiment_folder_needs_no_ray(tmp_path):
+    from cryoorient_ray.stages.tune import write_tune_report
+
+    _fake_experiment(tmp_path / "exp")
+    report = write_tune_report(tmp_path / "exp", tmp_path / "rep")
+    assert report["status"] == {"complete": 1, "stopped early": 1, "error": 1, "unfinished": 1}
+    assert report["best"]["trial_id"] == "a1" and report["best"]["best"] == 0.4 and report["best"]["best_epoch"] == 3
+    with open(tmp_path / "rep" / "trials.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [row["trial_id"] for row in table] == ["a1", "c3", "b2", "d4"]  # best first, no result last
+    html = (tmp_path / "rep" / "tune_report.html").read_text()
+    assert html.count("<tr>") == 5 and "data:image/png;base64," in html
+    best = load_config(tmp_path / "rep" / "best_config.yaml")
+    assert best.train.lr == 0.005 and best.train.model.n_features == 8 and best.train.stores == ["/data/s.zarr"]
+
+
+def test_the_ray_layer_has_no_plotting_or_html():
+    from pathlib import Path
+
+    import cryoorient_ray.distributed as distributed
+
+    pattern = re.compile(r"^\s*(from|import) (cryoorient_ray\.(plots|report)|matplotlib|html)\b", re.M)
+    offenders = [p.name for p in Path(distributed.__file__).parent.glob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 
 from cryoorient_ray.core.learning.pairs import candidate_pairs, pair_distances, uniform_resample
 from cryoorient_ray.errors import CryoOrientError
-from cryoorient_ray.io.store import ProjectionStore, split_codes
+from cryoorient_ray.io.store import ProjectionStore
 
 
 def shard_descriptors(
@@ -42,16 +43,18 @@ def shard_descriptors(
     return out
 
 
-def _read_rows(store: ProjectionStore, shard: int, codes: list[int], proteins: str) -> dict:
+def _read_rows(store: ProjectionStore, shard: int, splits: str | Sequence[str], proteins: str) -> dict:
+    """The rows of one completed shard in ``splits`` of the ``proteins`` set (:meth:`ProjectionStore.select_rows`)."""
     data = store.read_shard(shard)
-    keep = np.isin(data["split"], codes) & store.protein_mask(proteins)[np.clip(data["protein"], 0, None)]
+    start, _ = store.shard_range(shard)
+    keep = store.select_rows(split=splits, proteins=proteins, rows=data["index"]) - start
     return {k: v[keep] for k, v in data.items()}
 
 
-def _read_batch(batch: dict, codes: list[int], proteins: str, shuffle: bool = False) -> dict:
+def _read_batch(batch: dict, splits: str | Sequence[str], proteins: str, shuffle: bool = False) -> dict:
     out: dict[str, list] = {}
     for path, sid, shard in zip(batch["store"], batch["store_id"], batch["shard"], strict=True):
-        rows = _read_rows(ProjectionStore.open(str(path)), int(shard), codes, proteins)
+        rows = _read_rows(ProjectionStore.open(str(path)), int(shard), splits, proteins)
         if shuffle:  # a fresh order every time the dataset is iterated (every epoch)
             order = np.random.default_rng().permutation(len(rows["index"]))
             rows = {k: v[order] for k, v in rows.items()}
@@ -77,7 +80,7 @@ def sample_dataset(
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
         _read_batch,
-        fn_kwargs={"codes": split_codes(splits), "proteins": proteins, "shuffle": shuffle},
+        fn_kwargs={"splits": splits, "proteins": proteins, "shuffle": shuffle},
         batch_size=1,
         num_cpus=num_cpus,
     )
@@ -86,45 +89,56 @@ def sample_dataset(
 PAIR_COLUMNS = ("image_i", "image_j", "distance", "protein", "index_i", "index_j", "store_id")
 
 
-def _make_pairs_batch(
-    batch: dict,
-    codes: list[int],
-    proteins: str,
-    pairs_per_shard: int | None,
-    n_bins: int,
-    seed: int | None,
-    max_candidates: int,
-) -> dict:
+@dataclass(frozen=True)
+class PairSampling:
+    """How the pairs of each shard are drawn (the arguments of :func:`pair_dataset`)."""
+
+    split: str
+    proteins: str
+    pairs_per_shard: int | None
+    n_bins: int
+    seed: int | None
+    max_candidates: int
+
+
+def _shard_pairs(store: ProjectionStore, sid: int, shard: int, sampling: PairSampling) -> dict | None:
+    """Pairs of one shard (columns of :data:`PAIR_COLUMNS`), or None when it has no candidate pair."""
+    rows = _read_rows(store, shard, sampling.split, sampling.proteins)
+    # seed None: fresh pairs every time the dataset is iterated (every training epoch)
+    seed = sampling.seed
+    rng = np.random.default_rng() if seed is None else np.random.default_rng([seed, sid, shard])
+    # candidates: same protein and same split, so train/val/test pairs stay disjoint
+    group = rows["protein"].astype(np.int64) * 8 + rows["split"].astype(np.int64)
+    i, j = candidate_pairs(group, sampling.max_candidates, rng)
+    if len(i) == 0:
+        return None
+    d = pair_distances(rows["quaternion"], i, j, rows["protein"], store.symmetries())
+    if np.isnan(d).any():
+        raise CryoOrientError(f"{store.path}: training pairs need true orientations, and this store has none")
+    n = sampling.pairs_per_shard or len(rows["index"])
+    n_bins = sampling.n_bins
+    pick = uniform_resample(d, n, n_bins, rng) if n_bins else rng.choice(len(d), n, replace=n > len(d))
+    i, j = i[pick], j[pick]
+    return {
+        "image_i": rows["images"][i],
+        "image_j": rows["images"][j],
+        "distance": d[pick].astype(np.float32),
+        "protein": rows["protein"][i].astype(np.int32),
+        "index_i": rows["index"][i].astype(np.int64),
+        "index_j": rows["index"][j].astype(np.int64),
+        "store_id": np.full(len(i), sid, dtype=np.int32),
+    }
+
+
+def _make_pairs_batch(batch: dict, sampling: PairSampling) -> dict:
     outs = []
     size = 0
     for path, sid, shard in zip(batch["store"], batch["store_id"], batch["shard"], strict=True):
         store = ProjectionStore.open(str(path))
         size = store.image_size
-        rows = _read_rows(store, int(shard), codes, proteins)
-        # seed None: fresh pairs every time the dataset is iterated (every training epoch)
-        rng = np.random.default_rng() if seed is None else np.random.default_rng([seed, int(sid), int(shard)])
-        # candidates: same protein and same split, so train/val/test pairs stay disjoint
-        group = rows["protein"].astype(np.int64) * 8 + rows["split"].astype(np.int64)
-        i, j = candidate_pairs(group, max_candidates, rng)
-        if len(i) == 0:
-            continue
-        d = pair_distances(rows["quaternion"], i, j, rows["protein"], store.symmetries())
-        if np.isnan(d).any():
-            raise CryoOrientError(f"{path}: training pairs need true orientations, and this store has none")
-        n = pairs_per_shard or len(rows["index"])
-        pick = uniform_resample(d, n, n_bins, rng) if n_bins else rng.choice(len(d), n, replace=n > len(d))
-        i, j = i[pick], j[pick]
-        outs.append(
-            {
-                "image_i": rows["images"][i],
-                "image_j": rows["images"][j],
-                "distance": d[pick].astype(np.float32),
-                "protein": rows["protein"][i].astype(np.int32),
-                "index_i": rows["index"][i].astype(np.int64),
-                "index_j": rows["index"][j].astype(np.int64),
-                "store_id": np.full(len(i), int(sid), dtype=np.int32),
-            }
-        )
+        pairs = _shard_pairs(store, int(sid), int(shard), sampling)
+        if pairs is not None:
+            outs.append(pairs)
     if not outs:
         empty = {k: np.zeros(0, np.int64) for k in PAIR_COLUMNS}
         empty.update(image_i=np.zeros((0, size, size), np.float32), image_j=np.zeros((0, size, size), np.float32))
@@ -159,12 +173,5 @@ def pair_dataset(
         raise CryoOrientError(f"n_bins must be >= 0, got {n_bins}")
     items = shard_descriptors(stores, split, proteins)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    kwargs = {
-        "codes": split_codes(split),
-        "proteins": proteins,
-        "pairs_per_shard": pairs_per_shard,
-        "n_bins": n_bins,
-        "seed": seed,
-        "max_candidates": max_candidates,
-    }
-    return ds.map_batches(_make_pairs_batch, fn_kwargs=kwargs, batch_size=1, num_cpus=num_cpus)
+    sampling = PairSampling(split, proteins, pairs_per_shard, n_bins, seed, max_candidates)
+    return ds.map_batches(_make_pairs_batch, fn_kwargs={"sampling": sampling}, batch_size=1, num_cpus=num_cpus)

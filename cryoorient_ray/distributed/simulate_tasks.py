@@ -111,38 +111,74 @@ def _prepare_map_task(source: str, voxel_size: float | None, resolution: float |
     return prepared.data.astype(np.float32), float(prepared.voxel_size)
 
 
+@dataclass(frozen=True)
+class ShardRenderSettings:
+    """What every shard's Ray task needs besides its shard index and the maps of its proteins.
+
+    Attributes:
+        store_path: the store being written (local path or URL).
+        seed: the run's seed; shard ``k`` draws its noise from ``seed * 1_000_003 + k``.
+        pixel_size: Å per pixel (the maps' voxel size).
+        backend: projector backend (:func:`cryoorient_ray.core.imaging.projection.make_projector`).
+        snr_db: per-image SNR of the added Gaussian noise (dB); None = noiseless.
+        ctf: microscope optics ``{"voltage": kV, "cs": mm, "amplitude_contrast": Q0}`` when the
+            CTF is applied (defoci come from each row's metadata), else None.
+    """
+
+    store_path: str
+    seed: int
+    pixel_size: float
+    backend: str
+    snr_db: float | None
+    ctf: dict | None
+
+
+def shard_render_settings(sim: SimulateConfig, seed: int, store: ProjectionStore, path: str) -> ShardRenderSettings:
+    optics = {"voltage": sim.ctf.voltage, "cs": sim.ctf.cs, "amplitude_contrast": sim.ctf.amplitude_contrast}
+    return ShardRenderSettings(
+        store_path=path,
+        seed=seed,
+        pixel_size=store.pixel_size,
+        backend=sim.backend,
+        snr_db=sim.noise.snr_db,
+        ctf=optics if sim.ctf.enabled else None,
+    )
+
+
 @ray.remote(num_cpus=1)
-def _render_shard_task(store_path: str, shard: int, volume_refs: dict, settings: dict) -> tuple[int, float, str]:
-    """Render and write one shard; returns ``(shard, seconds, node id)``."""
+def _render_shard_task(settings: ShardRenderSettings, shard: int, volume_refs: dict) -> tuple[int, float, str]:
+    """Render and write one shard (one CPU, one torch thread); returns ``(shard, seconds, node id)``.
+
+    ``volume_refs``: object refs of the ``(L, L, L)`` maps of the proteins in the shard, by protein index.
+    """
     import torch
 
     from cryoorient_ray.core.imaging.forward import render_projections
     from cryoorient_ray.core.imaging.projection import make_projector
 
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, int(settings.get("threads", 1))))
-    store = ProjectionStore.open(store_path, mode="r+")
+    torch.set_num_threads(1)
+    store = ProjectionStore.open(settings.store_path, mode="r+")
     start, stop = store.shard_range(shard)
     meta = store.read_metadata(slice(start, stop))
     size = store.image_size
     images = np.zeros((stop - start, size, size), dtype=np.float32)
     noise_var = np.zeros(stop - start, dtype=np.float32)
-    generator = torch.Generator().manual_seed(int(settings["seed"]) * 1_000_003 + int(shard))
-    ctf = settings.get("ctf")
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + int(shard))
     for protein in np.unique(meta["protein"]):
         rows = np.flatnonzero(meta["protein"] == protein)
         volume = np.array(ray.get(volume_refs[int(protein)]))  # a writable copy of the shared map
-        projector = make_projector(torch.as_tensor(volume), backend=settings["backend"])
+        projector = make_projector(torch.as_tensor(volume), backend=settings.backend)
         imgs, nv = render_projections(
             volume,
             meta["quaternion"][rows],
             meta["shift"][rows],
-            pixel_size=settings["pixel_size"],
-            ctf=ctf,
+            pixel_size=settings.pixel_size,
+            ctf=settings.ctf,
             defocus_u=meta["defocus_u"][rows],
             defocus_v=meta["defocus_v"][rows],
             defocus_angle=meta["defocus_angle"][rows],
-            snr_db=settings.get("snr_db"),
+            snr_db=settings.snr_db,
             generator=generator,
             projector=projector,
         )
@@ -210,23 +246,22 @@ def _settings_fingerprint(sim: SimulateConfig, seed: int) -> tuple[dict, str]:
     return cfg, config_hash(cfg)
 
 
-def _build_store(
-    path: str, sim: SimulateConfig, seed: int, fingerprint: tuple[dict, str], progress: bool, cache_dir
-) -> ProjectionStore:
-    entries = resolve_inputs(sim)
-    entries, volumes, pixel_size = _prepare_maps(entries, sim, cache_dir, progress)
+def _ctf_ranges(sim: SimulateConfig) -> dict | None:
+    """Defocus and astigmatism ranges (Å) the parameters are drawn from, None without CTF."""
+    if not sim.ctf.enabled:
+        return None
+    return {
+        "defocus_min": sim.ctf.defocus_min,
+        "defocus_max": sim.ctf.defocus_max,
+        "astigmatism_max": sim.ctf.astigmatism_max,
+    }
+
+
+def _projection_metadata(sim: SimulateConfig, seed: int, n_proteins: int) -> dict[str, np.ndarray]:
+    """Every projection's parameters, ``n_per_map`` rows per protein in protein order (deterministic for the seed)."""
     n = sim.n_per_map
     parts = []
-    ctf_ranges = (
-        {
-            "defocus_min": sim.ctf.defocus_min,
-            "defocus_max": sim.ctf.defocus_max,
-            "astigmatism_max": sim.ctf.astigmatism_max,
-        }
-        if sim.ctf.enabled
-        else None
-    )
-    for k in range(len(entries)):
+    for k in range(n_proteins):
         p = sample_projection_parameters(
             n,
             seed,
@@ -235,17 +270,23 @@ def _build_store(
             coverage=sim.orientations.coverage,
             max_shift=sim.shifts.max_shift,
             shift_distribution=sim.shifts.distribution,
-            ctf=ctf_ranges,
+            ctf=_ctf_ranges(sim),
             split_fractions=sim.splits.fractions(),
         )
         p["protein"] = np.full(n, k, dtype=np.int32)
         parts.append(p)
-    metadata = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _manifest(
+    sim: SimulateConfig, entries: list[ProteinEntry], fingerprint: tuple[dict, str], pixel_size: float
+) -> dict:
+    n = sim.n_per_map
     proteins = [
         {"name": e.name, "source": e.source, "symmetry": e.symmetry, "heldout": e.heldout, "start": k * n, "count": n}
         for k, e in enumerate(entries)
     ]
-    manifest = {
+    return {
         "config": fingerprint[0],
         "config_hash": fingerprint[1],
         "pixel_size": pixel_size,
@@ -255,12 +296,22 @@ def _build_store(
         "ctf_applied": sim.ctf.enabled,
         "source": "simulated",
     }
+
+
+def _build_store(
+    path: str, sim: SimulateConfig, seed: int, fingerprint: tuple[dict, str], progress: bool, cache_dir
+) -> ProjectionStore:
+    """The store skeleton (maps, metadata, no images), written into a temporary folder and moved
+    into place (local stores), so a store at the final path always has its maps and metadata."""
+    entries, volumes, pixel_size = _prepare_maps(resolve_inputs(sim), sim, cache_dir, progress)
+    metadata = _projection_metadata(sim, seed, len(entries))
+    manifest = _manifest(sim, entries, fingerprint, pixel_size)
     local = not is_url(path)
     target = Path(path)
     build_path = str(target.with_name(f".{target.name}.creating-{os.getpid()}")) if local else path
     if local and Path(build_path).exists():
         shutil.rmtree(build_path)
-    store = ProjectionStore.create(build_path, manifest, n * len(entries), sim.image_size, sim.shard_size)
+    store = ProjectionStore.create(build_path, manifest, len(metadata["protein"]), sim.image_size, sim.shard_size)
     for k, vol in enumerate(volumes):
         store.write_volume(k, vol)
     store.write_metadata(metadata)
@@ -268,6 +319,46 @@ def _build_store(
         os.replace(build_path, target)
         store = ProjectionStore.open(target, mode="r+")
     return store
+
+
+def _open_or_build(path: str, sim: SimulateConfig, seed: int, progress: bool, cache_dir) -> ProjectionStore:
+    """The store at ``path`` to resume (same config only), or a new skeleton."""
+    fingerprint = _settings_fingerprint(sim, seed)
+    if not store_exists(path):
+        return _build_store(path, sim, seed, fingerprint, progress, cache_dir)
+    store = ProjectionStore.open(path, mode="r+")
+    if store.manifest.get("config_hash") != fingerprint[1]:
+        raise CryoOrientError(f"{path} exists and was made with a different config; choose another output or delete it")
+    log.info("resuming %s: %d/%d shards already done", path, store.done_shards().sum(), store.n_shards)
+    return store
+
+
+def _render_shards(
+    store: ProjectionStore, settings: ShardRenderSettings, todo: list[int], progress: bool, limit: int
+) -> None:
+    """The ``todo`` shards as Ray tasks, at most ``limit`` in flight, each given only its proteins' maps."""
+    volume_refs = {k: ray.put(store.read_volume(k)) for k in range(len(store.manifest["proteins"]))}
+    shard_proteins = store.group["protein"]
+    queue = list(todo)
+    in_flight: dict = {}
+    with _progress(progress) as bar:
+        task = bar.add_task("rendering shards", total=store.n_shards, completed=store.n_shards - len(todo))
+        while queue or in_flight:
+            while queue and len(in_flight) < limit:
+                k = queue.pop(0)
+                start, stop = store.shard_range(k)
+                used = {int(p) for p in np.unique(shard_proteins[start:stop])}
+                refs = {p: volume_refs[p] for p in used}
+                in_flight[_render_shard_task.remote(settings, k, refs)] = k
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            shard = in_flight.pop(done[0])
+            try:
+                record_nodes("simulate", [ray.get(done[0])[2]])
+            except Exception as exc:
+                for r in in_flight:
+                    ray.cancel(r)
+                raise _unwrap(exc, f"shard {shard}") from None
+            bar.advance(task)
 
 
 def simulate_store(
@@ -278,56 +369,16 @@ def simulate_store(
     cache_dir: str | os.PathLike | None = None,
     max_in_flight: int | None = None,
 ) -> ProjectionStore:
-    """Create (or finish) the projection store at ``path`` for ``sim``. Ray must be initialised."""
-    path = str(path)
-    fingerprint = _settings_fingerprint(sim, seed)
-    if store_exists(path):
-        store = ProjectionStore.open(path, mode="r+")
-        if store.manifest.get("config_hash") != fingerprint[1]:
-            raise CryoOrientError(
-                f"{path} exists and was made with a different config; choose another output or delete it"
-            )
-        log.info("resuming %s: %d/%d shards already done", path, store.done_shards().sum(), store.n_shards)
-    else:
-        store = _build_store(path, sim, seed, fingerprint, progress, cache_dir)
+    """Create (or finish) the projection store at ``path`` for ``sim``. Ray must be initialised.
 
-    todo = np.flatnonzero(~store.done_shards())
-    if len(todo):
-        proteins = store.manifest["proteins"]
-        volume_refs = {k: ray.put(store.read_volume(k)) for k in range(len(proteins))}
-        settings = {
-            "seed": seed,
-            "pixel_size": store.pixel_size,
-            "backend": sim.backend,
-            "snr_db": sim.noise.snr_db,
-            "ctf": (
-                {"voltage": sim.ctf.voltage, "cs": sim.ctf.cs, "amplitude_contrast": sim.ctf.amplitude_contrast}
-                if sim.ctf.enabled
-                else None
-            ),
-        }
-        shard_proteins = store.group["protein"]
+    ``max_in_flight``: shard tasks submitted at once (default: twice the available CPUs, at least 2).
+    """
+    path = str(path)
+    store = _open_or_build(path, sim, seed, progress, cache_dir)
+    todo = [int(k) for k in np.flatnonzero(~store.done_shards())]
+    if todo:
         limit = max_in_flight or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
-        queue = list(int(k) for k in todo)
-        in_flight: dict = {}
-        with _progress(progress) as bar:
-            task = bar.add_task("rendering shards", total=store.n_shards, completed=store.n_shards - len(todo))
-            while queue or in_flight:
-                while queue and len(in_flight) < limit:
-                    k = queue.pop(0)
-                    start, stop = store.shard_range(k)
-                    used = {int(p) for p in np.unique(shard_proteins[start:stop])}
-                    refs = {p: volume_refs[p] for p in used}
-                    in_flight[_render_shard_task.remote(path, k, refs, settings)] = k
-                done, _ = ray.wait(list(in_flight), num_returns=1)
-                shard = in_flight.pop(done[0])
-                try:
-                    record_nodes("simulate", [ray.get(done[0])[2]])
-                except Exception as exc:
-                    for r in in_flight:
-                        ray.cancel(r)
-                    raise _unwrap(exc, f"shard {shard}") from None
-                bar.advance(task)
+        _render_shards(store, shard_render_settings(sim, seed, store, path), todo, progress, limit)
     store = ProjectionStore.open(path, mode="r")
     if not store.is_complete:
         raise CryoOrientError(f"{path} is still incomplete after simulation")

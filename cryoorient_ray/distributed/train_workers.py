@@ -1,19 +1,24 @@
 """Data-parallel training of the Siamese distance with Ray Train (TorchTrainer, Train V2 API).
 
-Driver (:func:`train_distance`): builds the Ray Data pair streams (train pairs of proteins seen
-in training, fresh pairs each epoch; fixed validation pairs of seen proteins; validation pairs of
-held-out proteins when the stores have some), starts ``num_workers`` workers, and after the run
-exports the best weights as one file (``model.pt``) that later stages load without Ray.
+Driver (:func:`build_trainer`, :func:`train_distance`): checks the stores, builds the Ray Data
+pair streams (train pairs of proteins seen in training, fresh pairs each epoch; fixed validation
+pairs of seen proteins; validation pairs of held-out proteins when the stores have some) and the
+:class:`WorkerSettings` of the run, starts ``num_workers`` workers, and after the run exports the
+best weights as one file (``model.pt``) that later stages load without Ray.
 
-Worker (:func:`train_loop_per_worker`): ``L_DE = mean |d̂ − d_q|²`` with Adam or RMSprop on its
-shard of the pair stream, metrics summed over workers, a checkpoint every epoch (model,
-optimiser, epoch, history, best weights so far). When a worker dies, Ray Train restarts the
-group (``FailureConfig(max_failures)``) and the loop resumes from the latest checkpoint.
-Rank 0 writes TensorBoard scalars.
+Worker (:func:`train_loop_per_worker`): ``L_DE = mean |d̂ − d_q|²`` (rad²) with Adam or RMSprop
+on its shard of the pair stream, metrics summed over workers, a checkpoint every epoch (model,
+optimiser, epoch, step, history, best weights so far). When a worker dies, Ray Train restarts
+the group (``FailureConfig(max_failures)``) and the loop resumes from the latest checkpoint.
+Rank 0 writes TensorBoard scalars and the progress file.
+
+The worker gets exactly one typed hand-off: :class:`WorkerSettings`, built on the driver from
+the validated :class:`~cryoorient_ray.config.TrainConfig` (:func:`worker_settings`), sent through
+``train_loop_config`` as ``dataclasses.asdict`` and rebuilt with ``WorkerSettings(**config)``.
 
 :func:`build_trainer` and :func:`export_trained_model` are the two halves of
-:func:`train_distance`; each Ray Tune trial (:mod:`cryoorient_ray.distributed.tune_trials`) uses them too,
-so a trial trains exactly as ``cryoorient train`` does.
+:func:`train_distance`; each Ray Tune trial (:mod:`cryoorient_ray.distributed.tune_trials`) uses
+them too, so a trial trains exactly as ``cryoorient train`` does.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +48,99 @@ from cryoorient_ray.io.store import ProjectionStore
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "state.pt"
+GROUP_STRIDE = 100_000  # protein group key of a batch row: store_id * GROUP_STRIDE + protein index
+PROGRESS_FILE = "progress.jsonl"
 
 
-def _augment(images: torch.Tensor, aug: dict, generator: torch.Generator) -> torch.Tensor:
-    if aug.get("max_shift"):
-        m = int(aug["max_shift"])
+# ----------------------------------------------------------------------------- the hand-off
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """On-the-fly augmentation of training images (:class:`~cryoorient_ray.config.AugmentConfig`).
+
+    ``max_shift``: random integer shifts up to this many pixels (zero fill); ``snr_db``: added
+    Gaussian noise at an SNR drawn uniformly in ``[lo, hi]`` dB per image.
+    """
+
+    snr_db: tuple[float, float] | None = None
+    max_shift: int = 0
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Testing hook: worker ``rank`` kills itself once, at the start of ``epoch``, after writing ``marker``.
+
+    It waits ``delay_s`` seconds first so that Ray Train's controller has collected the previous
+    epoch's report (it polls workers): a report still queued in a dying worker is lost, and the
+    restart would find no checkpoint. Once ``marker`` exists the hook does nothing.
+    """
+
+    epoch: int
+    marker: str
+    rank: int = 0
+    delay_s: float = 6.0
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything one Ray Train worker needs, and nothing else (see the module docstring).
+
+    Attributes:
+        model: the architecture. optimizer: ``adam`` or ``rmsprop``; lr: base learning rate;
+            weight_decay: L2 coefficient; lr_schedule: ``constant`` or ``cosine`` (:func:`lr_factor`).
+        total_steps: optimiser steps per worker over the whole run (an estimate), for the schedule.
+        epochs: epochs to run; passes_per_epoch: passes over the train split per epoch.
+        pairing: ``batch`` (all pairs within an image batch) or ``stream`` (pre-drawn pairs).
+        batch_size: images (batch) or pairs (stream) per step per worker.
+        mixed_precision: bf16 autocast (on CUDA only).
+        augment: on-the-fly augmentation, or None.
+        symmetry: point group per protein group key ``store_id * GROUP_STRIDE + protein``.
+        has_heldout: the stores hold held-out proteins (a ``heldout`` dataset is evaluated).
+        threads: torch threads of the worker; seed: seeds the augmentation (``seed * 7919 + rank``).
+        tensorboard_dir, progress_file: written by rank 0 (TensorBoard events; one JSON line per epoch).
+        fault_injection: testing hook, or None.
+    """
+
+    model: SiameseSpec
+    optimizer: str
+    lr: float
+    weight_decay: float
+    lr_schedule: str
+    total_steps: int
+    epochs: int
+    passes_per_epoch: int
+    pairing: str
+    batch_size: int
+    mixed_precision: bool
+    augment: Augmentation | None
+    symmetry: dict[int, str]
+    has_heldout: bool
+    threads: int
+    seed: int
+    tensorboard_dir: str
+    progress_file: str
+    fault_injection: FaultInjection | None
+
+    def __post_init__(self) -> None:
+        # rebuilt from dataclasses.asdict in the worker: the nested settings arrive as dicts
+        for name, kind in (("model", SiameseSpec), ("augment", Augmentation), ("fault_injection", FaultInjection)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, kind(**value))
+
+
+def _augment(images: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
+    """``images (B, L, L)`` shifted and/or noised as ``aug`` says (draws from ``generator``)."""
+    if aug.max_shift:
+        m = int(aug.max_shift)
         b, n = images.shape[0], images.shape[-1]
         padded = torch.nn.functional.pad(images, (m, m, m, m))
         dx = torch.randint(-m, m + 1, (b,), generator=generator)
         dy = torch.randint(-m, m + 1, (b,), generator=generator)
         images = torch.stack([padded[k, m - dy[k] : m - dy[k] + n, m - dx[k] : m - dx[k] + n] for k in range(b)])
-    if aug.get("snr_db"):
-        lo, hi = aug["snr_db"]
+    if aug.snr_db:
+        lo, hi = aug.snr_db
         snr = torch.empty(images.shape[0]).uniform_(lo, hi, generator=generator)
         var = images.var(dim=(-2, -1)) / 10 ** (snr / 10)
         noise = torch.randn(images.shape, generator=generator)
@@ -132,138 +218,216 @@ def _evaluate(model, shard, batch_size: int, device) -> tuple[float, float, int]
     return (sq / n if n else float("nan")), (ab / n if n else float("nan")), int(n)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker (see the module docstring)."""
+# ----------------------------------------------------------------------------- the worker
+
+
+@dataclass
+class _LoopState:
+    """What a checkpoint carries from one epoch to the next, and across a restart of the group."""
+
+    start_epoch: int = 0
+    step: int = 0  # optimiser steps so far (the learning-rate schedule's clock)
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_loss": float("inf"), "epoch": -1, "state": None})
+    resumed_from: int = -1  # epoch of the checkpoint this run resumed from, -1 when it started afresh
+    initial_val: float | None = None  # the untrained model's validation L_DE (a fresh start only)
+
+
+@dataclass
+class _Worker:
+    """One worker's model (``model`` as prepared by Ray Train, ``core`` the unwrapped module) and tools."""
+
+    settings: WorkerSettings
+    model: torch.nn.Module
+    core: SiameseDistance
+    opt: torch.optim.Optimizer
+    device: torch.device
+    rank: int
+    world_size: int
+    use_amp: bool
+    generator: torch.Generator
+
+
+def _make_optimizer(model: torch.nn.Module, s: WorkerSettings) -> torch.optim.Optimizer:
+    kind = torch.optim.RMSprop if s.optimizer == "rmsprop" else torch.optim.Adam
+    return kind(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+
+
+def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> _LoopState:
+    """The loop state of the latest checkpoint (model and optimiser loaded in place), else a fresh one."""
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return _LoopState()
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return _LoopState(
+        start_epoch=state["epoch"] + 1,
+        step=int(state.get("step", 0)),  # checkpoints written before the step counter have none
+        history=state["history"],
+        best=state["best"],
+        resumed_from=state["epoch"],
+    )
+
+
+def _start_worker(s: WorkerSettings) -> tuple[_Worker, _LoopState]:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    torch.set_num_threads(s.threads)
     device = ray.train.torch.get_device()
-    spec = SiameseSpec(**config["model"])
-    model = SiameseDistance(spec)
-    if config["optimizer"] == "rmsprop":
-        opt = torch.optim.RMSprop(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    start_epoch, history, best = 0, [], {"val_loss": float("inf"), "epoch": -1, "state": None}
-    step = 0
-    resumed_from = -1
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
-        step = int(state.get("step", 0))
-        resumed_from = state["epoch"]
-    model = ray.train.torch.prepare_model(model)
-    core = model.module if hasattr(model, "module") else model
-    use_amp = bool(config.get("mixed_precision")) and device.type == "cuda"
-    writer = None
-    if rank == 0 and config.get("tensorboard_dir"):
-        from torch.utils.tensorboard import SummaryWriter
+    model = SiameseDistance(s.model)
+    opt = _make_optimizer(model, s)
+    state = _restore(model, opt)
+    prepared = ray.train.torch.prepare_model(model)
+    worker = _Worker(
+        settings=s,
+        model=prepared,
+        core=prepared.module if hasattr(prepared, "module") else prepared,
+        opt=opt,
+        device=device,
+        rank=rank,
+        world_size=ctx.get_world_size(),
+        use_amp=s.mixed_precision and device.type == "cuda",
+        generator=torch.Generator().manual_seed(s.seed * 7919 + rank),
+    )
+    return worker, state
 
-        writer = SummaryWriter(config["tensorboard_dir"])
-    fault = config.get("fault_injection") or {}
-    initial_val = None
-    if start_epoch == 0:  # the untrained model's validation L_DE: the start of the learning curve
-        initial_val = _evaluate(model, ray.train.get_dataset_shard("val"), config["batch_size"], device)[0]
-    generator = torch.Generator().manual_seed(int(config.get("seed", 0)) * 7919 + rank)
 
-    for epoch in range(start_epoch, config["epochs"]):
-        if fault and rank == fault.get("rank", 0) and epoch == fault["epoch"] and not Path(fault["marker"]).exists():
-            # testing hook: a worker dies mid-training. Wait first so that Ray Train's controller has
-            # collected the previous epoch's report (it polls workers): a report still queued in a
-            # dying worker is lost, and the restart would find no checkpoint.
-            time.sleep(float(fault.get("delay_s", 6.0)))
-            Path(fault["marker"]).write_text(f"killed at epoch {epoch}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-        t0 = time.perf_counter()
-        model.train()
-        sq = n = 0.0
-        shard = ray.train.get_dataset_shard("train")
-        batches = (
-            batch
-            for _ in range(int(config.get("passes_per_epoch", 1)))
-            for batch in shard.iter_torch_batches(batch_size=config["batch_size"], device=device)
-        )
-        for batch in batches:
-            if config["pairing"] == "batch":
-                x = batch["images"].float()
-                if config.get("augment"):
-                    x = _augment(x, config["augment"], generator)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    emb = model(x)  # one argument: embeddings, through DDP so gradients are synchronised
-                groups = batch["store_id"].long() * 100_000 + batch["protein"].long()
-                loss, pairs = batch_pair_loss(
-                    emb.float(), batch["quaternion"].cpu(), groups.cpu(), config["symmetry"], core.distance
-                )
-            else:
-                xi, xj = batch["image_i"].float(), batch["image_j"].float()
-                if config.get("augment"):
-                    xi, xj = _augment(xi, config["augment"], generator), _augment(xj, config["augment"], generator)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    pred = model(xi, xj)
-                loss = torch.mean((pred.float() - batch["distance"].float()) ** 2)
-                pairs = len(pred)
-            factor = lr_factor(step, int(config.get("total_steps", 0)), config.get("lr_schedule", "constant"))
-            for group in opt.param_groups:
-                group["lr"] = config["lr"] * factor
-            opt.zero_grad(set_to_none=True)
+def _die_if_asked(fault: FaultInjection | None, rank: int, epoch: int) -> None:
+    """The :class:`FaultInjection` testing hook: this worker dies mid-training."""
+    if fault is None or rank != fault.rank or epoch != fault.epoch or Path(fault.marker).exists():
+        return
+    time.sleep(fault.delay_s)
+    Path(fault.marker).write_text(f"killed at epoch {epoch}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _batch_loss(w: _Worker, batch: dict) -> tuple[torch.Tensor, int]:
+    """``(L_DE, pairs)`` of one batch: all same-protein pairs of the images (batch pairing), or the
+    batch's pre-drawn pairs (stream pairing)."""
+    s = w.settings
+    if s.pairing == "batch":
+        x = batch["images"].float()
+        if s.augment:
+            x = _augment(x, s.augment, w.generator)
+        with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.use_amp):
+            emb = w.model(x)  # one argument: embeddings, through DDP so gradients are synchronised
+        groups = batch["store_id"].long() * GROUP_STRIDE + batch["protein"].long()
+        return batch_pair_loss(emb.float(), batch["quaternion"].cpu(), groups.cpu(), s.symmetry, w.core.distance)
+    xi, xj = batch["image_i"].float(), batch["image_j"].float()
+    if s.augment:
+        xi, xj = _augment(xi, s.augment, w.generator), _augment(xj, s.augment, w.generator)
+    with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.use_amp):
+        pred = w.model(xi, xj)
+    return torch.mean((pred.float() - batch["distance"].float()) ** 2), len(pred)
+
+
+def _train_epoch(w: _Worker, state: _LoopState) -> tuple[float, int]:
+    """One epoch of optimiser steps on this worker's shard; ``(sum of L_DE × pairs, pairs)`` over all workers."""
+    s = w.settings
+    w.model.train()
+    sq = n = 0.0
+    shard = ray.train.get_dataset_shard("train")
+    for _ in range(s.passes_per_epoch):
+        for batch in shard.iter_torch_batches(batch_size=s.batch_size, device=w.device):
+            loss, pairs = _batch_loss(w, batch)
+            factor = lr_factor(state.step, s.total_steps, s.lr_schedule)
+            for group in w.opt.param_groups:
+                group["lr"] = s.lr * factor
+            w.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            step += 1
+            w.opt.step()
+            state.step += 1
             sq += float(loss.detach()) * pairs
             n += pairs
-        sq, n = _all_reduce([sq, n])
-        metrics = {
-            "epoch": epoch,
-            "train_loss": sq / n if n else float("nan"),
-            "train_pairs": int(n),
-            "seconds": time.perf_counter() - t0,
-            "steps": step,
-            "lr": opt.param_groups[0]["lr"],
-            "pairs_per_second_per_worker": n / max(1e-9, time.perf_counter() - t0) / ctx.get_world_size(),
-            "resumed_from_epoch": resumed_from,
-        }
-        if initial_val is not None and epoch == 0:
-            metrics["initial_val_loss"] = initial_val
-        metrics["val_loss"], metrics["val_mae"], metrics["val_pairs"] = _evaluate(
-            model, ray.train.get_dataset_shard("val"), config["batch_size"], device
+    sq, n = _all_reduce([sq, n])
+    return sq, int(n)
+
+
+def _epoch_metrics(w: _Worker, state: _LoopState, epoch: int, t0: float, sq: float, n: int) -> dict:
+    """The epoch's line of the history: training L_DE (rad²), throughput, then the validation sets."""
+    metrics = {
+        "epoch": epoch,
+        "train_loss": sq / n if n else float("nan"),
+        "train_pairs": n,
+        "seconds": time.perf_counter() - t0,
+        "steps": state.step,
+        "lr": w.opt.param_groups[0]["lr"],
+        "pairs_per_second_per_worker": n / max(1e-9, time.perf_counter() - t0) / w.world_size,
+        "resumed_from_epoch": state.resumed_from,
+    }
+    if state.initial_val is not None and epoch == 0:
+        metrics["initial_val_loss"] = state.initial_val
+    batch_size = w.settings.batch_size
+    metrics["val_loss"], metrics["val_mae"], metrics["val_pairs"] = _evaluate(
+        w.model, ray.train.get_dataset_shard("val"), batch_size, w.device
+    )
+    if w.settings.has_heldout:
+        metrics["heldout_loss"], metrics["heldout_mae"], metrics["heldout_pairs"] = _evaluate(
+            w.model, ray.train.get_dataset_shard("heldout"), batch_size, w.device
         )
-        if config.get("has_heldout"):
-            metrics["heldout_loss"], metrics["heldout_mae"], metrics["heldout_pairs"] = _evaluate(
-                model, ray.train.get_dataset_shard("heldout"), config["batch_size"], device
-            )
-        history.append(metrics)
-        if metrics["val_loss"] < best["val_loss"]:
-            state_cpu = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-            best = {"val_loss": metrics["val_loss"], "epoch": epoch, "state": state_cpu}
-        if rank == 0 and config.get("progress_file"):
-            with open(config["progress_file"], "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(metrics) + "\n")
-        if writer is not None:
-            for key in ("train_loss", "val_loss", "val_mae", "heldout_loss", "heldout_mae"):
-                if key in metrics:
-                    writer.add_scalar(f"L_DE/{key}" if "loss" in key else f"MAE/{key}", metrics[key], epoch)
-            writer.flush()
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                torch.save(
-                    {
-                        "model": core.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "epoch": epoch,
-                        "step": step,
-                        "history": history,
-                        "best": best,
-                        "spec": spec.to_dict(),
-                    },
-                    Path(tmp) / CHECKPOINT_FILE,
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+    return metrics
+
+
+def _write_scalars(writer, metrics: dict, epoch: int) -> None:
+    for key in ("train_loss", "val_loss", "val_mae", "heldout_loss", "heldout_mae"):
+        if key in metrics:
+            writer.add_scalar(f"L_DE/{key}" if "loss" in key else f"MAE/{key}", metrics[key], epoch)
+    writer.flush()
+
+
+def _report(w: _Worker, state: _LoopState, metrics: dict) -> None:
+    """``ray.train.report`` of the epoch, with rank 0's checkpoint of the loop state."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if w.rank == 0:
+            payload = {
+                "model": w.core.state_dict(),
+                "optimizer": w.opt.state_dict(),
+                "epoch": metrics["epoch"],
+                "step": state.step,
+                "history": state.history,
+                "best": state.best,
+                "spec": w.settings.model.to_dict(),
+            }
+            torch.save(payload, Path(tmp) / CHECKPOINT_FILE)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _end_epoch(w: _Worker, state: _LoopState, metrics: dict, writer) -> None:
+    """Record the epoch: history and best weights, rank 0's progress line and scalars, the report."""
+    epoch = metrics["epoch"]
+    state.history.append(metrics)
+    if metrics["val_loss"] < state.best["val_loss"]:
+        state_cpu = {k: v.detach().cpu().clone() for k, v in w.core.state_dict().items()}
+        state.best = {"val_loss": metrics["val_loss"], "epoch": epoch, "state": state_cpu}
+    if w.rank == 0:
+        with open(w.settings.progress_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+    if writer is not None:
+        _write_scalars(writer, metrics, epoch)
+    _report(w, state, metrics)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker; ``config`` is ``dataclasses.asdict`` of a :class:`WorkerSettings`."""
+    s = WorkerSettings(**config)
+    w, state = _start_worker(s)
+    writer = None
+    if w.rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(s.tensorboard_dir)
+    if state.start_epoch == 0:  # the untrained model's validation L_DE: the start of the learning curve
+        state.initial_val = _evaluate(w.model, ray.train.get_dataset_shard("val"), s.batch_size, w.device)[0]
+    for epoch in range(state.start_epoch, s.epochs):
+        _die_if_asked(s.fault_injection, w.rank, epoch)
+        t0 = time.perf_counter()
+        sq, n = _train_epoch(w, state)
+        metrics = _epoch_metrics(w, state, epoch, t0, sq, n)
+        _end_epoch(w, state, metrics, writer)
     if writer is not None:
         writer.close()
 
@@ -319,39 +483,41 @@ def _root_error(exc: BaseException) -> str:
     return found[-1].strip() if found else f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+# ----------------------------------------------------------------------------- the driver
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One training run: the validated train settings, the stores it trains on and where it writes.
+
+    ``out_dir`` receives the TensorBoard logs, the progress file and the Ray Train checkpoints
+    (``ray_train/<name>``: a run restarted with the same ``out_dir`` and ``name`` resumes from its
+    last checkpoint). ``seed`` fixes the validation pairs and the augmentation draws.
+    """
+
+    cfg: TrainConfig
+    stores: list[str]
+    out_dir: str | os.PathLike
+    seed: int = 0
+    name: str = "train"
+    fault_injection: FaultInjection | None = None
+
+
 @dataclass
 class TrainRun:
     """A Ray Train run ready to fit: the trainer and what exporting its result needs."""
 
     trainer: TorchTrainer
+    job: TrainJob
     spec: SiameseSpec
-    stores: list[str]
     manifests: list[ProjectionStore]
     out: Path
 
 
-def build_trainer(
-    cfg: TrainConfig,
-    stores: list[str],
-    out_dir: str | os.PathLike,
-    seed: int = 0,
-    name: str = "train",
-    fault_injection: dict | None = None,
-    callbacks: list | None = None,
-) -> TrainRun:
-    """Check the stores and build the ``TorchTrainer`` that trains the distance on them.
-
-    Shared by :func:`train_distance` and each Ray Tune trial (:mod:`cryoorient_ray.distributed.tune_trials`),
-    so both train the same way. ``out_dir`` receives the TensorBoard logs, the progress file and
-    the Ray Train checkpoints (``ray_train/<name>``: a run restarted with the same ``out_dir`` and
-    ``name`` resumes from its last checkpoint). ``callbacks`` are Ray Train callbacks (e.g. Tune's
-    ``TuneReportCallback``, which forwards every epoch's metrics to the trial).
-    """
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+def open_training_stores(stores: list[str], spec: SiameseSpec) -> list[ProjectionStore]:
+    """The stores, each checked: complete, with true orientations, images large enough for ``spec``."""
     if not stores:
         raise CryoOrientError("no projection store to train on")
-    spec = SiameseSpec(**cfg.model.model_dump())
     manifests = []
     for path in stores:
         st = ProjectionStore.open(path)
@@ -365,32 +531,16 @@ def build_trainer(
                 f"at least {spec.min_image_size}² (use fewer channels blocks or larger images)"
             )
         manifests.append(st)
-    has_heldout = any(p.get("heldout") for st in manifests for p in st.proteins)
-    if cfg.pairing == "batch":
-        train_ds = sample_dataset(stores, "train", proteins="seen", shuffle=True)
-    else:
-        train_ds = pair_dataset(stores, "train", proteins="seen", pairs_per_shard=cfg.pairs_per_shard, seed=None)
-    symmetry = {
-        sid * 100_000 + k: p.get("symmetry", "C1")
-        for sid, st in enumerate(manifests)
-        for k, p in enumerate(st.proteins)
-    }
-    # validation pairs are fixed (seeded): draw them once, not again every epoch
-    datasets = {
-        "train": train_ds,
-        "val": pair_dataset(
-            stores, "val", proteins="seen", pairs_per_shard=cfg.val_pairs_per_shard, seed=seed + 1
-        ).materialize(),
-    }
-    if has_heldout:
-        datasets["heldout"] = pair_dataset(
-            stores, "val", proteins="heldout", pairs_per_shard=cfg.val_pairs_per_shard, seed=seed + 2
-        ).materialize()
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = 1
-    # optimiser steps per worker, for the learning-rate schedule (an estimate: the stream is split
-    # across workers by blocks, and stream pairing draws pairs_per_shard pairs per shard)
+    return manifests
+
+
+def _has_heldout(manifests: list[ProjectionStore]) -> bool:
+    return any(p.get("heldout") for st in manifests for p in st.proteins)
+
+
+def _steps_per_epoch(cfg: TrainConfig, manifests: list[ProjectionStore]) -> int:
+    """Optimiser steps per worker and epoch, for the learning-rate schedule (an estimate: the stream
+    is split across workers by blocks, and stream pairing draws ``pairs_per_shard`` pairs per shard)."""
     n_rows = 0
     for st in manifests:
         rows = st.select_rows(split="train", proteins="seen")
@@ -398,86 +548,113 @@ def build_trainer(
             n_rows += cfg.pairs_per_shard * len(np.unique(rows // st.shard_size))
         else:
             n_rows += len(rows)
-    steps_per_epoch = max(1, int(np.ceil(n_rows / (cfg.batch_size * cfg.num_workers)))) * cfg.passes_per_epoch
-    loop_config = {
-        "model": spec.to_dict(),
-        "lr_schedule": cfg.lr_schedule,
-        "passes_per_epoch": cfg.passes_per_epoch,
-        "total_steps": steps_per_epoch * cfg.epochs,
-        "epochs": cfg.epochs,
-        "pairing": cfg.pairing,
-        "symmetry": symmetry,
-        "batch_size": cfg.batch_size,
-        "optimizer": cfg.optimizer,
-        "lr": cfg.lr,
-        "weight_decay": cfg.weight_decay,
-        "mixed_precision": cfg.mixed_precision,
-        "augment": cfg.augment.model_dump() if (cfg.augment.snr_db or cfg.augment.max_shift) else None,
-        "has_heldout": has_heldout,
-        "tensorboard_dir": str(out / "tensorboard"),
-        "threads": max(1, int(round(cfg.cpus_per_worker))) if not cfg.use_gpu else 2,
-        "seed": seed,
-        "fault_injection": fault_injection,
-        "progress_file": str(out / "progress.jsonl"),
+    return max(1, int(np.ceil(n_rows / (cfg.batch_size * cfg.num_workers)))) * cfg.passes_per_epoch
+
+
+def worker_settings(job: TrainJob, manifests: list[ProjectionStore]) -> WorkerSettings:
+    """The :class:`WorkerSettings` of ``job`` on its opened stores (:func:`open_training_stores`)."""
+    cfg, out = job.cfg, Path(job.out_dir).resolve()
+    augment = cfg.augment
+    return WorkerSettings(
+        model=SiameseSpec(**cfg.model.model_dump()),
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        lr_schedule=cfg.lr_schedule,
+        total_steps=_steps_per_epoch(cfg, manifests) * cfg.epochs,
+        epochs=cfg.epochs,
+        passes_per_epoch=cfg.passes_per_epoch,
+        pairing=cfg.pairing,
+        batch_size=cfg.batch_size,
+        mixed_precision=cfg.mixed_precision,
+        augment=Augmentation(augment.snr_db, augment.max_shift) if (augment.snr_db or augment.max_shift) else None,
+        symmetry={
+            sid * GROUP_STRIDE + k: p.get("symmetry", "C1")
+            for sid, st in enumerate(manifests)
+            for k, p in enumerate(st.proteins)
+        },
+        has_heldout=_has_heldout(manifests),
+        threads=max(1, int(round(cfg.cpus_per_worker))) if not cfg.use_gpu else 2,
+        seed=job.seed,
+        tensorboard_dir=str(out / "tensorboard"),
+        progress_file=str(out / PROGRESS_FILE),
+        fault_injection=job.fault_injection,
+    )
+
+
+def _datasets(job: TrainJob, has_heldout: bool) -> dict:
+    """The Ray Data sets of the run: ``train`` (fresh each epoch), ``val`` and ``heldout`` (fixed, seeded)."""
+    cfg, stores, seed = job.cfg, job.stores, job.seed
+    if cfg.pairing == "batch":
+        train = sample_dataset(stores, "train", proteins="seen", shuffle=True)
+    else:
+        train = pair_dataset(stores, "train", proteins="seen", pairs_per_shard=cfg.pairs_per_shard, seed=None)
+    # validation pairs are fixed (seeded): draw them once, not again every epoch
+    val_pairs = cfg.val_pairs_per_shard
+    datasets = {
+        "train": train,
+        "val": pair_dataset(stores, "val", proteins="seen", pairs_per_shard=val_pairs, seed=seed + 1).materialize(),
     }
+    if has_heldout:
+        datasets["heldout"] = pair_dataset(
+            stores, "val", proteins="heldout", pairs_per_shard=val_pairs, seed=seed + 2
+        ).materialize()
+    return datasets
+
+
+def build_trainer(job: TrainJob, callbacks: list | None = None) -> TrainRun:
+    """Check the stores and build the ``TorchTrainer`` that trains the distance on them.
+
+    Shared by :func:`train_distance` and each Ray Tune trial (:mod:`cryoorient_ray.distributed.tune_trials`),
+    so both train the same way. ``callbacks`` are Ray Train callbacks (e.g. Tune's
+    ``TuneReportCallback``, which forwards every epoch's metrics to the trial).
+    """
+    cfg = job.cfg
+    out = Path(job.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    spec = SiameseSpec(**cfg.model.model_dump())
+    manifests = open_training_stores(job.stores, spec)
+    settings = worker_settings(job, manifests)
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=asdict(settings),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        datasets=datasets,
+        datasets=_datasets(job, settings.has_heldout),
         run_config=ray.train.RunConfig(
-            name=name,
+            name=job.name,
             storage_path=str(out / "ray_train"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=callbacks,
         ),
     )
-    return TrainRun(trainer, spec, list(stores), manifests, out)
+    return TrainRun(trainer, job, spec, manifests, out)
 
 
-def train_distance(
-    cfg: TrainConfig,
-    stores: list[str],
-    out_dir: str | os.PathLike,
-    seed: int = 0,
-    name: str = "train",
-    fault_injection: dict | None = None,
-    progress: bool = True,
-) -> dict:
-    """Train on ``stores`` and write ``model.pt``, ``history.json`` and TensorBoard logs into ``out_dir``.
+def train_distance(job: TrainJob, progress: bool = True) -> dict:
+    """Train on ``job.stores`` and write ``model.pt``, ``history.json`` and TensorBoard logs into ``job.out_dir``.
 
-    Ray must be initialised. ``fault_injection`` (tests only) kills a worker once:
-    ``{"epoch": e, "marker": path}``. Returns the summary written to ``train_summary.json``.
+    Ray must be initialised. Returns the summary written to ``train_summary.json``.
     """
-    run = build_trainer(cfg, stores, out_dir, seed=seed, name=name, fault_injection=fault_injection)
-    out, trainer = run.out, run.trainer
+    run = build_trainer(job)
+    progress_file = run.out / PROGRESS_FILE
     t0 = time.perf_counter()
-    (out / "progress.jsonl").unlink(missing_ok=True)
+    progress_file.unlink(missing_ok=True)
     try:
-        result = _fit_with_progress(trainer, out / "progress.jsonl", cfg.epochs, progress)
+        result = _fit_with_progress(run.trainer, progress_file, job.cfg.epochs, progress)
     except Exception as exc:
         raise CryoOrientError(f"training failed: {_root_error(exc)}") from None
-    return export_trained_model(run, result.checkpoint, cfg, time.perf_counter() - t0)
+    return export_trained_model(run, result.checkpoint, time.perf_counter() - t0)
 
 
-def export_trained_model(run: TrainRun, checkpoint, cfg: TrainConfig, seconds: float) -> dict:
-    """Write ``model.pt`` (best weights), ``history.json`` and ``train_summary.json`` of a finished run.
-
-    ``checkpoint`` is the run's last Ray Train checkpoint (it holds the best weights so far).
-    Returns the summary.
-    """
-    out, spec, manifests, stores = run.out, run.spec, run.manifests, run.stores
-    if checkpoint is None:
-        raise CryoOrientError("training ended without a checkpoint")
-    with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    best_model = SiameseDistance(spec)
-    best_model.load_state_dict(state["best"]["state"] or state["model"])
-    first = manifests[0]
-    summary = {
+def _train_summary(run: TrainRun, state: dict, seconds: float) -> dict:
+    cfg, manifests, first = run.job.cfg, run.manifests, run.manifests[0]
+    return {
         "cryoorient_ray": __version__,
-        "stores": [str(s) for s in stores],
+        "stores": [str(s) for s in run.job.stores],
         "image_size": first.image_size,
         "pixel_size": first.pixel_size,
         "best_epoch": state["best"]["epoch"],
@@ -491,10 +668,25 @@ def export_trained_model(run: TrainRun, checkpoint, cfg: TrainConfig, seconds: f
         "proteins_seen": sorted({p["name"] for st in manifests for p in st.proteins if not p.get("heldout")}),
         "proteins_heldout": sorted({p["name"] for st in manifests for p in st.proteins if p.get("heldout")}),
     }
+
+
+def export_trained_model(run: TrainRun, checkpoint, seconds: float) -> dict:
+    """Write ``model.pt`` (best weights), ``history.json`` and ``train_summary.json`` of a finished run.
+
+    ``checkpoint`` is the run's last Ray Train checkpoint (it holds the best weights so far).
+    Returns the summary.
+    """
     from cryoorient_ray.io.files import atomic_path, atomic_write_text
 
-    with atomic_path(out / "model.pt") as tmp:
+    if checkpoint is None:
+        raise CryoOrientError("training ended without a checkpoint")
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    best_model = SiameseDistance(run.spec)
+    best_model.load_state_dict(state["best"]["state"] or state["model"])
+    summary = _train_summary(run, state, seconds)
+    with atomic_path(run.out / "model.pt") as tmp:
         save_distance_model(tmp, best_model, extra={"version": __version__, "training": summary})
-    atomic_write_text(out / "history.json", json.dumps(state["history"], indent=2) + "\n")
-    atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(run.out / "history.json", json.dumps(state["history"], indent=2) + "\n")
+    atomic_write_text(run.out / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -23,7 +23,9 @@ Layout of an experiment folder (Tune's experiment directory):
   ``cryoorient train`` writes it (``tensorboard/``, ``ray_train/`` checkpoints; ``model.pt``,
   ``history.json`` when the trial ran to the end);
 - ``experiment_state-*.json``, ``tuner.pkl``: what ``Tuner.restore`` resumes from;
-- ``results.csv``, ``tune_report.{png,html,json}``, ``best_config.yaml`` (:func:`write_tune_report`).
+- ``results.csv`` and ``tune_summary.json`` (:func:`run_search`);
+- ``trials.csv``, ``tune_report.{png,html,json}``, ``best_config.yaml``: the report, written by
+  :func:`cryoorient_ray.stages.tune.write_tune_report` (no plotting or HTML in this Ray layer).
 """
 
 from __future__ import annotations
@@ -37,10 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from cryoorient_ray.config import RunConfig, SearchConfig, TrainConfig, dump_config, read_yaml_mapping
+from cryoorient_ray.config import RunConfig, SearchConfig, TrainConfig, read_yaml_mapping
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_write_text
 
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 
 SPACE_NAME = "tune_space.yaml"
 TRIAL_TRAIN_DIR = "train"
-BEST_CONFIG_NAME = "best_config.yaml"
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint", "lograndint")
 # Settings every trial must share: the data, the ASHA budget (epochs = max_t) and the resources
 # the concurrency was computed from.
@@ -246,15 +246,16 @@ def tune_trial(config: dict, base_train: dict, stores: list[str], seed: int, exp
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cryoorient_ray.distributed.train_workers import build_trainer, export_trained_model
+    from cryoorient_ray.distributed.train_workers import TrainJob, build_trainer, export_trained_model
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_train_config(base_train, config)
     out = Path(experiment_dir) / f"trial_{trial_id}" / TRIAL_TRAIN_DIR
-    run = build_trainer(cfg, stores, out, seed=seed, name=f"train-{trial_id}", callbacks=[TuneReportCallback()])
+    job = TrainJob(cfg, stores, out, seed=seed, name=f"train-{trial_id}")
+    run = build_trainer(job, callbacks=[TuneReportCallback()])
     t0 = time.perf_counter()
     result = run.trainer.fit()
-    export_trained_model(run, result.checkpoint, cfg, time.perf_counter() - t0)
+    export_trained_model(run, result.checkpoint, time.perf_counter() - t0)
 
 
 def _trainable(cfg: RunConfig, stores: list[str], experiment_dir: Path):
@@ -278,71 +279,53 @@ def is_experiment(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and tune.Tuner.can_restore(str(Path(path).resolve()))
 
 
-def run_search(
-    cfg: RunConfig,
-    stores: list[str],
-    experiment_dir: str | os.PathLike,
-    space: dict[str, tuple[str, Any]],
-    resume: bool = False,
-    verbose: int = 1,
-) -> dict:
-    """Run (or resume) the search; Ray must be initialised. Returns a summary of the trials.
+def _restored_tuner(exp: Path, trainable):
+    from ray import tune
 
-    ``experiment_dir`` is Tune's experiment directory. With ``resume``, the experiment there is
-    restored (``Tuner.restore``): finished trials are kept, unfinished and errored ones go on from
-    their last checkpoint, the scheduler's state included.
-    """
-    import ray
+    if not is_experiment(exp):
+        raise CryoOrientError(f"{exp} holds no Tune experiment to resume")
+    return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
+
+
+def _new_tuner(cfg: RunConfig, space: dict[str, tuple[str, Any]], trainable, exp: Path, concurrency: int, verbose: int):
+    """A fresh ``Tuner``: ASHA on ``cfg.tune.metric`` over ``train.epochs``, at most ``concurrency`` trials at once."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    exp = Path(experiment_dir).resolve()
-    settings, train = cfg.tune, cfg.train
-    total = n_trials(space, settings.num_samples)
-    concurrency = trial_concurrency(settings, train, ray.cluster_resources(), total)
-    trainable = _trainable(cfg, stores, exp)
-    t0 = time.perf_counter()
-    if resume:
-        if not is_experiment(exp):
-            raise CryoOrientError(f"{exp} holds no Tune experiment to resume")
-        tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        if is_experiment(exp):
-            raise CryoOrientError(f"{exp} already holds a Tune experiment; resume it with --resume or use another -o")
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=train.epochs,
-            grace_period=min(settings.grace_period, train.epochs),
-            reduction_factor=settings.reduction_factor,
-            # a trial that reaches max_t ends by itself, after exporting its model.pt
-            stop_last_trials=False,
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=to_tune_space(space),
-            tune_config=tune.TuneConfig(
-                metric=settings.metric,
-                mode="min",
-                scheduler=scheduler,
-                # the variant generator bounds the trials at once itself (Tune ignores
-                # max_concurrent_trials with a SearchGenerator such as this one)
-                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrency),
-                num_samples=settings.num_samples,
-                trial_dirname_creator=trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=exp.name,
-                storage_path=str(exp.parent),
-                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                verbose=verbose,
-            ),
-        )
-    log.info("Tune: %d trial(s), %d at once, experiment %s", total, concurrency, exp)
-    grid = tuner.fit()
-    seconds = time.perf_counter() - t0
-    frame = grid.get_dataframe()
-    atomic_write_text(exp / "results.csv", frame.to_csv(index=False))
+    if is_experiment(exp):
+        raise CryoOrientError(f"{exp} already holds a Tune experiment; resume it with --resume or use another -o")
+    settings, epochs = cfg.tune, cfg.train.epochs
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=epochs,
+        grace_period=min(settings.grace_period, epochs),
+        reduction_factor=settings.reduction_factor,
+        # a trial that reaches max_t ends by itself, after exporting its model.pt
+        stop_last_trials=False,
+    )
+    tune_config = tune.TuneConfig(
+        metric=settings.metric,
+        mode="min",
+        scheduler=scheduler,
+        # the variant generator bounds the trials at once itself (Tune ignores
+        # max_concurrent_trials with a SearchGenerator such as this one)
+        search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrency),
+        num_samples=settings.num_samples,
+        trial_dirname_creator=trial_dirname,
+    )
+    run_config = tune.RunConfig(
+        name=exp.name,
+        storage_path=str(exp.parent),
+        failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+        verbose=verbose,
+    )
+    return tune.Tuner(trainable, param_space=to_tune_space(space), tune_config=tune_config, run_config=run_config)
+
+
+def _write_search_summary(grid, exp: Path, concurrency: int, seconds: float, resume: bool) -> dict:
+    """``results.csv`` (Tune's table) and ``tune_summary.json``; wall time summed over resumed sessions."""
+    atomic_write_text(exp / "results.csv", grid.get_dataframe().to_csv(index=False))
     errors = [str(e).splitlines()[0] for e in grid.errors]
     if resume and (exp / "tune_summary.json").is_file():  # wall time over every session of the experiment
         seconds += float(json.loads((exp / "tune_summary.json").read_text()).get("seconds", 0.0))
@@ -358,199 +341,31 @@ def run_search(
     return summary
 
 
-# ----------------------------------------------------------------------------- report
+def run_search(
+    cfg: RunConfig,
+    stores: list[str],
+    experiment_dir: str | os.PathLike,
+    space: dict[str, tuple[str, Any]],
+    resume: bool = False,
+    verbose: int = 1,
+) -> dict:
+    """Run (or resume) the search; Ray must be initialised. Returns a summary of the trials.
 
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by an interruption
-                    continue
-    return rows
-
-
-def _tune_statuses(experiment_dir: Path) -> dict[str, str]:
-    """Tune's own status of each trial (TERMINATED, RUNNING, ERROR, ...) from the newest
-    ``experiment_state-*.json``; empty when it cannot be read (the layout is Tune's, not ours)."""
-    files = sorted(experiment_dir.glob("experiment_state-*.json"))
-    if not files:
-        return {}
-    try:
-        data = json.loads(files[-1].read_text(encoding="utf-8"))
-        out = {}
-        for entry in data["trial_data"]:
-            trial = json.loads(entry[0])
-            out[str(trial["trial_id"])] = str(trial["status"])
-        return out
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return {}
-
-
-def _trial_status(trial_dir: Path, tune_status: str | None, epochs_run: int, max_epochs: int) -> str:
-    """complete, stopped early (by ASHA), error, or unfinished (interrupted: ``--resume`` goes on)."""
-    if tune_status == "ERROR" or (trial_dir / "error.txt").exists():
-        return "error"
-    if epochs_run >= max_epochs or (trial_dir / TRIAL_TRAIN_DIR / "model.pt").exists():
-        return "complete"
-    if tune_status in (None, "TERMINATED"):
-        return "stopped early"
-    return "unfinished"
-
-
-def collect_trials(experiment_dir: str | os.PathLike) -> tuple[RunConfig, list[dict]]:
-    """The base config and one record per trial (parameters, per-epoch metrics, status) read from
-    the files of an experiment folder (no Ray needed; works on an interrupted experiment too)."""
-    from cryoorient_ray.config import STAMPED_CONFIG_NAME, load_config
-
-    exp = Path(experiment_dir)
-    if not exp.is_dir():
-        raise CryoOrientError(f"experiment folder not found: {exp}")
-    if not (exp / STAMPED_CONFIG_NAME).is_file() or not (exp / SPACE_NAME).is_file():
-        raise CryoOrientError(f"{exp} is not a `cryoorient tune` experiment (no {STAMPED_CONFIG_NAME}/{SPACE_NAME})")
-    cfg = load_config(exp / STAMPED_CONFIG_NAME)
-    metric = cfg.tune.metric
-    statuses = _tune_statuses(exp)
-    trials = []
-    for params_file in sorted(exp.glob("trial_*/params.json")):
-        tdir = params_file.parent
-        params = json.loads(params_file.read_text(encoding="utf-8"))
-        history = [r for r in _read_jsonl(tdir / "result.json") if metric in r]
-        history.sort(key=lambda r: r.get("training_iteration", 0))
-        values = [float(r[metric]) for r in history if r.get(metric) is not None and math.isfinite(r[metric])]
-        best = min(values) if values else None
-        trials.append(
-            {
-                "trial_id": tdir.name.removeprefix("trial_"),
-                "dir": str(tdir),
-                "params": params,
-                "epochs": len(history),
-                "curve": values,
-                "best": best,
-                "best_epoch": values.index(best) + 1 if best is not None else None,
-                "last": values[-1] if values else None,
-                "status": _trial_status(
-                    tdir, statuses.get(tdir.name.removeprefix("trial_")), len(history), cfg.train.epochs
-                ),
-                "model": str(tdir / TRIAL_TRAIN_DIR / "model.pt")
-                if (tdir / TRIAL_TRAIN_DIR / "model.pt").exists()
-                else None,
-            }
-        )
-    if not trials:
-        raise CryoOrientError(f"{exp} has no trial results yet")
-    return cfg, trials
-
-
-def best_run_config(cfg: RunConfig, trial: dict, stores: list[str], output_dir: Path) -> RunConfig:
-    """A full run config that ``cryoorient train`` accepts as is: the base config, its train
-    section set to the best trial's values and to the stores the search used."""
-    train = trial_train_config(cfg.train.model_dump(mode="json"), trial["params"])
-    train = train.model_copy(update={"stores": list(stores)})
-    return cfg.model_copy(update={"train": train, "stamp": None, "output_dir": output_dir})
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return json.dumps(value) if isinstance(value, list | dict) else str(value)
-
-
-def write_tune_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict:
-    """Figures, table and the best config of an experiment, into ``out_dir`` (default: the experiment).
-
-    Writes ``tune_report.png`` (L_DE per epoch of every trial, the best L_DE per trial, and L_DE
-    against n_f as the paper's Figure 17b), ``tune_report.html`` (the figure, the trial table,
-    the best config), ``trials.csv``, ``tune_report.json`` and ``best_config.yaml``.
+    ``experiment_dir`` is Tune's experiment directory. With ``resume``, the experiment there is
+    restored (``Tuner.restore``): finished trials are kept, unfinished and errored ones go on from
+    their last checkpoint, the scheduler's state included.
     """
-    import csv
-    import html
-    import io
-
-    from cryoorient_ray.plots import plot_tune_summary
-    from cryoorient_ray.report import _img
+    import ray
 
     exp = Path(experiment_dir).resolve()
-    cfg, trials = collect_trials(exp)
-    out = Path(out_dir).resolve() if out_dir is not None else exp
-    out.mkdir(parents=True, exist_ok=True)
-    metric = cfg.tune.metric
-    ranked = sorted(trials, key=lambda t: (t["best"] is None, t["best"] if t["best"] is not None else 0.0))
-    best = ranked[0]
-    if best["best"] is None:
-        raise CryoOrientError(f"{exp}: no trial reported {metric} yet")
-    if not cfg.train.stores:  # `cryoorient tune` stamps the stores it searched on into config.yaml
-        raise CryoOrientError(f"{exp / 'config.yaml'} names no train.stores; cannot write a config to train with")
-    best_cfg = best_run_config(cfg, best, list(cfg.train.stores), exp / "best_run")
-    header = (
-        f"# Best trial {best['trial_id']} of the Tune experiment {exp} ({metric} {best['best']:.4f} rad²).\n"
-        f"# Train it: cryoorient train {out / BEST_CONFIG_NAME}\n"
-    )
-    atomic_write_text(out / BEST_CONFIG_NAME, header + dump_config(best_cfg))
-    keys = sorted({k for t in trials for k in t["params"]})
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["trial_id", "status", "epochs", f"best_{metric}", "best_epoch", f"last_{metric}", *keys])
-    for t in ranked:
-        writer.writerow(
-            [t["trial_id"], t["status"], t["epochs"], t["best"], t["best_epoch"], t["last"]]
-            + [_format(t["params"].get(k, "")) for k in keys]
-        )
-    atomic_write_text(out / "trials.csv", buf.getvalue())
-    fixed_nf = cfg.train.model.n_features
-    plot_tune_summary(ranked, out / "tune_report.png", metric=metric, max_epochs=cfg.train.epochs, n_features=fixed_nf)
-    counts = {s: sum(t["status"] == s for t in trials) for s in ("complete", "stopped early", "error", "unfinished")}
-    report = {
-        "experiment_dir": str(exp),
-        "metric": metric,
-        "trials": len(trials),
-        "status": counts,
-        "best": {k: best[k] for k in ("trial_id", "best", "best_epoch", "epochs", "status", "params", "model")},
-        "best_config": str(out / BEST_CONFIG_NAME),
-    }
-    atomic_write_text(out / "tune_report.json", json.dumps(report, indent=2) + "\n")
-    rows = "".join(
-        "<tr>"
-        + "".join(
-            f"<td>{html.escape(str(v))}</td>"
-            for v in (
-                t["trial_id"],
-                t["status"],
-                t["epochs"],
-                f"{t['best']:.4f}" if t["best"] is not None else "",
-                t["best_epoch"] or "",
-            )
-        )
-        + "".join(f"<td>{html.escape(_format(t['params'].get(k, '')))}</td>" for k in keys)
-        + "</tr>"
-        for t in ranked
-    )
-    head = "".join(
-        f"<th>{html.escape(h)}</th>" for h in ("trial", "status", "epochs", f"best {metric}", "best epoch", *keys)
-    )
-    best_path = html.escape(str(out / BEST_CONFIG_NAME))
-    best_train = html.escape(yaml.safe_dump(best_cfg.train.model_dump(mode="json"), sort_keys=False))
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>Tune report: {html.escape(exp.name)}</title>"
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
-        "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:.25em .5em;font-size:85%}pre{background:#f6f6f6;padding:.5em}</style>"
-        "</head><body>"
-        f"<h1>Hyper-parameter search: {html.escape(exp.name)}</h1>"
-        f"<p>{len(trials)} trials: {', '.join(f'{n} {s}' for s, n in counts.items() if n)}. "
-        f"Best: trial <b>{html.escape(best['trial_id'])}</b>, {metric} <b>{best['best']:.4f}</b> rad² "
-        f"at epoch {best['best_epoch']}. Train it with <code>cryoorient train {best_path}"
-        "</code>. TensorBoard: <code>tensorboard --logdir "
-        f"{html.escape(str(exp))}</code>.</p>"
-        f"{_img(out / 'tune_report.png')}"
-        f"<h2>Trials (best first)</h2><table><tr>{head}</tr>{rows}</table>"
-        f"<h2>Best config (train section)</h2><pre>{best_train}"
-        "</pre></body></html>\n"
-    )
-    atomic_write_text(out / "tune_report.html", page)
-    return report
+    total = n_trials(space, cfg.tune.num_samples)
+    concurrency = trial_concurrency(cfg.tune, cfg.train, ray.cluster_resources(), total)
+    trainable = _trainable(cfg, stores, exp)
+    t0 = time.perf_counter()
+    if resume:
+        tuner = _restored_tuner(exp, trainable)
+    else:
+        tuner = _new_tuner(cfg, space, trainable, exp, concurrency, verbose)
+    log.info("Tune: %d trial(s), %d at once, experiment %s", total, concurrency, exp)
+    grid = tuner.fit()
+    return _write_search_summary(grid, exp, concurrency, time.perf_counter() - t0, resume)

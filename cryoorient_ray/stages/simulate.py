@@ -13,15 +13,8 @@ import numpy as np
 from cryoorient_ray.config import RunConfig
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_write_text
-from cryoorient_ray.plots import (
-    plot_image_grid,
-)
-from cryoorient_ray.stages.base import (
-    StageResult,
-    _ray_nodes_metric,
-    run_standalone,
-    store_path_for,
-)
+from cryoorient_ray.plots import plot_image_grid
+from cryoorient_ray.stages.base import StageResult, _ray_nodes_metric, run_standalone, store_path_for
 
 log = logging.getLogger(__name__)
 

@@ -11,17 +11,8 @@ from pathlib import Path
 from cryoorient_ray.config import RunConfig
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_write_text
-from cryoorient_ray.plots import (
-    plot_distance_scatter,
-    plot_training_curves,
-)
-from cryoorient_ray.stages.base import (
-    MODEL_NAME,
-    StageResult,
-    _ray_nodes_metric,
-    run_standalone,
-    store_path_for,
-)
+from cryoorient_ray.plots import plot_distance_scatter, plot_training_curves
+from cryoorient_ray.stages.base import MODEL_NAME, StageResult, _ray_nodes_metric, run_standalone, store_path_for
 from cryoorient_ray.stages.simulate import stage_simulate
 
 log = logging.getLogger(__name__)
@@ -76,7 +67,7 @@ def evaluate_distances(
 def stage_train(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult:
     """Train the distance on Ray Train; export model.pt; plot L_DE curves; compare with the Euclidean baseline."""
     from cryoorient_ray.distributed import runtime
-    from cryoorient_ray.distributed.train_workers import train_distance
+    from cryoorient_ray.distributed.train_workers import TrainJob, train_distance
     from cryoorient_ray.io.store import absolute_store_path
 
     t0 = time.perf_counter()
@@ -84,7 +75,7 @@ def stage_train(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult
     runtime.clear_nodes_used("train")
     with runtime.ray_runtime(cfg.ray):
         groups_before = runtime.placement_group_ids()
-        summary = train_distance(cfg.train, stores, out, seed=cfg.seed, progress=progress)
+        summary = train_distance(TrainJob(cfg.train, stores, out, seed=cfg.seed), progress=progress)
         runtime.record_nodes("train", runtime.placement_group_nodes(exclude=groups_before))
     history = json.loads((out / "history.json").read_text())
     plot_training_curves(history, out / "training.png")
