@@ -189,3 +189,26 @@ def test_recover_section_hands_the_solver_its_settings_with_one_set_of_defaults(
     assert RecoverConfig().settings(0).device in ("cpu", "cuda")  # auto resolved
     with pytest.raises(CryoOrientError, match="recover.tol"):
         load_config(None, sets=["recover.tol=0"])
+
+
+def test_a_disconnected_graph_recovers_its_largest_component(caplog):
+    from cryoorient_ray.config import RecoverConfig
+    from cryoorient_ray.stages.recover import Estimator, pair_graph, recovery_edges
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(30, 3)) - 50, rng.normal(size=(40, 3)) + 50])
+    calls = []
+
+    def distance(i, j):
+        calls.append((i.copy(), j.copy()))
+        return np.linalg.norm(x[i] - x[j], axis=1) / 100
+
+    est = Estimator("test", x, "euclidean", distance)
+    graph = pair_graph(est, RecoverConfig(k=4, n_random=0), seed=0)
+    edges = recovery_edges(graph, est)
+    assert graph.n_components == 2 and "2 connected components" in caplog.text
+    assert edges.nodes.tolist() == list(range(30, 70))  # the 40 of the second cluster
+    assert edges.i.max() < 40 and edges.j.max() < 40 and edges.d.dtype == np.float32
+    # d̂ is asked for the selection's indices, not the renumbered ones
+    assert calls[0][0].min() >= 30
+    assert np.allclose(edges.d, distance(edges.nodes[edges.i], edges.nodes[edges.j]))

@@ -11,8 +11,8 @@ Design (synchronous data parallelism, parameter server on the driver):
   renormalisation to S³). All actors see the same quaternions at every step, so the result is
   the same as in-process recovery, whatever the number of actors.
 - Traffic per step is ``2·n_actors·P·16`` bytes: 3 MB for P = 10⁵ with 2 actors, against ~10⁶
-  edges of work per actor; for small graphs the per-call overhead (~1 ms) dominates and the
-  in-process path (``n_actors = 0``) is faster.
+  edges of work per actor; for small graphs the per-call overhead dominates and the in-process
+  path (``n_actors = 0``) is faster (docs/BENCHMARKS.md, ``scaling``).
 
 :func:`embed_with_ray_data` computes the learned distance's embeddings of a large stack on Ray
 Data workers, shard by shard (:mod:`cryoorient_ray.stages.recover` uses it when actors are on).

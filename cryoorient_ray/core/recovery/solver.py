@@ -16,10 +16,16 @@ Two things make it fast and reliable where the paper's recovery took hours:
   (:mod:`cryoorient_ray.distributed.recover_actors`), the driver summing their gradients (synchronous
   data parallelism: every step sees the gradient of the whole graph, so results do not depend on
   the number of actors).
-- **A smooth warm start.** The first phase minimises ``|cos d̂_ij − cos d_q|²`` where
-  ``cos d_q = 2⟨q̂_i, q̂_j⟩² − 1`` is a polynomial of the quaternions: no arccos singularity,
-  large basins. The paper's ``L_OR`` then finishes. Several random starts run the warm phase
-  and the one with the lowest ``L_OR`` is kept (restarts).
+- **A start near the solution.** By default (``init="gram"``) a rank-9 Gram completion: unit
+  vectors ``y_i ∈ R⁹`` with ``⟨y_i, y_j⟩ ≈ (1 + 2 cos d̂_ij)/3 = ⟨vec R_i, vec R_j⟩/3``, a smooth
+  problem without the arccos, rounded to rotations (:func:`round_to_rotations`). With
+  ``init="random"`` (the paper's start) random quaternions first minimise the smooth
+  ``|cos d̂_ij − cos d_q|²``, where ``cos d_q = 2⟨q̂_i, q̂_j⟩² − 1`` is a polynomial of the
+  quaternions. ``restarts`` starts run and the one with the lowest ``L_OR`` goes on; the
+  paper's ``L_OR`` then finishes.
+
+The optimiser's settings are one frozen :class:`RecoverySettings` (the run config's
+``recover`` keys build it: :meth:`cryoorient_ray.config.SolverConfig.settings`).
 
 ``L_OR`` is tracked at every step; the paper shows it is a usable proxy for the orientation error
 when no ground truth exists. The solution is defined up to the O(4) transformations of S³ that
