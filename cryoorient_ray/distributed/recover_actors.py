@@ -49,7 +49,7 @@ class EdgePartitionActor:
         return current_node_id()
 
     def loss_and_grad(self, q: np.ndarray, loss: str) -> tuple[float, float, torch.Tensor]:
-        """``(L_OR sum, loss sum, gradient (P, 4))`` of this partition at quaternions ``q (P, 4)``."""
+        """``(L_OR sum, loss sum, gradient (P, m))`` of this partition at ``q (P, m)`` (m = 4; 9 for "gram")."""
         # Object-store arrays are read-only views; torch needs writable memory.
         return self.objective.loss_and_grad(torch.from_numpy(np.array(q, copy=True)), loss)
 
