@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cryoorient_ray import __version__
 from cryoorient_ray.core.geometry.symmetry import normalize_symmetry_name
+from cryoorient_ray.core.recovery.solver import RecoverySettings
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_write_text
 
@@ -226,8 +227,55 @@ class GaugeConfig(StrictModel):
     polish_rounds: int = Field(3, ge=0, description="rounds of the final local search of the correction")
 
 
-class RecoverConfig(StrictModel):
-    """Orientation recovery on a sparse pair graph (optionally on Ray actors)."""
+_SOLVER = RecoverySettings()  # the solver's defaults, written once (core/recovery/solver.py)
+
+
+class SolverConfig(StrictModel):
+    """The optimiser of the recovery: the keys of :class:`RecoverySettings`, with its defaults.
+
+    :class:`RecoverConfig` inherits them, so they stay flat keys of the ``recover`` section
+    (``recover.max_steps``, as in every existing config). :meth:`settings` is the one hand-off
+    to the solver; the run's seed and the resolved device complete it.
+    """
+
+    init: Literal["gram", "random"] = Field(
+        _SOLVER.init, description="gram: rank-9 Gram completion rounded to rotations; random: the paper's random start"
+    )
+    lr: float = Field(_SOLVER.lr, gt=0, description="Adam step size")
+    lr_final: float = Field(_SOLVER.lr_final, gt=0, description="the L_OR step size decays to this at max_steps")
+    init_steps: int = Field(
+        _SOLVER.init_steps, ge=0, description="with init gram: steps of the Gram completion at most"
+    )
+    rounding_starts: int = Field(
+        _SOLVER.rounding_starts, ge=1, description="with init gram: random starts of the rounding to rotations"
+    )
+    warmup_steps: int = Field(
+        _SOLVER.warmup_steps, ge=0, description="with init random: steps of the smooth cosine loss"
+    )
+    max_steps: int = Field(_SOLVER.max_steps, ge=1, description="L_OR steps at most")
+    min_steps: int = Field(_SOLVER.min_steps, ge=0, description="L_OR steps before the convergence test may stop")
+    tol: float = Field(
+        _SOLVER.tol, gt=0, description="stop when the loss improves less than this fraction over window steps"
+    )
+    window: int = Field(_SOLVER.window, ge=0, description="steps of the convergence test")
+    restarts: int = Field(_SOLVER.restarts, ge=1, description="starts of the initialisation; the lowest L_OR goes on")
+    chunk_size: int = Field(_SOLVER.chunk_size, ge=1, description="edges per pass of the gradient (bounds memory)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="torch device of in-process recovery (auto: cuda when a GPU is visible)"
+    )
+
+    def settings(self, seed: int) -> RecoverySettings:
+        """The solver's :class:`RecoverySettings` from these keys, with ``seed`` and ``device`` resolved."""
+        import torch
+
+        keys = set(SolverConfig.model_fields) - {"device"}
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        return RecoverySettings(**self.model_dump(include=keys), seed=seed, device=device)
+
+
+class RecoverConfig(SolverConfig):
+    """Orientation recovery on a sparse pair graph (optionally on Ray actors); the optimiser's keys
+    are :class:`SolverConfig`'s."""
 
     estimator: Literal["model", "euclidean", "exact"] = Field(
         "model", description="model: the trained distance; euclidean: the baseline; exact: true d_q (experiments)"
@@ -241,17 +289,6 @@ class RecoverConfig(StrictModel):
     n_random: int = Field(20, ge=0, description="random long-range partners per projection")
     actors: int = Field(0, ge=0, description="Ray actors holding edge partitions (0 = in-process)")
     cpus_per_actor: float = Field(1.0, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="torch device of in-process recovery (auto: cuda when a GPU is visible)"
-    )
-    init: Literal["gram", "random"] = Field(
-        "gram", description="gram: rank-9 Gram completion rounded to rotations; random: the paper's random start"
-    )
-    lr: float = Field(0.05, gt=0)
-    warmup_steps: int = Field(300, ge=0, description="with init random: steps of the smooth cosine loss")
-    max_steps: int = Field(2000, ge=1, description="L_OR steps at most")
-    restarts: int = Field(1, ge=1, description="starts of the initialisation; the lowest L_OR goes on")
-    tol: float = Field(1e-3, gt=0, description="stop when L_OR improves less than this fraction over 100 steps")
     gauge: GaugeConfig = Field(default_factory=GaugeConfig)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryoorient_ray.core.geometry.quaternion import quat_distance, quat_product
+from cryoorient_ray.core.geometry.quaternion import quat_distance, quat_product, random_unitquat
 from cryoorient_ray.core.geometry.sampling import sample_orientations
 from cryoorient_ray.core.recovery.align import align_o4
 from cryoorient_ray.core.recovery.graph import build_pair_graph
@@ -16,8 +16,8 @@ from cryoorient_ray.core.recovery.solver import (
     EdgeObjective,
     RecoverySettings,
     check_distances,
-    random_unit_quaternions,
     recover_orientations,
+    round_to_rotations,
 )
 from cryoorient_ray.errors import CryoOrientError
 
@@ -31,7 +31,7 @@ def _exact_problem(p=300, seed=0, k=10, n_random=20):
 def test_gradient_matches_finite_differences():
     q, g, d = _exact_problem(40)
     obj = EdgeObjective(g.i, g.j, d + 0.1)
-    x = random_unit_quaternions(40, seed=3).double()
+    x = random_unitquat(40, seed=3).double()
     for loss in ("paper", "cosine"):
         _, _, grad = obj.loss_and_grad(x.float(), loss)
 
@@ -103,6 +103,59 @@ def test_nan_distances_are_a_clear_error():
         recover_orientations(5, EdgeObjective(np.zeros(0), np.zeros(0), np.zeros(0)))
 
 
+def test_settings_are_frozen_and_checked():
+    s = RecoverySettings(seed=3)
+    with pytest.raises(AttributeError):
+        s.lr = 1.0  # one typed hand-off: nobody edits it on the way
+    for bad in ({"init": "nope"}, {"lr": 0.0}, {"max_steps": -1}, {"restarts": 0}, {"chunk_size": 0}):
+        with pytest.raises(CryoOrientError):
+            RecoverySettings(**bad)
+
+
+def test_chunked_gradient_matches_one_pass():
+    q, g, d = _exact_problem(60)
+    x = random_unitquat(60, seed=1)
+    for loss in ("paper", "cosine", "gram"):
+        xx = torch.nn.functional.normalize(torch.randn(60, 9, generator=torch.Generator().manual_seed(0)), dim=1)
+        xx = xx if loss == "gram" else x
+        whole = EdgeObjective(g.i, g.j, d).loss_and_grad(xx, loss)
+        chunked = EdgeObjective(g.i, g.j, d, chunk_size=37).loss_and_grad(xx, loss)
+        assert whole[0] == pytest.approx(chunked[0], rel=1e-5) and whole[1] == pytest.approx(chunked[1], rel=1e-5)
+        assert torch.allclose(whole[2], chunked[2], atol=1e-4)
+
+
+def test_given_start_skips_the_initialisation_and_progress_reports_each_phase():
+    q, g, d = _exact_problem(100)
+    seen: dict[str, int] = {}
+
+    def progress(phase, step, total, value):
+        seen[phase] = max(seen.get(phase, 0), step)
+        assert step <= total and np.isfinite(value)
+
+    s = RecoverySettings(seed=0, max_steps=30, init_steps=20, min_steps=1000)
+    res = recover_orientations(100, EdgeObjective(g.i, g.j, d), settings=s, progress=progress)
+    assert seen == {"init (Gram)": 20, "L_OR": 30} and res.phase.count("init") == 20
+    again = recover_orientations(100, EdgeObjective(g.i, g.j, d), settings=s, init=res.quaternions)
+    assert again.restart_losses == [] and again.phase == ["paper"] * 31
+    assert again.final_loss <= res.final_loss
+    with pytest.raises(CryoOrientError, match="init must be"):
+        recover_orientations(100, EdgeObjective(g.i, g.j, d), settings=s, init=res.quaternions[:5])
+
+
+def test_rounding_to_rotations_of_an_exact_gram_solution():
+    from cryoorient_ray.core.geometry.quaternion import unitquat_to_rotmat
+
+    rot = unitquat_to_rotmat(sample_orientations(80, seed=4))
+    w, _ = torch.linalg.qr(torch.randn(9, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    y = torch.as_tensor(rot.reshape(80, 9)) @ w / math.sqrt(3.0)  # vec(R)/√3 up to an O(9) map
+    got, res = round_to_rotations(y, starts=8)
+    assert res < 1e-12
+    assert np.allclose(got.transpose(0, 2, 1) @ got, np.eye(3), atol=1e-9) and np.allclose(np.linalg.det(got), 1)
+    # the same Gram matrix ⟨vec R_i, vec R_j⟩ = 1 + 2 cos d_ij: rotations up to the distance-preserving maps
+    gram = lambda r: np.einsum("iab,jab->ij", r, r)  # noqa: E731
+    assert np.allclose(gram(got), gram(rot), atol=1e-9)
+
+
 @pytest.mark.timeout(180)
 def test_ray_data_embeddings_match_in_process(ray_local, tmp_path):
     from cryoorient_ray.core.learning.model import SiameseDistance, load_distance_model, save_distance_model
@@ -118,3 +171,44 @@ def test_ray_data_embeddings_match_in_process(ray_local, tmp_path):
     got = embed_with_ray_data(str(store.path), "test", str(tmp_path / "m.pt"), rows, concurrency=1)
     want = embed_rows(model, store, rows).numpy()
     assert got.shape == want.shape and np.allclose(got, want, atol=1e-5)
+
+
+def test_recover_section_hands_the_solver_its_settings_with_one_set_of_defaults():
+    from dataclasses import fields
+
+    from cryoorient_ray.config import RecoverConfig, SolverConfig, load_config
+
+    solver_keys = set(SolverConfig.model_fields) - {"device"}
+    assert solver_keys == {f.name for f in fields(RecoverySettings)} - {"seed", "device"}
+    # the defaults are the solver's: nothing to drift
+    assert RecoverConfig(device="cpu").settings(seed=4) == RecoverySettings(seed=4, device="cpu")
+    # flat keys, as in every existing config and --set recover.max_steps=...
+    cfg = load_config(None, sets=["recover.max_steps=123", "recover.init=random", "recover.lr=0.01", "seed=5"])
+    s = cfg.recover.settings(seed=cfg.seed)
+    assert (s.max_steps, s.init, s.lr, s.seed) == (123, "random", 0.01, 5)
+    assert RecoverConfig().settings(0).device in ("cpu", "cuda")  # auto resolved
+    with pytest.raises(CryoOrientError, match="recover.tol"):
+        load_config(None, sets=["recover.tol=0"])
+
+
+def test_a_disconnected_graph_recovers_its_largest_component(caplog):
+    from cryoorient_ray.config import RecoverConfig
+    from cryoorient_ray.stages.recover import Estimator, pair_graph, recovery_edges
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(30, 3)) - 50, rng.normal(size=(40, 3)) + 50])
+    calls = []
+
+    def distance(i, j):
+        calls.append((i.copy(), j.copy()))
+        return np.linalg.norm(x[i] - x[j], axis=1) / 100
+
+    est = Estimator("test", x, "euclidean", distance)
+    graph = pair_graph(est, RecoverConfig(k=4, n_random=0), seed=0)
+    edges = recovery_edges(graph, est)
+    assert graph.n_components == 2 and "2 connected components" in caplog.text
+    assert edges.nodes.tolist() == list(range(30, 70))  # the 40 of the second cluster
+    assert edges.i.max() < 40 and edges.j.max() < 40 and edges.d.dtype == np.float32
+    # d̂ is asked for the selection's indices, not the renumbered ones
+    assert calls[0][0].min() >= 30
+    assert np.allclose(edges.d, distance(edges.nodes[edges.i], edges.nodes[edges.j]))

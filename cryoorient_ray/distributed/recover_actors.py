@@ -1,4 +1,4 @@
-"""Orientation recovery with the pair graph's edges partitioned across Ray actors.
+"""Ray side of the ``recover`` stage: L_OR with the pair graph's edges on actors, embeddings with Ray Data.
 
 Design (synchronous data parallelism, parameter server on the driver):
 
@@ -11,11 +11,16 @@ Design (synchronous data parallelism, parameter server on the driver):
   renormalisation to S³). All actors see the same quaternions at every step, so the result is
   the same as in-process recovery, whatever the number of actors.
 - Traffic per step is ``2·n_actors·P·16`` bytes: 3 MB for P = 10⁵ with 2 actors, against ~10⁶
-  edges of work per actor; for small graphs the per-call overhead (~1 ms) dominates and the
-  in-process path (``n_actors = 0``) is faster.
+  edges of work per actor; for small graphs the per-call overhead dominates and the in-process
+  path (``n_actors = 0``) is faster (docs/BENCHMARKS.md, ``scaling``).
+
+:func:`embed_with_ray_data` computes the learned distance's embeddings of a large stack on Ray
+Data workers, shard by shard (:mod:`cryoorient_ray.stages.recover` uses it when actors are on).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import ray
@@ -32,9 +37,9 @@ __all__ = ["EdgePartitionActor", "embed_with_ray_data", "partition_edges", "reco
 class EdgePartitionActor:
     """One partition of the pair graph: returns its L_OR sum and gradient for given quaternions."""
 
-    def __init__(self, i: np.ndarray, j: np.ndarray, d: np.ndarray, threads: int = 1):
+    def __init__(self, i: np.ndarray, j: np.ndarray, d: np.ndarray, threads: int = 1, chunk_size: int = 1 << 20):
         torch.set_num_threads(max(1, int(threads)))
-        self.objective = EdgeObjective(i, j, d)
+        self.objective = EdgeObjective(i, j, d, chunk_size=chunk_size)
 
     def n_edges(self) -> int:
         return self.objective.n_edges
@@ -43,7 +48,8 @@ class EdgePartitionActor:
         """The Ray node this partition lives on."""
         return current_node_id()
 
-    def loss_and_grad(self, q: np.ndarray, loss: str) -> tuple[float, float, np.ndarray]:
+    def loss_and_grad(self, q: np.ndarray, loss: str) -> tuple[float, float, torch.Tensor]:
+        """``(L_OR sum, loss sum, gradient (P, m))`` of this partition at ``q (P, m)`` (m = 4; 9 for "gram")."""
         # Object-store arrays are read-only views; torch needs writable memory.
         return self.objective.loss_and_grad(torch.from_numpy(np.array(q, copy=True)), loss)
 
@@ -65,44 +71,48 @@ def recover_on_actors(
     threads_per_actor: int = 1,
     progress=None,
 ) -> RecoveryResult:
-    """Recover ``(n_nodes, 4)`` quaternions from edges ``(i, j, d̂)`` with ``n_actors`` Ray actors.
+    """Recover ``(n_nodes, 4)`` quaternions from edges ``i, j (E,)`` with d̂ ``d (E,)`` on ``n_actors`` Ray actors.
 
     ``n_actors = 0`` runs in-process (no Ray). Ray must already be initialised otherwise
     (:func:`cryoorient_ray.distributed.runtime.ray_runtime`). Actors are killed at the end,
     also on error or Ctrl-C. The nodes they ran on are recorded under ``"recover"``
-    (:func:`cryoorient_ray.distributed.runtime.nodes_used`).
+    (:func:`cryoorient_ray.distributed.runtime.nodes_used`). ``settings`` and ``progress`` are
+    :func:`~cryoorient_ray.core.recovery.solver.recover_orientations`'s.
     """
+    s = settings or RecoverySettings()
     i, j, d = np.asarray(i), np.asarray(j), np.asarray(d, dtype=np.float32)
     if n_actors < 0:
         raise CryoOrientError(f"actors must be >= 0; got {n_actors}")
     if n_actors == 0:
-        device = settings.device if settings is not None else None
-        objective = EdgeObjective(i, j, d, device=device)
-        return recover_orientations(n_nodes, objective, settings=settings, progress=progress)
+        objective = EdgeObjective(i, j, d, chunk_size=s.chunk_size, device=s.device)
+        return recover_orientations(n_nodes, objective, settings=s, progress=progress)
     if not ray.is_initialized():
         raise CryoOrientError("Ray is not initialised: start it before recovering on actors")
     order = np.argsort(i, kind="stable")
     i, j, d = i[order], j[order], d[order]
-    parts = partition_edges(len(i), n_actors)
     # SPREAD: on a cluster each node's cores and memory bandwidth take a share of the edges
     actor_cls = EdgePartitionActor.options(num_cpus=cpus_per_actor, scheduling_strategy="SPREAD")
-    actors = [actor_cls.remote(i[s], j[s], d[s], threads_per_actor) for s in parts]
+    actors = [
+        actor_cls.remote(i[p], j[p], d[p], threads_per_actor, s.chunk_size) for p in partition_edges(len(i), n_actors)
+    ]
     try:
         ray.get([a.n_edges.remote() for a in actors])  # fail early if an actor cannot start
         record_nodes("recover", ray.get([a.node_id.remote() for a in actors]))
-
-        def grad_fn(q: torch.Tensor, loss: str):
-            ref = ray.put(q.detach().cpu().numpy())
-            results = ray.get([a.loss_and_grad.remote(ref, loss) for a in actors])
-            l_or = sum(r[0] for r in results)
-            l_used = sum(r[1] for r in results)
-            grad = torch.from_numpy(np.sum([r[2] for r in results], axis=0))
-            return l_or, l_used, grad
-
-        return recover_orientations(n_nodes, grad_fn, n_edges=len(i), settings=settings, progress=progress)
+        grad_fn = functools.partial(_actors_loss_and_grad, actors)
+        return recover_orientations(n_nodes, grad_fn, n_edges=len(i), settings=s, progress=progress)
     finally:
         for a in actors:
             ray.kill(a)
+
+
+def _actors_loss_and_grad(actors: list, q: torch.Tensor, loss: str) -> tuple[float, float, torch.Tensor]:
+    """The whole graph's ``(L_OR sum, loss sum, gradient (P, m))``: the sums over the actors' partitions."""
+    ref = ray.put(q.detach().cpu().numpy())  # once for all actors (zero-copy reads on one node)
+    results = ray.get([a.loss_and_grad.remote(ref, loss) for a in actors])
+    l_or = sum(r[0] for r in results)
+    l_used = sum(r[1] for r in results)
+    grad = torch.from_numpy(np.sum([r[2] for r in results], axis=0))
+    return l_or, l_used, grad
 
 
 class _Embedder:

@@ -1,18 +1,28 @@
-"""Orientation recovery on a projection store: pair graph → L_OR on actors → physical gauge → errors.
+"""The ``recover`` stage: orientations of one protein's projections from their estimated distances.
 
-What `cryoorient recover` runs (and the `recover` stage of `cryoorient run`):
+What `cryoorient recover` runs (and the `recover` stage of `cryoorient run`), in the order of
+this module:
 
-1. pick the projections (one protein, one split, optionally a random subset);
-2. the distance estimator gives features for the neighbour search and d̂ on the graph's edges:
+1. **selection** (:func:`select_projections`): one protein, one split, optionally a random subset;
+2. **estimator** (:func:`make_estimator`): features for the neighbour search and d̂ for any edge —
    the trained model (embeddings computed once per image), the Euclidean baseline (flattened
-   images) or — for experiments — the exact d_q, optionally perturbed by Gaussian noise;
-3. the sparse pair graph (kNN + random edges); only its largest connected component is
-   recovered when it falls apart (with a warning);
-4. recovery (:mod:`cryoorient_ray.core.recovery.solver`, in-process or on Ray actors);
-5. the physical gauge from the images (:mod:`cryoorient_ray.core.recovery.gauge`);
-6. when the store knows the true orientations: E_OR (O(4), as the paper) and the registration
-   error (global rotation + hand, as peers report), and whether the gauge found the physical
-   solution.
+   images) or, for experiments, the exact d_q, optionally perturbed by Gaussian noise;
+3. **graph** (:func:`pair_graph`, :func:`recovery_edges`): the sparse pair graph (kNN + random
+   edges) and d̂ on its edges; only its largest connected component is recovered when it falls
+   apart (with a warning);
+4. **solve** (:func:`solve`): L_OR minimised by :mod:`cryoorient_ray.core.recovery.solver`, in
+   process or with the edges on Ray actors (:mod:`cryoorient_ray.distributed.recover_actors`);
+5. **gauge** (:func:`run_gauge`): the physical solution among the distance-equivalent ones, from
+   the images (:mod:`cryoorient_ray.core.recovery.gauge`);
+6. **errors** (:func:`measure_errors`, when the store knows the true orientations): E_OR (O(4),
+   as the paper) and the registration error (global rotation + hand, as peers report), and
+   whether the gauge found the physical solution;
+7. **outputs** (:func:`write_recovery_outputs`): RELION .star + .mrcs, the orientations as .npz,
+   the L_OR curve, the viewing directions, the error histogram and ``recovered.json``.
+
+:func:`recover_store` runs steps 1–6 and returns a :class:`RecoveryOutcome`; :func:`stage_recover`
+adds Ray, the progress bar and step 7; :func:`run_recover` and :func:`run_align` are the
+`cryoorient recover` and `cryoorient align` commands.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,30 +45,45 @@ from cryoorient_ray.core.geometry.quaternion import quat_distance
 from cryoorient_ray.core.geometry.symmetry import symmetric_quat_distance
 from cryoorient_ray.core.imaging.particles import CTFParams
 from cryoorient_ray.core.recovery.graph import PairGraph, build_pair_graph, knn_edges
-from cryoorient_ray.core.recovery.solver import RecoveryResult, RecoverySettings, check_distances
+from cryoorient_ray.core.recovery.solver import RecoveryResult, check_distances
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_savez, atomic_write_text
 from cryoorient_ray.io.store import ProjectionStore
-from cryoorient_ray.plots import (
-    plot_orientations,
-)
-from cryoorient_ray.stages.base import (
-    MODEL_NAME,
-    StageResult,
-    _ray_nodes_metric,
-    run_standalone,
-    store_path_for,
-)
+from cryoorient_ray.plots import plot_orientations
+from cryoorient_ray.stages.base import MODEL_NAME, StageResult, _ray_nodes_metric, run_standalone, store_path_for
 
 log = logging.getLogger(__name__)
 
 # Registration error may exceed E_OR (O(4)) by this much and still count as the physical solution.
 GAUGE_TOLERANCE = 0.05
 
+DistanceFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the seconds spent inside to ``timings[key]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------- selection
+
 
 @dataclass
 class Selection:
-    """The projections one recovery works on."""
+    """The projections one recovery works on.
+
+    Attributes:
+        rows: ``(P,)`` store rows.
+        protein, protein_name, symmetry: the protein's index in the store, its name and point group.
+        q_true: ``(P, 4)`` float64 true quaternions (wxyz), or ``None`` when the store has none.
+        shifts: ``(P, 2)`` float64 image shifts in pixels.
+        ctf: the store's CTF parameters of these rows (``None``: no CTF).
+    """
 
     rows: np.ndarray
     protein: int
@@ -77,17 +104,6 @@ class Selection:
             shifts=self.shifts[nodes],
             ctf=None if self.ctf is None else self.ctf.subset(nodes),
         )
-
-
-@dataclass
-class Estimator:
-    """Features for the neighbour search and d̂ for any edge list."""
-
-    name: str
-    features: np.ndarray | torch.Tensor
-    metric: str
-    distance: callable
-    info: dict = field(default_factory=dict)
 
 
 def select_projections(store: ProjectionStore, cfg: RecoverConfig, seed: int = 0) -> Selection:
@@ -119,42 +135,71 @@ def select_projections(store: ProjectionStore, cfg: RecoverConfig, seed: int = 0
     )
 
 
-def make_estimator(
-    store: ProjectionStore, sel: Selection, cfg: RecoverConfig, model_path: str | None, seed: int = 0
-) -> Estimator:
-    """The distance estimator named by ``cfg.estimator``."""
+# ----------------------------------------------------------------------------------------------- estimator
+
+
+@dataclass
+class Estimator:
+    """Features for the neighbour search and d̂ for any edge list.
+
+    Attributes:
+        name: ``"model"``, ``"euclidean"`` or ``"exact"``.
+        features: ``(P, n)`` features of the selection's projections, searched with ``metric``
+            (:func:`~cryoorient_ray.core.recovery.graph.knn_edges`).
+        metric: ``"angle"``, ``"euclidean"`` or ``"quaternion"``.
+        distance: ``distance(i (E,), j (E,)) -> d̂ (E,)`` float64 in radians, for indices into the selection.
+        info: what the metrics report about the estimator.
+    """
+
+    name: str
+    features: np.ndarray | torch.Tensor
+    metric: str
+    distance: DistanceFn
+    info: dict = field(default_factory=dict)
+
+
+def _exact_estimator(store: ProjectionStore, sel: Selection, sigma2: float, seed: int) -> Estimator:
+    """The true d_G (symmetry-aware), plus Gaussian noise of variance ``sigma2`` that is fixed per edge."""
+    if sel.q_true is None:
+        raise CryoOrientError(f"{store.path} has no true orientations: --exact/--perturb need them")
+    q = sel.q_true
+    sigma = math.sqrt(sigma2)
+
+    def exact(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        d = np.asarray(symmetric_quat_distance(q[i], q[j], sel.symmetry), dtype=np.float64)
+        if sigma > 0:
+            # Deterministic per edge: the noise of (i, j) does not depend on which edges are asked.
+            rng = np.random.default_rng([seed, 7919])
+            noise_table = rng.normal(0.0, sigma, size=len(q) * 64)
+            key = (np.minimum(i, j) * 2654435761 + np.maximum(i, j) * 40503) % len(noise_table)
+            d = d + noise_table[key]
+        return np.clip(d, 0.0, math.pi)
+
+    return Estimator("exact", q, "quaternion", exact, {"perturb_sigma2": sigma2})
+
+
+def _euclidean_estimator(store: ProjectionStore, sel: Selection, seed: int) -> Estimator:
+    """The baseline: distances of flattened images, scaled on the store's true distances."""
+    from cryoorient_ray.stages.evaluate import fit_euclidean
+
+    if not store.manifest.get("has_orientations", True):
+        raise CryoOrientError("the Euclidean baseline is scaled on true distances, which this store does not have")
+    model = fit_euclidean(store, n_pairs=2000, seed=seed + 1)
+    images = store.read_images(sel.rows).reshape(len(sel.rows), -1).astype(np.float32)
+    feats = torch.from_numpy(images)
+
+    def euclid(i, j):
+        with torch.no_grad():
+            return model.distance(feats[i], feats[j]).double().numpy()
+
+    return Estimator("euclidean", feats, "euclidean", euclid, {"scale": float(model.scale)})
+
+
+def _model_estimator(store: ProjectionStore, sel: Selection, cfg: RecoverConfig, model_path: str | None) -> Estimator:
+    """The trained distance: embeddings once per image (on Ray Data workers when ``cfg.actors > 0``)."""
     from cryoorient_ray.core.learning.model import load_distance_model
-    from cryoorient_ray.stages.evaluate import embed_rows, fit_euclidean
+    from cryoorient_ray.stages.evaluate import embed_rows
 
-    if cfg.estimator == "exact":
-        if sel.q_true is None:
-            raise CryoOrientError(f"{store.path} has no true orientations: --exact/--perturb need them")
-        q = sel.q_true
-        sigma = math.sqrt(cfg.perturb_sigma2)
-
-        def exact(i: np.ndarray, j: np.ndarray) -> np.ndarray:
-            d = np.asarray(symmetric_quat_distance(q[i], q[j], sel.symmetry), dtype=np.float64)
-            if sigma > 0:
-                # Deterministic per edge: the noise of (i, j) does not depend on which edges are asked.
-                rng = np.random.default_rng([seed, 7919])
-                noise_table = rng.normal(0.0, sigma, size=len(q) * 64)
-                key = (np.minimum(i, j) * 2654435761 + np.maximum(i, j) * 40503) % len(noise_table)
-                d = d + noise_table[key]
-            return np.clip(d, 0.0, math.pi)
-
-        return Estimator("exact", q, "quaternion", exact, {"perturb_sigma2": cfg.perturb_sigma2})
-    if cfg.estimator == "euclidean":
-        if not store.manifest.get("has_orientations", True):
-            raise CryoOrientError("the Euclidean baseline is scaled on true distances, which this store does not have")
-        model = fit_euclidean(store, n_pairs=2000, seed=seed + 1)
-        images = store.read_images(sel.rows).reshape(len(sel.rows), -1).astype(np.float32)
-        feats = torch.from_numpy(images)
-
-        def euclid(i, j):
-            with torch.no_grad():
-                return model.distance(feats[i], feats[j]).double().numpy()
-
-        return Estimator("euclidean", feats, "euclidean", euclid, {"scale": float(model.scale)})
     if model_path is None:
         raise CryoOrientError("no trained model: give --model, or --euclidean / --exact")
     model, _ = load_distance_model(model_path)
@@ -178,12 +223,92 @@ def make_estimator(
     return Estimator("model", emb, "angle", learned, {"model": str(model_path), "n_features": model.spec.n_features})
 
 
+def make_estimator(
+    store: ProjectionStore, sel: Selection, cfg: RecoverConfig, model_path: str | None, seed: int = 0
+) -> Estimator:
+    """The distance estimator named by ``cfg.estimator``."""
+    if cfg.estimator == "exact":
+        return _exact_estimator(store, sel, cfg.perturb_sigma2, seed)
+    if cfg.estimator == "euclidean":
+        return _euclidean_estimator(store, sel, seed)
+    return _model_estimator(store, sel, cfg, model_path)
+
+
+# ----------------------------------------------------------------------------------------------- graph
+
+
+@dataclass(frozen=True)
+class RecoveryEdges:
+    """The edges recovery runs on: the pair graph's largest component, renumbered, with their d̂.
+
+    Attributes:
+        nodes: ``(P',)`` indices into the selection of the projections recovered.
+        i, j: ``(E,)`` int64 edges between them, as indices into ``nodes``.
+        d: ``(E,)`` float32 estimated distances d̂_ij in radians, in ``[0, π]``.
+    """
+
+    nodes: np.ndarray
+    i: np.ndarray
+    j: np.ndarray
+    d: np.ndarray
+
+
+def pair_graph(est: Estimator, cfg: RecoverConfig, seed: int) -> PairGraph:
+    """kNN (``cfg.k``, in the estimator's feature space) plus ``cfg.n_random`` random edges per projection."""
+    return build_pair_graph(est.features, k=cfg.k, n_random=cfg.n_random, metric=est.metric, seed=seed)
+
+
+def recovery_edges(graph: PairGraph, est: Estimator) -> RecoveryEdges:
+    """The largest connected component of ``graph`` (all of it when connected) and d̂ on its edges."""
+    nodes = np.arange(graph.n_nodes)
+    gi, gj = graph.i, graph.j
+    if graph.n_components > 1:
+        keep = graph.component == 0
+        log.warning(
+            "the pair graph has %d connected components; recovering the largest (%d of %d projections) — "
+            "raise recover.n_random to connect them",
+            graph.n_components,
+            int(keep.sum()),
+            graph.n_nodes,
+        )
+        nodes = np.flatnonzero(keep)
+        gi, gj = _restrict(graph, keep)
+        if len(nodes) < 3:
+            raise CryoOrientError("the pair graph's largest connected component has fewer than 3 projections")
+    return RecoveryEdges(nodes, gi, gj, check_distances(est.distance(nodes[gi], nodes[gj])))
+
+
 def _restrict(graph: PairGraph, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Edges of ``graph`` inside the node subset ``keep`` (bool mask), renumbered."""
     new = np.full(graph.n_nodes, -1, np.int64)
     new[keep] = np.arange(int(keep.sum()))
     inside = keep[graph.i] & keep[graph.j]
     return new[graph.i[inside]], new[graph.j[inside]]
+
+
+# ----------------------------------------------------------------------------------------------- solve
+
+
+def solve(edges: RecoveryEdges, cfg: RecoverConfig, seed: int, progress=None) -> RecoveryResult:
+    """L_OR on ``edges`` with the optimiser of ``cfg``, on ``cfg.actors`` Ray actors (0: in process).
+
+    Ray must be running when ``cfg.actors > 0``.
+    """
+    from cryoorient_ray.distributed.recover_actors import recover_on_actors
+
+    return recover_on_actors(
+        len(edges.nodes),
+        edges.i,
+        edges.j,
+        edges.d,
+        n_actors=cfg.actors,
+        settings=cfg.settings(seed),
+        cpus_per_actor=cfg.cpus_per_actor,
+        progress=progress,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- gauge
 
 
 def gauge_inputs(store: ProjectionStore, sel: Selection, size: int):
@@ -233,6 +358,52 @@ class RecoveryOutcome:
     errors: dict = field(default_factory=dict)  # "o4", "registration": AlignResult (truth known)
 
 
+# ----------------------------------------------------------------------------------------------- errors
+
+
+def measure_errors(
+    q_true: np.ndarray, q_final: np.ndarray, symmetry: str, seed: int, gauge_ran: bool
+) -> tuple[dict, dict]:
+    """E_OR (O(4)) and the registration error (rotation + hand) of ``q_final (P, 4)`` against the truth.
+
+    Returns ``({"o4": AlignResult, "registration": RegistrationResult}, metrics)``; the metrics say
+    whether the gauge found the physical solution (``gauge_ran``: it did run).
+    """
+    from cryoorient_ray.core.recovery.align import align_o4, align_rotation, error_report
+
+    t0 = time.perf_counter()
+    o4 = align_o4(q_true, q_final, symmetry=symmetry, seed=seed)
+    reg = align_rotation(q_true, q_final, symmetry=symmetry, allow_mirror=True, seed=seed)
+    metrics = error_report(o4, reg)
+    if gauge_ran:
+        metrics["gauge_physical"] = bool(metrics["registration"] <= metrics["e_or_o4"] + GAUGE_TOLERANCE)
+    metrics["align_s"] = round(time.perf_counter() - t0, 3)
+    return {"o4": o4, "registration": reg}, metrics
+
+
+def _recovery_metrics(
+    sel: Selection, est: Estimator, graph: PairGraph, edges: RecoveryEdges, result: RecoveryResult, actors: int
+) -> dict:
+    """What one recovery reports before its timings and errors."""
+    return {
+        "protein": sel.protein_name,
+        "symmetry": sel.symmetry,
+        "estimator": est.name,
+        "projections": int(len(sel.rows)),
+        "recovered": int(len(edges.nodes)),
+        "edges": int(len(edges.i)),
+        "components": int(graph.n_components),
+        "L_OR": float(result.final_loss),
+        "steps": int(result.steps),
+        "converged": bool(result.converged),
+        "restart_L_OR": [float(x) for x in result.restart_losses],
+        "actors": int(actors),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- recovery
+
+
 def recover_store(
     store_path: str,
     cfg: RecoverConfig,
@@ -241,114 +412,50 @@ def recover_store(
     progress=None,
     status=None,
 ) -> RecoveryOutcome:
-    """Run the whole recovery on ``store_path``. Ray must be running when ``cfg.actors > 0``."""
-    from cryoorient_ray.core.recovery.align import align_o4, align_rotation, error_report
-    from cryoorient_ray.distributed.recover_actors import recover_on_actors
+    """Steps 1–6 of the module docstring on ``store_path``. Ray must be running when ``cfg.actors > 0``.
 
-    def say(msg: str) -> None:
-        if status is not None:
-            status(msg)
-
+    ``progress(phase, step, total, L_OR)`` follows the optimiser, ``status(text)`` the steps.
+    """
+    say = status or (lambda text: None)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    store = ProjectionStore.open(store_path)
-    sel = select_projections(store, cfg, seed)
-    say(f"{len(sel.rows)} projections of {sel.protein_name}: distances ({cfg.estimator})")
-    est = make_estimator(store, sel, cfg, model_path, seed)
-    timings["estimator_s"] = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    say("pair graph")
-    graph = build_pair_graph(est.features, k=cfg.k, n_random=cfg.n_random, metric=est.metric, seed=seed)
-    nodes = np.arange(graph.n_nodes)
-    gi, gj = graph.i, graph.j
-    if graph.n_components > 1:
-        keep = graph.component == 0
-        log.warning(
-            "the pair graph has %d connected components; recovering the largest (%d of %d projections) — "
-            "raise recover.n_random to connect them",
-            graph.n_components,
-            int(keep.sum()),
-            graph.n_nodes,
-        )
-        nodes = np.flatnonzero(keep)
-        gi, gj = _restrict(graph, keep)
-        if len(nodes) < 3:
-            raise CryoOrientError("the pair graph's largest connected component has fewer than 3 projections")
-    d_hat = check_distances(est.distance(nodes[gi], nodes[gj]))
-    timings["graph_s"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    settings = RecoverySettings(
-        init=cfg.init,
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        max_steps=cfg.max_steps,
-        restarts=cfg.restarts,
-        tol=cfg.tol,
-        seed=seed,
-        device=("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device,
-    )
-    say(f"recovery: {len(nodes)} projections, {len(gi)} edges, {cfg.actors or 'no'} actors")
-    result = recover_on_actors(
-        len(nodes),
-        gi,
-        gj,
-        d_hat,
-        n_actors=cfg.actors,
-        settings=settings,
-        cpus_per_actor=cfg.cpus_per_actor,
-        progress=progress,
-    )
-    timings["recovery_s"] = time.perf_counter() - t2
+    with _timed(timings, "estimator_s"):
+        store = ProjectionStore.open(store_path)
+        sel = select_projections(store, cfg, seed)
+        say(f"{len(sel.rows)} projections of {sel.protein_name}: distances ({cfg.estimator})")
+        est = make_estimator(store, sel, cfg, model_path, seed)
+    with _timed(timings, "graph_s"):
+        say("pair graph")
+        graph = pair_graph(est, cfg, seed)
+        edges = recovery_edges(graph, est)
+    with _timed(timings, "recovery_s"):
+        say(f"recovery: {len(edges.nodes)} projections, {len(edges.i)} edges, {cfg.actors or 'no'} actors")
+        result = solve(edges, cfg, seed, progress)
     q_raw = result.quaternions
-    sub = sel.subset(nodes)  # the recovered projections
-
-    gauge = None
-    q_final = q_raw
+    sub = sel.subset(edges.nodes)  # the recovered projections
+    gauge, q_final = None, q_raw
     if cfg.gauge.enabled:
-        t3 = time.perf_counter()
-        say("gauge: in-plane fit and cross-validated reconstructions")
-        gauge = run_gauge(store, sub, q_raw, cfg, seed)
-        q_final = gauge.apply(q_raw)
-        timings["gauge_s"] = time.perf_counter() - t3
-
-    metrics: dict = {
-        "protein": sel.protein_name,
-        "symmetry": sel.symmetry,
-        "estimator": est.name,
-        "projections": int(len(sel.rows)),
-        "recovered": int(len(nodes)),
-        "edges": int(len(gi)),
-        "components": int(graph.n_components),
-        "L_OR": float(result.final_loss),
-        "steps": int(result.steps),
-        "converged": bool(result.converged),
-        "restart_L_OR": [float(x) for x in result.restart_losses],
-        "actors": int(cfg.actors),
-        **{k: round(v, 3) for k, v in timings.items()},
-        **est.info,
-    }
+        with _timed(timings, "gauge_s"):
+            say("gauge: in-plane fit and cross-validated reconstructions")
+            gauge = run_gauge(store, sub, q_raw, cfg, seed)
+            q_final = gauge.apply(q_raw)
+    metrics = _recovery_metrics(sel, est, graph, edges, result, cfg.actors)
+    metrics.update({k: round(v, 3) for k, v in timings.items()}, **est.info)
     if gauge is not None:
         metrics["gauge"] = gauge.to_dict()
-    if sel.q_true is not None:
-        t4 = time.perf_counter()
-        qt = sub.q_true
-        o4 = align_o4(qt, q_final, symmetry=sel.symmetry, seed=seed)
-        reg = align_rotation(qt, q_final, symmetry=sel.symmetry, allow_mirror=True, seed=seed)
-        errors = {"o4": o4, "registration": reg}
-        metrics.update(error_report(o4, reg))
-        if gauge is not None:
-            metrics["gauge_physical"] = bool(metrics["registration"] <= metrics["e_or_o4"] + GAUGE_TOLERANCE)
-        metrics["align_s"] = round(time.perf_counter() - t4, 3)
-    else:
-        errors = {}
+    errors = {}
+    if sub.q_true is not None:
+        errors, error_metrics = measure_errors(sub.q_true, q_final, sel.symmetry, seed, gauge is not None)
+        metrics.update(error_metrics)
     metrics["total_s"] = round(time.perf_counter() - t0, 3)
-    return RecoveryOutcome(sel, est.name, graph, nodes, result, q_raw, q_final, gauge, metrics, errors)
+    return RecoveryOutcome(sel, est.name, graph, edges.nodes, result, q_raw, q_final, gauge, metrics, errors)
+
+
+# ----------------------------------------------------------------------------------------------- outputs
 
 
 def _recovery_progress(show: bool):
-    """A rich progress bar driven by ``progress(phase, step, total, L_OR)``; ``(bar, callback)``."""
+    """A rich progress bar driven by ``progress(phase, step, total, L_OR)``: ``(bar, progress, status)``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(
@@ -376,11 +483,27 @@ def _recovery_progress(show: bool):
     return bar, callback, status
 
 
-def write_recovery_outputs(outcome, store_path: str, out: Path, prefix: str = "recovered") -> dict[str, str]:
+def _plot_errors(outcome: RecoveryOutcome, path: Path) -> None:
+    """Histogram of the per-image errors after both alignments."""
+    from cryoorient_ray.plots import plot_error_histogram
+
+    m = outcome.metrics
+    plot_error_histogram(
+        {
+            "after O(4) alignment (E_OR)": outcome.errors["o4"].errors,
+            "after rotation + hand (physical)": outcome.errors["registration"].errors,
+        },
+        path,
+        title=f"{m['protein']}: E_OR {m['e_or_o4']:.3f} rad, registration {m['registration']:.3f} rad",
+    )
+
+
+def write_recovery_outputs(
+    outcome: RecoveryOutcome, store_path: str, out: Path, prefix: str = "recovered"
+) -> dict[str, str]:
     """.star + .mrcs (RELION), .npz, L_OR curve, directions and (truth known) error histogram."""
     from cryoorient_ray.io.relion import export_relion
-    from cryoorient_ray.io.store import ProjectionStore
-    from cryoorient_ray.plots import plot_error_histogram, plot_recovery_loss
+    from cryoorient_ray.plots import plot_recovery_loss
 
     sel, nodes = outcome.selection, outcome.nodes
     rows = sel.rows[nodes]
@@ -408,19 +531,24 @@ def write_recovery_outputs(outcome, store_path: str, out: Path, prefix: str = "r
     q_plot = outcome.q_final
     if outcome.errors:
         q_plot = outcome.errors["registration"].apply(outcome.q_final)
-        plot_error_histogram(
-            {
-                "after O(4) alignment (E_OR)": outcome.errors["o4"].errors,
-                "after rotation + hand (physical)": outcome.errors["registration"].errors,
-            },
-            out / f"{prefix}_errors.png",
-            title=f"{m['protein']}: E_OR {m['e_or_o4']:.3f} rad, registration {m['registration']:.3f} rad",
-        )
         files["errors"] = f"{prefix}_errors.png"
+        _plot_errors(outcome, out / files["errors"])
     plot_orientations(q_plot, out / files["directions"], title=f"recovered orientations ({m['protein']})")
     atomic_write_text(out / f"{prefix}.json", json.dumps(m, indent=2) + "\n")
     files["report"] = f"{prefix}.json"
     return files
+
+
+# ----------------------------------------------------------------------------------------------- stage
+
+
+def _model_file(rcfg: RecoverConfig, out: Path, model_path: str | os.PathLike | None) -> str | None:
+    """The model file recovery reads (absolute: Ray Data workers do not share the driver's folder)."""
+    if model_path is None and rcfg.estimator == "model":
+        model_path = rcfg.model or str(out / MODEL_NAME)
+        if not Path(model_path).is_file():
+            raise CryoOrientError(f"model file not found: {model_path} (train first, or set recover.model)")
+    return None if model_path is None else os.path.abspath(model_path)
 
 
 def stage_recover(
@@ -433,42 +561,24 @@ def stage_recover(
     """Recover orientations of one protein's projections (pair graph, L_OR on actors, gauge, errors)."""
     from contextlib import nullcontext
 
-    from cryoorient_ray.distributed.runtime import clear_nodes_used
+    from cryoorient_ray.distributed.runtime import clear_nodes_used, ray_runtime
     from cryoorient_ray.io.store import absolute_store_path
-    from cryoorient_ray.stages.recover import recover_store
 
     t0 = time.perf_counter()
     rcfg = cfg.recover
     store_path = absolute_store_path(store_path) if store_path else store_path_for(cfg, out)
     clear_nodes_used("recover")
-    if model_path is None and rcfg.estimator == "model":
-        model_path = rcfg.model or str(out / MODEL_NAME)
-        if not Path(model_path).is_file():
-            raise CryoOrientError(f"model file not found: {model_path} (train first, or set recover.model)")
-    if model_path is not None:  # Ray Data embedding workers do not share the driver's working directory
-        model_path = os.path.abspath(model_path)
-    if rcfg.actors > 0:
-        from cryoorient_ray.distributed.runtime import ray_runtime
-
-        runtime = ray_runtime(cfg.ray)
-    else:
-        runtime = nullcontext()
+    model_file = _model_file(rcfg, out, model_path)
+    runtime = ray_runtime(cfg.ray) if rcfg.actors > 0 else nullcontext()
     bar, callback, status = _recovery_progress(progress)
     with runtime, bar:
-        outcome = recover_store(
-            store_path, rcfg, None if model_path is None else str(model_path), cfg.seed, callback, status
-        )
+        outcome = recover_store(store_path, rcfg, model_file, cfg.seed, callback, status)
     files = write_recovery_outputs(outcome, store_path, out)
     m = outcome.metrics
     keep = ("recovered", "edges", "L_OR", "e_or_o4", "registration", "gauge_physical", "recovery_s", "gauge_s")
     metrics = {k: (round(m[k], 4) if isinstance(m[k], float) else m[k]) for k in keep if k in m}
     metrics.update(_ray_nodes_metric("recover"))
-    return StageResult.done(
-        "recover",
-        t0,
-        outputs=files,
-        metrics=metrics,
-    )
+    return StageResult.done("recover", t0, outputs=files, metrics=metrics)
 
 
 def run_recover(

@@ -69,6 +69,7 @@ from cryoorient_ray.core.geometry.quaternion import (
     quat_conjugate,
     quat_product,
     rotmat_to_unitquat,
+    special_procrustes,
     unitquat_to_rotmat,
 )
 from cryoorient_ray.core.geometry.symmetry import SymmetryGroup, symmetry_group
@@ -199,10 +200,6 @@ def _check_inputs(q_true: ArrayLike, q_est: ArrayLike) -> tuple[torch.Tensor, to
 # broadcasting core functions (with their checks and reorderings) cost several times more per call.
 
 
-def _conj(q: torch.Tensor) -> torch.Tensor:
-    return q * q.new_tensor([1.0, -1.0, -1.0, -1.0])
-
-
 def _hamilton_tables() -> dict[str, np.ndarray]:
     """Constant tables: ``L[i]``, ``R[i]`` are ``L(e_i)``, ``R(e_i)`` (``a ⊗ q = L(a) q``, ``q ⊗ b = R(b) q``)."""
     lm = np.zeros((4, 4, 4))
@@ -241,7 +238,12 @@ def _rmat(b: torch.Tensor) -> torch.Tensor:
 
 
 def _qmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Row-wise Hamilton product ``x_i ⊗ y_i`` of two ``(N, 4)`` tensors."""
+    """Row-wise Hamilton product ``x_i ⊗ y_i`` of two ``(N, 4)`` tensors.
+
+    The same as :func:`~cryoorient_ray.core.geometry.quaternion.quat_product` (to 2e-15), but one
+    matrix product instead of roma's reordered cross products: 3.5–4× faster for N = 10³–4·10³,
+    and :func:`_assign` calls it at every refinement round.
+    """
     return torch.bmm((x @ _table("L", x)).view(-1, 4, 4), y.unsqueeze(-1)).squeeze(-1)
 
 
@@ -266,7 +268,7 @@ def _assign(qt: torch.Tensor, p: torch.Tensor, g: torch.Tensor) -> tuple[torch.T
     """``(d_G(q_i, p_i), q_i ⊗ g_i)`` with ``g_i`` the group element that attains the minimum."""
     if g.shape[0] == 1:
         return _dist(qt, p), qt
-    r = _qmul(_conj(qt), p)  # ⟨q ⊗ g, p⟩ = ⟨g, q* ⊗ p⟩, and the distance is norm-based
+    r = _qmul(quat_conjugate(qt), p)  # ⟨q ⊗ g, p⟩ = ⟨g, q* ⊗ p⟩, and the distance is norm-based
     idx = (r @ g.T).abs().argmax(dim=-1)
     return _dist(r, g[idx]), _qmul(qt, g[idx])
 
@@ -279,14 +281,6 @@ def _top_eigvec(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Chordal mean of ±r: the unit ``x`` maximising ``Σ w_i ⟨x, r_i⟩²``."""
     m = (r * w[:, None]).T @ r
     return torch.linalg.eigh(m)[1][:, -1]
-
-
-def _kabsch(h: torch.Tensor) -> torch.Tensor:
-    """The rotation ``R`` maximising ``tr(Rᵀ H)`` for ``H = Σ dst srcᵀ`` (so ``dst ≈ R src``)."""
-    u, _, vh = torch.linalg.svd(h)
-    d = torch.ones(3, dtype=h.dtype, device=h.device)
-    d[2] = torch.sign(torch.linalg.det(u @ vh))
-    return u @ torch.diag(d) @ vh
 
 
 def _levi_civita(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -325,8 +319,8 @@ def _closed_form_c1(qt: torch.Tensor, qe: torch.Tensor, g: torch.Tensor, rounds:
     w = torch.ones(qt.shape[0], dtype=qt.dtype, device=qt.device)
     best = None
     for _ in range(rounds + 1):
-        ra = _kabsch(_axial_cross(rt, re, w))  # u(q_i q_j*) = R_a u(q̂_i q̂_j*)
-        rbt = _kabsch(_axial_cross(rtt, ret, w))  # u(q_i* q_j) = R_bᵀ u(q̂_i* q̂_j)
+        ra = special_procrustes(_axial_cross(rt, re, w))  # u(q_i q_j*) = R_a u(q̂_i q̂_j*)
+        rbt = special_procrustes(_axial_cross(rtt, ret, w))  # u(q_i* q_j) = R_bᵀ u(q̂_i* q̂_j)
         a, b = rotmat_to_unitquat(ra), rotmat_to_unitquat(rbt.T)
         d, _ = _assign(qt, _transform(qe, a, b), g)
         mean = float(d.mean())
@@ -360,22 +354,22 @@ def _anchor_starts(qt: torch.Tensor, qe: torch.Tensor, g: torch.Tensor, anchors:
     """
     starts = []
     for k in anchors:
-        rel_t = qt @ _lmat(_conj(qt[k])).T  # q_k* ⊗ q_j        (N, 4)
-        rel_e = qe @ _lmat(_conj(qe[k])).T  # q̂_k* ⊗ q̂_j       (N, 4)
+        rel_t = qt @ _lmat(quat_conjugate(qt[k])).T  # q_k* ⊗ q_j        (N, 4)
+        rel_e = qe @ _lmat(quat_conjugate(qe[k])).T  # q̂_k* ⊗ q̂_j       (N, 4)
         u_e = rel_e[:, 1:] * rel_e[:, :1]  # sign-free axial vectors sin θ · n / 2
         # w(x ⊗ g) = ⟨x*, g⟩: the g whose |cos(θ/2)| matches the estimate's
-        gap = ((_conj(rel_t) @ g.T).abs() - rel_e[:, :1].abs()).abs()
+        gap = ((quat_conjugate(rel_t) @ g.T).abs() - rel_e[:, :1].abs()).abs()
         two = gap.topk(2, dim=-1, largest=False)
         idx = two.indices[:, 0]
         w = ((two.values[:, 1] - two.values[:, 0]) / 0.1).clamp(max=1.0)
         rel = _qmul(rel_t, g[idx])
-        s_q = rotmat_to_unitquat(_kabsch((rel[:, 1:] * rel[:, :1] * w[:, None]).T @ u_e))
+        s_q = rotmat_to_unitquat(special_procrustes((rel[:, 1:] * rel[:, :1] * w[:, None]).T @ u_e))
         for _ in range(rounds):  # re-pick g_j from the predicted s ⊗ rel_e ⊗ s*, now counting every pair
-            pred = rel_e @ (_lmat(s_q) @ _rmat(_conj(s_q))).T
-            rel = _qmul(rel_t, g[(_qmul(_conj(rel_t), pred) @ g.T).abs().argmax(dim=-1)])
-            s_q = rotmat_to_unitquat(_kabsch((rel[:, 1:] * rel[:, :1]).T @ u_e))
-        a = _lmat(qt[k]) @ _rmat(_conj(qe[k])) @ s_q  # q_k ⊗ s ⊗ q̂_k*
-        starts.append((a, _conj(s_q)))
+            pred = rel_e @ (_lmat(s_q) @ _rmat(quat_conjugate(s_q))).T
+            rel = _qmul(rel_t, g[(_qmul(quat_conjugate(rel_t), pred) @ g.T).abs().argmax(dim=-1)])
+            s_q = rotmat_to_unitquat(special_procrustes((rel[:, 1:] * rel[:, :1]).T @ u_e))
+        a = _lmat(qt[k]) @ _rmat(quat_conjugate(qe[k])) @ s_q  # q_k ⊗ s ⊗ q̂_k*
+        starts.append((a, quat_conjugate(s_q)))
     if len(starts) > 1:
         a_all = torch.stack([a for a, _ in starts])
         b_all = torch.stack([b for _, b in starts])
@@ -546,7 +540,7 @@ def _align_o4(
 
     fits = {}
     for conjugate in (False, True):
-        src = _conj(qe) if conjugate else qe
+        src = quat_conjugate(qe) if conjugate else qe
         src_s, src_c = _take(src, sub), _take(src, screen)
         start = _closed_form_c1(qt_s, src_s, g)
         fit = (_score(qt_c, src_c, *start, g), *start)
@@ -614,11 +608,11 @@ def _align_rotation(
     fits = {}
     for mirrored in (False, True) if allow_mirror else (False,):
         a = qt.new_tensor(_Z if mirrored else (1.0, 0.0, 0.0, 0.0))
-        ratios = _qmul(_conj(qe_s @ _lmat(a).T), qt_s)  # (a ⊗ q̂_i)* ⊗ q_i = b ⊗ g_i*
+        ratios = _qmul(quat_conjugate(qe_s @ _lmat(a).T), qt_s)  # (a ⊗ q̂_i)* ⊗ q_i = b ⊗ g_i*
         b = _top_eigvec(ratios, torch.ones_like(ratios[:, 0]))
         fit = (_score(qt_c, qe_c, a, b, g), a, b)
         if grp.order > 1:  # an anchor's ratio is b itself (g_k = e), with the anchor's noise
-            ratios_c = _qmul(_conj(qe_c @ _lmat(a).T), qt_c)
+            ratios_c = _qmul(quat_conjugate(qe_c @ _lmat(a).T), qt_c)
             for k in anchors:
                 cand = _irls(qt_c, qe_c, a, ratios_c[k], g, fix_a=True, max_iter=_SHORT_ITER) if refine else None
                 cand = cand or (_score(qt_c, qe_c, a, ratios_c[k], g), a, ratios_c[k])

@@ -8,7 +8,7 @@ parts of the sphere together. Edges are undirected, stored once as ``(i, j)`` wi
 ``O(P·(k + n_random))`` of them.
 
 Neighbour search is exact and chunked (``chunk × P`` scores at a time), so memory stays bounded
-and the cost is one matrix product per chunk: ~P²·n flops, seconds for P = 10⁵ and n = 32.
+and the cost is one matrix product per chunk: ~P²·n flops for ``(P, n)`` features.
 """
 
 from __future__ import annotations
@@ -47,9 +47,11 @@ class PairGraph:
 
     @property
     def n_edges(self) -> int:
+        """Number of edges ``E``."""
         return int(len(self.i))
 
     def degrees(self) -> np.ndarray:
+        """``(P,)`` edges at each node."""
         return np.bincount(self.i, minlength=self.n_nodes) + np.bincount(self.j, minlength=self.n_nodes)
 
 
@@ -115,8 +117,8 @@ def unique_edges(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
     lo, hi = np.minimum(i, j), np.maximum(i, j)
     keep = lo != hi
-    key = np.unique(lo[keep] * (int(hi.max(initial=0)) + 1) + hi[keep])
     width = int(hi.max(initial=0)) + 1
+    key = np.unique(lo[keep] * width + hi[keep])
     return key // width, key % width
 
 
@@ -141,8 +143,8 @@ def build_pair_graph(
     """kNN edges in feature space plus ``n_random`` random edges per node.
 
     Args:
-        features: ``(P, n)`` features (see :func:`knn_edges` for ``metric``); ``None`` is allowed
-            when ``k == 0`` (random edges only), then pass ``P`` as ``features=int``.
+        features: ``(P, n)`` features (see :func:`knn_edges` for ``metric``), or the number of
+            projections ``P`` (an int) when ``k == 0`` (random edges only).
         k: nearest neighbours per node (0: none).
         n_random: random long-range partners per node (0: none).
         seed: of the random edges.

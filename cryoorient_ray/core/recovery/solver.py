@@ -16,10 +16,16 @@ Two things make it fast and reliable where the paper's recovery took hours:
   (:mod:`cryoorient_ray.distributed.recover_actors`), the driver summing their gradients (synchronous
   data parallelism: every step sees the gradient of the whole graph, so results do not depend on
   the number of actors).
-- **A smooth warm start.** The first phase minimises ``|cos d̂_ij − cos d_q|²`` where
-  ``cos d_q = 2⟨q̂_i, q̂_j⟩² − 1`` is a polynomial of the quaternions: no arccos singularity,
-  large basins. The paper's ``L_OR`` then finishes. Several random starts run the warm phase
-  and the one with the lowest ``L_OR`` is kept (restarts).
+- **A start near the solution.** By default (``init="gram"``) a rank-9 Gram completion: unit
+  vectors ``y_i ∈ R⁹`` with ``⟨y_i, y_j⟩ ≈ (1 + 2 cos d̂_ij)/3 = ⟨vec R_i, vec R_j⟩/3``, a smooth
+  problem without the arccos, rounded to rotations (:func:`round_to_rotations`). With
+  ``init="random"`` (the paper's start) random quaternions first minimise the smooth
+  ``|cos d̂_ij − cos d_q|²``, where ``cos d_q = 2⟨q̂_i, q̂_j⟩² − 1`` is a polynomial of the
+  quaternions. ``restarts`` starts run and the one with the lowest ``L_OR`` goes on; the
+  paper's ``L_OR`` then finishes.
+
+The optimiser's settings are one frozen :class:`RecoverySettings` (the run config's
+``recover`` keys build it: :meth:`cryoorient_ray.config.SolverConfig.settings`).
 
 ``L_OR`` is tracked at every step; the paper shows it is a usable proxy for the orientation error
 when no ground truth exists. The solution is defined up to the O(4) transformations of S³ that
@@ -30,6 +36,7 @@ Quaternions are scalar-first ``(w, x, y, z)``. This module never imports ray.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -38,27 +45,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cryoorient_ray.core.geometry.quaternion import random_unitquat, rotmat_to_unitquat
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = [
     "EdgeObjective",
     "RecoveryResult",
     "RecoverySettings",
-    "random_unit_quaternions",
+    "check_distances",
     "recover_orientations",
+    "round_to_rotations",
 ]
 
 LOSSES = ("paper", "cosine", "gram")
 INITS = ("gram", "random")
 # sin(d/2) below which the arccos gradient is capped (d ≈ 1e-3 rad): keeps steps finite at d → 0.
 _MIN_SIN = 5e-4
-
-
-def random_unit_quaternions(n: int, seed: int | None = 0, dtype=torch.float32) -> torch.Tensor:
-    """``(n, 4)`` quaternions uniform on S³ (normalised Gaussians), scalar-first."""
-    g = torch.Generator().manual_seed(int(seed) if seed is not None else int(time.time_ns() % 2**31))
-    q = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    return (q / q.norm(dim=1, keepdim=True)).to(dtype)
 
 
 class EdgeObjective:
@@ -70,6 +72,7 @@ class EdgeObjective:
             :func:`check_distances`).
         weights: optional ``(E,)`` non-negative weights (default 1).
         chunk_size: edges per pass (bounds memory).
+        device: torch device of the edges and of the gradient (default CPU).
     """
 
     def __init__(self, i, j, d, weights=None, chunk_size: int = 1 << 20, device=None):
@@ -160,9 +163,13 @@ def check_distances(d) -> np.ndarray:
     return np.clip(d, 0.0, math.pi).astype(np.float32)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class RecoverySettings:
     """Optimiser settings (defaults measured on exact and noisy distances, docs/BENCHMARKS.md).
+
+    These defaults are the only ones: the ``recover`` section of the run config
+    (:class:`cryoorient_ray.config.SolverConfig`) takes its defaults from here and builds this
+    object with :meth:`~cryoorient_ray.config.SolverConfig.settings`.
 
     Attributes:
         init: ``"gram"`` (default): the rank-9 Gram-completion start, rounded to rotations;
@@ -177,6 +184,7 @@ class RecoverySettings:
         window: steps of the convergence test.
         restarts: starts of the initialisation; the lowest L_OR after it goes on.
         lr_final: the L_OR step size decays geometrically from ``lr`` to ``lr_final`` over ``max_steps``.
+        chunk_size: edges per pass of the gradient (bounds memory: ~100 bytes per edge).
         seed: of the random starts.
         device: torch device of the optimiser state and of in-process edge partitions
             (``None``: CPU; ``"cuda"`` on a GPU machine).
@@ -193,6 +201,7 @@ class RecoverySettings:
     window: int = 100
     restarts: int = 1
     lr_final: float = 0.002
+    chunk_size: int = 1 << 20
     seed: int = 0
     device: str | None = None
 
@@ -204,8 +213,13 @@ class RecoverySettings:
         for name in ("init_steps", "warmup_steps", "max_steps", "min_steps", "window"):
             if getattr(self, name) < 0:
                 raise CryoOrientError(f"recovery {name} must be >= 0")
-        if self.restarts < 1 or self.rounding_starts < 1:
-            raise CryoOrientError("recovery restarts and rounding_starts must be >= 1")
+        if self.restarts < 1 or self.rounding_starts < 1 or self.chunk_size < 1:
+            raise CryoOrientError("recovery restarts, rounding_starts and chunk_size must be >= 1")
+
+    @property
+    def torch_device(self) -> torch.device:
+        """``device`` as a torch device (CPU when ``None``)."""
+        return torch.device(self.device or "cpu")
 
 
 @dataclass
@@ -236,10 +250,63 @@ class RecoveryResult:
         return self.loss[-1] if self.loss else float("nan")
 
 
-def _converged(s: RecoverySettings, min_steps: int):
+# ----------------------------------------------------------------------------------------------- optimiser
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """The whole pair graph to the optimiser: ``grad_fn(x, loss)`` (sums over all edges) and ``E``."""
+
+    grad_fn: GradientFn
+    n_edges: int
+
+    def l_or(self, x: torch.Tensor) -> float:
+        """L_OR (mean over the edges) of unit quaternions ``x (P, 4)``."""
+        return self.grad_fn(x, "paper")[0] / self.n_edges
+
+
+def _sum_partitions(parts: list[EdgeObjective], x: torch.Tensor, loss: str) -> tuple[float, float, torch.Tensor]:
+    """``loss_and_grad`` of the whole graph: the sums over its partitions."""
+    tot_or, tot, grad = 0.0, 0.0, None
+    for p in parts:
+        a, b, g = p.loss_and_grad(x, loss)
+        tot_or, tot = tot_or + a, tot + b
+        grad = g if grad is None else grad + g
+    return tot_or, tot, grad
+
+
+def _whole_graph(grad_fn: GradientFn | Sequence[EdgeObjective] | EdgeObjective, n_edges: int | None) -> _Graph:
+    """The :class:`_Graph` of a gradient function or of in-process partitions; no edges is an error."""
+    if isinstance(grad_fn, EdgeObjective):
+        grad_fn = [grad_fn]
+    if isinstance(grad_fn, (list, tuple)):
+        parts = list(grad_fn)
+        if n_edges is None:
+            n_edges = sum(p.n_edges for p in parts)
+        grad_fn = functools.partial(_sum_partitions, parts)
+    if not n_edges:
+        raise CryoOrientError("the pair graph has no edges: nothing to recover from")
+    return _Graph(grad_fn, int(n_edges))
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """One optimisation phase: the loss minimised, at most ``steps`` Adam steps with the step size
+    decaying geometrically from ``lr`` to ``lr_final``, and an optional convergence test on the trace."""
+
+    loss: str
+    steps: int
+    lr: float
+    lr_final: float
+    stop: Callable[[list[float]], bool] | None = None
+
+
+def _converged(s: RecoverySettings) -> Callable[[list[float]], bool]:
+    """The convergence test: less than ``tol`` relative improvement over ``window`` steps (after ``min_steps``)."""
+
     def test(trace: list[float]) -> bool:
         n = len(trace)
-        if n < max(min_steps, s.window + 1):
+        if n < max(s.min_steps, s.window + 1):
             return False
         old, new = trace[-s.window - 1], trace[-1]
         return old - new <= s.tol * max(old, 1e-12)
@@ -248,29 +315,28 @@ def _converged(s: RecoverySettings, min_steps: int):
 
 
 def _run_phase(
-    q: torch.Tensor,
-    grad_fn: GradientFn,
-    n_edges: int,
-    loss: str,
-    steps: int,
-    lr: float,
-    lr_final: float,
+    x: torch.Tensor,
+    graph: _Graph,
+    phase: _Phase,
     trace: list[float],
-    on_step: Callable[[int, float], None] | None,
-    stop: Callable[[list[float]], bool] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[torch.Tensor, int, bool]:
-    param = q.clone().requires_grad_(False)
-    opt = torch.optim.Adam([param], lr=lr)
-    gamma = (lr_final / lr) ** (1.0 / max(steps, 1))
+    """Riemannian Adam on the unit rows of ``x (P, m)``; appends the mean loss of each step to ``trace``.
+
+    Returns ``(x, steps taken, whether phase.stop ended it)``.
+    """
+    param = x.clone().requires_grad_(False)
+    opt = torch.optim.Adam([param], lr=phase.lr)
+    gamma = (phase.lr_final / phase.lr) ** (1.0 / max(phase.steps, 1))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
     taken = 0
-    for _ in range(steps):
-        _, l_used, g = grad_fn(param, loss)
-        trace.append(l_used / n_edges)
+    for _ in range(phase.steps):
+        _, l_used, g = graph.grad_fn(param, phase.loss)
+        trace.append(l_used / graph.n_edges)
         g = torch.as_tensor(g, dtype=param.dtype, device=param.device)
         # Riemannian gradient: drop the radial part (the norm is fixed by the renormalisation).
         g = g - (g * param).sum(1, keepdim=True) * param
-        param.grad = g / n_edges
+        param.grad = g / graph.n_edges
         opt.step()
         sched.step()
         with torch.no_grad():
@@ -278,13 +344,33 @@ def _run_phase(
         taken += 1
         if on_step is not None:
             on_step(taken, trace[-1])
-        if stop is not None and stop(trace):
+        if phase.stop is not None and phase.stop(trace):
             return param, taken, True
     return param, taken, False
 
 
-def project_to_rotations(m: torch.Tensor) -> torch.Tensor:
-    """Nearest rotation matrices (Frobenius) to ``(P, 3, 3)`` matrices (SVD, det +1)."""
+ProgressFn = Callable[[str, int, int, float], None]
+
+
+def _reporter(progress: ProgressFn | None, label: str, total: int) -> Callable[[int, float], None] | None:
+    """``on_step(step, loss)`` of one phase for ``progress(label, step, total, loss)``."""
+    if progress is None:
+        return None
+    return lambda k, val: progress(label, k, total, val)
+
+
+# ----------------------------------------------------------------------------------------------- starts
+
+
+def _project_to_rotations(m: torch.Tensor) -> torch.Tensor:
+    """Nearest rotation matrices (Frobenius) to ``(P, 3, 3)`` CPU matrices (SVD, det +1).
+
+    The same rotations as :func:`~cryoorient_ray.core.geometry.quaternion.special_procrustes` (to
+    5e-14), kept for the rounding's sake: many of its random starts reach the same residual in
+    different gauges, and the round-off of this projection decides which one is kept. roma's
+    (Horn's method, or its SVD) picks other ones: an equivalent start, but another trajectory
+    (the exact benchmark's E_OR 9.7e-6 → 1.3e-5 rad, 21 fewer steps).
+    """
     u, _, vh = torch.linalg.svd(m)
     det = torch.det(u @ vh)
     d = torch.ones(m.shape[0], 3, dtype=m.dtype)
@@ -293,11 +379,12 @@ def project_to_rotations(m: torch.Tensor) -> torch.Tensor:
 
 
 def _rounding_iterations(x: torch.Tensor, w: torch.Tensor, iters: int) -> tuple[torch.Tensor, float]:
-    r = project_to_rotations((x @ w).reshape(-1, 3, 3))
+    """Alternating projections from ``W``: rows of ``x·W`` to SO(3), then ``W`` by O(9) Procrustes."""
+    r = _project_to_rotations((x @ w).reshape(-1, 3, 3))
     for _ in range(iters):
-        u, _, vh = torch.linalg.svd(x.T @ r.reshape(-1, 9))
+        u, _, vh = torch.linalg.svd(x.T @ r.reshape(-1, 9))  # O(9), not SO(9): no det correction
         w = u @ vh
-        r = project_to_rotations((x @ w).reshape(-1, 3, 3))
+        r = _project_to_rotations((x @ w).reshape(-1, 3, 3))
     res = float(((x @ w).reshape(-1, 3, 3) - r).pow(2).sum((1, 2)).mean())
     return w, res
 
@@ -327,22 +414,75 @@ def round_to_rotations(
             best_res, best_w = res, w
     big = x if p <= 4 * subset else x[torch.randperm(p, generator=gen)[: 4 * subset]]
     w, res = _rounding_iterations(big, best_w, iters // 2)
-    return project_to_rotations((x @ w).reshape(-1, 3, 3)).numpy(), res
+    return _project_to_rotations((x @ w).reshape(-1, 3, 3)).numpy(), res
 
 
-def _gram_start(n_nodes, grad_fn, n_edges, s: RecoverySettings, seed: int, trace: list[float], on_step):
-    """Rank-9 Gram completion (unit vectors in R⁹, target (1 + 2 cos d̂)/3), rounded to quaternions."""
-    from cryoorient_ray.core.geometry.quaternion import rotmat_to_unitquat
+def _gram_start(n_nodes, graph: _Graph, s: RecoverySettings, seed: int, trace: list[float], on_step):
+    """Rank-9 Gram completion (unit vectors in R⁹, target (1 + 2 cos d̂)/3), rounded to quaternions.
 
+    Returns ``(quaternions (P, 4) float32, steps taken)``.
+    """
     g = torch.Generator().manual_seed(int(seed))
     y0 = torch.randn(n_nodes, 9, generator=g)
-    y0 = (y0 / y0.norm(dim=1, keepdim=True)).to(s.device or "cpu")
-    y, taken, _ = _run_phase(
-        y0, grad_fn, n_edges, "gram", s.init_steps, s.lr, s.lr_final * 5, trace, on_step, _converged(s, s.min_steps)
-    )
+    y0 = (y0 / y0.norm(dim=1, keepdim=True)).to(s.torch_device)
+    phase = _Phase("gram", s.init_steps, s.lr, s.lr_final * 5, _converged(s))
+    y, taken, _ = _run_phase(y0, graph, phase, trace, on_step)
     rot, _ = round_to_rotations(y.cpu(), starts=s.rounding_starts, seed=seed)
-    q = torch.as_tensor(np.asarray(rotmat_to_unitquat(rot)), dtype=torch.float32, device=s.device or "cpu")
+    q = torch.as_tensor(np.asarray(rotmat_to_unitquat(rot)), dtype=torch.float32, device=s.torch_device)
     return q, taken
+
+
+def _random_start(n_nodes, graph: _Graph, s: RecoverySettings, seed: int, trace: list[float], on_step):
+    """Random quaternions and ``warmup_steps`` of the smooth cosine loss; ``(quaternions (P, 4), steps)``."""
+    q0 = random_unitquat(n_nodes, seed=seed).to(s.torch_device)
+    q, taken, _ = _run_phase(q0, graph, _Phase("cosine", s.warmup_steps, s.lr, s.lr), trace, on_step)
+    return q, taken
+
+
+@dataclass
+class _Start:
+    """Where L_OR starts: ``(P, 4)`` quaternions, the initialisation's loss trace, each restart's
+    L_OR and the steps the initialisation took."""
+
+    q: torch.Tensor
+    trace: list[float] = field(default_factory=list)
+    restart_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+
+
+def _given_start(init: np.ndarray, n_nodes: int, s: RecoverySettings) -> _Start:
+    """A start given by the caller (normalised; no initialisation)."""
+    init_t = torch.as_tensor(np.asarray(init), dtype=torch.float32, device=s.torch_device)
+    if init_t.shape != (n_nodes, 4):
+        raise CryoOrientError(f"init must be ({n_nodes}, 4); got {tuple(init_t.shape)}")
+    return _Start(init_t / init_t.norm(dim=1, keepdim=True))
+
+
+def _best_start(n_nodes: int, graph: _Graph, s: RecoverySettings, progress: ProgressFn | None) -> _Start:
+    """``s.restarts`` initialisations (``s.init``); the one with the lowest L_OR is kept."""
+    if s.init == "gram":
+        start_fn, label, total = _gram_start, "init (Gram)", s.init_steps
+    else:
+        start_fn, label, total = _random_start, "warm-up", s.warmup_steps
+    best, best_loss = _Start(q=None), math.inf
+    for r in range(s.restarts):
+        trace: list[float] = []
+        suffix = f" {r + 1}/{s.restarts}" if s.restarts > 1 else ""
+        on_step = _reporter(progress, label + suffix, total)
+        q, taken = start_fn(n_nodes, graph, s, s.seed * 1000 + r, trace, on_step)
+        best.steps += taken
+        final = graph.l_or(q)
+        best.restart_losses.append(final)
+        if final < best_loss:
+            best.q, best.trace, best_loss = q, trace, final
+    return best
+
+
+def _canonical(q: torch.Tensor) -> np.ndarray:
+    """``(P, 4)`` float64 unit quaternions with ``w ≥ 0``."""
+    qn = q.detach().cpu().double()
+    qn = qn / qn.norm(dim=1, keepdim=True)
+    return torch.where(qn[:, :1] < 0, -qn, qn).numpy()
 
 
 def recover_orientations(
@@ -351,7 +491,7 @@ def recover_orientations(
     n_edges: int | None = None,
     settings: RecoverySettings | None = None,
     init: np.ndarray | None = None,
-    progress: Callable[[str, int, int, float], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> RecoveryResult:
     """Minimise L_OR over ``n_nodes`` unit quaternions.
 
@@ -368,95 +508,21 @@ def recover_orientations(
         :class:`RecoveryResult`.
     """
     s = settings or RecoverySettings()
-    if isinstance(grad_fn, EdgeObjective):
-        grad_fn = [grad_fn]
-    if isinstance(grad_fn, (list, tuple)):
-        parts = list(grad_fn)
-        if n_edges is None:
-            n_edges = sum(p.n_edges for p in parts)
-
-        def fn(q, loss):
-            tot_or, tot, grad = 0.0, 0.0, None
-            for p in parts:
-                a, b, g = p.loss_and_grad(q, loss)
-                tot_or, tot = tot_or + a, tot + b
-                grad = g if grad is None else grad + g
-            return tot_or, tot, grad
-
-        grad_fn = fn
-    if not n_edges:
-        raise CryoOrientError("the pair graph has no edges: nothing to recover from")
+    graph = _whole_graph(grad_fn, n_edges)
     t0 = time.perf_counter()
-    result = RecoveryResult(quaternions=np.zeros((n_nodes, 4)))
-    total_steps = 0
-
-    def reporter(phase: str, total: int):
-        if progress is None:
-            return None
-        return lambda k, val: progress(phase, k, total, val)
-
-    if init is not None:
-        init_t = torch.as_tensor(np.asarray(init), dtype=torch.float32, device=s.device or "cpu")
-        if init_t.shape != (n_nodes, 4):
-            raise CryoOrientError(f"init must be ({n_nodes}, 4); got {tuple(init_t.shape)}")
-        best = init_t / init_t.norm(dim=1, keepdim=True)
-        best_trace: list[float] = []
-    else:
-        best, best_trace, best_loss = None, [], math.inf
-        for r in range(s.restarts):
-            trace: list[float] = []
-            suffix = f" {r + 1}/{s.restarts}" if s.restarts > 1 else ""
-            if s.init == "gram":
-                q, taken = _gram_start(
-                    n_nodes,
-                    grad_fn,
-                    n_edges,
-                    s,
-                    s.seed * 1000 + r,
-                    trace,
-                    reporter("init (Gram)" + suffix, s.init_steps),
-                )
-            else:
-                q0 = random_unit_quaternions(n_nodes, seed=s.seed * 1000 + r).to(s.device or "cpu")
-                q, taken, _ = _run_phase(
-                    q0,
-                    grad_fn,
-                    n_edges,
-                    "cosine",
-                    s.warmup_steps,
-                    s.lr,
-                    s.lr,
-                    trace,
-                    reporter("warm-up" + suffix, s.warmup_steps),
-                )
-            total_steps += taken
-            final = grad_fn(q, "paper")[0] / n_edges
-            result.restart_losses.append(final)
-            if final < best_loss:
-                best, best_trace, best_loss = q, trace, final
-
-    paper_trace: list[float] = []
-    q, taken, conv = _run_phase(
-        best,
-        grad_fn,
-        n_edges,
-        "paper",
-        s.max_steps,
-        s.lr if init is None and s.init == "random" else s.lr * 0.2,
-        s.lr_final,
-        paper_trace,
-        reporter("L_OR", s.max_steps),
-        stop=_converged(s, s.min_steps),
+    start = _best_start(n_nodes, graph, s, progress) if init is None else _given_start(init, n_nodes, s)
+    # The random start's warm-up leaves L_OR far off: full steps. From the Gram start (or a given
+    # one) L_OR only refines: a fifth of them.
+    lr = s.lr if init is None and s.init == "random" else s.lr * 0.2
+    trace: list[float] = []
+    phase = _Phase("paper", s.max_steps, lr, s.lr_final, _converged(s))
+    q, taken, converged = _run_phase(start.q, graph, phase, trace, _reporter(progress, "L_OR", s.max_steps))
+    return RecoveryResult(
+        quaternions=_canonical(q),
+        loss=start.trace + trace + [graph.l_or(q)],
+        phase=["init"] * len(start.trace) + ["paper"] * (len(trace) + 1),
+        restart_losses=start.restart_losses,
+        steps=start.steps + taken,
+        seconds=time.perf_counter() - t0,
+        converged=converged,
     )
-    total_steps += taken
-    final_or = grad_fn(q, "paper")[0] / n_edges
-    qn = q.detach().cpu().double()
-    qn = qn / qn.norm(dim=1, keepdim=True)
-    qn = torch.where(qn[:, :1] < 0, -qn, qn)
-    result.quaternions = qn.numpy()
-    result.loss = best_trace + paper_trace + [final_or]
-    result.phase = ["init"] * len(best_trace) + ["paper"] * (len(paper_trace) + 1)
-    result.steps = total_steps
-    result.seconds = time.perf_counter() - t0
-    result.converged = conv
-    return result
