@@ -333,7 +333,8 @@ def store_info(
     from cryoorient_ray.io.store import ProjectionStore
     from cryoorient_ray.stages.simulate import write_store_preview
 
-    st = ProjectionStore.open(store)
+    st = ProjectionStore.open(store, verify=False)
+    st.check_arrays()
     summary = st.summary()
     table = Table(title=f"{store}", title_justify="left")
     for col in ("protein", "symmetry", "held out", "train", "val", "test"):
@@ -347,6 +348,8 @@ def store_info(
         )
     stdout.print(table)
     state = "complete" if summary["complete"] else "INCOMPLETE (re-run the same simulate command to finish it)"
+    if summary["damaged_shards"]:
+        state = f"DAMAGED: {st.damage_report(summary['damaged_shards'])}; re-run the same simulate command to re-render"
     stdout.print(
         f"{summary['samples']} projections of {summary['image_size']}² px at {summary['pixel_size']} Å/px; "
         f"shards {summary['shards_done']}/{summary['shards']} ({state}); "
@@ -372,8 +375,10 @@ def export_star(
     """Export a store (or a subset) to RELION .star + .mrcs (angles, shifts, CTF, optics group)."""
     from cryoorient_ray.io.relion import export_relion
     from cryoorient_ray.io.store import ProjectionStore
+    from cryoorient_ray.stages.base import check_output_dir
 
     st = ProjectionStore.open(store)
+    check_output_dir(out)
     rows = st.select_rows(split=split, protein=protein)
     star, mrcs = export_relion(st, out, rows, name=name)
     stdout.print(f"Wrote {len(rows)} particles: {star} and {mrcs}", highlight=False)

@@ -51,7 +51,7 @@ def _read_rows(store: ProjectionStore, shard: int, codes: list[int], proteins: s
 def _read_batch(batch: dict, codes: list[int], proteins: str, shuffle: bool = False) -> dict:
     out: dict[str, list] = {}
     for path, sid, shard in zip(batch["store"], batch["store_id"], batch["shard"], strict=True):
-        rows = _read_rows(ProjectionStore.open(str(path)), int(shard), codes, proteins)
+        rows = _read_rows(ProjectionStore.open(str(path), verify=False), int(shard), codes, proteins)
         if shuffle:  # a fresh order every time the dataset is iterated (every epoch)
             order = np.random.default_rng().permutation(len(rows["index"]))
             rows = {k: v[order] for k, v in rows.items()}
@@ -98,7 +98,7 @@ def _make_pairs_batch(
     outs = []
     size = 0
     for path, sid, shard in zip(batch["store"], batch["store_id"], batch["shard"], strict=True):
-        store = ProjectionStore.open(str(path))
+        store = ProjectionStore.open(str(path), verify=False)
         size = store.image_size
         rows = _read_rows(store, int(shard), codes, proteins)
         # seed None: fresh pairs every time the dataset is iterated (every training epoch)

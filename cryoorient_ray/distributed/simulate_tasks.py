@@ -121,7 +121,7 @@ def _render_shard_task(store_path: str, shard: int, volume_refs: dict, settings:
 
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, int(settings.get("threads", 1))))
-    store = ProjectionStore.open(store_path, mode="r+")
+    store = ProjectionStore.open(store_path, mode="r+", verify=False)
     start, stop = store.shard_range(shard)
     meta = store.read_metadata(slice(start, stop))
     size = store.image_size
@@ -270,6 +270,45 @@ def _build_store(
     return store
 
 
+def check_resumable(path: str, sim: SimulateConfig, seed: int, mode: str = "r") -> ProjectionStore:
+    """The existing store at ``path``, opened, if ``simulate`` may resume it (same config, arrays intact).
+
+    Raises:
+        CryoOrientError: not a store, an array's metadata gone, or made with a different config.
+    """
+    store = ProjectionStore.open(path, mode=mode, verify=False)
+    store.check_arrays()
+    if store.manifest.get("config_hash") != _settings_fingerprint(sim, seed)[1]:
+        raise CryoOrientError(f"{path} exists and was made with a different config; choose another output or delete it")
+    return store
+
+
+def check_simulate_inputs(sim: SimulateConfig, seed: int, path: str) -> None:
+    """Before Ray starts: an existing store at ``path`` must be resumable, else every input must exist."""
+    from cryoorient_ray.io.maps import check_source
+
+    if store_exists(path):
+        check_resumable(path, sim, seed)
+        return
+    for entry in resolve_inputs(sim):
+        check_source(entry.source)
+
+
+def open_for_resume(path: str, sim: SimulateConfig, seed: int) -> ProjectionStore:
+    """The existing store at ``path`` made with the same config, its damaged shards unflagged.
+
+    Raises:
+        CryoOrientError: as :func:`check_resumable`.
+    """
+    store = check_resumable(path, sim, seed, mode="r+")
+    damaged = store.damaged_shards()
+    if damaged:
+        log.warning("%s: %s; rendering them again", path, store.damage_report(damaged))
+        store.clear_shards(damaged)
+    log.info("resuming %s: %d/%d shards already done", path, store.done_shards().sum(), store.n_shards)
+    return store
+
+
 def simulate_store(
     sim: SimulateConfig,
     seed: int,
@@ -278,57 +317,68 @@ def simulate_store(
     cache_dir: str | os.PathLike | None = None,
     max_in_flight: int | None = None,
 ) -> ProjectionStore:
-    """Create (or finish) the projection store at ``path`` for ``sim``. Ray must be initialised."""
+    """Create (or finish) the projection store at ``path`` for ``sim``. Ray must be initialised.
+
+    A store this call created is removed again when rendering fails before any shard is done,
+    so a failed first run leaves nothing that blocks the next one.
+    """
     path = str(path)
     fingerprint = _settings_fingerprint(sim, seed)
     if store_exists(path):
-        store = ProjectionStore.open(path, mode="r+")
-        if store.manifest.get("config_hash") != fingerprint[1]:
-            raise CryoOrientError(
-                f"{path} exists and was made with a different config; choose another output or delete it"
-            )
-        log.info("resuming %s: %d/%d shards already done", path, store.done_shards().sum(), store.n_shards)
+        store, fresh = open_for_resume(path, sim, seed), False
     else:
-        store = _build_store(path, sim, seed, fingerprint, progress, cache_dir)
-
-    todo = np.flatnonzero(~store.done_shards())
-    if len(todo):
-        proteins = store.manifest["proteins"]
-        volume_refs = {k: ray.put(store.read_volume(k)) for k in range(len(proteins))}
-        settings = {
-            "seed": seed,
-            "pixel_size": store.pixel_size,
-            "backend": sim.backend,
-            "snr_db": sim.noise.snr_db,
-            "ctf": (
-                {"voltage": sim.ctf.voltage, "cs": sim.ctf.cs, "amplitude_contrast": sim.ctf.amplitude_contrast}
-                if sim.ctf.enabled
-                else None
-            ),
-        }
-        shard_proteins = store.group["protein"]
-        limit = max_in_flight or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
-        queue = list(int(k) for k in todo)
-        in_flight: dict = {}
-        with _progress(progress) as bar:
-            task = bar.add_task("rendering shards", total=store.n_shards, completed=store.n_shards - len(todo))
-            while queue or in_flight:
-                while queue and len(in_flight) < limit:
-                    k = queue.pop(0)
-                    start, stop = store.shard_range(k)
-                    used = {int(p) for p in np.unique(shard_proteins[start:stop])}
-                    refs = {p: volume_refs[p] for p in used}
-                    in_flight[_render_shard_task.remote(path, k, refs, settings)] = k
-                done, _ = ray.wait(list(in_flight), num_returns=1)
-                shard = in_flight.pop(done[0])
-                try:
-                    record_nodes("simulate", [ray.get(done[0])[2]])
-                except Exception as exc:
-                    for r in in_flight:
-                        ray.cancel(r)
-                    raise _unwrap(exc, f"shard {shard}") from None
-                bar.advance(task)
+        store, fresh = _build_store(path, sim, seed, fingerprint, progress, cache_dir), True
+    try:
+        _render_missing(store, path, sim, seed, progress, max_in_flight)
+    except BaseException:
+        if fresh and not is_url(path) and not store.done_shards().any():
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     store = ProjectionStore.open(path, mode="r")
     if not store.is_complete:
         raise CryoOrientError(f"{path} is still incomplete after simulation")
     return store
+
+
+def _render_settings(store: ProjectionStore, sim: SimulateConfig, seed: int) -> dict:
+    ctf = {"voltage": sim.ctf.voltage, "cs": sim.ctf.cs, "amplitude_contrast": sim.ctf.amplitude_contrast}
+    return {
+        "seed": seed,
+        "pixel_size": store.pixel_size,
+        "backend": sim.backend,
+        "snr_db": sim.noise.snr_db,
+        "ctf": ctf if sim.ctf.enabled else None,
+    }
+
+
+def _render_missing(
+    store: ProjectionStore, path: str, sim: SimulateConfig, seed: int, progress: bool, max_in_flight: int | None
+) -> None:
+    """Render every shard not flagged done as Ray tasks (bounded in flight), with a progress bar."""
+    todo = np.flatnonzero(~store.done_shards())
+    if not len(todo):
+        return
+    volume_refs = {k: ray.put(store.read_volume(k)) for k in range(len(store.manifest["proteins"]))}
+    settings = _render_settings(store, sim, seed)
+    shard_proteins = store.group["protein"]
+    limit = max_in_flight or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
+    queue = list(int(k) for k in todo)
+    in_flight: dict = {}
+    with _progress(progress) as bar:
+        task = bar.add_task("rendering shards", total=store.n_shards, completed=store.n_shards - len(todo))
+        while queue or in_flight:
+            while queue and len(in_flight) < limit:
+                k = queue.pop(0)
+                start, stop = store.shard_range(k)
+                used = {int(p) for p in np.unique(shard_proteins[start:stop])}
+                refs = {p: volume_refs[p] for p in used}
+                in_flight[_render_shard_task.remote(path, k, refs, settings)] = k
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            shard = in_flight.pop(done[0])
+            try:
+                record_nodes("simulate", [ray.get(done[0])[2]])
+            except Exception as exc:
+                for r in in_flight:
+                    ray.cancel(r)
+                raise _unwrap(exc, f"shard {shard}") from None
+            bar.advance(task)

@@ -480,6 +480,7 @@ def export_trained_model(run: TrainRun, checkpoint, cfg: TrainConfig, seconds: f
         "stores": [str(s) for s in stores],
         "image_size": first.image_size,
         "pixel_size": first.pixel_size,
+        "snr_db": [st.manifest.get("config", {}).get("noise", {}).get("snr_db") for st in manifests],
         "best_epoch": state["best"]["epoch"],
         "best_val_loss": state["best"]["val_loss"],
         "final": state["history"][-1],

@@ -29,6 +29,7 @@ import starfile
 from cryoorient_ray.core.geometry.euler import euler_relion_to_unitquat, unitquat_to_euler_relion
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_path
+from cryoorient_ray.io.star import write_star_blocks
 from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def export_relion(
             mrc.voxel_size = pix
             for a in range(0, len(rows), 1024):
                 mrc.data[a : a + 1024] = store.read_images(rows[a : a + 1024])
+            mrc.update_header_stats()  # dmin, dmax, dmean, rms
 
     optics_df = pd.DataFrame(
         {
@@ -99,12 +101,12 @@ def export_relion(
         particles["rlnDefocusU"] = meta["defocus_u"].astype(np.float64)
         particles["rlnDefocusV"] = meta["defocus_v"].astype(np.float64)
         particles["rlnDefocusAngle"] = meta["defocus_angle"].astype(np.float64)
+        particles["rlnPhaseShift"] = np.zeros(len(rows))  # cryoDRGN reads NaN without it
     particles["rlnOpticsGroup"] = np.ones(len(rows), dtype=int)
     particles["rlnRandomSubset"] = (np.arange(len(rows)) % 2) + 1
     if names:
         particles["rlnMicrographName"] = [names[p] if 0 <= p < len(names) else "unknown" for p in meta["protein"]]
-    with atomic_path(star_path) as tmp:
-        starfile.write({"optics": optics_df, "particles": pd.DataFrame(particles)}, tmp, overwrite=True)
+    write_star_blocks(star_path, {"optics": optics_df, "particles": pd.DataFrame(particles)})
     return star_path, mrcs_path
 
 
