@@ -99,6 +99,13 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except CryoOrientError as exc:
             _fail(str(exc).replace("[", "\\["))
             raise typer.Exit(1) from None
+        except PermissionError as exc:  # a read-only output folder is bad input, not an internal error
+            _fail(
+                f"cannot write {exc.filename or 'the output'}: {exc.strerror or 'permission denied'}".replace(
+                    "[", "\\["
+                )
+            )
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             _fail("interrupted")
             raise typer.Exit(130) from None

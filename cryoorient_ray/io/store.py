@@ -121,6 +121,18 @@ def store_exists(path: str | os.PathLike) -> bool:
     return bool(fs.exists(root.rstrip("/") + "/zarr.json"))
 
 
+def _gather(fn, items: Sequence) -> list:
+    """``[await fn(x) for x in items]``, run concurrently on zarr's event loop (store calls are async)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def run() -> list:
+        return list(await asyncio.gather(*(fn(x) for x in items)))
+
+    return sync(run())
+
+
 def _zarr():
     import zarr  # imported lazily: core and the CLI start without it
 
@@ -300,21 +312,28 @@ class ProjectionStore:
         return start, min(start + self.shard_size, self.n_samples)
 
     # ------------------------------------------------------------------ integrity
+    def _keys(self, names: Sequence[str]) -> list[str]:
+        root = self.group.store_path.path
+        return [f"{root}/{n}" if root else n for n in names]
+
     def missing_arrays(self) -> list[str]:
         """Names of the arrays whose metadata (``<name>/zarr.json``) is gone."""
-        present = set(self.group.array_keys())
-        return [n for n in (*SHARD_ARRAYS, *METADATA_ARRAYS, *STATE_ARRAYS) if n not in present]
+        names = [*SHARD_ARRAYS, *METADATA_ARRAYS, *STATE_ARRAYS]
+        found = _gather(self.group.store.exists, self._keys([f"{n}/zarr.json" for n in names]))
+        return [n for n, ok in zip(names, found, strict=True) if not ok]
 
-    def _images_key(self, shard: int) -> str:
-        arr = self.group["images"]
-        return f"{arr.store_path.path}/{arr.metadata.encode_chunk_key((shard, 0, 0))}"
+    def _shard_file_nbytes(self, shards: Sequence[int]) -> list[int]:
+        """Bytes of each shard's ``images`` file (0 when there is none), asked concurrently."""
+        arr, store = self.group["images"], self.group.store
 
-    def _shard_file_nbytes(self, shard: int) -> int:
-        """Bytes of a shard's ``images`` file (0 when there is none)."""
-        from zarr.core.sync import sync
+        async def size(key: str) -> int:
+            try:
+                return int(await store.getsize(key))
+            except (FileNotFoundError, KeyError):
+                return 0
 
-        store, key = self.group.store, self._images_key(shard)
-        return int(sync(store.getsize(key))) if sync(store.exists(key)) else 0
+        keys = self._keys([f"images/{arr.metadata.encode_chunk_key((int(k), 0, 0))}" for k in shards])
+        return _gather(size, keys)
 
     def damaged_shards(self) -> list[int]:
         """Shards flagged done whose image file is gone or no longer has the recorded size.
@@ -324,8 +343,8 @@ class ProjectionStore:
         flagged = np.flatnonzero(self.group["shard_done"][:].astype(bool))
         recorded = self.group["shard_nbytes"][:] if "shard_nbytes" in self.group else None
         damaged = []
-        for k in map(int, flagged):
-            size, want = self._shard_file_nbytes(k), -1 if recorded is None else int(recorded[k])
+        for k, size in zip(map(int, flagged), self._shard_file_nbytes(flagged), strict=True):
+            want = -1 if recorded is None else int(recorded[k])
             intact = size == want if want >= 0 else size > 0
             if not intact:
                 damaged.append(k)
@@ -404,7 +423,7 @@ class ProjectionStore:
         self.group["images"][start:stop] = images
         self.group["noise_variance"][start:stop] = np.asarray(noise_variance, dtype=np.float32).reshape(n)
         if "shard_nbytes" in self.group:
-            self.group["shard_nbytes"][shard] = self._shard_file_nbytes(shard)
+            self.group["shard_nbytes"][shard] = self._shard_file_nbytes([shard])[0]
         self.group["shard_done"][shard] = 1
 
     def write_volume(self, protein: int, data: np.ndarray) -> None:
