@@ -18,12 +18,13 @@ from cryoorient_ray.stages.base import (
     PIPELINE_STAGES,
     StageResult,
     check_ray_address,
+    output_dir_for,
     prepare_output_dir,
     write_summary,
 )
 from cryoorient_ray.stages.reconstruct import stage_reconstruct
 from cryoorient_ray.stages.recover import stage_recover
-from cryoorient_ray.stages.simulate import stage_simulate
+from cryoorient_ray.stages.simulate import check_simulate, stage_simulate
 from cryoorient_ray.stages.train import stage_train
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ def run_pipeline(
     from cryoorient_ray.report import write_report
 
     check_ray_address(cfg)
+    check_simulate(cfg, output_dir_for(cfg, out_dir))  # before config.yaml is (re)written
     out = prepare_output_dir(cfg, out_dir, argv)
     runners = {
         "simulate": stage_simulate,
