@@ -294,3 +294,18 @@ def test_failed_first_render_leaves_nothing(ray_local, tmp_path):
     out = tmp_path / "run"
     _error_line(runner.invoke(app, ["simulate", "-i", "pseudo:2", *SMALL, "--backend", "astra", "-o", str(out)]))
     assert not out.exists()
+
+
+@pytest.mark.ray
+def test_ray_banner_stays_out_of_normal_output(tmp_path):
+    """A fresh process starting its own Ray prints our table only (no start-up or token banner)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cryoorient_ray.cli", "simulate", "-i", "pseudo", *SMALL, "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    for banner in ("Token authentication", "Started a local Ray", "ray-security"):
+        assert banner not in done.stderr + done.stdout
+    assert "simulate" in done.stdout
