@@ -62,8 +62,20 @@ def _cached_stage(out: Path, name: str, key: str) -> StageResult | None:
     for rel in result.outputs.values():
         if "://" not in rel and not (out / rel.rstrip("/")).exists():
             return None
+    if name == "simulate" and _store_damaged(out, result.outputs.get("store")):
+        return None  # re-run: simulate renders the damaged shards again
     result.status = "cached"
     return result
+
+
+def _store_damaged(out: Path, rel: str | None) -> bool:
+    """Whether the store a finished simulate stage wrote has lost shard data since."""
+    from cryoorient_ray.io.store import ProjectionStore
+
+    if not rel:
+        return False
+    store = ProjectionStore.open(rel if "://" in rel else out / rel, verify=False)
+    return bool(store.missing_arrays() or store.damaged_shards())
 
 
 def _mark_stage(out: Path, name: str, key: str, result: StageResult) -> None:

@@ -309,3 +309,29 @@ def test_ray_banner_stays_out_of_normal_output(tmp_path):
     for banner in ("Token authentication", "Started a local Ray", "ray-security"):
         assert banner not in done.stderr + done.stdout
     assert "simulate" in done.stdout
+
+
+def test_reconstruct_store_errors_leave_no_folder(tmp_path):
+    path = tmp_path / "s.zarr"
+    make_store(path)
+    _shard_file(path, 0).unlink()
+    star = tmp_path / "o.star"
+    star.write_text("data_particles\n\nloop_\n_rlnAngleRot #1\n_rlnAngleTilt #2\n_rlnAnglePsi #3\n0 0 0\n")
+    out = tmp_path / "vol"
+    assert "damaged" in _error_line(runner.invoke(app, ["reconstruct", str(path), str(star), "-o", str(out)]))
+    assert not out.exists()
+
+
+def test_run_does_not_reuse_a_damaged_simulate_stage(tmp_path):
+    """`cryoorient run` re-runs (so repairs) a finished simulate stage whose store lost a shard."""
+    from cryoorient_ray.pipeline import _cached_stage, _mark_stage
+    from cryoorient_ray.stages.base import StageResult
+
+    out = tmp_path / "run"
+    out.mkdir()
+    make_store(out / "projections.zarr")
+    done = StageResult("simulate", "done", outputs={"store": "projections.zarr"})
+    _mark_stage(out, "simulate", "k", done)
+    assert _cached_stage(out, "simulate", "k").status == "cached"
+    _shard_file(out / "projections.zarr", 4).unlink()
+    assert _cached_stage(out, "simulate", "k") is None
