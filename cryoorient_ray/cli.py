@@ -315,8 +315,12 @@ def distances(
     ),
 ) -> None:
     """Plot d̂ against d_q on test pairs and print L_DE (learned model and/or Euclidean baseline)."""
+    from cryoorient_ray.io.store import ProjectionStore
+    from cryoorient_ray.stages.base import check_output_dir
     from cryoorient_ray.stages.train import evaluate_distances
 
+    ProjectionStore.open(store)  # a missing or damaged store stops here, before the folder is made
+    check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     reports = evaluate_distances(store, out, model, euclidean, split, pairs, seed, proteins)
     for name, rep in reports.items():

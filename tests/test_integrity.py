@@ -335,3 +335,9 @@ def test_run_does_not_reuse_a_damaged_simulate_stage(tmp_path):
     assert _cached_stage(out, "simulate", "k").status == "cached"
     _shard_file(out / "projections.zarr", 4).unlink()
     assert _cached_stage(out, "simulate", "k") is None
+
+
+def test_distances_store_errors_leave_no_folder(tmp_path):
+    out = tmp_path / "dist"
+    line = _error_line(runner.invoke(app, ["distances", str(tmp_path / "nope.zarr"), "--euclidean", "-o", str(out)]))
+    assert "not found" in line and not out.exists()
