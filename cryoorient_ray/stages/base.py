@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -90,15 +90,16 @@ def prepare_output_dir(cfg: RunConfig, out_dir: str | os.PathLike | None, argv: 
 
 
 def remove_fresh_output(out: Path) -> None:
-    """Undo :func:`prepare_output_dir` for a folder it created: the stamped config, then empty folders."""
+    """Undo :func:`prepare_output_dir` for a folder it created, if nothing but the stamped config was written.
+
+    A folder with anything else in it (a partly rendered store, downloads) is kept whole, with its
+    ``config.yaml``, so that re-running the command resumes it.
+    """
     from cryoorient_ray.config import STAMPED_CONFIG_NAME
 
-    (out / STAMPED_CONFIG_NAME).unlink(missing_ok=True)
-    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-    with contextlib.suppress(OSError):
-        out.rmdir()
+    if any(p.name != STAMPED_CONFIG_NAME for p in out.rglob("*") if not p.is_dir()):
+        return
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def store_path_for(cfg: RunConfig, out: Path) -> str:
