@@ -173,6 +173,13 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except CryoOrientError as exc:
             _fail(str(exc).replace("[", "\\["))
             raise typer.Exit(1) from None
+        except PermissionError as exc:  # a read-only output folder is bad input, not an internal error
+            _fail(
+                f"cannot write {exc.filename or 'the output'}: {exc.strerror or 'permission denied'}".replace(
+                    "[", "\\["
+                )
+            )
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             _fail("interrupted")
             raise typer.Exit(130) from None
@@ -377,8 +384,12 @@ def distances(
     ),
 ) -> None:
     """Plot d̂ against d_q on test pairs and print L_DE (learned model and/or Euclidean baseline)."""
+    from cryoorient_ray.io.store import ProjectionStore
+    from cryoorient_ray.stages.base import check_output_dir
     from cryoorient_ray.stages.train import evaluate_distances
 
+    ProjectionStore.open(store)  # a missing or damaged store stops here, before the folder is made
+    check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     reports = evaluate_distances(store, out, model, euclidean, split, pairs, seed, proteins)
     for name, rep in reports.items():
@@ -402,7 +413,8 @@ def store_info(
     from cryoorient_ray.io.store import ProjectionStore
     from cryoorient_ray.stages.simulate import write_store_preview
 
-    st = ProjectionStore.open(store)
+    st = ProjectionStore.open(store, verify=False)
+    st.check_arrays()
     summary = st.summary()
     table = Table(title=f"{store}", title_justify="left")
     for col in ("protein", "symmetry", "held out", "train", "val", "test"):
@@ -416,6 +428,8 @@ def store_info(
         )
     stdout.print(table)
     state = "complete" if summary["complete"] else "INCOMPLETE (re-run the same simulate command to finish it)"
+    if summary["damaged_shards"]:
+        state = f"DAMAGED: {st.damage_report(summary['damaged_shards'])}; re-run the same simulate command to re-render"
     stdout.print(
         f"{summary['samples']} projections of {summary['image_size']}² px at {summary['pixel_size']} Å/px; "
         f"shards {summary['shards_done']}/{summary['shards']} ({state}); "
@@ -441,8 +455,10 @@ def export_star(
     """Export a store (or a subset) to RELION .star + .mrcs (angles, shifts, CTF, optics group)."""
     from cryoorient_ray.io.relion import export_relion
     from cryoorient_ray.io.store import ProjectionStore
+    from cryoorient_ray.stages.base import check_output_dir
 
     st = ProjectionStore.open(store)
+    check_output_dir(out)
     rows = st.select_rows(split=split, protein=protein)
     star, mrcs = export_relion(st, out, rows, name=name)
     stdout.print(f"Wrote {len(rows)} particles: {star} and {mrcs}", highlight=False)

@@ -15,11 +15,13 @@ import platform
 import shlex
 import socket
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cryoorient_ray import __version__
 from cryoorient_ray.core.geometry.symmetry import normalize_symmetry_name
@@ -30,10 +32,31 @@ from cryoorient_ray.io.files import atomic_write_text
 STAMPED_CONFIG_NAME = "config.yaml"
 
 
-class StrictModel(BaseModel):
-    """Base model: unknown keys are errors; values are re-validated on assignment."""
+def _is_number_type(annotation: Any) -> bool:
+    """Whether a field's type is a number (``int``, ``float``, optional or in a union), not ``bool``."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_number_type(a) for a in typing.get_args(annotation) if a is not bool)
+    return False
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+class StrictModel(BaseModel):
+    """Base model: unknown keys are errors; values are re-validated on assignment.
+
+    Numbers must be finite (NaN and infinity are refused), and a boolean is not a number
+    (``n_per_map: true`` is an error, not 1).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _is_number_type(field.annotation):
+            raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        return value
 
 
 class OrientationConfig(StrictModel):

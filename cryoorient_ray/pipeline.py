@@ -18,12 +18,13 @@ from cryoorient_ray.stages.base import (
     PIPELINE_STAGES,
     StageResult,
     check_ray_address,
+    output_dir_for,
     prepare_output_dir,
     write_summary,
 )
 from cryoorient_ray.stages.reconstruct import stage_reconstruct
 from cryoorient_ray.stages.recover import stage_recover
-from cryoorient_ray.stages.simulate import stage_simulate
+from cryoorient_ray.stages.simulate import check_simulate, stage_simulate
 from cryoorient_ray.stages.train import stage_train
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,20 @@ def _cached_stage(out: Path, name: str, key: str) -> StageResult | None:
     for rel in result.outputs.values():
         if "://" not in rel and not (out / rel.rstrip("/")).exists():
             return None
+    if name == "simulate" and _store_damaged(out, result.outputs.get("store")):
+        return None  # re-run: simulate renders the damaged shards again
     result.status = "cached"
     return result
+
+
+def _store_damaged(out: Path, rel: str | None) -> bool:
+    """Whether the store a finished simulate stage wrote has lost shard data since."""
+    from cryoorient_ray.io.store import ProjectionStore
+
+    if not rel:
+        return False
+    store = ProjectionStore.open(rel if "://" in rel else out / rel, verify=False)
+    return bool(store.missing_arrays() or store.damaged_shards())
 
 
 def _mark_stage(out: Path, name: str, key: str, result: StageResult) -> None:
@@ -115,6 +128,7 @@ def run_pipeline(
     from cryoorient_ray.report import write_report
 
     check_ray_address(cfg)
+    check_simulate(cfg, output_dir_for(cfg, out_dir))  # before config.yaml is (re)written
     out = prepare_output_dir(cfg, out_dir, argv)
     runners = {
         "simulate": stage_simulate,

@@ -54,7 +54,7 @@ def _read_rows(store: ProjectionStore, shard: int, splits: str | Sequence[str], 
 def _read_batch(batch: dict, splits: str | Sequence[str], proteins: str, shuffle: bool = False) -> dict:
     out: dict[str, list] = {}
     for path, sid, shard in zip(batch["store"], batch["store_id"], batch["shard"], strict=True):
-        rows = _read_rows(ProjectionStore.open(str(path)), int(shard), splits, proteins)
+        rows = _read_rows(ProjectionStore.open(str(path), verify=False), int(shard), splits, proteins)
         if shuffle:  # a fresh order every time the dataset is iterated (every epoch)
             order = np.random.default_rng().permutation(len(rows["index"]))
             rows = {k: v[order] for k, v in rows.items()}
@@ -134,7 +134,7 @@ def _make_pairs_batch(batch: dict, sampling: PairSampling) -> dict:
     outs = []
     size = 0
     for path, sid, shard in zip(batch["store"], batch["store_id"], batch["shard"], strict=True):
-        store = ProjectionStore.open(str(path))
+        store = ProjectionStore.open(str(path), verify=False)
         size = store.image_size
         pairs = _shard_pairs(store, int(sid), int(shard), sampling)
         if pairs is not None:

@@ -69,6 +69,21 @@ def check_address(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+# Ray loggers that print a banner on every start ("Started a local Ray instance.", the token
+# authentication notice): kept out of normal output, shown with --verbose or ray.log_to_driver.
+_BANNER_LOGGERS = ("ray._private.worker", "ray._private.authentication.authentication_token_setup")
+
+
+def _quiet_ray_logs() -> None:
+    """Keep Ray's start-up banner and Ray Data/Train chatter out of normal output (not under --verbose)."""
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        for name in _BANNER_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def init_ray(cfg: RayConfig | None = None) -> bool:
     """Start or connect to Ray. Returns True if this call started it (and should shut it down).
 
@@ -99,9 +114,7 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
         if cfg.num_cpus is not None or cfg.num_gpus is not None:
             log.warning("ray.num_cpus/num_gpus apply to a local Ray only; the cluster at %s uses its own", address)
     if not show_logs:  # our own progress bars stand in for Ray Data's log lines
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        _quiet_ray_logs()
     try:
         # "local" and not None: ray.init(address=None) would join any Ray already running on this
         # machine (another user's included); without an address we always start our own.

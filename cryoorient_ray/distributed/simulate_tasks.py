@@ -158,7 +158,7 @@ def _render_shard_task(settings: ShardRenderSettings, shard: int, volume_refs: d
 
     t0 = time.perf_counter()
     torch.set_num_threads(1)
-    store = ProjectionStore.open(settings.store_path, mode="r+")
+    store = ProjectionStore.open(settings.store_path, mode="r+", verify=False)
     start, stop = store.shard_range(shard)
     meta = store.read_metadata(slice(start, stop))
     size = store.image_size
@@ -321,14 +321,41 @@ def _build_store(
     return store
 
 
-def _open_or_build(path: str, sim: SimulateConfig, seed: int, progress: bool, cache_dir) -> ProjectionStore:
-    """The store at ``path`` to resume (same config only), or a new skeleton."""
-    fingerprint = _settings_fingerprint(sim, seed)
-    if not store_exists(path):
-        return _build_store(path, sim, seed, fingerprint, progress, cache_dir)
-    store = ProjectionStore.open(path, mode="r+")
-    if store.manifest.get("config_hash") != fingerprint[1]:
+def check_resumable(path: str, sim: SimulateConfig, seed: int, mode: str = "r") -> ProjectionStore:
+    """The existing store at ``path``, opened, if ``simulate`` may resume it (same config, arrays intact).
+
+    Raises:
+        CryoOrientError: not a store, an array's metadata gone, or made with a different config.
+    """
+    store = ProjectionStore.open(path, mode=mode, verify=False)
+    store.check_arrays()
+    if store.manifest.get("config_hash") != _settings_fingerprint(sim, seed)[1]:
         raise CryoOrientError(f"{path} exists and was made with a different config; choose another output or delete it")
+    return store
+
+
+def check_simulate_inputs(sim: SimulateConfig, seed: int, path: str) -> None:
+    """Before Ray starts: an existing store at ``path`` must be resumable, else every input must exist."""
+    from cryoorient_ray.io.maps import check_source
+
+    if store_exists(path):
+        check_resumable(path, sim, seed)
+        return
+    for entry in resolve_inputs(sim):
+        check_source(entry.source)
+
+
+def open_for_resume(path: str, sim: SimulateConfig, seed: int) -> ProjectionStore:
+    """The existing store at ``path`` made with the same config, its damaged shards unflagged.
+
+    Raises:
+        CryoOrientError: as :func:`check_resumable`.
+    """
+    store = check_resumable(path, sim, seed, mode="r+")
+    damaged = store.damaged_shards()
+    if damaged:
+        log.warning("%s: %s; rendering them again", path, store.damage_report(damaged))
+        store.clear_shards(damaged)
     log.info("resuming %s: %d/%d shards already done", path, store.done_shards().sum(), store.n_shards)
     return store
 
@@ -372,13 +399,23 @@ def simulate_store(
     """Create (or finish) the projection store at ``path`` for ``sim``. Ray must be initialised.
 
     ``max_in_flight``: shard tasks submitted at once (default: twice the available CPUs, at least 2).
+    A store this call created is removed again when rendering fails before any shard is done, so a
+    failed first run leaves nothing that blocks the next one.
     """
     path = str(path)
-    store = _open_or_build(path, sim, seed, progress, cache_dir)
+    if store_exists(path):
+        store, fresh = open_for_resume(path, sim, seed), False
+    else:
+        store, fresh = _build_store(path, sim, seed, _settings_fingerprint(sim, seed), progress, cache_dir), True
     todo = [int(k) for k in np.flatnonzero(~store.done_shards())]
-    if todo:
-        limit = max_in_flight or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
-        _render_shards(store, shard_render_settings(sim, seed, store, path), todo, progress, limit)
+    try:
+        if todo:
+            limit = max_in_flight or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
+            _render_shards(store, shard_render_settings(sim, seed, store, path), todo, progress, limit)
+    except BaseException:
+        if fresh and not is_url(path) and not store.done_shards().any():
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     store = ProjectionStore.open(path, mode="r")
     if not store.is_complete:
         raise CryoOrientError(f"{path} is still incomplete after simulation")

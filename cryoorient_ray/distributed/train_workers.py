@@ -657,6 +657,7 @@ def _train_summary(run: TrainRun, state: dict, seconds: float) -> dict:
         "stores": [str(s) for s in run.job.stores],
         "image_size": first.image_size,
         "pixel_size": first.pixel_size,
+        "snr_db": [st.manifest.get("config", {}).get("noise", {}).get("snr_db") for st in manifests],
         "best_epoch": state["best"]["epoch"],
         "best_val_loss": state["best"]["val_loss"],
         "final": state["history"][-1],

@@ -54,6 +54,18 @@ def atomic_savez(path: str | os.PathLike, **arrays) -> Path:
     return Path(path)
 
 
+def existing_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a :class:`Path` if it is a file; else one error: ``<what> file not found`` or ``not a file``."""
+    from cryoorient_ray.errors import CryoOrientError
+
+    p = Path(path)
+    if not p.exists():
+        raise CryoOrientError(f"{what} file not found: {p}")
+    if not p.is_file():
+        raise CryoOrientError(f"{p}: not a file")
+    return p
+
+
 def strip_suffixes(name: str, suffixes: tuple[str, ...]) -> str:
     """``name`` without a trailing ``.gz`` and then one of ``suffixes`` (case-insensitive)."""
     if name.lower().endswith(".gz"):

@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from cryoorient_ray.core.density.phantom import pseudo_protein
 from cryoorient_ray.core.density.volume import DensityMap
 from cryoorient_ray.errors import CryoOrientError
@@ -30,6 +32,7 @@ from cryoorient_ray.io.models import MODEL_SUFFIXES, map_from_model
 from cryoorient_ray.io.mrc import MAP_SUFFIXES, read_map
 
 PSEUDO_DEFAULTS = {"box_size": 64, "voxel_size": 3.0, "resolution": 8.0}
+MIN_MAP_EDGE = 4  # voxels: a smaller map has no structure to project
 
 
 def source_kind(path: str | os.PathLike) -> str | None:
@@ -76,7 +79,26 @@ def _load_file(
             raise CryoOrientError(f"{path}: making a map from a model needs a voxel size (voxel_size, Å)")
         res = 2.0 * float(voxel_size) if resolution is None else resolution
         return map_from_model(path, voxel_size=voxel_size, resolution=res, box_size=box_size)
-    return read_map(path, default_voxel_size=voxel_size)
+    return check_has_structure(read_map(path, default_voxel_size=voxel_size))
+
+
+def check_has_structure(density: DensityMap) -> DensityMap:
+    """Refuse a map with nothing to project: fewer than :data:`MIN_MAP_EDGE` voxels along an axis, or constant.
+
+    Raises:
+        CryoOrientError: one line naming the map and what is wrong with it.
+    """
+    data = np.asarray(density.data)
+    if min(data.shape) < MIN_MAP_EDGE:
+        raise CryoOrientError(
+            f"{density.source or density.name}: a map of {'×'.join(map(str, data.shape))} voxels has no structure "
+            f"to project (need at least {MIN_MAP_EDGE} voxels along each axis)"
+        )
+    if float(np.ptp(data)) == 0.0:
+        raise CryoOrientError(
+            f"{density.source or density.name}: the map is constant ({float(data.flat[0]):g}); nothing to project"
+        )
+    return density
 
 
 def load_density(
@@ -146,6 +168,32 @@ def load_density(
             raise CryoOrientError(f"{downloaded}: downloaded for {text}, but its kind is unknown from its name")
         return _load_file(downloaded, downloaded_kind, voxel_size, resolution, box_size)
     raise _cannot_tell(source)
+
+
+def check_source(source: str | os.PathLike) -> None:
+    """Refuse, without loading anything, a source :func:`load_density` would refuse at once.
+
+    Catches a missing file, a folder, a file of unknown kind, a malformed ``pseudo:SEED`` and a
+    string that is neither a file nor an id; ids are not looked up (that needs the network).
+
+    Raises:
+        CryoOrientError: as :func:`load_density` would for that source.
+    """
+    text = os.fspath(source).strip() if isinstance(source, (str, os.PathLike)) else ""
+    if not text:
+        raise _cannot_tell(source)
+    if isinstance(source, str) and _pseudo_seed(text) is not None:
+        return
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise CryoOrientError(f"{path} is a folder; pass the model or map files in it (e.g. {path}/*.cif.gz)")
+    kind = source_kind(path)
+    if path.exists() and kind is not None:
+        return
+    if kind is not None:
+        raise CryoOrientError(f"file not found: {path}")
+    if path.exists() or not (isinstance(source, str) and is_entry_id(text)):
+        raise _cannot_tell(source)
 
 
 def expand_sources(items: list[str]) -> list[str]:

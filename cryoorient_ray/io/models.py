@@ -31,9 +31,10 @@ import numpy as np
 
 from cryoorient_ray.core.density.volume import DensityMap, check_positive_angstrom
 from cryoorient_ray.errors import CryoOrientError
-from cryoorient_ray.io.files import strip_suffixes
+from cryoorient_ray.io.files import existing_file, strip_suffixes
 
 MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
+MIN_MODEL_ATOMS = 10  # fewer polymer atoms than this is not a molecule (a stray atom, a fragment)
 SIGMA_FACTOR = 0.225  # Chimera molmap: σ = 0.225 · resolution
 
 
@@ -56,11 +57,7 @@ def read_polymer_model(path: str | os.PathLike, assembly: bool = False) -> gemmi
         CryoOrientError: missing or unreadable file, no assembly records (``assembly=True``),
             or no protein/nucleic-acid atoms.
     """
-    p = Path(path)
-    if not p.exists():
-        raise CryoOrientError(f"model file not found: {p}")
-    if not p.is_file():
-        raise CryoOrientError(f"{p}: not a file")
+    p = existing_file(path, "model")
     try:
         st = gemmi.read_structure(str(p))
     except Exception as exc:  # gemmi raises RuntimeError/ValueError/OSError on bad files
@@ -83,6 +80,11 @@ def read_polymer_model(path: str | os.PathLike, assembly: bool = False) -> gemmi
         model = gemmi.make_assembly(st.assemblies[0], model, gemmi.HowToNameCopiedChain.AddNumber)
     if model.count_atom_sites() == 0:
         raise CryoOrientError(f"{p}: no protein or nucleic-acid atoms (after removing hydrogens, waters and ligands)")
+    if model.count_atom_sites() < MIN_MODEL_ATOMS:
+        raise CryoOrientError(
+            f"{p}: only {model.count_atom_sites()} polymer atom(s); "
+            f"a molecule to project needs at least {MIN_MODEL_ATOMS}"
+        )
     return model
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from cryoorient_ray.core.density.volume import DensityMap, resample
 from cryoorient_ray.errors import CryoOrientError
-from cryoorient_ray.io.files import atomic_path, strip_suffixes
+from cryoorient_ray.io.files import atomic_path, existing_file, strip_suffixes
 
 MAP_SUFFIXES = (".mrc", ".map", ".ccp4", ".mrcs")
 ANISOTROPY_TOLERANCE = 1e-3  # relative difference of x/y/z voxel sizes still treated as cubic
@@ -64,11 +64,7 @@ def read_map(
         CryoOrientError: missing file, not a map, no voxel size, non-orthogonal cell, complex
             or 2D data, NaN values.
     """
-    p = Path(path)
-    if not p.exists():
-        raise CryoOrientError(f"map file not found: {p}")
-    if not p.is_file():
-        raise CryoOrientError(f"{p}: not a file")
+    p = existing_file(path, "map")
     try:
         with mrcfile.open(p, mode="r", permissive=False) as mrc:
             header = mrc.header.copy()

@@ -9,8 +9,10 @@ Conventions:
 - Shifts: our shift ``t`` (pixels) moves the object's centre to ``L//2 + t``. RELION's
   ``rlnOriginX/YAngst`` is the translation that re-centres the particle (``relion_project``
   shifts a centred projection by ``-origin``), so ``rlnOriginXAngst = -t_x · pixel_size``.
-- CTF: ``rlnDefocusU/V`` (Å), ``rlnDefocusAngle`` (degrees), ``rlnVoltage`` (kV),
-  ``rlnSphericalAberration`` (mm), ``rlnAmplitudeContrast``.
+- CTF: ``rlnDefocusU/V`` (Å), ``rlnDefocusAngle`` (degrees), ``rlnPhaseShift`` (0; readers such as
+  cryoDRGN need it), ``rlnVoltage`` (kV), ``rlnSphericalAberration`` (mm), ``rlnAmplitudeContrast``.
+- Files: every block preceded by RELION 3.1's ``# version 30001`` line; the .mrcs header carries
+  the pixel size and the statistics (dmin, dmax, dmean, rms).
 - ``rlnMicrographName`` carries the protein name, ``rlnRandomSubset`` alternates 1/2 for half maps.
 """
 
@@ -29,6 +31,7 @@ import starfile
 from cryoorient_ray.core.geometry.euler import euler_relion_to_unitquat, unitquat_to_euler_relion
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_path
+from cryoorient_ray.io.star import write_star_blocks
 from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ def export_relion(
             mrc.voxel_size = pix
             for a in range(0, len(rows), 1024):
                 mrc.data[a : a + 1024] = store.read_images(rows[a : a + 1024])
+            mrc.update_header_stats()  # dmin, dmax, dmean, rms
 
     optics_df = pd.DataFrame(
         {
@@ -99,12 +103,12 @@ def export_relion(
         particles["rlnDefocusU"] = meta["defocus_u"].astype(np.float64)
         particles["rlnDefocusV"] = meta["defocus_v"].astype(np.float64)
         particles["rlnDefocusAngle"] = meta["defocus_angle"].astype(np.float64)
+        particles["rlnPhaseShift"] = np.zeros(len(rows))  # cryoDRGN reads NaN without it
     particles["rlnOpticsGroup"] = np.ones(len(rows), dtype=int)
     particles["rlnRandomSubset"] = (np.arange(len(rows)) % 2) + 1
     if names:
         particles["rlnMicrographName"] = [names[p] if 0 <= p < len(names) else "unknown" for p in meta["protein"]]
-    with atomic_path(star_path) as tmp:
-        starfile.write({"optics": optics_df, "particles": pd.DataFrame(particles)}, tmp, overwrite=True)
+    write_star_blocks(star_path, {"optics": optics_df, "particles": pd.DataFrame(particles)})
     return star_path, mrcs_path
 
 
@@ -188,6 +192,69 @@ def _load_images(particles: pd.DataFrame, star_path: Path) -> np.ndarray:
     return images
 
 
+def _particle_metadata(particles: pd.DataFrame, pix: float, n: int, split: str) -> tuple[dict, bool, bool]:
+    """The store's per-sample arrays from a particles table; ``(arrays, has_angles, has_ctf)``."""
+    angle_cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+    has_angles = all(c in particles for c in angle_cols)
+    euler = particles[list(angle_cols)].to_numpy(float) if has_angles else np.full((n, 3), np.nan)
+    quat = euler_relion_to_unitquat(euler) if has_angles else np.full((n, 4), np.nan)
+    if "rlnOriginXAngst" in particles:
+        origin = particles[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float) / pix
+    elif "rlnOriginX" in particles:  # RELION 3.0: pixels
+        origin = particles[["rlnOriginX", "rlnOriginY"]].to_numpy(float)
+    else:
+        origin = np.zeros((n, 2))
+    has_ctf = "rlnDefocusU" in particles
+    du = particles["rlnDefocusU"].to_numpy(float) if has_ctf else np.zeros(n)
+    dv = particles["rlnDefocusV"].to_numpy(float) if "rlnDefocusV" in particles else du
+    da = particles["rlnDefocusAngle"].to_numpy(float) if "rlnDefocusAngle" in particles else np.zeros(n)
+    arrays = {
+        "quaternion": quat,
+        "euler": euler,
+        "shift": -origin,
+        "defocus_u": du,
+        "defocus_v": dv,
+        "defocus_angle": da,
+        "protein": np.zeros(n, dtype=np.int32),
+        "split": np.full(n, SPLIT_CODES[split], dtype=np.uint8),
+    }
+    return arrays, has_angles, has_ctf
+
+
+def _optics(particles: pd.DataFrame, optics: pd.DataFrame | None, star_path: Path) -> dict[str, float]:
+    """Voltage, Cs and amplitude contrast (the first optics group's, with a warning when groups differ)."""
+    values = {
+        key: _optics_value(particles, optics, label, default)
+        for key, label, default in (
+            ("voltage", "rlnVoltage", 300.0),
+            ("cs", "rlnSphericalAberration", 2.7),
+            ("amplitude_contrast", "rlnAmplitudeContrast", 0.1),
+        )
+    }
+    for key, vals in values.items():
+        if np.ptp(np.asarray(vals, float)) > 0:
+            log.warning("%s: optics groups differ in %s; the store keeps the first group's value", star_path, key)
+    return {k: float(np.asarray(v, float)[0]) for k, v in values.items()}
+
+
+def _write_new_store(target: Path, manifest: dict, images: np.ndarray, arrays: dict, shard_size: int) -> None:
+    """Build the store in a hidden folder beside ``target`` and move it into place when complete."""
+    n, size = images.shape[0], images.shape[-1]
+    tmp = target.with_name(f".{target.name}.creating-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        store = ProjectionStore.create(tmp, manifest, n, size, shard_size)
+        store.write_metadata(arrays)
+        for k in range(store.n_shards):
+            a, b = store.shard_range(k)
+            store.write_shard(k, images[a:b], np.full(b - a, np.nan, dtype=np.float32))
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def import_relion(
     star_path: str | os.PathLike,
     store_path: str | os.PathLike,
@@ -212,78 +279,21 @@ def import_relion(
     images = _load_images(particles, star_path)
     if not np.isfinite(images).all():
         raise CryoOrientError(f"{star_path}: images contain NaN or inf")
-    n, size = images.shape[0], images.shape[-1]
-
-    angle_cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
-    has_angles = all(c in particles for c in angle_cols)
-    euler = particles[list(angle_cols)].to_numpy(float) if has_angles else np.full((n, 3), np.nan)
-    quat = euler_relion_to_unitquat(euler) if has_angles else np.full((n, 4), np.nan)
-    if "rlnOriginXAngst" in particles:
-        origin = particles[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float) / pix
-    elif "rlnOriginX" in particles:  # RELION 3.0: pixels
-        origin = particles[["rlnOriginX", "rlnOriginY"]].to_numpy(float)
-    else:
-        origin = np.zeros((n, 2))
-    has_ctf = "rlnDefocusU" in particles
-    du = particles["rlnDefocusU"].to_numpy(float) if has_ctf else np.zeros(n)
-    dv = particles["rlnDefocusV"].to_numpy(float) if "rlnDefocusV" in particles else du
-    da = particles["rlnDefocusAngle"].to_numpy(float) if "rlnDefocusAngle" in particles else np.zeros(n)
-    optics_values = {
-        key: _optics_value(particles, optics, label, default)
-        for key, label, default in (
-            ("voltage", "rlnVoltage", 300.0),
-            ("cs", "rlnSphericalAberration", 2.7),
-            ("amplitude_contrast", "rlnAmplitudeContrast", 0.1),
-        )
-    }
-    for key, vals in optics_values.items():
-        if np.ptp(np.asarray(vals, float)) > 0:
-            log.warning("%s: optics groups differ in %s; the store keeps the first group's value", star_path, key)
-
+    n = images.shape[0]
+    arrays, has_angles, has_ctf = _particle_metadata(particles, pix, n, split)
+    protein = {"name": name or star_path.stem, "source": str(star_path), "symmetry": symmetry}
     manifest = {
         "config": {"imported_from": str(star_path)},
         "config_hash": "",
         "pixel_size": pix,
-        "proteins": [
-            {
-                "name": name or star_path.stem,
-                "source": str(star_path),
-                "symmetry": symmetry,
-                "heldout": False,
-                "start": 0,
-                "count": n,
-            }
-        ],
+        "proteins": [{**protein, "heldout": False, "start": 0, "count": n}],
         "has_orientations": has_angles,
-        "optics": {k: float(np.asarray(v, float)[0]) for k, v in optics_values.items()},
+        "optics": _optics(particles, optics, star_path),
         "ctf_applied": has_ctf,
         "source": "relion",
     }
     target = Path(store_path)
     if target.exists():
         raise CryoOrientError(f"{target} already exists; choose another output store")
-    tmp = target.with_name(f".{target.name}.creating-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        store = ProjectionStore.create(tmp, manifest, n, size, shard_size)
-        store.write_metadata(
-            {
-                "quaternion": quat,
-                "euler": euler,
-                "shift": -origin,
-                "defocus_u": du,
-                "defocus_v": dv,
-                "defocus_angle": da,
-                "protein": np.zeros(n, dtype=np.int32),
-                "split": np.full(n, SPLIT_CODES[split], dtype=np.uint8),
-            }
-        )
-        for k in range(store.n_shards):
-            a, b = store.shard_range(k)
-            store.write_shard(k, images[a:b], np.full(b - a, np.nan, dtype=np.float32))
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    _write_new_store(target, manifest, images, arrays, shard_size)
     return ProjectionStore.open(target)

@@ -1,12 +1,15 @@
 """RELION .star files for orientations (RELION 3.1+ layout, read and written with ``starfile``).
 
 Angles are RELION's ``rlnAngleRot``, ``rlnAngleTilt``, ``rlnAnglePsi`` in degrees
-(see :mod:`cryoorient_ray.core.geometry.euler` for the convention).
+(see :mod:`cryoorient_ray.core.geometry.euler` for the convention). Files are written by
+:func:`write_star_blocks`: ``starfile``'s tables, each block preceded by the ``# version 30001``
+line RELION 3.1 writes.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,16 @@ from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_path
 
 ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+RELION_VERSION_LINE = "# version 30001"
+
+
+def write_star_blocks(path: str | os.PathLike, blocks: dict[str, pd.DataFrame]) -> Path:
+    """Write ``{block name: table}`` as a RELION 3.1 .star file, atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        starfile.write(blocks, tmp, overwrite=True)
+        text = re.sub(r"^data_", f"{RELION_VERSION_LINE}\n\ndata_", tmp.read_text(), flags=re.MULTILINE)
+        tmp.write_text(text)
+    return Path(path)
 
 
 def orientations_to_dataframe(quaternions: np.ndarray) -> pd.DataFrame:
@@ -36,9 +49,7 @@ def write_orientations_star(path: str | os.PathLike, quaternions: np.ndarray, ex
         if len(values) != len(df):
             raise CryoOrientError(f"column {name!r} has {len(values)} values for {len(df)} orientations")
         df[name] = values
-    with atomic_path(path) as tmp:
-        starfile.write({"particles": df}, tmp, overwrite=True)
-    return Path(path)
+    return write_star_blocks(path, {"particles": df})
 
 
 def read_orientations_star(path: str | os.PathLike) -> np.ndarray:

@@ -12,12 +12,21 @@ Layout of ``<name>.zarr`` (Zarr format 3):
     protein       (N,)         int32, index into manifest["proteins"]
     split         (N,)         uint8, 0 = train, 1 = val, 2 = test
     shard_done    (n_shards,)  uint8, 1 once a shard's images are completely written
+    shard_nbytes  (n_shards,)  int64, bytes of the shard's ``images`` file when it was flagged done
     volumes/p0000 (D, D, D)    float32, the prepared density map of each protein (when known)
 
 Per-sample arrays other than ``images`` and ``noise_variance`` are written once by the driver
 before any shard; each shard task then writes its block of ``images`` and ``noise_variance`` and,
-last, its ``shard_done`` flag. Readers only use shards whose flag is set, so an interrupted run
-never exposes a half-written shard, and re-running the same config writes only missing shards.
+last, its ``shard_nbytes`` record and ``shard_done`` flag. Readers only use shards whose flag is
+set, so an interrupted run never exposes a half-written shard, and re-running the same config
+writes only missing shards.
+
+Integrity: the done record is tied to the data it vouches for. :meth:`ProjectionStore.open`
+(``verify=True``, the default) checks that every array's metadata is there and that each done
+shard's image file has the recorded size (one ``stat`` per shard, no data read), and stops with
+one :class:`CryoOrientError` naming the damaged shards; ``simulate`` re-renders them on a re-run
+(:meth:`ProjectionStore.damaged_shards`, :meth:`ProjectionStore.clear_shards`). Ray Data readers
+open with ``verify=False`` (the driver verified the store before reading).
 
 The manifest records the format, package version, the generating config and its hash, image
 size, pixel size, shard size, proteins (name, source, symmetry, start/count, held out or not),
@@ -59,6 +68,7 @@ METADATA_ARRAYS: dict[str, tuple[tuple[int, ...], str, Any]] = {
     "split": ((), "uint8", 0),
 }
 SHARD_ARRAYS = ("images", "noise_variance")
+STATE_ARRAYS = ("shard_done",)  # every store has these; ``shard_nbytes`` only stores made since it exists
 
 
 def split_codes(splits: str | Sequence[str]) -> list[int]:
@@ -114,6 +124,18 @@ def store_exists(path: str | os.PathLike) -> bool:
     return bool(fs.exists(root.rstrip("/") + "/zarr.json"))
 
 
+def _gather(fn, items: Sequence) -> list:
+    """``[await fn(x) for x in items]``, run concurrently on zarr's event loop (store calls are async)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def run() -> list:
+        return list(await asyncio.gather(*(fn(x) for x in items)))
+
+    return sync(run())
+
+
 def _zarr():
     import zarr  # imported lazily: core and the CLI start without it
 
@@ -126,6 +148,7 @@ class ProjectionStore:
     def __init__(self, path: str | os.PathLike, group: Any):
         self.path = str(path)
         self.group = group
+        self._damaged: list[int] = []  # shards found damaged by the last check (masked out of done_shards)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -171,13 +194,18 @@ class ProjectionStore:
                 name, shape=(n_samples, *trail), chunks=(shard_size, *trail), dtype=dtype, fill_value=fill
             )
         group.create_array("shard_done", shape=(n_shards,), chunks=(1,), dtype="uint8", fill_value=0)
+        group.create_array("shard_nbytes", shape=(n_shards,), chunks=(1,), dtype="int64", fill_value=-1)
         group.require_group("volumes")
         group.attrs["cryoorient"] = full
         return cls(path, group)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r") -> ProjectionStore:
-        """Open an existing store (``mode`` "r" or "r+"), checking that it is one of ours."""
+    def open(cls, path: str | os.PathLike, mode: str = "r", verify: bool = True) -> ProjectionStore:
+        """Open an existing store (``mode`` "r" or "r+"), checking that it is one of ours.
+
+        ``verify`` also checks its integrity (:meth:`verify`): every array is there and every
+        shard flagged done still has its image data. Readers inside Ray tasks pass False.
+        """
         zarr = _zarr()
         if not store_exists(path):
             raise CryoOrientError(f"projection store not found: {path}")
@@ -188,7 +216,10 @@ class ProjectionStore:
         manifest = group.attrs.get("cryoorient")
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CryoOrientError(f"{path} is not a cryoorient projection store (no '{FORMAT}' manifest)")
-        return cls(path, group)
+        store = cls(path, group)
+        if verify:
+            store.verify()
+        return store
 
     # ------------------------------------------------------------------ manifest
     @property
@@ -283,10 +314,80 @@ class ProjectionStore:
         start = shard * self.shard_size
         return start, min(start + self.shard_size, self.n_samples)
 
+    # ------------------------------------------------------------------ integrity
+    def _keys(self, names: Sequence[str]) -> list[str]:
+        root = self.group.store_path.path
+        return [f"{root}/{n}" if root else n for n in names]
+
+    def missing_arrays(self) -> list[str]:
+        """Names of the arrays whose metadata (``<name>/zarr.json``) is gone."""
+        names = [*SHARD_ARRAYS, *METADATA_ARRAYS, *STATE_ARRAYS]
+        found = _gather(self.group.store.exists, self._keys([f"{n}/zarr.json" for n in names]))
+        return [n for n, ok in zip(names, found, strict=True) if not ok]
+
+    def _shard_file_nbytes(self, shards: Sequence[int]) -> list[int]:
+        """Bytes of each shard's ``images`` file (0 when there is none), asked concurrently."""
+        arr, store = self.group["images"], self.group.store
+
+        async def size(key: str) -> int:
+            try:
+                return int(await store.getsize(key))
+            except (FileNotFoundError, KeyError):
+                return 0
+
+        keys = self._keys([f"images/{arr.metadata.encode_chunk_key((int(k), 0, 0))}" for k in shards])
+        return _gather(size, keys)
+
+    def damaged_shards(self) -> list[int]:
+        """Shards flagged done whose image file is gone or no longer has the recorded size.
+
+        Stores made before sizes were recorded only have the file's presence checked.
+        """
+        flagged = np.flatnonzero(self.group["shard_done"][:].astype(bool))
+        recorded = self.group["shard_nbytes"][:] if "shard_nbytes" in self.group else None
+        damaged = []
+        for k, size in zip(map(int, flagged), self._shard_file_nbytes(flagged), strict=True):
+            want = -1 if recorded is None else int(recorded[k])
+            intact = size == want if want >= 0 else size > 0
+            if not intact:
+                damaged.append(k)
+        self._damaged = damaged
+        return damaged
+
+    def damage_report(self, damaged: Sequence[int]) -> str:
+        """One line naming the damaged shards and their rows."""
+        parts = [f"{k} (rows {a}-{b - 1})" for k in damaged for a, b in [self.shard_range(k)]]
+        return f"shard{'s' if len(parts) > 1 else ''} {', '.join(parts)} lost image data ({self.path}/images)"
+
+    def check_arrays(self) -> None:
+        """Raise one :class:`CryoOrientError` naming the arrays whose metadata is gone."""
+        missing = self.missing_arrays()
+        if missing:
+            where = ", ".join(f"{self.path}/{n}/zarr.json" for n in missing)
+            raise CryoOrientError(f"{self.path} is damaged: missing array metadata {where}; re-create the store")
+
+    def verify(self) -> None:
+        """Raise one :class:`CryoOrientError` when an array is missing or a done shard lost its data."""
+        self.check_arrays()
+        damaged = self.damaged_shards()
+        if damaged:
+            raise CryoOrientError(
+                f"{self.path} is damaged: {self.damage_report(damaged)}; "
+                "re-run the command that made it (simulate re-renders damaged shards)"
+            )
+
+    def clear_shards(self, shards: Sequence[int]) -> None:
+        """Unset the done flags of ``shards`` (they are rendered again)."""
+        for k in shards:
+            self.group["shard_done"][int(k)] = 0
+        self._damaged = []
+
     # ------------------------------------------------------------------ state
     def done_shards(self) -> np.ndarray:
-        """Boolean mask over shards: True where the shard is completely written."""
-        return self.group["shard_done"][:].astype(bool)
+        """Boolean mask over shards: True where the shard is completely written (and not found damaged)."""
+        done = self.group["shard_done"][:].astype(bool)
+        done[self._damaged] = False
+        return done
 
     @property
     def is_complete(self) -> bool:
@@ -324,6 +425,8 @@ class ProjectionStore:
             raise CryoOrientError(f"shard {shard}: images contain NaN or inf")
         self.group["images"][start:stop] = images
         self.group["noise_variance"][start:stop] = np.asarray(noise_variance, dtype=np.float32).reshape(n)
+        if "shard_nbytes" in self.group:
+            self.group["shard_nbytes"][shard] = self._shard_file_nbytes([shard])[0]
         self.group["shard_done"][shard] = 1
 
     def write_volume(self, protein: int, data: np.ndarray) -> None:
@@ -418,6 +521,7 @@ class ProjectionStore:
                 mine = meta["protein"] == k
                 row.update({s: int(np.sum(mine & (meta["split"] == c))) for s, c in SPLIT_CODES.items()})
             proteins.append(row)
+        damaged = self.damaged_shards()
         done = self.done_shards()
         return {
             "path": self.path,
@@ -427,6 +531,7 @@ class ProjectionStore:
             "shards_done": int(done.sum()),
             "shards": int(m["n_shards"]),
             "complete": self.is_complete,
+            "damaged_shards": damaged,
             "has_orientations": bool(m.get("has_orientations", True)),
             "proteins": proteins,
         }

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,17 +46,60 @@ class StageResult:
         return cls(name=name, status="done", seconds=seconds, outputs=outputs, metrics=dict(metrics or {}))
 
 
-def prepare_output_dir(cfg: RunConfig, out_dir: str | os.PathLike | None, argv: list[str] | None) -> Path:
-    """Create the run folder and write the stamped config into it. Returns the folder."""
-    out = Path(out_dir) if out_dir is not None else Path(cfg.output_dir)
+def output_dir_for(cfg: RunConfig, out_dir: str | os.PathLike | None) -> Path:
+    """The run folder a command writes to: ``out_dir`` if given, else ``cfg.output_dir`` (not created)."""
+    return Path(out_dir) if out_dir is not None else Path(cfg.output_dir)
+
+
+def enclosing_store(path: str | os.PathLike) -> Path | None:
+    """The Zarr store (a folder with ``zarr.json``) that ``path`` is, or lies inside; None if none."""
+    here = Path(os.path.abspath(path))
+    for folder in (here, *here.parents):
+        if (folder / "zarr.json").is_file():
+            return folder
+    return None
+
+
+def check_output_dir(out: str | os.PathLike) -> None:
+    """Refuse an output folder that cannot be one: a file, a folder inside a store, not writable.
+
+    Raises:
+        CryoOrientError: one line saying which.
+    """
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise CryoOrientError(f"output path exists and is not a folder: {out}")
+    store = enclosing_store(out)
+    if store is not None:
+        raise CryoOrientError(f"output folder {out} is inside the projection store {store}; choose a folder outside it")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CryoOrientError(f"cannot write to the output folder {out}: {existing} is not writable")
+
+
+def prepare_output_dir(cfg: RunConfig, out_dir: str | os.PathLike | None, argv: list[str] | None) -> Path:
+    """Create the run folder and write the stamped config into it. Returns the folder."""
+    out = output_dir_for(cfg, out_dir)
+    check_output_dir(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        write_stamped_config(cfg, out, argv)
     except OSError as exc:
-        raise CryoOrientError(f"cannot create output folder {out}: {exc.strerror}") from None
-    write_stamped_config(cfg, out, argv)
+        raise CryoOrientError(f"cannot write to the output folder {out}: {exc.strerror or exc}") from None
     return out
+
+
+def remove_fresh_output(out: Path) -> None:
+    """Undo :func:`prepare_output_dir` for a folder it created, if nothing but the stamped config was written.
+
+    A folder with anything else in it (a partly rendered store, downloads) is kept whole, with its
+    ``config.yaml``, so that re-running the command resumes it.
+    """
+    from cryoorient_ray.config import STAMPED_CONFIG_NAME
+
+    if any(p.name != STAMPED_CONFIG_NAME for p in out.rglob("*") if not p.is_dir()):
+        return
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def store_path_for(cfg: RunConfig, out: Path) -> str:
@@ -66,6 +111,34 @@ def store_path_for(cfg: RunConfig, out: Path) -> str:
     from cryoorient_ray.io.store import absolute_store_path
 
     return absolute_store_path(cfg.simulate.store or out / STORE_NAME)
+
+
+def _snr_text(snr_db: float | None) -> str:
+    return "noiseless" if snr_db is None else f"{snr_db:g} dB"
+
+
+def training_mismatch(training: dict, store) -> str | None:
+    """One line saying how ``store`` differs from what a model was trained on (box, pixel size, SNR), or None.
+
+    ``training`` is the ``training`` record of a ``model.pt`` (``image_size``, ``pixel_size`` and,
+    for models trained since it is recorded, ``snr_db``: one value per training store, None = noiseless).
+    """
+    diffs = []
+    size, pix = training.get("image_size"), training.get("pixel_size")
+    if size is not None and int(size) != store.image_size:
+        diffs.append(f"{size}² px images, not {store.image_size}²")
+    if pix is not None and abs(float(pix) - store.pixel_size) > 0.01 * float(pix):
+        diffs.append(f"{float(pix):g} Å/px, not {store.pixel_size:g}")
+    trained = training.get("snr_db")
+    snr = store.manifest.get("config", {}).get("noise", {}).get("snr_db", "unknown")
+    if trained and snr != "unknown":
+        level = [math.inf if v is None else float(v) for v in trained]
+        here = math.inf if snr is None else float(snr)
+        if not min(level) - 1.0 <= here <= max(level) + 1.0:
+            diffs.append(f"SNR {', '.join(sorted({_snr_text(v) for v in trained}))}, not {_snr_text(snr)}")
+    if not diffs:
+        return None
+    return f"the model was trained on {'; '.join(diffs)} of {store.path}: its distances will not fit these images"
 
 
 def check_ray_address(cfg: RunConfig) -> None:
@@ -102,11 +175,27 @@ def run_standalone(
     argv: list[str] | None,
     stages: Sequence[Callable[[Path], StageResult]],
     needs_ray: bool = True,
+    checks: Sequence[Callable[[Path], None]] = (),
 ) -> tuple[Path, list[StageResult]]:
-    """One command's stages outside `cryoorient run`: check Ray, make the run folder, run, write the summary."""
+    """One command's stages outside `cryoorient run`: check, make the run folder, run, write the summary.
+
+    ``checks`` (each given the run folder, not yet created) refuse bad input before Ray starts
+    and before anything is written. A folder made here is removed again when a stage stops on
+    bad input before writing anything but the stamped config.
+    """
     if needs_ray:
         check_ray_address(cfg)
-    out = prepare_output_dir(cfg, out_dir, argv)
-    results = [stage(out) for stage in stages]
+    target = output_dir_for(cfg, out_dir)
+    check_output_dir(target)
+    for check in checks:
+        check(target)
+    created = not target.exists()
+    out = prepare_output_dir(cfg, target, argv)
+    try:
+        results = [stage(out) for stage in stages]
+    except CryoOrientError:
+        if created:
+            remove_fresh_output(out)
+        raise
     write_summary(out, cfg, results)
     return out, results

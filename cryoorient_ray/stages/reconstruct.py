@@ -252,6 +252,7 @@ def run_reconstruct(
     src = Path(orientations)
     if not src.is_file():
         raise CryoOrientError(f"orientations file not found: {src}")
+    ProjectionStore.open(store_path)  # a missing or damaged store stops here, before the run folder
     out = prepare_output_dir(cfg, out_dir, argv)
     target = out / "recovered_orientations.npz"
     if src.suffix == ".npz":

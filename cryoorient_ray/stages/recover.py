@@ -49,8 +49,17 @@ from cryoorient_ray.core.recovery.solver import RecoveryResult, check_distances
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_savez, atomic_write_text
 from cryoorient_ray.io.store import ProjectionStore
-from cryoorient_ray.plots import plot_orientations
-from cryoorient_ray.stages.base import MODEL_NAME, StageResult, _ray_nodes_metric, run_standalone, store_path_for
+from cryoorient_ray.plots import (
+    plot_orientations,
+)
+from cryoorient_ray.stages.base import (
+    MODEL_NAME,
+    StageResult,
+    _ray_nodes_metric,
+    run_standalone,
+    store_path_for,
+    training_mismatch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +211,10 @@ def _model_estimator(store: ProjectionStore, sel: Selection, cfg: RecoverConfig,
 
     if model_path is None:
         raise CryoOrientError("no trained model: give --model, or --euclidean / --exact")
-    model, _ = load_distance_model(model_path)
+    model, meta = load_distance_model(model_path)
+    mismatch = training_mismatch(meta.get("training") or {}, store)
+    if mismatch:
+        log.warning("%s: %s", model_path, mismatch)
     if store.image_size < model.spec.min_image_size:
         raise CryoOrientError(
             f"{store.path} has {store.image_size}² images; {model_path} needs at least {model.spec.min_image_size}²"
@@ -581,6 +593,14 @@ def stage_recover(
     return StageResult.done("recover", t0, outputs=files, metrics=metrics)
 
 
+def check_recover_inputs(cfg: RunConfig, store_path: str, model_path: str | os.PathLike | None) -> None:
+    """Before anything is written: the store opens intact and the model file (if one is needed) exists."""
+    ProjectionStore.open(store_path)
+    model = model_path or (cfg.recover.model if cfg.recover.estimator == "model" else None)
+    if model is not None and not Path(model).is_file():
+        raise CryoOrientError(f"model file not found: {model} (train first, or set recover.model)")
+
+
 def run_recover(
     cfg: RunConfig,
     store_path: str,
@@ -591,7 +611,8 @@ def run_recover(
 ) -> tuple[Path, StageResult]:
     """`cryoorient recover`: the recovery stage alone, on a given store."""
     stage = lambda o: stage_recover(cfg, o, progress=progress, store_path=store_path, model_path=model_path)  # noqa: E731
-    out, results = run_standalone(cfg, out_dir, argv, [stage], needs_ray=cfg.recover.actors > 0)
+    check = lambda o: check_recover_inputs(cfg, store_path, model_path)  # noqa: E731
+    out, results = run_standalone(cfg, out_dir, argv, [stage], needs_ray=cfg.recover.actors > 0, checks=[check])
     return out, results[0]
 
 

@@ -67,9 +67,17 @@ def stage_simulate(cfg: RunConfig, out: Path, progress: bool = True) -> StageRes
     )
 
 
+def check_simulate(cfg: RunConfig, out: Path) -> None:
+    """Bad input of the simulate stage, found before Ray starts and before anything is written."""
+    from cryoorient_ray.distributed.simulate_tasks import check_simulate_inputs
+
+    check_simulate_inputs(cfg.simulate, cfg.seed, store_path_for(cfg, out))
+
+
 def run_simulate(
     cfg: RunConfig, out_dir: str | os.PathLike | None = None, argv: list[str] | None = None, progress: bool = True
 ) -> tuple[Path, StageResult]:
     """`cryoorient simulate`: the simulation stage alone."""
-    out, results = run_standalone(cfg, out_dir, argv, [lambda o: stage_simulate(cfg, o, progress=progress)])
+    stage = lambda o: stage_simulate(cfg, o, progress=progress)  # noqa: E731
+    out, results = run_standalone(cfg, out_dir, argv, [stage], checks=[lambda o: check_simulate(cfg, o)])
     return out, results[0]

@@ -11,9 +11,18 @@ from pathlib import Path
 from cryoorient_ray.config import RunConfig
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_write_text
-from cryoorient_ray.plots import plot_distance_scatter, plot_training_curves
-from cryoorient_ray.stages.base import MODEL_NAME, StageResult, _ray_nodes_metric, run_standalone, store_path_for
-from cryoorient_ray.stages.simulate import stage_simulate
+from cryoorient_ray.plots import (
+    plot_distance_scatter,
+    plot_training_curves,
+)
+from cryoorient_ray.stages.base import (
+    MODEL_NAME,
+    StageResult,
+    _ray_nodes_metric,
+    run_standalone,
+    store_path_for,
+)
+from cryoorient_ray.stages.simulate import check_simulate, stage_simulate
 
 log = logging.getLogger(__name__)
 
@@ -108,4 +117,14 @@ def run_train(
     """`cryoorient train`: simulate first when no store is given, then train."""
     stages = [] if cfg.train.stores else [lambda o: stage_simulate(cfg, o, progress=progress)]
     stages.append(lambda o: stage_train(cfg, o, progress=progress))
-    return run_standalone(cfg, out_dir, argv, stages)
+    return run_standalone(cfg, out_dir, argv, stages, checks=[lambda o: check_train_inputs(cfg, o)])
+
+
+def check_train_inputs(cfg: RunConfig, out: Path) -> None:
+    """Before Ray starts: the given stores open intact, or (none given) the simulation's inputs exist."""
+    from cryoorient_ray.io.store import ProjectionStore
+
+    for path in cfg.train.stores:
+        ProjectionStore.open(path)
+    if not cfg.train.stores:
+        check_simulate(cfg, out)
