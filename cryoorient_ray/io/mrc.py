@@ -30,7 +30,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from cryoorient_ray.core.density.volume import DensityMap, resample
+from cryoorient_ray.core.density.volume import DensityMap, check_positive_angstrom, resample
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_path, existing_file, strip_suffixes
 
@@ -100,12 +100,7 @@ def read_map(
     if voxel_size is None and header_missing and default_voxel_size is not None:
         voxel_size = default_voxel_size
     if voxel_size is not None:
-        try:
-            vs = float(voxel_size)
-        except (TypeError, ValueError):
-            raise CryoOrientError(f"{p}: voxel size override must be a number of Å; got {voxel_size!r}") from None
-        if not math.isfinite(vs) or vs <= 0:
-            raise CryoOrientError(f"{p}: voxel size override must be a positive number of Å; got {voxel_size!r}")
+        vs = check_positive_angstrom(voxel_size, f"{p}: voxel size override")
         return DensityMap(data, vs, name=map_stem(p), source=str(p))
 
     if header_missing:
