@@ -87,9 +87,42 @@ class InputSpec(StrictModel):
 
 
 class NoiseConfig(StrictModel):
-    """Additive Gaussian noise; the paper's σ² = 16 against a signal variance ≈ 1 is about -12 dB."""
+    """Additive Gaussian noise; the paper's σ² = 16 against a signal variance ≈ 1 is about -12 dB.
 
-    snr_db: float | None = Field(None, description="signal-to-noise ratio in dB per image; null = noiseless")
+    The SNR is per image, ``var(clean image over the acquisition box) / σ²`` (docs/CONVENTIONS.md,
+    "Noise"), set at the acquisition box (:class:`AcquisitionConfig`); binning to a smaller working
+    box raises it (by ``10·log10(L_acq² / L²)`` dB for white noise).
+    """
+
+    snr_db: float | None = Field(
+        None,
+        ge=-100,
+        le=100,
+        description="signal-to-noise ratio in dB per image, at the acquisition box; null = noiseless",
+    )
+
+
+class AcquisitionConfig(StrictModel):
+    """Where the microscope sets the noise: the box and pixel size the images are simulated at.
+
+    Maps are prepared, projections rendered and CTF and noise applied at ``image_size`` pixels of
+    ``pixel_size`` Å; each image is then Fourier-cropped to ``simulate.image_size`` (the working
+    box that training and recovery use). The field of view is the same at both boxes:
+    ``pixel_size · image_size = simulate.voxel_size · simulate.image_size``. Null values mean the
+    working box / pixel size (no cropping: the images are simulated where they are used). Give the
+    working ``simulate.voxel_size`` or this ``pixel_size`` (or both, agreeing); maps made from
+    atomic models default to a resolution of twice the acquisition pixel size.
+    """
+
+    image_size: int | None = Field(
+        None, ge=8, le=2048, description="acquisition box L_acq (pixels), >= simulate.image_size; null = the same"
+    )
+    pixel_size: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="Å per pixel at acquisition; null = simulate.voxel_size · image_size / acquisition.image_size",
+    )
 
 
 class ShiftConfig(StrictModel):
@@ -142,10 +175,16 @@ class SimulateConfig(StrictModel):
     )
     n_per_map: int = Field(1000, ge=1, description="projections per density map")
     image_size: int = Field(64, ge=8, le=1024, description="projection size L (pixels); maps are boxed to L³")
-    voxel_size: float | None = Field(None, gt=0, description="Å per voxel/pixel; null = the map's own (3 Å for models)")
+    voxel_size: float | None = Field(
+        None,
+        gt=0,
+        description="Å per pixel of the stored (working) images; null = the map's own (3 Å for models), "
+        "or acquisition.pixel_size · acquisition.image_size / image_size",
+    )
     resolution: float | None = Field(None, gt=0, description="Å, for maps made from atomic models (default 2·voxel)")
     orientations: OrientationConfig = Field(default_factory=OrientationConfig)
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
+    acquisition: AcquisitionConfig = Field(default_factory=AcquisitionConfig)
     shifts: ShiftConfig = Field(default_factory=ShiftConfig)
     ctf: CTFConfig = Field(default_factory=CTFConfig)
     splits: SplitConfig = Field(default_factory=SplitConfig)
@@ -153,6 +192,60 @@ class SimulateConfig(StrictModel):
     backend: Literal["auto", "torch", "real", "astra"] = Field("auto", description="projector; auto = ASTRA with CUDA")
     skip_failed_inputs: bool = Field(False, description="skip sources that fail to load instead of stopping")
     store: str | None = Field(None, description="output store (default: <output_dir>/projections.zarr)")
+
+    @model_validator(mode="after")
+    def _acquisition(self) -> SimulateConfig:
+        acq, size = self.acquisition, self.image_size
+        if acq.image_size is not None and acq.image_size < size:
+            raise ValueError(
+                f"acquisition.image_size {acq.image_size} is smaller than simulate.image_size {size}: "
+                "the acquisition box must be at least the working box (images are Fourier-cropped to it)"
+            )
+        box = self.acquisition_size
+        if acq.pixel_size is not None and self.voxel_size is not None:
+            want = self.voxel_size * size / box
+            if abs(acq.pixel_size - want) > 1e-3 * want:
+                raise ValueError(
+                    f"acquisition.pixel_size {acq.pixel_size:g} Å disagrees with simulate.voxel_size {self.voxel_size:g} Å: "
+                    f"{box} px at acquisition over {size} px working needs {want:.6g} Å "
+                    "(same field of view); set one of them"
+                )
+        if box > size and acq.pixel_size is None and self.voxel_size is None:
+            raise ValueError(
+                f"acquisition.image_size {box} > simulate.image_size {size} needs a pixel size: "
+                "set simulate.voxel_size (working) or acquisition.pixel_size"
+            )
+        return self
+
+    @property
+    def acquisition_size(self) -> int:
+        """The acquisition box ``L_acq`` (pixels): ``acquisition.image_size``, else ``image_size``."""
+        return self.image_size if self.acquisition.image_size is None else self.acquisition.image_size
+
+    @property
+    def acquisition_unset(self) -> bool:
+        """True when ``acquisition`` adds nothing to the working settings (both null, or the box equal
+        to ``image_size`` and no pixel size): the images are simulated as before it existed."""
+        return self.acquisition_size == self.image_size and self.acquisition.pixel_size is None
+
+    def acquisition_pixel_size(self) -> float | None:
+        """Å per pixel at acquisition (None: the maps' own voxel size, as ``voxel_size`` null)."""
+        if self.voxel_size is not None and self.acquisition_size == self.image_size:
+            return self.voxel_size
+        if self.acquisition.pixel_size is not None:
+            return self.acquisition.pixel_size
+        if self.voxel_size is None:
+            return None
+        return self.voxel_size * self.image_size / self.acquisition_size
+
+    def working_pixel_size(self, acquisition_pixel_size: float) -> float:
+        """Å per working pixel for maps prepared at ``acquisition_pixel_size``: ``voxel_size`` when
+        given, else ``acquisition_pixel_size · L_acq / L`` (the same field of view)."""
+        if self.voxel_size is not None:
+            return self.voxel_size
+        if self.acquisition_size == self.image_size:
+            return acquisition_pixel_size
+        return acquisition_pixel_size * self.acquisition_size / self.image_size
 
 
 class ModelConfig(StrictModel):

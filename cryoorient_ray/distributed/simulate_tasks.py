@@ -9,6 +9,15 @@ Flow (driver):
      into place, so a store at the final path always has its maps and metadata;
   4. render the missing shards as Ray tasks (bounded in flight), with a progress bar.
 A shard becomes visible (done flag) only after all its images are written.
+
+Acquisition box (``simulate.acquisition``): when it differs from the working box, maps are
+prepared at the acquisition box and pixel size, each shard renders there (shifts scaled from
+working to acquisition pixels, CTF at the acquisition pixel size, noise at the SNR set on the
+acquisition image) and Fourier-crops to the working box. The store keeps the working map
+(the 3-D Fourier crop of the acquisition map) as each protein's map and the acquisition map beside
+it, the working pixel size, shifts in working pixels, σ² per acquisition pixel, and the
+``acquisition`` manifest record. With the acquisition unset the store is bit for bit the one made
+before it existed (same config hash, same images).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import ray
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cryoorient_ray.config import InputSpec, SimulateConfig
+from cryoorient_ray.core.imaging.forward import fourier_crop_volume
 from cryoorient_ray.core.imaging.parameters import sample_projection_parameters
 from cryoorient_ray.distributed.runtime import current_node_id, record_nodes
 from cryoorient_ray.errors import CryoOrientError
@@ -97,7 +107,10 @@ def _unwrap(exc: Exception, what: str) -> CryoOrientError:
 
 
 @ray.remote(num_cpus=1)
-def _prepare_map_task(source: str, voxel_size: float | None, resolution: float | None, image_size: int, cache_dir):
+def _prepare_map_task(
+    source: str, voxel_size: float | None, resolution: float | None, image_size: int, cache_dir
+) -> tuple[np.ndarray, float]:
+    """The map of ``source`` prepared at ``voxel_size`` (None: its own; 3 Å for models) in an ``image_size`` box."""
     import torch
 
     from cryoorient_ray.core.density.volume import prepare_map
@@ -118,11 +131,13 @@ class ShardRenderSettings:
     Attributes:
         store_path: the store being written (local path or URL).
         seed: the run's seed; shard ``k`` draws its noise from ``seed * 1_000_003 + k``.
-        pixel_size: Å per pixel (the maps' voxel size).
+        pixel_size: Å per working pixel (the store's pixel size).
         backend: projector backend (:func:`cryoorient_ray.core.imaging.projection.make_projector`).
-        snr_db: per-image SNR of the added Gaussian noise (dB); None = noiseless.
+        snr_db: per-image SNR of the added Gaussian noise (dB), set at the acquisition box; None = noiseless.
         ctf: microscope optics ``{"voltage": kV, "cs": mm, "amplitude_contrast": Q0}`` when the
             CTF is applied (defoci come from each row's metadata), else None.
+        acquisition_size, acquisition_pixel_size: the box (pixels) and pixel size (Å) images are
+            rendered at before the Fourier crop to the working box; None when that is the working box.
     """
 
     store_path: str
@@ -131,10 +146,15 @@ class ShardRenderSettings:
     backend: str
     snr_db: float | None
     ctf: dict | None
+    acquisition_size: int | None = None
+    acquisition_pixel_size: float | None = None
 
 
 def shard_render_settings(sim: SimulateConfig, seed: int, store: ProjectionStore, path: str) -> ShardRenderSettings:
+    """What the shard tasks of ``store`` need; the acquisition box and pixel come from its manifest."""
     optics = {"voltage": sim.ctf.voltage, "cs": sim.ctf.cs, "amplitude_contrast": sim.ctf.amplitude_contrast}
+    acq = store.acquisition
+    cropped = int(acq["image_size"]) != store.image_size
     return ShardRenderSettings(
         store_path=path,
         seed=seed,
@@ -142,6 +162,8 @@ def shard_render_settings(sim: SimulateConfig, seed: int, store: ProjectionStore
         backend=sim.backend,
         snr_db=sim.noise.snr_db,
         ctf=optics if sim.ctf.enabled else None,
+        acquisition_size=int(acq["image_size"]) if cropped else None,
+        acquisition_pixel_size=float(acq["pixel_size"]) if cropped else None,
     )
 
 
@@ -149,7 +171,8 @@ def shard_render_settings(sim: SimulateConfig, seed: int, store: ProjectionStore
 def _render_shard_task(settings: ShardRenderSettings, shard: int, volume_refs: dict) -> tuple[int, float, str]:
     """Render and write one shard (one CPU, one torch thread); returns ``(shard, seconds, node id)``.
 
-    ``volume_refs``: object refs of the ``(L, L, L)`` maps of the proteins in the shard, by protein index.
+    ``volume_refs``: object refs of the maps the shard's proteins are rendered from, by protein index:
+    ``(L, L, L)``, or ``(L_acq,)*3`` with an acquisition box (:class:`ShardRenderSettings`).
     """
     import torch
 
@@ -165,6 +188,8 @@ def _render_shard_task(settings: ShardRenderSettings, shard: int, volume_refs: d
     images = np.zeros((stop - start, size, size), dtype=np.float32)
     noise_var = np.zeros(stop - start, dtype=np.float32)
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + int(shard))
+    acq_size = settings.acquisition_size
+    shifts = meta["shift"] if acq_size is None else meta["shift"] * (acq_size / size)  # to acquisition pixels
     for protein in np.unique(meta["protein"]):
         rows = np.flatnonzero(meta["protein"] == protein)
         volume = np.array(ray.get(volume_refs[int(protein)]))  # a writable copy of the shared map
@@ -172,8 +197,8 @@ def _render_shard_task(settings: ShardRenderSettings, shard: int, volume_refs: d
         imgs, nv = render_projections(
             volume,
             meta["quaternion"][rows],
-            meta["shift"][rows],
-            pixel_size=settings.pixel_size,
+            shifts[rows],
+            pixel_size=settings.pixel_size if acq_size is None else settings.acquisition_pixel_size,
             ctf=settings.ctf,
             defocus_u=meta["defocus_u"][rows],
             defocus_v=meta["defocus_v"][rows],
@@ -181,6 +206,7 @@ def _render_shard_task(settings: ShardRenderSettings, shard: int, volume_refs: d
             snr_db=settings.snr_db,
             generator=generator,
             projector=projector,
+            output_size=None if acq_size is None else size,
         )
         images[rows], noise_var[rows] = imgs, nv
     store.write_shard(shard, images, noise_var)
@@ -202,9 +228,10 @@ def _progress(enabled: bool) -> Progress:
 def _prepare_maps(
     entries: list[ProteinEntry], sim: SimulateConfig, cache_dir, progress: bool
 ) -> tuple[list[ProteinEntry], list[np.ndarray], float]:
-    refs = [
-        _prepare_map_task.remote(e.source, sim.voxel_size, sim.resolution, sim.image_size, cache_dir) for e in entries
-    ]
+    """The loadable entries with their maps at the acquisition box and pixel size, and that pixel size."""
+    voxel_size = sim.acquisition_pixel_size()
+    box = sim.acquisition_size
+    refs = [_prepare_map_task.remote(e.source, voxel_size, sim.resolution, box, cache_dir) for e in entries]
     kept, volumes, sizes, failed = [], [], [], []
     with _progress(progress) as bar:
         task = bar.add_task("preparing maps", total=len(refs))
@@ -241,7 +268,10 @@ def _prepare_maps(
 
 
 def _settings_fingerprint(sim: SimulateConfig, seed: int) -> tuple[dict, str]:
-    cfg = sim.model_dump(mode="json", exclude={"store", "backend"})
+    """The config a store records and its hash; an unset acquisition is left out, so stores made
+    before it existed keep their hash (and resume)."""
+    exclude = {"store", "backend"} | ({"acquisition"} if sim.acquisition_unset else set())
+    cfg = sim.model_dump(mode="json", exclude=exclude)
     cfg["seed"] = seed
     return cfg, config_hash(cfg)
 
@@ -278,8 +308,24 @@ def _projection_metadata(sim: SimulateConfig, seed: int, n_proteins: int) -> dic
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
+def _acquisition_record(sim: SimulateConfig, acquisition_pixel_size: float) -> dict:
+    """The manifest's ``acquisition``: where the images were simulated and what ``noise_variance`` means."""
+    size, box = sim.image_size, sim.acquisition_size
+    return {
+        "image_size": int(box),
+        "pixel_size": float(acquisition_pixel_size),
+        "snr_db": sim.noise.snr_db,
+        "noise_variance_box": "acquisition",
+        "noise_variance_to_working": (size / box) ** 2,
+    }
+
+
 def _manifest(
-    sim: SimulateConfig, entries: list[ProteinEntry], fingerprint: tuple[dict, str], pixel_size: float
+    sim: SimulateConfig,
+    entries: list[ProteinEntry],
+    fingerprint: tuple[dict, str],
+    pixel_size: float,
+    acquisition_pixel_size: float,
 ) -> dict:
     n = sim.n_per_map
     proteins = [
@@ -295,6 +341,7 @@ def _manifest(
         "optics": {"voltage": sim.ctf.voltage, "cs": sim.ctf.cs, "amplitude_contrast": sim.ctf.amplitude_contrast},
         "ctf_applied": sim.ctf.enabled,
         "source": "simulated",
+        "acquisition": _acquisition_record(sim, acquisition_pixel_size),
     }
 
 
@@ -303,9 +350,11 @@ def _build_store(
 ) -> ProjectionStore:
     """The store skeleton (maps, metadata, no images), written into a temporary folder and moved
     into place (local stores), so a store at the final path always has its maps and metadata."""
-    entries, volumes, pixel_size = _prepare_maps(resolve_inputs(sim), sim, cache_dir, progress)
+    entries, volumes, acq_pixel = _prepare_maps(resolve_inputs(sim), sim, cache_dir, progress)
+    cropped = sim.acquisition_size != sim.image_size
+    pixel_size = sim.working_pixel_size(acq_pixel) if cropped else acq_pixel
     metadata = _projection_metadata(sim, seed, len(entries))
-    manifest = _manifest(sim, entries, fingerprint, pixel_size)
+    manifest = _manifest(sim, entries, fingerprint, pixel_size, acq_pixel)
     local = not is_url(path)
     target = Path(path)
     build_path = str(target.with_name(f".{target.name}.creating-{os.getpid()}")) if local else path
@@ -313,7 +362,9 @@ def _build_store(
         shutil.rmtree(build_path)
     store = ProjectionStore.create(build_path, manifest, len(metadata["protein"]), sim.image_size, sim.shard_size)
     for k, vol in enumerate(volumes):
-        store.write_volume(k, vol)
+        store.write_volume(k, fourier_crop_volume(vol, sim.image_size) if cropped else vol)
+        if cropped:
+            store.write_volume(k, vol, acquisition=True)
     store.write_metadata(metadata)
     if local:
         os.replace(build_path, target)
@@ -364,7 +415,8 @@ def _render_shards(
     store: ProjectionStore, settings: ShardRenderSettings, todo: list[int], progress: bool, limit: int
 ) -> None:
     """The ``todo`` shards as Ray tasks, at most ``limit`` in flight, each given only its proteins' maps."""
-    volume_refs = {k: ray.put(store.read_volume(k)) for k in range(len(store.manifest["proteins"]))}
+    acq = settings.acquisition_size is not None
+    volume_refs = {k: ray.put(store.read_volume(k, acquisition=acq)) for k in range(len(store.manifest["proteins"]))}
     shard_proteins = store.group["protein"]
     queue = list(todo)
     in_flight: dict = {}

@@ -13,7 +13,10 @@ Layout of ``<name>.zarr`` (Zarr format 3):
     split         (N,)         uint8, 0 = train, 1 = val, 2 = test
     shard_done    (n_shards,)  uint8, 1 once a shard's images are completely written
     shard_nbytes  (n_shards,)  int64, bytes of the shard's ``images`` file when it was flagged done
-    volumes/p0000 (D, D, D)    float32, the prepared density map of each protein (when known)
+    volumes/p0000 (D, D, D)    float32, the prepared density map of each protein (when known), at the
+                               working box and pixel size (D = L)
+    volumes/acquisition/p0000  (L_acq, L_acq, L_acq) float32, the map the images were rendered from,
+                               only when the acquisition box differs from the working box
 
 Per-sample arrays other than ``images`` and ``noise_variance`` are written once by the driver
 before any shard; each shard task then writes its block of ``images`` and ``noise_variance`` and,
@@ -30,8 +33,15 @@ open with ``verify=False`` (the driver verified the store before reading).
 
 The manifest records the format, package version, the generating config and its hash, image
 size, pixel size, shard size, proteins (name, source, symmetry, start/count, held out or not),
-optics (voltage, Cs, amplitude contrast) and split names. Paths may be local folders or fsspec
-URLs (``s3://``, ``gs://``) that zarr understands.
+optics (voltage, Cs, amplitude contrast) and split names. Simulated stores made since the
+acquisition box exists also record ``acquisition``: ``image_size`` and ``pixel_size`` (Å) of the
+box the images were simulated at (CTF and noise applied there, then Fourier-cropped to
+``image_size``), ``snr_db`` (per image at that box, None = noiseless), ``noise_variance_box``
+(``"acquisition"``: the per-image ``noise_variance`` is σ² per acquisition pixel) and
+``noise_variance_to_working`` (``(L / L_acq)²``: σ² per working pixel of the white noise is
+``noise_variance`` times it). :attr:`ProjectionStore.acquisition` gives it, derived for older
+stores (acquisition = working box). Paths may be local folders or fsspec URLs (``s3://``,
+``gs://``) that zarr understands.
 """
 
 from __future__ import annotations
@@ -252,6 +262,22 @@ class ProjectionStore:
         return float(self.manifest["pixel_size"])
 
     @property
+    def acquisition(self) -> dict:
+        """The manifest's ``acquisition`` record (module docstring); for stores made before it was
+        recorded, the working box and pixel size with the config's SNR (they were simulated there)."""
+        m = self.manifest
+        if isinstance(m.get("acquisition"), dict):
+            return dict(m["acquisition"])
+        noise = (m.get("config") or {}).get("noise") or {}
+        return {
+            "image_size": int(m["image_size"]),
+            "pixel_size": m.get("pixel_size"),
+            "snr_db": noise.get("snr_db"),
+            "noise_variance_box": "acquisition",
+            "noise_variance_to_working": 1.0,
+        }
+
+    @property
     def proteins(self) -> list[dict]:
         return list(self.manifest.get("proteins", []))
 
@@ -429,23 +455,33 @@ class ProjectionStore:
             self.group["shard_nbytes"][shard] = self._shard_file_nbytes([shard])[0]
         self.group["shard_done"][shard] = 1
 
-    def write_volume(self, protein: int, data: np.ndarray) -> None:
-        """Store the prepared density map of protein ``protein``."""
+    def _volumes(self, acquisition: bool, create: bool = False):
         vols = self.group["volumes"]
+        if not acquisition:
+            return vols
+        return vols.require_group("acquisition") if create else vols.get("acquisition")
+
+    def write_volume(self, protein: int, data: np.ndarray, acquisition: bool = False) -> None:
+        """Store the prepared density map of protein ``protein`` (``acquisition``: the map at the
+        acquisition box that the images were rendered from, when that differs from the working box)."""
+        vols = self._volumes(acquisition, create=True)
         name = f"p{protein:04d}"
         data = np.asarray(data, dtype=np.float32)
         arr = vols.create_array(name, shape=data.shape, chunks=data.shape, dtype="float32", overwrite=True)
         arr[...] = data
 
     # ------------------------------------------------------------------ reading
-    def has_volume(self, protein: int) -> bool:
-        return f"p{protein:04d}" in self.group["volumes"]
+    def has_volume(self, protein: int, acquisition: bool = False) -> bool:
+        vols = self._volumes(acquisition)
+        return vols is not None and f"p{protein:04d}" in vols
 
-    def read_volume(self, protein: int) -> np.ndarray:
+    def read_volume(self, protein: int, acquisition: bool = False) -> np.ndarray:
+        """The map of protein ``protein`` at the working box (or, ``acquisition``, at the acquisition box)."""
         name = f"p{protein:04d}"
-        if name not in self.group["volumes"]:
-            raise CryoOrientError(f"{self.path} has no density map for protein {protein}")
-        return self.group["volumes"][name][...]
+        if not self.has_volume(protein, acquisition):
+            what = "acquisition-box density map" if acquisition else "density map"
+            raise CryoOrientError(f"{self.path} has no {what} for protein {protein}")
+        return self._volumes(acquisition)[name][...]
 
     def read_metadata(self, rows: slice | np.ndarray | None = None, names: Iterable[str] | None = None) -> dict:
         """Per-sample metadata (and ``noise_variance``) for ``rows`` (all rows by default)."""
