@@ -244,3 +244,80 @@ def test_shard_render_settings_carry_the_optics_only_with_ctf(tmp_path):
         s.seed = 6  # type: ignore[misc]
     ctf = load_config(None, None, ["simulate.ctf.enabled=true", "simulate.ctf.voltage=200"]).simulate
     assert shard_render_settings(ctf, 0, store, "x").ctf == {"voltage": 200.0, "cs": 2.7, "amplitude_contrast": 0.1}
+
+
+ACQ_BASE = [
+    "simulate.inputs=[pseudo:3]",
+    "simulate.n_per_map=16",
+    "simulate.image_size=32",
+    "simulate.voxel_size=6",
+    "simulate.shard_size=8",
+    "simulate.backend=torch",
+    "simulate.shifts.max_shift=2",
+]
+
+
+def test_acquisition_at_the_working_box_is_the_store_made_without_it(ray_local, tmp_path):
+    from cryoorient_ray.distributed.simulate_tasks import _settings_fingerprint, simulate_store
+
+    noisy = [*ACQ_BASE, "simulate.noise.snr_db=-6", "simulate.ctf.enabled=true"]
+    unset = load_config(None, None, noisy).simulate
+    same = load_config(None, None, [*noisy, "simulate.acquisition.image_size=32"]).simulate
+    assert "acquisition" not in _settings_fingerprint(unset, 2)[0]  # stores made before it keep their hash
+    assert _settings_fingerprint(unset, 2) == _settings_fingerprint(same, 2)
+    a = simulate_store(unset, 2, tmp_path / "a.zarr", progress=False)
+    b = simulate_store(same, 2, tmp_path / "b.zarr", progress=False)
+    np.testing.assert_array_equal(a.read_images(slice(None)), b.read_images(slice(None)))
+    for name, values in a.read_metadata().items():
+        np.testing.assert_array_equal(values, b.read_metadata()[name], err_msg=name)
+    np.testing.assert_array_equal(a.read_volume(0), b.read_volume(0))
+    assert not a.has_volume(0, acquisition=True)
+    assert a.manifest["config_hash"] == b.manifest["config_hash"] and a.pixel_size == 6.0
+    assert a.acquisition == {
+        "image_size": 32,
+        "pixel_size": 6.0,
+        "snr_db": -6.0,
+        "noise_variance_box": "acquisition",
+        "noise_variance_to_working": 1.0,
+    }
+
+
+def test_a_64_to_32_store_has_the_working_geometry_and_a_higher_snr(ray_local, tmp_path):
+    from cryoorient_ray.core.imaging.forward import render_projections
+    from cryoorient_ray.distributed.simulate_tasks import simulate_store
+
+    acq = [*ACQ_BASE, "simulate.acquisition.image_size=64"]
+    noisy_cfg = load_config(None, None, [*acq, "simulate.noise.snr_db=0"]).simulate
+    noisy = simulate_store(noisy_cfg, 4, tmp_path / "n.zarr", progress=False)
+    clean = simulate_store(load_config(None, None, acq).simulate, 4, tmp_path / "c.zarr", progress=False)
+    assert noisy.pixel_size == 6.0 and noisy.image_size == 32
+    assert noisy.read_images(slice(None)).shape == (16, 32, 32)
+    assert noisy.read_volume(0).shape == (32, 32, 32) and noisy.read_volume(0, acquisition=True).shape == (64,) * 3
+    assert noisy.acquisition == {
+        "image_size": 64,
+        "pixel_size": 3.0,
+        "snr_db": 0.0,
+        "noise_variance_box": "acquisition",
+        "noise_variance_to_working": 0.25,
+    }
+    meta = noisy.read_metadata()
+    assert np.abs(meta["shift"]).max() <= 2 and np.abs(meta["shift"]).max() > 0.5  # working pixels
+    # the clean working images are projections of the stored working map at the stored shifts
+    signal = clean.read_images(slice(None))
+    again, _ = render_projections(clean.read_volume(0), meta["quaternion"], meta["shift"], backend="torch")
+    assert np.linalg.norm(signal - again) / np.linalg.norm(again) < 0.05
+    # the SNR measured on the working images is the acquisition's plus 10·log10(64²/32²) ≈ 6 dB
+    noise = (noisy.read_images(slice(None)) - signal).reshape(16, -1).var(axis=1)
+    gain = float(np.mean(10 * np.log10(signal.reshape(16, -1).var(axis=1) / noise)))
+    assert 5.0 < gain < 7.0, gain
+    np.testing.assert_allclose(noise / (meta["noise_variance"] * 0.25), 1.0, rtol=0.3)  # σ² per acquisition pixel
+
+
+def test_bad_acquisition_is_one_line_and_exit_1(tmp_path):
+    out = tmp_path / "run"
+    args = ["simulate", "-i", "pseudo:1", *SMALL, "--set", "simulate.acquisition.image_size=16", "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "acquisition.image_size 16 is smaller" in lines[0], result.stderr
+    assert not out.exists()

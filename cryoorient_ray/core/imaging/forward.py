@@ -100,7 +100,7 @@ def fourier_crop_volume(volume: np.ndarray, size: int) -> np.ndarray:
     voxel ``D // 2`` maps to ``size // 2``; values, not sums, are kept), so projecting the cropped
     map is Fourier-cropping the projections of the map. ``size ≥ D`` returns a float32 copy.
     """
-    vol = torch.as_tensor(np.asarray(volume, dtype=np.float32))
+    vol = torch.from_numpy(np.array(volume, dtype=np.float32))  # a copy (the input may be read-only)
     if vol.ndim != 3 or len(set(vol.shape)) != 1:
         raise CryoOrientError(f"volume must be a cubic (D, D, D) array; got shape {tuple(vol.shape)}")
     d = vol.shape[0]
