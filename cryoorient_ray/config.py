@@ -206,7 +206,8 @@ class SimulateConfig(StrictModel):
             want = self.voxel_size * size / box
             if abs(acq.pixel_size - want) > 1e-3 * want:
                 raise ValueError(
-                    f"acquisition.pixel_size {acq.pixel_size:g} Å disagrees with simulate.voxel_size {self.voxel_size:g} Å: "
+                    f"acquisition.pixel_size {acq.pixel_size:g} Å disagrees with "
+                    f"simulate.voxel_size {self.voxel_size:g} Å: "
                     f"{box} px at acquisition over {size} px working needs {want:.6g} Å "
                     "(same field of view); set one of them"
                 )

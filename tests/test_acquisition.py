@@ -10,8 +10,8 @@ import torch
 from cryoorient_ray.config import load_config
 from cryoorient_ray.core.density.phantom import pseudo_protein
 from cryoorient_ray.core.geometry.sampling import sample_orientations
-from cryoorient_ray.core.imaging.fourier import fourier_crop
 from cryoorient_ray.core.imaging.forward import fourier_crop_volume, render_projections
+from cryoorient_ray.core.imaging.fourier import fourier_crop
 from cryoorient_ray.errors import CryoOrientError
 
 OPTICS = {"voltage": 300.0, "cs": 2.7, "amplitude_contrast": 0.1}
@@ -89,7 +89,9 @@ def test_acquisition_config_resolves_and_refuses_nonsense():
     assert sim.acquisition_size == 64 and sim.acquisition_pixel_size() == 3.0 and not sim.acquisition_unset
     assert sim.working_pixel_size(3.0) == 6.0
     by_pixel = load_config(
-        None, None, ["simulate.image_size=32", "simulate.acquisition.image_size=64", "simulate.acquisition.pixel_size=2"]
+        None,
+        None,
+        ["simulate.image_size=32", "simulate.acquisition.image_size=64", "simulate.acquisition.pixel_size=2"],
     ).simulate
     assert by_pixel.acquisition_pixel_size() == 2.0 and by_pixel.working_pixel_size(2.0) == 4.0
     default = load_config(None, None, base).simulate

@@ -28,7 +28,9 @@ def volume():
 
 
 def _images(volume, q, snr_db=None, seed=1):
-    imgs, _ = render_projections(volume, q, snr_db=snr_db, generator=torch.Generator().manual_seed(seed), backend="torch")
+    imgs, _ = render_projections(
+        volume, q, snr_db=snr_db, generator=torch.Generator().manual_seed(seed), backend="torch"
+    )
     return imgs
 
 
@@ -66,7 +68,9 @@ def test_ctf_and_shifts_of_the_stack_are_used(volume):
         100, 4, 0, max_shift=3.0, ctf={"defocus_min": 8000, "defocus_max": 20000, "astigmatism_max": 400}
     )
     ctf = {k: p[k] for k in ("defocus_u", "defocus_v", "defocus_angle")}
-    imgs, _ = render_projections(volume, p["quaternion"], p["shift"], pixel_size=8.0, ctf=OPTICS, backend="torch", **ctf)
+    imgs, _ = render_projections(
+        volume, p["quaternion"], p["shift"], pixel_size=8.0, ctf=OPTICS, backend="torch", **ctf
+    )
     shifts = p["shift"].astype(np.float32)
     full = ParticleStack(imgs, shifts=shifts, ctf={**ctf, **OPTICS}, pixel_size_A=8.0)
     blind = ParticleStack(imgs, shifts=shifts, pixel_size_A=8.0)

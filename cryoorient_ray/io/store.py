@@ -4,7 +4,7 @@ Layout of ``<name>.zarr`` (Zarr format 3):
 
     zarr.json                  group attributes: ``cryoorient`` = the manifest (below)
     images        (N, L, L)    float32, one chunk per image, ``shard_size`` images per shard file
-    noise_variance (N,)        float32, variance of the added noise (0 when noiseless)
+    noise_variance (N,)        float32, σ² of the added noise per pixel of the acquisition box (0 when noiseless)
     quaternion    (N, 4)       float64, wxyz, the true orientation (NaN when unknown)
     euler         (N, 3)       float64, RELION rot/tilt/psi in degrees (NaN when unknown)
     shift         (N, 2)       float32, (x, y) in pixels: the object's centre sits at (L//2 + x, L//2 + y)

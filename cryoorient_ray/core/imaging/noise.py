@@ -1,8 +1,10 @@
 """Additive white Gaussian noise at a chosen SNR or variance.
 
-The SNR of an image is ``var(clean image) / σ²`` (signal variance over the pixels, population
-variance, divided by the noise variance), in decibels ``10 · log10(SNR)``. The paper's setting
-``σ² = 16`` against a signal variance ≈ 1.04 is ``10 · log10(1.04 / 16) ≈ −11.9 dB``.
+The SNR of an image is ``var(clean image) / σ²`` (signal variance over all the pixels of the
+box, population variance, divided by the noise variance), in decibels ``10 · log10(SNR)``. The
+paper's setting ``σ² = 16`` against a signal variance ≈ 1.04 is ``10 · log10(1.04 / 16) ≈ −11.9 dB``.
+The simulator applies it at the acquisition box, before images are Fourier-cropped to the working
+box (:mod:`cryoorient_ray.core.imaging.forward`; docs/CONVENTIONS.md, "Noise").
 """
 
 from __future__ import annotations
