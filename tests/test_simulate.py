@@ -311,6 +311,13 @@ def test_a_64_to_32_store_has_the_working_geometry_and_a_higher_snr(ray_local, t
     gain = float(np.mean(10 * np.log10(signal.reshape(16, -1).var(axis=1) / noise)))
     assert 5.0 < gain < 7.0, gain
     np.testing.assert_allclose(noise / (meta["noise_variance"] * 0.25), 1.0, rtol=0.3)  # σ² per acquisition pixel
+    # a lost shard is rendered again from the acquisition map, bit for bit
+    before = noisy.read_images(slice(None))
+    reopened = ProjectionStore.open(noisy.path, mode="r+")
+    reopened.clear_shards([1])
+    reopened.group["images"][8:16] = 0.0
+    again = simulate_store(noisy_cfg, 4, tmp_path / "n.zarr", progress=False)
+    np.testing.assert_array_equal(again.read_images(slice(None)), before)
 
 
 def test_bad_acquisition_is_one_line_and_exit_1(tmp_path):
