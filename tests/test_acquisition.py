@@ -114,3 +114,18 @@ def test_acquisition_config_resolves_and_refuses_nonsense():
         assert "\n" not in str(info.value)
     with pytest.raises(CryoOrientError, match="needs a pixel size"):
         load_config(None, None, ["simulate.image_size=32", "simulate.acquisition.image_size=64"])
+
+
+def test_stores_made_before_the_record_report_the_working_box(tmp_path):
+    from tests.helpers import make_store
+
+    store = make_store(tmp_path / "old.zarr")
+    assert "acquisition" not in store.manifest
+    assert store.acquisition == {
+        "image_size": 8,
+        "pixel_size": 2.5,
+        "snr_db": None,
+        "noise_variance_box": "acquisition",
+        "noise_variance_to_working": 1.0,
+    }
+    assert store.summary()["acquisition"] == store.acquisition

@@ -290,7 +290,7 @@ def test_a_64_to_32_store_has_the_working_geometry_and_a_higher_snr(ray_local, t
     noisy_cfg = load_config(None, None, [*acq, "simulate.noise.snr_db=0"]).simulate
     noisy = simulate_store(noisy_cfg, 4, tmp_path / "n.zarr", progress=False)
     clean = simulate_store(load_config(None, None, acq).simulate, 4, tmp_path / "c.zarr", progress=False)
-    assert noisy.pixel_size == 6.0 and noisy.image_size == 32
+    assert noisy.pixel_size == 6.0 and noisy.image_size == 32 and noisy.summary()["acquisition"] == noisy.acquisition
     assert noisy.read_images(slice(None)).shape == (16, 32, 32)
     assert noisy.read_volume(0).shape == (32, 32, 32) and noisy.read_volume(0, acquisition=True).shape == (64,) * 3
     assert noisy.acquisition == {

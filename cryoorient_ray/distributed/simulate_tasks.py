@@ -245,6 +245,8 @@ def _prepare_maps(
                 results[id(entry)] = ray.get(ref)
             except Exception as exc:  # a RayTaskError wrapping the loader's error
                 err = _unwrap(exc, entry.source)
+                if box != sim.image_size and "does not fit" in str(err):
+                    err = CryoOrientError(f"{err} (the acquisition box, simulate.acquisition.image_size)")
                 if not sim.skip_failed_inputs:
                     for r in pending:
                         ray.cancel(r)

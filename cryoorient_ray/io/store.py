@@ -264,7 +264,8 @@ class ProjectionStore:
     @property
     def acquisition(self) -> dict:
         """The manifest's ``acquisition`` record (module docstring); for stores made before it was
-        recorded, the working box and pixel size with the config's SNR (they were simulated there)."""
+        recorded, the working box and pixel size with the config's SNR (they were simulated there; None =
+        noiseless, or unknown for imported particles)."""
         m = self.manifest
         if isinstance(m.get("acquisition"), dict):
             return dict(m["acquisition"])
@@ -564,6 +565,7 @@ class ProjectionStore:
             "samples": int(m["n_samples"]),
             "image_size": int(m["image_size"]),
             "pixel_size": m.get("pixel_size"),
+            "acquisition": self.acquisition,
             "shards_done": int(done.sum()),
             "shards": int(m["n_shards"]),
             "complete": self.is_complete,
