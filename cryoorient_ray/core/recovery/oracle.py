@@ -82,8 +82,9 @@ def _image_side(
     if stack.ctf is None:
         a = ft * w
         return torch.cat([a.real, a.imag], 1), None
-    rows = torch.arange(len(stack))
-    ctf = stack.ctf.grid(stack.image_size, stack.pixel_size_A, rows, dtype=torch.float32, device=device)[:, mask]
+    rows = torch.arange(len(stack)).split(4096)  # the full CTF grids of a few thousand images at a time
+    grid = stack.ctf.grid
+    ctf = torch.cat([grid(stack.image_size, stack.pixel_size_A, r, device=device)[:, mask] for r in rows])
     a = ft * (w * ctf)
     return torch.cat([a.real, a.imag], 1), w * ctf * ctf
 
