@@ -311,6 +311,11 @@ def test_a_64_to_32_store_has_the_working_geometry_and_a_higher_snr(ray_local, t
     gain = float(np.mean(10 * np.log10(signal.reshape(16, -1).var(axis=1) / noise)))
     assert 5.0 < gain < 7.0, gain
     np.testing.assert_allclose(noise / (meta["noise_variance"] * 0.25), 1.0, rtol=0.3)  # σ² per acquisition pixel
+    # the reconstruction's Wiener constant follows the working images' SNR (0 dB + 6 dB), not the acquisition's
+    from cryoorient_ray.config import ReconstructConfig
+    from cryoorient_ray.stages.reconstruct import wiener_constant
+
+    assert wiener_constant(ReconstructConfig(), noisy) == pytest.approx(0.25 * 0.25)
     # a lost shard is rendered again from the acquisition map, bit for bit
     before = noisy.read_images(slice(None))
     reopened = ProjectionStore.open(noisy.path, mode="r+")

@@ -48,8 +48,10 @@ class ReconstructionOutcome:
 def wiener_constant(cfg: ReconstructConfig, store: ProjectionStore) -> float:
     """The Wiener constant of the Fourier reconstruction: given, or from the simulated SNR.
 
-    ``0.25 / SNR`` (linear) for simulated noisy stores, ``1e-2`` for noiseless ones, and 1 for
-    stores of unknown SNR (imported particles).
+    ``0.25 / SNR`` (linear, of the working images) for simulated noisy stores, ``1e-2`` for
+    noiseless ones, and 1 for stores of unknown SNR (imported particles). The SNR is set at the
+    acquisition box; Fourier-cropping to the working box divides the white noise's variance by
+    ``(L_acq / L)²`` (the store's ``acquisition.noise_variance_to_working``), and the SNR rises by as much.
     """
     if cfg.wiener is not None:
         return float(cfg.wiener)
@@ -59,7 +61,8 @@ def wiener_constant(cfg: ReconstructConfig, store: ProjectionStore) -> float:
     snr_db = (sim.get("noise") or {}).get("snr_db")
     if snr_db is None:
         return 1e-2
-    return float(min(max(0.25 * 10 ** (-float(snr_db) / 10), 1e-2), 100.0))
+    to_working = float(store.acquisition.get("noise_variance_to_working", 1.0))
+    return float(min(max(0.25 * to_working * 10 ** (-float(snr_db) / 10), 1e-2), 100.0))
 
 
 def load_recovered(path: Path) -> dict:
