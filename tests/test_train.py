@@ -56,6 +56,31 @@ def test_train_two_workers_kill_one_and_resume(two_protein_store, tmp_path):
     assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
 
 
+def test_one_worker_same_seed_same_model_and_the_stream_still_trains(two_protein_store, tmp_path):
+    """Data in memory: the batch order and the initial weights follow the seed, so one worker
+    trains the same model twice; data stream (stream pairing) still trains through Ray Data."""
+    import torch
+
+    from cryoorient_ray.distributed.train_workers import TrainJob, train_distance
+
+    cfg = TrainConfig(
+        epochs=2, batch_size=16, val_pairs_per_shard=50, num_workers=1, cpus_per_worker=1, model=TINY_MODEL
+    )
+    runs = []
+    for name in ("a", "b"):
+        train_distance(TrainJob(cfg, [two_protein_store], tmp_path / name, seed=3), progress=False)
+        runs.append(json.loads((tmp_path / name / "history.json").read_text()))
+    assert [h["train_loss"] for h in runs[0]] == [h["train_loss"] for h in runs[1]]
+    weights = [load_distance_model(tmp_path / name / "model.pt")[0].state_dict() for name in ("a", "b")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert runs[0][0]["data_seconds"] < runs[0][0]["seconds"]  # where the time went is reported
+    streamed = cfg.model_copy(update={"data": "stream", "pairing": "stream", "pairs_per_shard": 40})
+    summary = train_distance(TrainJob(streamed, [two_protein_store], tmp_path / "s", seed=3), progress=False)
+    history = json.loads((tmp_path / "s" / "history.json").read_text())
+    assert len(history) == 2 and np.isfinite(history[-1]["train_loss"]) and summary["steps_per_worker"] > 0
+    assert history[-1]["train_loss"] != runs[0][-1]["train_loss"]
+
+
 def test_distances_command_plots_learned_and_euclidean(two_protein_store, tmp_path):
     from cryoorient_ray.core.learning.model import SiameseDistance, save_distance_model
 
@@ -199,6 +224,13 @@ def test_worker_settings_cross_to_the_worker_as_a_plain_dict(tmp_path):
     # train rows of the seen proteins (a: ~50, c: ~30) over batch 8 × 2 workers, per epoch
     seen = sum(len(ProjectionStore.open(s).select_rows(split="train", proteins="seen")) for s in stores)
     assert settings.total_steps == int(np.ceil(seen / 16)) * 3
+    assert settings.data == "memory" and settings.pairs_per_shard is None  # auto: the images fit
+    assert (
+        worker_settings(
+            dataclasses.replace(job, cfg=cfg.model_copy(update={"memory_gb": 1e-6})), open_training_stores(stores, spec)
+        ).data
+        == "stream"
+    )
     assert settings.threads == 1 and settings.progress_file == str((tmp_path / "run" / "progress.jsonl").resolve())
 
 

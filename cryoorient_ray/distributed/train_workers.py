@@ -6,8 +6,16 @@ pairs of seen proteins; validation pairs of held-out proteins when the stores ha
 :class:`WorkerSettings` of the run, starts ``num_workers`` workers, and after the run exports the
 best weights as one file (``model.pt``) that later stages load without Ray.
 
+Data (``train.data``): in ``memory`` the train images are materialised once on the driver and
+every worker reads them whole at its start, then draws each pass's batches from tensors in an
+order seeded by ``[seed, epoch, pass]`` (the same on every worker; each takes its part of every
+global batch, :func:`~cryoorient_ray.distributed.data.batch_plan`), and holds its shard of the
+fixed validation pairs, each distinct image embedded once per evaluation. With ``stream`` Ray
+Data reads the store every pass (stores larger than memory). ``auto`` picks by size. Torch
+threads are the whole CPUs Ray gave the worker (:func:`_worker_threads`).
+
 Worker (:func:`train_loop_per_worker`): ``L_DE = mean |d̂ − d_q|²`` (rad²) with Adam or RMSprop
-on its shard of the pair stream, metrics summed over workers, a checkpoint every epoch (model,
+on its batches, metrics summed over workers, a checkpoint every epoch (model,
 optimiser, epoch, step, history, best weights so far). When a worker dies, Ray Train restarts
 the group (``FailureConfig(max_failures)``) and the loop resumes from the latest checkpoint.
 Rank 0 writes TensorBoard scalars and the progress file.
