@@ -432,11 +432,13 @@ def _batch_loss(w: _Worker, batch: dict) -> tuple[torch.Tensor, int]:
 
 def _train_epoch(w: _Worker, state: _LoopState, epoch: int) -> tuple[float, int, dict]:
     """One epoch of optimiser steps; ``(sum of L_DE × pairs, pairs)`` over all workers, and this
-    worker's time waiting for batches (``data_seconds``) and in the steps (``compute_seconds``)."""
+    worker's time waiting for batches (``data_seconds``), in the steps (``compute_seconds``) and the
+    CPU time of its process over the epoch (``cpu_seconds``, all its threads)."""
     s = w.settings
     w.model.train()
     sq = n = 0.0
     timing = {"data_seconds": 0.0, "compute_seconds": 0.0}
+    cpu0 = time.process_time()
     for pass_index in range(s.passes_per_epoch):
         batches = _pass_batches(w, epoch, pass_index)
         while True:
@@ -457,13 +459,15 @@ def _train_epoch(w: _Worker, state: _LoopState, epoch: int) -> tuple[float, int,
             sq += float(loss.detach()) * pairs
             n += pairs
             timing["compute_seconds"] += time.perf_counter() - t1
+    timing["cpu_seconds"] = time.process_time() - cpu0
     sq, n = _all_reduce([sq, n])
     return sq, int(n), timing
 
 
 def _epoch_metrics(w: _Worker, state: _LoopState, epoch: int, t0: float, sq: float, n: int, timing: dict) -> dict:
     """The epoch's line of the history: training L_DE (rad²), throughput and where the time went
-    (rank 0's ``data_seconds``, ``compute_seconds``, ``eval_seconds``), then the validation sets."""
+    (rank 0's ``data_seconds``, ``compute_seconds``, ``cpu_seconds``, ``eval_seconds``, torch
+    ``threads``), then the validation sets."""
     metrics = {
         "epoch": epoch,
         "train_loss": sq / n if n else float("nan"),
@@ -473,6 +477,7 @@ def _epoch_metrics(w: _Worker, state: _LoopState, epoch: int, t0: float, sq: flo
         "lr": w.opt.param_groups[0]["lr"],
         "pairs_per_second_per_worker": n / max(1e-9, time.perf_counter() - t0) / w.world_size,
         "resumed_from_epoch": state.resumed_from,
+        "threads": torch.get_num_threads(),
         **{k: round(v, 3) for k, v in timing.items()},
     }
     if state.initial_val is not None and epoch == 0:
