@@ -292,6 +292,16 @@ class TrainConfig(StrictModel):
         "stream: the paper's pre-drawn pairs from the Ray Data pair stream",
     )
     batch_size: int = Field(128, ge=2, description="images (batch) or pairs (stream) per step per worker")
+    data: Literal["auto", "memory", "stream"] = Field(
+        "auto",
+        description="memory: each worker reads the train images once (a materialised Ray Dataset) and draws "
+        "every pass's batches from memory in a seeded order, validation pairs too; stream: Ray Data streams "
+        "the store every pass (for stores larger than memory; leave CPU beside the workers for its read tasks); "
+        "auto: memory when the train images take at most memory_gb",
+    )
+    memory_gb: float = Field(
+        2.0, gt=0, description="with data auto: the largest train split (GB of float32 images) held in memory"
+    )
     pairs_per_shard: int | None = Field(None, ge=1, description="training pairs drawn per shard per epoch")
     val_pairs_per_shard: int | None = Field(None, ge=1)
     optimizer: Literal["adam", "rmsprop"] = "adam"
@@ -305,7 +315,12 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     num_workers: int = Field(2, ge=1, description="Ray Train workers")
     use_gpu: bool = False
-    cpus_per_worker: float = Field(0.5, gt=0, description="fractional, so Ray Data read tasks are not starved")
+    cpus_per_worker: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs Ray reserves per worker; its torch threads are the whole CPUs of it (at least 1). "
+        "With data stream keep it fractional, so Ray Data read tasks are not starved",
+    )
     mixed_precision: bool = Field(True, description="bf16 autocast on CUDA")
     max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
     model: ModelConfig = Field(default_factory=ModelConfig)

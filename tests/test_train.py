@@ -56,6 +56,41 @@ def test_train_two_workers_kill_one_and_resume(two_protein_store, tmp_path):
     assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
 
 
+ONE_WORKER = TrainConfig(
+    epochs=1, batch_size=16, val_pairs_per_shard=50, num_workers=1, cpus_per_worker=1, model=TINY_MODEL
+)
+
+
+def test_one_worker_same_seed_same_model(two_protein_store, tmp_path):
+    """Data in memory: the batch order and the initial weights follow the seed, so one worker
+    trains the same model twice."""
+    import torch
+
+    from cryoorient_ray.distributed.train_workers import TrainJob, train_distance
+
+    runs = []
+    for name in ("a", "b"):
+        train_distance(TrainJob(ONE_WORKER, [two_protein_store], tmp_path / name, seed=3), progress=False)
+        runs.append(json.loads((tmp_path / name / "history.json").read_text()))
+    assert [h["train_loss"] for h in runs[0]] == [h["train_loss"] for h in runs[1]]
+    weights = [load_distance_model(tmp_path / name / "model.pt")[0].state_dict() for name in ("a", "b")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    first = runs[0][0]
+    assert first["data_seconds"] < first["seconds"] and first["threads"] == 1  # 1 CPU from Ray: 1 thread
+
+
+@pytest.mark.slow
+def test_streamed_data_still_trains(two_protein_store, tmp_path):
+    """Data stream (stream pairing): Ray Data reads and pairs the store every pass, as before."""
+    from cryoorient_ray.distributed.train_workers import TrainJob, train_distance
+
+    streamed = ONE_WORKER.model_copy(update={"data": "stream", "pairing": "stream", "pairs_per_shard": 40, "epochs": 2})
+    summary = train_distance(TrainJob(streamed, [two_protein_store], tmp_path, seed=3), progress=False)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history) == 2 and np.isfinite(history[-1]["train_loss"]) and summary["steps_per_worker"] > 0
+    assert history[-1]["train_pairs"] == history[0]["train_pairs"] > 0
+
+
 def test_distances_command_plots_learned_and_euclidean(two_protein_store, tmp_path):
     from cryoorient_ray.core.learning.model import SiameseDistance, save_distance_model
 
@@ -199,6 +234,13 @@ def test_worker_settings_cross_to_the_worker_as_a_plain_dict(tmp_path):
     # train rows of the seen proteins (a: ~50, c: ~30) over batch 8 × 2 workers, per epoch
     seen = sum(len(ProjectionStore.open(s).select_rows(split="train", proteins="seen")) for s in stores)
     assert settings.total_steps == int(np.ceil(seen / 16)) * 3
+    assert settings.data == "memory" and settings.pairs_per_shard is None  # auto: the images fit
+    assert (
+        worker_settings(
+            dataclasses.replace(job, cfg=cfg.model_copy(update={"memory_gb": 1e-6})), open_training_stores(stores, spec)
+        ).data
+        == "stream"
+    )
     assert settings.threads == 1 and settings.progress_file == str((tmp_path / "run" / "progress.jsonl").resolve())
 
 

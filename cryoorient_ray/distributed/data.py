@@ -10,6 +10,12 @@ point group, and resampled so their distances are uniform on [0, π]
 (:mod:`cryoorient_ray.core.learning.pairs`). Batches come out ready for ``iter_torch_batches``:
 ``image_i (B, L, L)``, ``image_j (B, L, L)``, ``distance (B,)`` float32, plus ``protein``,
 ``index_i``, ``index_j`` and ``store`` for bookkeeping.
+
+In memory (``train.data: memory``, :class:`MemorySamples`, :class:`MemoryPairs`): a training
+worker reads a (materialised) dataset once into tensors and draws every pass's batches from
+them with a seeded order (:func:`batch_plan`, :func:`memory_pairs`); the pairs are drawn as the
+stream draws them (:func:`draw_pairs`: within a shard, same protein, uniform in d_q), so only
+where the images come from changes.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
+import torch
 
 from cryoorient_ray.core.learning.pairs import candidate_pairs, pair_distances, uniform_resample
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.store import ProjectionStore
+
+GROUP_STRIDE = 100_000  # protein group key of a row: store_id * GROUP_STRIDE + protein index
 
 
 def shard_descriptors(
@@ -59,6 +68,7 @@ def _read_batch(batch: dict, splits: str | Sequence[str], proteins: str, shuffle
             order = np.random.default_rng().permutation(len(rows["index"]))
             rows = {k: v[order] for k, v in rows.items()}
         rows["store_id"] = np.full(len(rows["index"]), int(sid), dtype=np.int32)
+        rows["shard"] = np.full(len(rows["index"]), int(shard), dtype=np.int32)
         for k, v in rows.items():
             out.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -71,7 +81,8 @@ def sample_dataset(
     num_cpus: float = 0.5,
     shuffle: bool = False,
 ) -> ray.data.Dataset:
-    """Every projection (``images``, ``quaternion``, ``shift``, ``protein``, ``split``, ``index`` …) of the splits.
+    """Every projection (``images``, ``quaternion``, ``shift``, ``protein``, ``split``, ``index``,
+    ``store_id``, ``shard`` …) of the splits.
 
     One block per shard, so consecutive rows share a protein; ``shuffle`` permutes the rows
     within each shard afresh on every iteration.
@@ -101,6 +112,29 @@ class PairSampling:
     max_candidates: int
 
 
+def draw_pairs(
+    candidates: np.ndarray,
+    groups: np.ndarray,
+    quaternions: np.ndarray,
+    symmetry: dict[int, str],
+    n: int,
+    sampling: PairSampling,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``n`` pairs ``(i, j, d_G)`` of rows that share a ``candidates`` label, resampled uniform in d_G
+    (``sampling.n_bins``; 0: the natural law); ``groups`` key the point group in ``symmetry``.
+    None when no two rows share a label; NaN distances (no true orientations) raise."""
+    i, j = candidate_pairs(candidates, sampling.max_candidates, rng)
+    if len(i) == 0:
+        return None
+    d = pair_distances(quaternions, i, j, groups, symmetry)
+    if np.isnan(d).any():
+        raise CryoOrientError("training pairs need true orientations, and this store has none")
+    n_bins = sampling.n_bins
+    pick = uniform_resample(d, n, n_bins, rng) if n_bins else rng.choice(len(d), n, replace=n > len(d))
+    return i[pick], j[pick], d[pick]
+
+
 def _shard_pairs(store: ProjectionStore, sid: int, shard: int, sampling: PairSampling) -> dict | None:
     """Pairs of one shard (columns of :data:`PAIR_COLUMNS`), or None when it has no candidate pair."""
     rows = _read_rows(store, shard, sampling.split, sampling.proteins)
@@ -109,20 +143,18 @@ def _shard_pairs(store: ProjectionStore, sid: int, shard: int, sampling: PairSam
     rng = np.random.default_rng() if seed is None else np.random.default_rng([seed, sid, shard])
     # candidates: same protein and same split, so train/val/test pairs stay disjoint
     group = rows["protein"].astype(np.int64) * 8 + rows["split"].astype(np.int64)
-    i, j = candidate_pairs(group, sampling.max_candidates, rng)
-    if len(i) == 0:
-        return None
-    d = pair_distances(rows["quaternion"], i, j, rows["protein"], store.symmetries())
-    if np.isnan(d).any():
-        raise CryoOrientError(f"{store.path}: training pairs need true orientations, and this store has none")
     n = sampling.pairs_per_shard or len(rows["index"])
-    n_bins = sampling.n_bins
-    pick = uniform_resample(d, n, n_bins, rng) if n_bins else rng.choice(len(d), n, replace=n > len(d))
-    i, j = i[pick], j[pick]
+    try:
+        drawn = draw_pairs(group, rows["protein"], rows["quaternion"], store.symmetries(), n, sampling, rng)
+    except CryoOrientError as exc:
+        raise CryoOrientError(f"{store.path}: {exc}") from None
+    if drawn is None:
+        return None
+    i, j, d = drawn
     return {
         "image_i": rows["images"][i],
         "image_j": rows["images"][j],
-        "distance": d[pick].astype(np.float32),
+        "distance": d.astype(np.float32),
         "protein": rows["protein"][i].astype(np.int32),
         "index_i": rows["index"][i].astype(np.int64),
         "index_j": rows["index"][j].astype(np.int64),
@@ -175,3 +207,125 @@ def pair_dataset(
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     sampling = PairSampling(split, proteins, pairs_per_shard, n_bins, seed, max_candidates)
     return ds.map_batches(_make_pairs_batch, fn_kwargs={"sampling": sampling}, batch_size=1, num_cpus=num_cpus)
+
+
+# ----------------------------------------------------------------------------- in memory
+
+
+def _collect(iterator) -> dict[str, np.ndarray]:
+    """Every row of a Ray Data iterator (a worker's dataset shard), read once, as numpy columns."""
+    parts: dict[str, list] = {}
+    for batch in iterator.iter_batches(batch_size=None, batch_format="numpy"):
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+@dataclass
+class MemorySamples:
+    """The training projections a worker holds: images as one tensor, the rest as numpy columns.
+
+    Rows are sorted by ``(store_id, index)``, so the arrival order of the blocks does not matter.
+    ``group``: protein group key (``store_id * GROUP_STRIDE + protein``); ``shard``: the rows' shard
+    key (``store_id * GROUP_STRIDE + shard``), which stream pairing draws its pairs within.
+    """
+
+    images: torch.Tensor
+    quaternion: np.ndarray
+    group: np.ndarray
+    shard: np.ndarray
+
+    @classmethod
+    def load(cls, iterator) -> MemorySamples:
+        cols = _collect(iterator)
+        if not cols or len(cols["index"]) == 0:
+            raise CryoOrientError("the training dataset of this worker is empty")
+        sid = cols["store_id"].astype(np.int64)
+        order = np.lexsort((cols["index"], sid))
+        return cls(
+            images=torch.from_numpy(np.ascontiguousarray(cols["images"][order], dtype=np.float32)),
+            quaternion=np.asarray(cols["quaternion"][order], dtype=np.float64),
+            group=(sid * GROUP_STRIDE + cols["protein"].astype(np.int64))[order],
+            shard=(sid * GROUP_STRIDE + cols["shard"].astype(np.int64))[order],
+        )
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+
+@dataclass
+class MemoryPairs:
+    """Fixed pairs held in memory with each distinct image once: pair ``k`` is
+    ``(images[left[k]], images[right[k]])`` at true distance ``distance[k]``."""
+
+    images: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+    distance: torch.Tensor
+
+    @classmethod
+    def load(cls, iterator) -> MemoryPairs:
+        cols = _collect(iterator)
+        if not cols or len(cols["distance"]) == 0:
+            size = 0
+            empty = torch.zeros(0, dtype=torch.long)
+            return cls(torch.zeros(0, size, size), empty, empty, torch.zeros(0))
+        n = len(cols["distance"])
+        sid = np.tile(cols["store_id"].astype(np.int64), 2)
+        keys = sid * (1 << 40) + np.concatenate([cols["index_i"], cols["index_j"]]).astype(np.int64)
+        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        stacked = np.concatenate([cols["image_i"], cols["image_j"]])
+        return cls(
+            images=torch.from_numpy(np.ascontiguousarray(stacked[first], dtype=np.float32)),
+            left=torch.from_numpy(inverse[:n].astype(np.int64)),
+            right=torch.from_numpy(inverse[n:].astype(np.int64)),
+            distance=torch.from_numpy(cols["distance"].astype(np.float32)),
+        )
+
+    def __len__(self) -> int:
+        return len(self.distance)
+
+
+def batch_plan(order: np.ndarray, batch_size: int, world_size: int, rank: int) -> list[np.ndarray]:
+    """This worker's batches of one pass over ``order`` (row or pair indices, every worker the same).
+
+    ``ceil(len / (batch_size · world_size))`` steps of balanced global batches (at most
+    ``batch_size · world_size`` each), each split into ``world_size`` consecutive parts; part
+    ``rank`` is this worker's. Every worker takes the same number of steps (DDP needs it).
+    """
+    if len(order) == 0:
+        return []
+    steps = int(np.ceil(len(order) / (batch_size * world_size)))
+    return [np.array_split(g, world_size)[rank] for g in np.array_split(order, steps)]
+
+
+def grouped_order(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of the rows that keeps each group (protein) contiguous: groups in a random
+    order, rows shuffled within each. Batches cut from it hold one protein but at boundaries, as
+    the shard-by-shard stream does, so almost all pairs of a batch count."""
+    keys = np.unique(groups)
+    out = [rng.permutation(np.flatnonzero(groups == g)) for g in rng.permutation(keys)]
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def memory_pairs(
+    data: MemorySamples, symmetry: dict[int, str], sampling: PairSampling, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass of stream pairing from memory: per shard, ``sampling.pairs_per_shard`` pairs (default:
+    the shard's rows) of the same protein, uniform in d_G, as :func:`pair_dataset` draws them;
+    returned as rows ``(i, j)`` of ``data`` and ``d`` (float32), in a random order."""
+    parts_i, parts_j, parts_d = [], [], []
+    for shard in np.unique(data.shard):
+        rows = np.flatnonzero(data.shard == shard)
+        n = sampling.pairs_per_shard or len(rows)
+        group = data.group[rows]
+        drawn = draw_pairs(group, group, data.quaternion[rows], symmetry, n, sampling, rng)
+        if drawn is not None:
+            parts_i.append(rows[drawn[0]])
+            parts_j.append(rows[drawn[1]])
+            parts_d.append(drawn[2])
+    if not parts_i:
+        raise CryoOrientError("no two training images of one protein share a shard: no training pairs")
+    i, j, d = np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_d).astype(np.float32)
+    perm = rng.permutation(len(i))
+    return i[perm], j[perm], d[perm]

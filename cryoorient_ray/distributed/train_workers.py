@@ -6,8 +6,16 @@ pairs of seen proteins; validation pairs of held-out proteins when the stores ha
 :class:`WorkerSettings` of the run, starts ``num_workers`` workers, and after the run exports the
 best weights as one file (``model.pt``) that later stages load without Ray.
 
+Data (``train.data``): in ``memory`` the train images are materialised once on the driver and
+every worker reads them whole at its start, then draws each pass's batches from tensors in an
+order seeded by ``[seed, epoch, pass]`` (the same on every worker; each takes its part of every
+global batch, :func:`~cryoorient_ray.distributed.data.batch_plan`), and holds its shard of the
+fixed validation pairs, each distinct image embedded once per evaluation. With ``stream`` Ray
+Data reads the store every pass (stores larger than memory). ``auto`` picks by size. Torch
+threads are the whole CPUs Ray gave the worker (:func:`_worker_threads`).
+
 Worker (:func:`train_loop_per_worker`): ``L_DE = mean |d̂ − d_q|²`` (rad²) with Adam or RMSprop
-on its shard of the pair stream, metrics summed over workers, a checkpoint every epoch (model,
+on its batches, metrics summed over workers, a checkpoint every epoch (model,
 optimiser, epoch, step, history, best weights so far). When a worker dies, Ray Train restarts
 the group (``FailureConfig(max_failures)``) and the loop resumes from the latest checkpoint.
 Rank 0 writes TensorBoard scalars and the progress file.
@@ -36,19 +44,28 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cryoorient_ray import __version__
 from cryoorient_ray.config import TrainConfig
 from cryoorient_ray.core.learning.model import SiameseDistance, SiameseSpec, save_distance_model
-from cryoorient_ray.distributed.data import pair_dataset, sample_dataset
+from cryoorient_ray.distributed.data import (
+    GROUP_STRIDE,
+    MemoryPairs,
+    MemorySamples,
+    PairSampling,
+    batch_plan,
+    grouped_order,
+    memory_pairs,
+    pair_dataset,
+    sample_dataset,
+)
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.store import ProjectionStore
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "state.pt"
-GROUP_STRIDE = 100_000  # protein group key of a batch row: store_id * GROUP_STRIDE + protein index
 PROGRESS_FILE = "progress.jsonl"
 
 
@@ -92,12 +109,17 @@ class WorkerSettings:
         total_steps: optimiser steps per worker over the whole run (an estimate), for the schedule.
         epochs: epochs to run; passes_per_epoch: passes over the train split per epoch.
         pairing: ``batch`` (all pairs within an image batch) or ``stream`` (pre-drawn pairs).
+        data: ``memory`` (every worker reads the train images once and draws its batches from
+            memory, in a seeded order) or ``stream`` (Ray Data streams them every pass).
+        pairs_per_shard: stream pairing's pairs per shard and pass (None: the shard's rows).
         batch_size: images (batch) or pairs (stream) per step per worker.
         mixed_precision: bf16 autocast (on CUDA only).
         augment: on-the-fly augmentation, or None.
         symmetry: point group per protein group key ``store_id * GROUP_STRIDE + protein``.
         has_heldout: the stores hold held-out proteins (a ``heldout`` dataset is evaluated).
-        threads: torch threads of the worker; seed: seeds the augmentation (``seed * 7919 + rank``).
+        threads: torch threads of the worker when Ray does not say how many CPUs it gave it
+            (:func:`_worker_threads`); seed: seeds the initial weights, the memory data order
+            (``[seed, epoch, pass]``) and the augmentation (``seed * 7919 + rank``).
         tensorboard_dir, progress_file: written by rank 0 (TensorBoard events; one JSON line per epoch).
         fault_injection: testing hook, or None.
     """
@@ -111,6 +133,8 @@ class WorkerSettings:
     epochs: int
     passes_per_epoch: int
     pairing: str
+    data: str
+    pairs_per_shard: int | None
     batch_size: int
     mixed_precision: bool
     augment: Augmentation | None
@@ -203,17 +227,37 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def _evaluate(model, shard, batch_size: int, device) -> tuple[float, float, int]:
-    """(L_DE, mean |error|, pairs) over this worker's shard, summed over all workers."""
-    model.eval()
+def _pair_errors_stream(w: _Worker, name: str) -> tuple[float, float, float]:
+    """(Σ err², Σ |err|, pairs) of this worker's shard of the Ray Data pair set ``name``."""
     sq = ab = n = 0.0
-    with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
-            pred = model(batch["image_i"].float(), batch["image_j"].float())
-            err = pred - batch["distance"].float()
-            sq += float((err * err).sum())
-            ab += float(err.abs().sum())
-            n += len(err)
+    shard = ray.train.get_dataset_shard(name)
+    for batch in shard.iter_torch_batches(batch_size=w.settings.batch_size, device=w.device):
+        pred = w.model(batch["image_i"].float(), batch["image_j"].float())
+        err = pred - batch["distance"].float()
+        sq += float((err * err).sum())
+        ab += float(err.abs().sum())
+        n += len(err)
+    return sq, ab, n
+
+
+def _pair_errors_memory(w: _Worker, pairs: MemoryPairs) -> tuple[float, float, float]:
+    """(Σ err², Σ |err|, pairs) of pairs held in memory: each distinct image embedded once."""
+    if len(pairs) == 0:
+        return 0.0, 0.0, 0.0
+    chunk = max(256, 2 * w.settings.batch_size)
+    emb = torch.cat([w.model(pairs.images[k : k + chunk]).float() for k in range(0, len(pairs.images), chunk)])
+    err = w.core.distance(emb[pairs.left], emb[pairs.right]) - pairs.distance
+    return float((err * err).sum()), float(err.abs().sum()), float(len(err))
+
+
+def _evaluate(w: _Worker, name: str) -> tuple[float, float, int]:
+    """(L_DE, mean |error|, pairs) of the validation set ``name``, summed over all workers."""
+    w.model.eval()
+    with torch.no_grad(), torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.use_amp):
+        if name in w.eval_data:
+            sq, ab, n = _pair_errors_memory(w, w.eval_data[name])
+        else:
+            sq, ab, n = _pair_errors_stream(w, name)
     sq, ab, n = _all_reduce([sq, ab, n])
     return (sq / n if n else float("nan")), (ab / n if n else float("nan")), int(n)
 
@@ -246,6 +290,8 @@ class _Worker:
     world_size: int
     use_amp: bool
     generator: torch.Generator
+    train_data: MemorySamples | None = None  # data "memory": the train images, read once
+    eval_data: dict[str, MemoryPairs] = field(default_factory=dict)  # data "memory": the fixed pair sets
 
 
 def _make_optimizer(model: torch.nn.Module, s: WorkerSettings) -> torch.optim.Optimizer:
@@ -271,11 +317,36 @@ def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> _LoopState:
     )
 
 
+def _worker_threads(fallback: int) -> int:
+    """Torch threads for this worker: the CPUs Ray gave it (whole ones, at least 1, at most the
+    machine's), so workers and read tasks on one node never oversubscribe it."""
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # not in a Ray worker (e.g. a test calling the loop directly)
+        cpus = None
+    n = int(cpus + 1e-6) if cpus else fallback
+    return max(1, min(n, os.cpu_count() or 1))
+
+
+def _load_memory_data(w: _Worker) -> None:
+    """Data "memory": read the train set (all of it, every worker) and this worker's shard of the
+    fixed validation sets once; the loop then draws from these tensors."""
+    w.train_data = MemorySamples.load(ray.train.get_dataset_shard("train"))
+    if w.device.type != "cpu":
+        w.train_data.images = w.train_data.images.to(w.device)
+    for name in ("val", "heldout") if w.settings.has_heldout else ("val",):
+        pairs = MemoryPairs.load(ray.train.get_dataset_shard(name))
+        if w.device.type != "cpu":
+            pairs = MemoryPairs(*(x.to(w.device) for x in (pairs.images, pairs.left, pairs.right, pairs.distance)))
+        w.eval_data[name] = pairs
+
+
 def _start_worker(s: WorkerSettings) -> tuple[_Worker, _LoopState]:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.set_num_threads(s.threads)
+    torch.set_num_threads(_worker_threads(s.threads))
     device = ray.train.torch.get_device()
+    torch.manual_seed(s.seed)  # the same initial weights for the same seed (DDP then broadcasts rank 0's)
     model = SiameseDistance(s.model)
     opt = _make_optimizer(model, s)
     state = _restore(model, opt)
@@ -291,6 +362,8 @@ def _start_worker(s: WorkerSettings) -> tuple[_Worker, _LoopState]:
         use_amp=s.mixed_precision and device.type == "cuda",
         generator=torch.Generator().manual_seed(s.seed * 7919 + rank),
     )
+    if s.data == "memory":
+        _load_memory_data(worker)
     return worker, state
 
 
@@ -303,9 +376,42 @@ def _die_if_asked(fault: FaultInjection | None, rank: int, epoch: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _pass_batches(w: _Worker, epoch: int, pass_index: int):
+    """The batches of one pass over the train split: ``images``, ``quaternion``, ``groups`` (batch
+    pairing) or ``image_i``, ``image_j``, ``distance`` (stream pairing), from memory in the order
+    seeded by ``[seed, epoch, pass]`` (the same on every worker), or from the Ray Data stream."""
+    s = w.settings
+    if w.train_data is None:
+        for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=s.batch_size, device=w.device):
+            if s.pairing == "batch":
+                batch["groups"] = batch["store_id"].long() * GROUP_STRIDE + batch["protein"].long()
+            yield batch
+        return
+    data = w.train_data
+    rng = np.random.default_rng([s.seed, epoch, pass_index])
+    if s.pairing == "batch":
+        for idx in batch_plan(grouped_order(data.group, rng), s.batch_size, w.world_size, w.rank):
+            rows = torch.from_numpy(idx)
+            yield {
+                "images": data.images[rows.to(data.images.device)],
+                "quaternion": torch.from_numpy(data.quaternion[idx]),
+                "groups": torch.from_numpy(data.group[idx]),
+            }
+        return
+    sampling = PairSampling("train", "seen", s.pairs_per_shard, 32, None, 200_000)  # as pair_dataset draws them
+    i, j, d = memory_pairs(data, s.symmetry, sampling, rng)
+    dev = data.images.device
+    for idx in batch_plan(np.arange(len(d)), s.batch_size, w.world_size, w.rank):
+        yield {
+            "image_i": data.images[torch.from_numpy(i[idx]).to(dev)],
+            "image_j": data.images[torch.from_numpy(j[idx]).to(dev)],
+            "distance": torch.from_numpy(d[idx]).to(dev),
+        }
+
+
 def _batch_loss(w: _Worker, batch: dict) -> tuple[torch.Tensor, int]:
-    """``(L_DE, pairs)`` of one batch: all same-protein pairs of the images (batch pairing), or the
-    batch's pre-drawn pairs (stream pairing)."""
+    """``(L_DE, pairs)`` of one batch (:func:`_pass_batches`): all same-protein pairs of the images
+    (batch pairing), or the batch's pre-drawn pairs (stream pairing)."""
     s = w.settings
     if s.pairing == "batch":
         x = batch["images"].float()
@@ -313,8 +419,9 @@ def _batch_loss(w: _Worker, batch: dict) -> tuple[torch.Tensor, int]:
             x = _augment(x, s.augment, w.generator)
         with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.use_amp):
             emb = w.model(x)  # one argument: embeddings, through DDP so gradients are synchronised
-        groups = batch["store_id"].long() * GROUP_STRIDE + batch["protein"].long()
-        return batch_pair_loss(emb.float(), batch["quaternion"].cpu(), groups.cpu(), s.symmetry, w.core.distance)
+        return batch_pair_loss(
+            emb.float(), batch["quaternion"].cpu(), batch["groups"].cpu(), s.symmetry, w.core.distance
+        )
     xi, xj = batch["image_i"].float(), batch["image_j"].float()
     if s.augment:
         xi, xj = _augment(xi, s.augment, w.generator), _augment(xj, s.augment, w.generator)
@@ -323,14 +430,24 @@ def _batch_loss(w: _Worker, batch: dict) -> tuple[torch.Tensor, int]:
     return torch.mean((pred.float() - batch["distance"].float()) ** 2), len(pred)
 
 
-def _train_epoch(w: _Worker, state: _LoopState) -> tuple[float, int]:
-    """One epoch of optimiser steps on this worker's shard; ``(sum of L_DE × pairs, pairs)`` over all workers."""
+def _train_epoch(w: _Worker, state: _LoopState, epoch: int) -> tuple[float, int, dict]:
+    """One epoch of optimiser steps; ``(sum of L_DE × pairs, pairs)`` over all workers, and this
+    worker's time waiting for batches (``data_seconds``), in the steps (``compute_seconds``) and the
+    CPU time of its process over the epoch (``cpu_seconds``, all its threads)."""
     s = w.settings
     w.model.train()
     sq = n = 0.0
-    shard = ray.train.get_dataset_shard("train")
-    for _ in range(s.passes_per_epoch):
-        for batch in shard.iter_torch_batches(batch_size=s.batch_size, device=w.device):
+    timing = {"data_seconds": 0.0, "compute_seconds": 0.0}
+    cpu0 = time.process_time()
+    for pass_index in range(s.passes_per_epoch):
+        batches = _pass_batches(w, epoch, pass_index)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            t1 = time.perf_counter()
+            timing["data_seconds"] += t1 - t0
+            if batch is None:
+                break
             loss, pairs = _batch_loss(w, batch)
             factor = lr_factor(state.step, s.total_steps, s.lr_schedule)
             for group in w.opt.param_groups:
@@ -341,12 +458,16 @@ def _train_epoch(w: _Worker, state: _LoopState) -> tuple[float, int]:
             state.step += 1
             sq += float(loss.detach()) * pairs
             n += pairs
+            timing["compute_seconds"] += time.perf_counter() - t1
+    timing["cpu_seconds"] = time.process_time() - cpu0
     sq, n = _all_reduce([sq, n])
-    return sq, int(n)
+    return sq, int(n), timing
 
 
-def _epoch_metrics(w: _Worker, state: _LoopState, epoch: int, t0: float, sq: float, n: int) -> dict:
-    """The epoch's line of the history: training L_DE (rad²), throughput, then the validation sets."""
+def _epoch_metrics(w: _Worker, state: _LoopState, epoch: int, t0: float, sq: float, n: int, timing: dict) -> dict:
+    """The epoch's line of the history: training L_DE (rad²), throughput and where the time went
+    (rank 0's ``data_seconds``, ``compute_seconds``, ``cpu_seconds``, ``eval_seconds``, torch
+    ``threads``), then the validation sets."""
     metrics = {
         "epoch": epoch,
         "train_loss": sq / n if n else float("nan"),
@@ -356,17 +477,16 @@ def _epoch_metrics(w: _Worker, state: _LoopState, epoch: int, t0: float, sq: flo
         "lr": w.opt.param_groups[0]["lr"],
         "pairs_per_second_per_worker": n / max(1e-9, time.perf_counter() - t0) / w.world_size,
         "resumed_from_epoch": state.resumed_from,
+        "threads": torch.get_num_threads(),
+        **{k: round(v, 3) for k, v in timing.items()},
     }
     if state.initial_val is not None and epoch == 0:
         metrics["initial_val_loss"] = state.initial_val
-    batch_size = w.settings.batch_size
-    metrics["val_loss"], metrics["val_mae"], metrics["val_pairs"] = _evaluate(
-        w.model, ray.train.get_dataset_shard("val"), batch_size, w.device
-    )
+    t_eval = time.perf_counter()
+    metrics["val_loss"], metrics["val_mae"], metrics["val_pairs"] = _evaluate(w, "val")
     if w.settings.has_heldout:
-        metrics["heldout_loss"], metrics["heldout_mae"], metrics["heldout_pairs"] = _evaluate(
-            w.model, ray.train.get_dataset_shard("heldout"), batch_size, w.device
-        )
+        metrics["heldout_loss"], metrics["heldout_mae"], metrics["heldout_pairs"] = _evaluate(w, "heldout")
+    metrics["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
     return metrics
 
 
@@ -421,12 +541,12 @@ def train_loop_per_worker(config: dict) -> None:
 
         writer = SummaryWriter(s.tensorboard_dir)
     if state.start_epoch == 0:  # the untrained model's validation L_DE: the start of the learning curve
-        state.initial_val = _evaluate(w.model, ray.train.get_dataset_shard("val"), s.batch_size, w.device)[0]
+        state.initial_val = _evaluate(w, "val")[0]
     for epoch in range(state.start_epoch, s.epochs):
         _die_if_asked(s.fault_injection, w.rank, epoch)
         t0 = time.perf_counter()
-        sq, n = _train_epoch(w, state)
-        metrics = _epoch_metrics(w, state, epoch, t0, sq, n)
+        sq, n, timing = _train_epoch(w, state, epoch)
+        metrics = _epoch_metrics(w, state, epoch, t0, sq, n, timing)
         _end_epoch(w, state, metrics, writer)
     if writer is not None:
         writer.close()
@@ -551,6 +671,15 @@ def _steps_per_epoch(cfg: TrainConfig, manifests: list[ProjectionStore]) -> int:
     return max(1, int(np.ceil(n_rows / (cfg.batch_size * cfg.num_workers)))) * cfg.passes_per_epoch
 
 
+def data_mode(cfg: TrainConfig, manifests: list[ProjectionStore]) -> str:
+    """``memory`` or ``stream``: ``cfg.data``, with ``auto`` resolved by the size of the train images
+    (float32) against ``cfg.memory_gb`` (every worker holds all of them)."""
+    if cfg.data != "auto":
+        return cfg.data
+    n_bytes = sum(len(st.select_rows(split="train", proteins="seen")) * st.image_size**2 * 4 for st in manifests)
+    return "memory" if n_bytes <= cfg.memory_gb * 1e9 else "stream"
+
+
 def worker_settings(job: TrainJob, manifests: list[ProjectionStore]) -> WorkerSettings:
     """The :class:`WorkerSettings` of ``job`` on its opened stores (:func:`open_training_stores`)."""
     cfg, out = job.cfg, Path(job.out_dir).resolve()
@@ -565,6 +694,8 @@ def worker_settings(job: TrainJob, manifests: list[ProjectionStore]) -> WorkerSe
         epochs=cfg.epochs,
         passes_per_epoch=cfg.passes_per_epoch,
         pairing=cfg.pairing,
+        data=data_mode(cfg, manifests),
+        pairs_per_shard=cfg.pairs_per_shard,
         batch_size=cfg.batch_size,
         mixed_precision=cfg.mixed_precision,
         augment=Augmentation(augment.snr_db, augment.max_shift) if (augment.snr_db or augment.max_shift) else None,
@@ -574,7 +705,7 @@ def worker_settings(job: TrainJob, manifests: list[ProjectionStore]) -> WorkerSe
             for k, p in enumerate(st.proteins)
         },
         has_heldout=_has_heldout(manifests),
-        threads=max(1, int(round(cfg.cpus_per_worker))) if not cfg.use_gpu else 2,
+        threads=max(1, int(cfg.cpus_per_worker + 1e-6)),
         seed=job.seed,
         tensorboard_dir=str(out / "tensorboard"),
         progress_file=str(out / PROGRESS_FILE),
@@ -582,10 +713,17 @@ def worker_settings(job: TrainJob, manifests: list[ProjectionStore]) -> WorkerSe
     )
 
 
-def _datasets(job: TrainJob, has_heldout: bool) -> dict:
-    """The Ray Data sets of the run: ``train`` (fresh each epoch), ``val`` and ``heldout`` (fixed, seeded)."""
+def _datasets(job: TrainJob, settings: WorkerSettings) -> dict:
+    """The Ray Data sets of the run: ``train`` and the fixed (seeded) ``val`` and ``heldout`` pairs.
+
+    Data ``stream``: ``train`` is read afresh every pass (batch pairing: the shards' images, shuffled
+    within each shard; stream pairing: fresh pairs per shard). Data ``memory``: ``train`` is the
+    train images, materialised here once, which every worker reads whole (:func:`_load_memory_data`).
+    """
     cfg, stores, seed = job.cfg, job.stores, job.seed
-    if cfg.pairing == "batch":
+    if settings.data == "memory":
+        train = sample_dataset(stores, "train", proteins="seen").materialize()
+    elif cfg.pairing == "batch":
         train = sample_dataset(stores, "train", proteins="seen", shuffle=True)
     else:
         train = pair_dataset(stores, "train", proteins="seen", pairs_per_shard=cfg.pairs_per_shard, seed=None)
@@ -595,11 +733,19 @@ def _datasets(job: TrainJob, has_heldout: bool) -> dict:
         "train": train,
         "val": pair_dataset(stores, "val", proteins="seen", pairs_per_shard=val_pairs, seed=seed + 1).materialize(),
     }
-    if has_heldout:
+    if settings.has_heldout:
         datasets["heldout"] = pair_dataset(
             stores, "val", proteins="heldout", pairs_per_shard=val_pairs, seed=seed + 2
         ).materialize()
     return datasets
+
+
+def _data_config(settings: WorkerSettings, datasets: dict) -> DataConfig:
+    """Which datasets Ray Train splits across the workers: all of them when streaming; in memory
+    every worker gets the whole train set (it draws its part of each global batch itself)."""
+    if settings.data == "memory":
+        return DataConfig(datasets_to_split=[k for k in datasets if k != "train"])
+    return DataConfig()
 
 
 def build_trainer(job: TrainJob, callbacks: list | None = None) -> TrainRun:
@@ -618,11 +764,13 @@ def build_trainer(job: TrainJob, callbacks: list | None = None) -> TrainRun:
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
+    datasets = _datasets(job, settings)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(settings),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        datasets=_datasets(job, settings.has_heldout),
+        datasets=datasets,
+        dataset_config=_data_config(settings, datasets),
         run_config=ray.train.RunConfig(
             name=job.name,
             storage_path=str(out / "ray_train"),
