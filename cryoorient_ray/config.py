@@ -323,6 +323,11 @@ class TrainConfig(StrictModel):
     )
     mixed_precision: bool = Field(True, description="bf16 autocast on CUDA")
     max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
+    storage_path: str | None = Field(
+        None,
+        description="where Ray Train keeps checkpoints (RunConfig.storage_path): a folder every node can reach "
+        "or an s3:// / gs:// URL; needed for multi-node training; default: <run folder>/ray_train",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 

@@ -70,9 +70,13 @@ def test_one_worker_same_seed_same_model(two_protein_store, tmp_path):
 
     runs = []
     for name in ("a", "b"):
-        train_distance(TrainJob(ONE_WORKER, [two_protein_store], tmp_path / name, seed=3), progress=False)
+        # run b keeps its checkpoints elsewhere (train.storage_path, shared storage on a cluster)
+        cfg = ONE_WORKER.model_copy(update={"storage_path": str(tmp_path / "shared")} if name == "b" else {})
+        train_distance(TrainJob(cfg, [two_protein_store], tmp_path / name, seed=3), progress=False)
         runs.append(json.loads((tmp_path / name / "history.json").read_text()))
     assert [h["train_loss"] for h in runs[0]] == [h["train_loss"] for h in runs[1]]
+    assert (tmp_path / "a" / "ray_train").is_dir() and not (tmp_path / "b" / "ray_train").exists()
+    assert any((tmp_path / "shared").rglob("checkpoint_*")) and (tmp_path / "b" / "model.pt").is_file()
     weights = [load_distance_model(tmp_path / name / "model.pt")[0].state_dict() for name in ("a", "b")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     first = runs[0][0]

@@ -773,13 +773,22 @@ def build_trainer(job: TrainJob, callbacks: list | None = None) -> TrainRun:
         dataset_config=_data_config(settings, datasets),
         run_config=ray.train.RunConfig(
             name=job.name,
-            storage_path=str(out / "ray_train"),
+            storage_path=train_storage_path(cfg, out),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=callbacks,
         ),
     )
     return TrainRun(trainer, job, spec, manifests, out)
+
+
+def train_storage_path(cfg: TrainConfig, out: Path) -> str:
+    """Ray Train's storage: ``train.storage_path`` (an absolute folder, or a URL as given), else ``out/ray_train``."""
+    if not cfg.storage_path:
+        return str(out / "ray_train")
+    if "://" in cfg.storage_path:
+        return cfg.storage_path
+    return str(Path(cfg.storage_path).expanduser().resolve())
 
 
 def train_distance(job: TrainJob, progress: bool = True) -> dict:
