@@ -115,6 +115,13 @@ def _ray_steps(ctx: Context, store, cfg, workers: int, epochs: int, passes: int)
     return res
 
 
+def _worker_counts(cfg) -> tuple[int, ...]:
+    """1 and 2 workers; with GPUs (one per worker) 2 only where there are two."""
+    import torch
+
+    return (1, 2) if not cfg.train.use_gpu or torch.cuda.device_count() >= 2 else (1,)
+
+
 def _worker_threads(cfg, store) -> int:
     """The torch threads a Ray Train worker of this config sets (the plain loop uses the same)."""
     from cryoorient_ray.core.learning.model import SiameseSpec
@@ -249,16 +256,17 @@ def run(ctx: Context) -> dict:
     epochs, passes = ctx.pick((3, 2), (4, 6))
     store = _demo_store(ctx)
     threads = _worker_threads(cfg, store)
-    rays = [_ray_steps(ctx, store, cfg, w, epochs, passes) for w in (1, 2)]
+    rays = [_ray_steps(ctx, store, cfg, w, epochs, passes) for w in _worker_counts(cfg)]
     plain = _plain_steps(ctx, store, cfg, rays[0]["steps"], threads)
     gauge = _gauge(ctx, store)
     demo = _demo(ctx)
+    two = len(rays) > 1
     headline = {
         "ray_over_plain_step_ratio": round(rays[0]["steps_per_s"] / plain["steps_per_s"], 3),
-        "ray2_over_plain_step_ratio": round(rays[1]["steps_per_s"] / plain["steps_per_s"], 3),
+        "ray2_over_plain_step_ratio": round(rays[1]["steps_per_s"] / plain["steps_per_s"], 3) if two else None,
         "plain_steps_per_s": round(plain["steps_per_s"], 3),
         "ray_steps_per_s": round(rays[0]["steps_per_s"], 3),
-        "ray2_steps_per_s": round(rays[1]["steps_per_s"], 3),
+        "ray2_steps_per_s": round(rays[1]["steps_per_s"], 3) if two else None,
         "ray_fit_overhead_s": round(rays[0]["outside_steps_s"], 1),
         "gauge_s_1650": round(gauge["gauge (s)"], 2),
         "demo_total_s": round(demo["total_s"], 1),
