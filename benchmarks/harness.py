@@ -35,7 +35,16 @@ DOC = ROOT / "docs" / "BENCHMARKS.md"
 START, END = "<!-- harness:start -->", "<!-- harness:end -->"
 SCALES = ("small", "paper")
 # Order of the report (the issue's order); each name is a module of benchmarks/suite.
-SUITE = ("exact", "euclidean", "noise_shift", "full_method", "generalisation", "common_lines", "scaling")
+SUITE = (
+    "exact",
+    "euclidean",
+    "noise_shift",
+    "full_method",
+    "generalisation",
+    "common_lines",
+    "scaling",
+    "throughput",
+)
 
 
 @dataclass
@@ -55,6 +64,10 @@ def register(
     name: str, title: str, needs_gpu_for_paper: bool = True, paper_reference: str = "", small_threads: int = 2
 ):
     """Decorator: ``fn(ctx) -> {"tables": [...], "figure": png path, "notes": [...], ...}``.
+
+    A benchmark may also return ``"headline"``: a flat dict of the few numbers to compare across
+    runs (``name -> number, string, bool or None``); the harness checks it is flat and writes it as
+    the result's top-level ``headline`` (:func:`check_headline`).
 
     ``small_threads``: torch threads at small scale (at most the CPU count; paper scale uses every
     CPU). The machine line of the result records what ran.
@@ -114,6 +127,15 @@ class Context:
         init_ray(RayConfig(num_cpus=max(4, os.cpu_count() or 1)))
         self.ray_started = True
 
+    def stop_ray(self) -> None:
+        """Shut down the Ray :meth:`ray` started (before a subprocess that starts its own)."""
+        if not self.ray_started:
+            return
+        from cryoorient_ray.distributed.runtime import shutdown_ray
+
+        shutdown_ray()
+        self.ray_started = False
+
 
 def machine() -> dict:
     import torch
@@ -152,6 +174,32 @@ def result_path(name: str, scale: str) -> Path:
     return RESULTS / f"{name}_{scale}.json"
 
 
+HeadlineValue = int | float | str | bool | None
+
+
+def check_headline(name: str, headline) -> dict[str, HeadlineValue]:
+    """A benchmark's ``headline``: a flat dict of scalars (numpy scalars become Python numbers).
+
+    Raises ``ValueError`` naming the benchmark and the key for anything else (a nested dict, a
+    list, an array), so a result never carries a headline that tools cannot read as one row.
+    """
+    import numpy as np
+
+    if not isinstance(headline, dict):
+        raise ValueError(f"benchmark {name!r}: headline must be a dict, got {type(headline).__name__}")
+    flat: dict[str, HeadlineValue] = {}
+    for key, value in headline.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if not isinstance(key, str) or not (value is None or isinstance(value, (int, float, str, bool))):
+            raise ValueError(
+                f"benchmark {name!r}: headline[{key!r}] is {type(value).__name__}; "
+                "a headline holds only numbers, strings, booleans or None"
+            )
+        flat[key] = value
+    return flat
+
+
 def run_one(name: str, scale: str, seed: int, argv: list[str]) -> dict:
     import torch
 
@@ -166,6 +214,8 @@ def run_one(name: str, scale: str, seed: int, argv: list[str]) -> dict:
     load_start = os.getloadavg()[0]
     out = bench.run(ctx)
     wall = time.perf_counter() - t0
+    if "headline" in out:
+        out = {**out, "headline": check_headline(name, out["headline"])}
     load_end = os.getloadavg()[0]
     record = {
         "name": name,
@@ -246,6 +296,8 @@ def render_result(r: dict) -> str:
     parts.append(f"`{r['command']}` — {r['date']}, {machine_line(m)}; {wall}.")
     if r.get("paper_reference"):
         parts.append(f"Paper: {r['paper_reference']}.")
+    if r.get("headline"):
+        parts.append("Headline: " + ", ".join(f"`{k}` {_cell(v)}" for k, v in r["headline"].items()) + ".")
     if r["scale"] == "small" and r.get("needs_gpu_for_paper"):
         parts.append(
             "Reduced scale (the `paper` scale needs a GPU machine); the reductions: "

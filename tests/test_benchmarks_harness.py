@@ -125,3 +125,39 @@ def test_run_one_uses_the_benchmarks_thread_count_and_records_it(tmp_path, monke
     assert record["machine"]["torch_threads"] == 1
     assert record["command"] == "python -m benchmarks run fake"
     assert json.loads((tmp_path / "fake_small.json").read_text())["load_average"]
+
+
+def _run_fake(monkeypatch, tmp_path, out: dict) -> dict:
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    monkeypatch.setitem(harness.REGISTRY, "fake", harness.Benchmark("fake", "Fake", lambda ctx: out, small_threads=1))
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        return harness.run_one("fake", "small", 0, ["run", "fake"])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_run_one_writes_a_flat_headline_and_the_report_shows_it(tmp_path, monkeypatch):
+    import numpy as np
+
+    head = {"ray_over_plain_step_ratio": np.float64(0.8125), "demo_total_s": 371.0, "physical": True, "none": None}
+    _run_fake(monkeypatch, tmp_path, {"tables": [], "notes": [], "headline": head})
+    stored = json.loads((tmp_path / "fake_small.json").read_text())
+    assert stored["headline"] == {
+        "ray_over_plain_step_ratio": 0.8125,
+        "demo_total_s": 371.0,
+        "physical": True,
+        "none": None,
+    }
+    text = harness.render_result({**_result(name="fake"), "headline": stored["headline"]})
+    assert "Headline: `ray_over_plain_step_ratio` 0.812, `demo_total_s` 371, `physical` yes, `none` –." in text
+    assert "Headline" not in harness.render_result(_result())  # results without one render as before
+
+
+@pytest.mark.parametrize("bad", [{"stages": {"train": 1.0}}, {"times": [1.0, 2.0]}, ["not", "a", "dict"]])
+def test_run_one_refuses_a_headline_that_is_not_flat(tmp_path, monkeypatch, bad):
+    with pytest.raises(ValueError, match="benchmark 'fake': headline"):
+        _run_fake(monkeypatch, tmp_path, {"tables": [], "notes": [], "headline": bad})
+    assert not (tmp_path / "fake_small.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -36,7 +37,11 @@ def test_train_two_workers_kill_one_and_resume(two_protein_store, tmp_path):
     # small batches: the tiny store gives each worker only ~30 training images per shard
     cfg = TrainConfig(epochs=6, batch_size=16, lr=5e-3, val_pairs_per_shard=150, num_workers=2, model=TINY_MODEL)
     marker = tmp_path / "killed"
-    fault = FaultInjection(epoch=2, marker=str(marker))
+    # The worker waits delay_s before dying so the controller has collected epoch 1's report: it
+    # polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (0.2 s in the tests, conftest.py); a dozen
+    # polls (the hook's default 6 s is 3 polls at Ray's default 2 s).
+    poll_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+    fault = FaultInjection(epoch=2, marker=str(marker), delay_s=max(2.5, 12 * poll_s))
     summary = train_distance(TrainJob(cfg, [two_protein_store], tmp_path, fault_injection=fault))
     history = json.loads((tmp_path / "history.json").read_text())
     assert marker.read_text().startswith("killed at epoch 2")  # a worker really died

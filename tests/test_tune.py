@@ -18,12 +18,14 @@ from tests.helpers import simulate_small_store
 
 runner = CliRunner()
 
-# Three trials, one per learning rate (n_f drawn from two values). 1e-7 cannot learn in 3 epochs,
+# Two trials, one per learning rate (n_f drawn from two values). 1e-7 cannot learn in 3 epochs,
 # so ASHA (grace period 1, η = 2: rungs at epochs 1 and 2) must stop that trial at epoch 1, where
-# the learning trial before it has set the bar. Trials run one at a time, in this order.
+# the learning trial before it has set the bar. Trials run one at a time, in this order. (Each
+# trial is a whole Ray Train run, start-up included: a third trial added a quarter of the test's
+# time and checked nothing the two do not.)
 TINY_SPACE = """\
 parameters:
-  train.lr: {grid: [0.005, 1.0e-7, 0.003]}
+  train.lr: {grid: [0.005, 1.0e-7]}
   train.model.n_features: {choice: [8, 16]}
   train.model.channels: [4, 8]
 """
@@ -65,12 +67,12 @@ def test_tiny_search_stops_trials_early_and_best_config_trains(tiny_store, tmp_p
     assert result.exit_code == 0, result.output
 
     report = json.loads((exp / "tune_report.json").read_text())
-    assert report["trials"] == 3  # one sample of each grid value
+    assert report["trials"] == 2  # one sample of each grid value
     assert report["status"]["stopped early"] >= 1, report["status"]  # ASHA stopped at least one
     assert report["status"]["complete"] >= 1 and report["status"]["error"] == 0
-    assert report["best"]["params"]["train.lr"] in (0.005, 0.003)  # the search finds a rate that learns
+    assert report["best"]["params"]["train.lr"] == 0.005  # the search finds the rate that learns
     trial_dirs = sorted(exp.glob("trial_*"))
-    assert len(trial_dirs) == 3
+    assert len(trial_dirs) == 2
     stopped = complete = 0
     for tdir in trial_dirs:
         rows = [json.loads(line) for line in (tdir / "result.json").read_text().splitlines() if line.strip()]
@@ -89,15 +91,15 @@ def test_tiny_search_stops_trials_early_and_best_config_trains(tiny_store, tmp_p
         assert any(p.name.startswith("events") for p in tdir.iterdir())
         assert any(p.name.startswith("events") for p in (tdir / "train" / "tensorboard").iterdir())
     assert stopped >= 1 and complete >= 1
-    assert (exp / "results.csv").read_text().count("\n") == 4  # Tune's result table: header + 3 trials
+    assert (exp / "results.csv").read_text().count("\n") == 3  # Tune's result table: header + 2 trials
 
     # the report: figure, HTML table, CSV table, best config
     assert (exp / "tune_report.png").read_bytes()[:4] == b"\x89PNG"
     html = (exp / "tune_report.html").read_text()
-    assert html.count("<tr>") == 4 and "<img" in html and "tensorboard --logdir" in html
+    assert html.count("<tr>") == 3 and "<img" in html and "tensorboard --logdir" in html
     with open(exp / "trials.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
-    assert len(table) == 3 and {row["train.model.n_features"] for row in table} <= {"8", "16"}
+    assert len(table) == 2 and {row["train.model.n_features"] for row in table} <= {"8", "16"}
     lr_low = next(row for row in table if float(row["train.lr"]) == 1e-7)
     assert lr_low["status"] == "stopped early" and lr_low["epochs"] == "1"
     assert float(table[0]["best_val_loss"]) == pytest.approx(report["best"]["best"])
@@ -111,7 +113,7 @@ def test_tiny_search_stops_trials_early_and_best_config_trains(tiny_store, tmp_p
     # resuming a finished experiment restores it and keeps its trials
     resumed = runner.invoke(app, ["tune", "--resume", str(exp), "--no-progress"])
     assert resumed.exit_code == 0, resumed.output
-    assert json.loads((exp / "tune_report.json").read_text())["trials"] == 3
+    assert json.loads((exp / "tune_report.json").read_text())["trials"] == 2
 
     # the best config is a full run config that `cryoorient train` takes as is
     best = load_config(exp / "best_config.yaml")
