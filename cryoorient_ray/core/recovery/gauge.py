@@ -25,6 +25,15 @@ the images:
    ``φ`` and ``φ + π`` give the two hands of the object (``Rz(π)·R = J·R·J·Rz(π)``,
    ``J = diag(1, 1, −1)``), which no set of projections can tell apart: the search covers
    ``[0, π)`` and the hand stays the user's choice, as in every cryo-EM reconstruction.
+3. **Cost proportional to the decision.** Every score is two reconstructions and two
+   re-projections, so their size is the gauge's cost. The coarse grid only has to tell the
+   peak from the rest of ``[0, π)`` (a wrong ``φ`` loses ~0.1 in correlation): a few hundred
+   images Fourier-cropped to 16² suffice (``search_score_fn``). The refinement of ``φ`` and the
+   polish of the whole correction (its few degrees) run on a larger subset (``score_fn``). When
+   two coarse peaks come within ``phi_margin`` of each other, both are refined on ``score_fn``.
+   On the demo (1,500 images of 32²) this is 48 reconstructions of 150 images and 68 of 375,
+   all 16², instead of 126 of 750 at 32² (~12× less insertion work) for the same choice and a
+   correction within 1.1° of the full-size one.
 
 Quaternions are scalar-first ``(w, x, y, z)``; the particles are one
 :class:`~cryoorient_ray.core.imaging.particles.ParticleStack` (images ``(P, L, L)`` indexed
