@@ -358,8 +358,22 @@ class GaugeConfig(StrictModel):
     """Picking the physical solution among the distance-equivalent ones, from the images."""
 
     enabled: bool = Field(True, description="resolve the left rotation/conjugation from the images")
-    max_images: int = Field(1500, ge=50, description="images used by the cross-validated reconstruction search")
-    image_size: int = Field(32, ge=8, description="images are Fourier-cropped to at most this size for the search")
+    max_images: int = Field(1500, ge=50, description="images used by the gauge (in-plane angles, view-axis fit)")
+    image_size: int = Field(32, ge=8, description="images are Fourier-cropped to at most this size first")
+    search_images: int = Field(
+        300, ge=20, description="images of the cross-validated reconstructions of the coarse in-plane grid"
+    )
+    search_size: int = Field(16, ge=8, description="the coarse grid's images are Fourier-cropped to this size")
+    polish_images: int = Field(
+        750, ge=20, description="images of the cross-validated reconstructions of the refinement and polish"
+    )
+    polish_size: int = Field(16, ge=8, description="the refinement's images are Fourier-cropped to this size")
+    phi_margin: float = Field(
+        0.01, ge=0, description="coarse peaks within this score of the best are all refined (close calls)"
+    )
+    threads: int = Field(
+        1, ge=1, description="torch threads during the gauge (its small FFTs and scatters stall when threads wait)"
+    )
     phi_steps: int = Field(24, ge=4, description="coarse grid of the global in-plane angle over [0, π)")
     polish_rounds: int = Field(3, ge=0, description="rounds of the final local search of the correction")
 

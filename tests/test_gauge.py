@@ -77,3 +77,41 @@ def test_gauge_refuses_too_few_pairs(noiseless_set):
     with pytest.raises(CryoOrientError, match="images"):
         resolve_gauge(imgs, q[:10], (np.array([0]), np.array([1]), np.array([0.1])))
     assert math.isfinite(float(np.sum(imgs)))
+
+
+def test_phi_candidates_one_when_clear_all_close_peaks_otherwise():
+    from cryoorient_ray.core.recovery.gauge import _phi_candidates
+
+    grid = np.arange(8) * (math.pi / 8)
+    clear = np.array([0.1, 0.2, 0.9, 0.3, 0.1, 0.2, 0.4, 0.1])
+    assert _phi_candidates(grid, clear, margin=0.05) == [float(grid[2])]
+    close = np.array([0.1, 0.2, 0.9, 0.3, 0.1, 0.2, 0.88, 0.1])
+    assert _phi_candidates(grid, close, margin=0.05) == [float(grid[2]), float(grid[6])]
+    wrap = np.array([0.8, 0.2, 0.1, 0.1, 0.1, 0.1, 0.3, 0.85])  # circular: 7 and 0 are neighbours
+    assert _phi_candidates(grid, wrap, margin=0.1) == [float(grid[7])]
+
+
+def test_crossval_score_subset_takes_all_rotations_and_checks_options(noiseless_set):
+    from cryoorient_ray.errors import CryoOrientError
+
+    q, imgs, _ = noiseless_set
+    r = unitquat_to_rotmat(q)
+    small = crossval_score_fn(imgs, image_size=12, max_images=120)
+    right = small(r)
+    wrong = small(unitquat_to_rotmat(quat_product(np.broadcast_to(sample_orientations(1, seed=9)[0], q.shape), q)))
+    assert right > 0.9 and right > wrong + 0.05
+    with pytest.raises(CryoOrientError, match="max_images"):
+        crossval_score_fn(imgs, max_images=2)
+    with pytest.raises(CryoOrientError, match="image_size"):
+        crossval_score_fn(imgs, image_size=4)
+
+
+def test_gauge_with_a_cheap_coarse_search(noiseless_set):
+    q, imgs, pairs = noiseless_set
+    a, b = sample_orientations(2, seed=np.random.default_rng(7))
+    est = quat_product(quat_product(np.broadcast_to(a, q.shape), q), np.broadcast_to(b, q.shape))
+    search = crossval_score_fn(imgs, image_size=12, max_images=150)
+    score = crossval_score_fn(imgs, image_size=16, max_images=300)
+    res = resolve_gauge(imgs, est, pairs, score_fn=score, phi_steps=12, polish_rounds=2, search_score_fn=search)
+    assert not res.conjugate
+    assert align_rotation(q, res.apply(est)).mean < 0.03

@@ -329,9 +329,11 @@ def gauge_inputs(store: ProjectionStore, sel: Selection, size: int):
 
 
 def run_gauge(store: ProjectionStore, sel: Selection, q_est: np.ndarray, cfg: RecoverConfig, seed: int):
-    """Resolve the gauge on a random subset of the recovered projections; returns the GaugeResult."""
-    from cryoorient_ray.core.recovery.gauge import crossval_score_fn, resolve_gauge
+    """Resolve the gauge on a random subset of the recovered projections; returns the GaugeResult.
 
+    It runs on ``cfg.gauge.threads`` torch threads (restored after): its many small reconstructions
+    gain little from more, and threads waiting on each other under load cost it 10× (measured).
+    """
     rng = np.random.default_rng(seed + 11)
     p = len(q_est)
     nodes = np.sort(rng.choice(p, min(p, cfg.gauge.max_images), replace=False))
@@ -340,18 +342,35 @@ def run_gauge(store: ProjectionStore, sel: Selection, q_est: np.ndarray, cfg: Re
     q_sub = q_est[nodes]
     i, j = knn_edges(q_sub, 8, "quaternion")
     d = np.asarray(quat_distance(q_sub[i], q_sub[j]))
-    stack = gauge_inputs(store, sel.subset(nodes), cfg.gauge.image_size)
-    score = crossval_score_fn(stack, seed=seed)
-    res = resolve_gauge(
+    gc = cfg.gauge
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, gc.threads))
+    try:
+        return _resolve_on_subset(store, sel.subset(nodes), q_sub, (i, j, d), gc, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _resolve_on_subset(store, sel: Selection, q_sub: np.ndarray, pairs, gc, seed: int):
+    """The gauge of ``q_sub`` from the images of ``sel`` (read, centred and cropped here)."""
+    from cryoorient_ray.core.recovery.gauge import crossval_score_fn, resolve_gauge
+
+    stack = gauge_inputs(store, sel, gc.image_size)
+    # Cost proportional to the decision: the coarse in-plane grid on few, small images; the
+    # refinement and polish on more (crossval_score_fn subsets and Fourier-crops once, up front).
+    search = crossval_score_fn(stack, seed=seed, image_size=gc.search_size, max_images=gc.search_images)
+    score = crossval_score_fn(stack, seed=seed, image_size=gc.polish_size, max_images=gc.polish_images)
+    return resolve_gauge(
         stack,
         q_sub,
-        (i, j, d),
+        pairs,
         score_fn=score,
-        phi_steps=cfg.gauge.phi_steps,
-        polish_rounds=cfg.gauge.polish_rounds,
+        phi_steps=gc.phi_steps,
+        polish_rounds=gc.polish_rounds,
         seed=seed,
+        search_score_fn=search,
+        phi_margin=gc.phi_margin,
     )
-    return res
 
 
 @dataclass

@@ -25,6 +25,15 @@ the images:
    ``φ`` and ``φ + π`` give the two hands of the object (``Rz(π)·R = J·R·J·Rz(π)``,
    ``J = diag(1, 1, −1)``), which no set of projections can tell apart: the search covers
    ``[0, π)`` and the hand stays the user's choice, as in every cryo-EM reconstruction.
+3. **Cost proportional to the decision.** Every score is two reconstructions and two
+   re-projections, so their size is the gauge's cost. The coarse grid only has to tell the
+   peak from the rest of ``[0, π)`` (a wrong ``φ`` loses ~0.1 in correlation): a few hundred
+   images Fourier-cropped to 16² suffice (``search_score_fn``). The refinement of ``φ`` and the
+   polish of the whole correction (its few degrees) run on a larger subset (``score_fn``). When
+   two coarse peaks come within ``phi_margin`` of each other, both are refined on ``score_fn``.
+   On the demo (1,500 images of 32²) this is 48 reconstructions of 150 images and 68 of 375,
+   all 16², instead of 126 of 750 at 32² (~12× less insertion work) for the same choice and a
+   correction within 1.1° of the full-size one.
 
 Quaternions are scalar-first ``(w, x, y, z)``; the particles are one
 :class:`~cryoorient_ray.core.imaging.particles.ParticleStack` (images ``(P, L, L)`` indexed
@@ -235,8 +244,20 @@ def _rz(phi: float) -> np.ndarray:
 ScoreFn = Callable[[np.ndarray], float]
 
 
-def crossval_score_fn(stack: ParticleStack | ArrayLike, seed: int = 0, lowpass: float = 0.2) -> ScoreFn:
+def crossval_score_fn(
+    stack: ParticleStack | ArrayLike,
+    seed: int = 0,
+    lowpass: float = 0.2,
+    image_size: int | None = None,
+    max_images: int | None = None,
+) -> ScoreFn:
     """Score of a set of rotation matrices: cross-validated re-projection correlation.
+
+    The cost is proportional to ``max_images × image_size²``: a coarse decision (the in-plane
+    grid) needs only a few hundred images Fourier-cropped to 16², the polish a few more. With
+    ``max_images`` a random subset (``seed``) of the particles is scored, with ``image_size`` they
+    are Fourier-cropped to at most that size first; the returned function still takes the
+    rotations of *all* particles ``(P, 3, 3)`` and picks the subset's own.
 
     The particles are split in two random halves; a volume reconstructed from each half
     (:func:`~cryoorient_ray.core.reconstruction.inversion.reconstruct_fourier`, CTF-corrected when the
@@ -253,6 +274,18 @@ def crossval_score_fn(stack: ParticleStack | ArrayLike, seed: int = 0, lowpass: 
     from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier
 
     stack = _float_stack(stack)
+    rng = np.random.default_rng(seed)
+    chosen = np.arange(len(stack))
+    if max_images is not None:
+        if isinstance(max_images, bool) or int(max_images) != max_images or int(max_images) < 4:
+            raise CryoOrientError(f"max_images must be an integer >= 4; got {max_images!r}")
+        if int(max_images) < len(stack):
+            chosen = np.sort(rng.choice(len(stack), int(max_images), replace=False))
+            stack = stack.subset(chosen)
+    if image_size is not None:
+        if isinstance(image_size, bool) or int(image_size) != image_size or int(image_size) < 8:
+            raise CryoOrientError(f"image_size must be an integer >= 8; got {image_size!r}")
+        stack = stack.fourier_crop(int(image_size))
     p = len(stack)
 
     def filt(im: torch.Tensor) -> torch.Tensor:
@@ -260,13 +293,13 @@ def crossval_score_fn(stack: ParticleStack | ArrayLike, seed: int = 0, lowpass: 
         y = y - y.mean(dim=(-2, -1), keepdim=True)
         return y / y.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
 
-    perm = np.random.default_rng(seed).permutation(p)
+    perm = (np.random.default_rng(seed) if max_images is None else rng).permutation(p)
     halves = (np.sort(perm[: p // 2]), np.sort(perm[p // 2 :]))
     parts = [stack.subset(h) for h in halves]
     targets = [filt(part.images) for part in parts]
 
     def score(rotmats: np.ndarray) -> float:
-        r = torch.as_tensor(np.asarray(rotmats), dtype=torch.float32)
+        r = torch.as_tensor(np.asarray(rotmats)[chosen], dtype=torch.float32)
         total = 0.0
         for k in (0, 1):
             src, dst = halves[k], halves[1 - k]
@@ -300,22 +333,52 @@ def _near_pairs(pairs, max_pair_distance: float, max_pairs: int, rng: np.random.
     return i[near], j[near]
 
 
-def _search_phi(score_fn: ScoreFn, c0: np.ndarray, r_est: np.ndarray, phi_steps: int, phi_refine: int):
-    """The in-plane angle ``φ`` maximising ``score_fn(Rz(φ)·C₀·R̂)``: a grid over ``[0, π)``, then
-    ``phi_refine`` rounds of ±step/3; returns ``(φ, angles, scores)``."""
+def _phi_candidates(grid: np.ndarray, vals: np.ndarray, margin: float, limit: int = 3) -> list[float]:
+    """The coarse grid's local maxima (circular over ``[0, π)``) scoring within ``margin`` of the best,
+    best first (at most ``limit``): one when the choice is clear, the close contenders otherwise."""
+    vals = np.asarray(vals, np.float64)
+    peak = (vals >= np.roll(vals, 1)) & (vals >= np.roll(vals, -1))
+    order = [k for k in np.argsort(-vals) if peak[k] and vals[k] >= vals.max() - margin]
+    return [float(grid[k]) for k in order[:limit]] or [float(grid[int(np.argmax(vals))])]
+
+
+def _search_phi(
+    score_fn: ScoreFn,
+    c0: np.ndarray,
+    r_est: np.ndarray,
+    phi_steps: int,
+    phi_refine: int,
+    search_fn: ScoreFn | None = None,
+    margin: float = 0.01,
+):
+    """The in-plane angle ``φ`` maximising ``score_fn(Rz(φ)·C₀·R̂)``: a grid over ``[0, π)`` scored by
+    the cheap ``search_fn`` (default ``score_fn``), then, from each grid peak within ``margin`` of the
+    best (:func:`_phi_candidates`; usually one), ``phi_refine`` rounds of ±step/3 on ``score_fn``.
+
+    Returns ``(φ, angles, scores, best score)``: the angles and scores tried on ``score_fn``."""
     grid = np.arange(phi_steps) * (math.pi / phi_steps)
-    vals = [score_fn(_rz(a) @ c0 @ r_est) for a in grid]
-    angles, scores = list(grid), list(vals)
-    phi = float(grid[int(np.argmax(vals))])
-    step = math.pi / phi_steps
-    for _ in range(phi_refine):
-        step /= 3
-        for a in (phi - step, phi + step):
-            angles.append(a)
-            scores.append(score_fn(_rz(a) @ c0 @ r_est))
-        k = int(np.argmax(scores))
-        phi = float(angles[k])
-    return phi % math.pi, np.asarray(angles) % math.pi, np.asarray(scores)
+    coarse = search_fn or score_fn
+    vals = [coarse(_rz(a) @ c0 @ r_est) for a in grid]
+    if search_fn is None:
+        angles, scores = list(grid), list(vals)
+        starts = [float(grid[int(np.argmax(vals))])]
+    else:
+        starts = _phi_candidates(grid, np.asarray(vals), margin)
+        angles, scores = list(starts), [score_fn(_rz(a) @ c0 @ r_est) for a in starts]
+    best_phi, best = None, -math.inf
+    for phi in starts:
+        step = math.pi / phi_steps
+        for _ in range(phi_refine):
+            step /= 3
+            for a in (phi - step, phi + step):
+                angles.append(a)
+                scores.append(score_fn(_rz(a) @ c0 @ r_est))
+            near = [k for k, a in enumerate(angles) if abs(a - phi) <= 3 * step + 1e-12]
+            phi = float(angles[max(near, key=lambda k: scores[k])])
+        val = max(sc for a, sc in zip(angles, scores, strict=True) if abs(a - phi) < 1e-12)
+        if val > best:
+            best_phi, best = phi, val
+    return best_phi % math.pi, np.asarray(angles) % math.pi, np.asarray(scores), best
 
 
 def _polish(score_fn: ScoreFn, corr_mat: np.ndarray, r_est: np.ndarray, best: float, rounds: int) -> np.ndarray:
@@ -350,6 +413,8 @@ def resolve_gauge(
     phi_refine: int = 2,
     polish_rounds: int = 3,
     seed: int = 0,
+    search_score_fn: ScoreFn | None = None,
+    phi_margin: float = 0.01,
 ) -> GaugeResult:
     """Find the left correction (and conjugation) that makes ``q_est`` physical.
 
@@ -366,6 +431,11 @@ def resolve_gauge(
         polish_rounds: rounds of a final coordinate search of the whole correction (small
             rotations about x, y, z, halving the step each round) on ``score_fn``; it removes
             the few degrees of error the neighbour fit of ``n`` leaves.
+        search_score_fn: a cheaper score (fewer, smaller images: :func:`crossval_score_fn` with
+            ``max_images``/``image_size``) for the coarse grid alone; the refinement and the polish
+            use ``score_fn``. ``None``: ``score_fn`` everywhere.
+        phi_margin: with ``search_score_fn``, every coarse peak within this score of the best is
+            refined on ``score_fn`` and the best kept (one peak when the choice is clear).
 
     Returns:
         :class:`GaugeResult`; ``result.apply(q_est)`` gives the physical orientations.
@@ -388,10 +458,10 @@ def resolve_gauge(
 
     angles, scores, phi = np.zeros(0), np.zeros(0), 0.0
     if score_fn is not None:
-        phi, angles, scores = _search_phi(score_fn, c0, r_est, phi_steps, phi_refine)
+        phi, angles, scores, best = _search_phi(score_fn, c0, r_est, phi_steps, phi_refine, search_score_fn, phi_margin)
     corr_mat = _rz(phi) @ c0
     if score_fn is not None and polish_rounds > 0:
-        corr_mat = _polish(score_fn, corr_mat, r_est, max(scores), polish_rounds)
+        corr_mat = _polish(score_fn, corr_mat, r_est, best, polish_rounds)
     return GaugeResult(
         correction=np.asarray(rotmat_to_unitquat(corr_mat), np.float64),
         conjugate=bool(conj),
