@@ -55,26 +55,34 @@ class Benchmark:
     needs_gpu_for_paper: bool = True
     paper_reference: str = ""
     small_threads: int = 2
+    headline: Callable[[dict], dict] | None = None
 
 
 REGISTRY: dict[str, Benchmark] = {}
 
 
 def register(
-    name: str, title: str, needs_gpu_for_paper: bool = True, paper_reference: str = "", small_threads: int = 2
+    name: str,
+    title: str,
+    needs_gpu_for_paper: bool = True,
+    paper_reference: str = "",
+    small_threads: int = 2,
+    headline: Callable[[dict], dict] | None = None,
 ):
     """Decorator: ``fn(ctx) -> {"tables": [...], "figure": png path, "notes": [...], ...}``.
 
     A benchmark may also return ``"headline"``: a flat dict of the few numbers to compare across
     runs (``name -> number, string, bool or None``); the harness checks it is flat and writes it as
-    the result's top-level ``headline`` (:func:`check_headline`).
+    the result's top-level ``headline`` (:func:`check_headline`). Or it names ``headline``: a function
+    of its result (its measured tables) that gives that dict, so the headline of a stored result can
+    be derived again (``python -m benchmarks headlines``) without measuring anything again.
 
     ``small_threads``: torch threads at small scale (at most the CPU count; paper scale uses every
     CPU). The machine line of the result records what ran.
     """
 
     def wrap(fn):
-        REGISTRY[name] = Benchmark(name, title, fn, needs_gpu_for_paper, paper_reference, small_threads)
+        REGISTRY[name] = Benchmark(name, title, fn, needs_gpu_for_paper, paper_reference, small_threads, headline)
         return fn
 
     return wrap
@@ -214,6 +222,8 @@ def run_one(name: str, scale: str, seed: int, argv: list[str]) -> dict:
     load_start = os.getloadavg()[0]
     out = bench.run(ctx)
     wall = time.perf_counter() - t0
+    if "headline" not in out and bench.headline is not None:
+        out = {**out, "headline": bench.headline(out)}
     if "headline" in out:
         out = {**out, "headline": check_headline(name, out["headline"])}
     load_end = os.getloadavg()[0]
@@ -363,6 +373,24 @@ def write_report() -> Path:
     return DOC
 
 
+def refresh_headlines() -> list[Path]:
+    """Derive the headline of every stored result whose benchmark names a headline function, from
+    the result's own tables (nothing is measured again); returns the files rewritten."""
+    written = []
+    for name, bench in REGISTRY.items():
+        if bench.headline is None:
+            continue
+        for scale in SCALES:
+            path = result_path(name, scale)
+            if not path.exists():
+                continue
+            record = json.loads(path.read_text())
+            record["headline"] = check_headline(name, bench.headline(record))
+            path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+            written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
@@ -374,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-report", action="store_true", help="do not regenerate docs/BENCHMARKS.md")
     sub.add_parser("report", help="regenerate the harness section of docs/BENCHMARKS.md")
+    sub.add_parser("headlines", help="derive stored results' headlines from their tables, then report")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     load_suite()
@@ -382,6 +411,11 @@ def main(argv: list[str] | None = None) -> None:
             done = [s for s in SCALES if result_path(name, s).exists()]
             title = REGISTRY[name].title if name in REGISTRY else "(not written yet)"
             print(f"{name:15s} {title}  [results: {', '.join(done) or 'none'}]")
+        return
+    if args.cmd == "headlines":
+        for path in refresh_headlines():
+            print(f"wrote {path.relative_to(ROOT)}")
+        print(f"wrote {write_report().relative_to(ROOT)}")
         return
     if args.cmd == "report":
         print(f"wrote {write_report().relative_to(ROOT)}")

@@ -161,3 +161,32 @@ def test_run_one_refuses_a_headline_that_is_not_flat(tmp_path, monkeypatch, bad)
     with pytest.raises(ValueError, match="benchmark 'fake': headline"):
         _run_fake(monkeypatch, tmp_path, {"tables": [], "notes": [], "headline": bad})
     assert not (tmp_path / "fake_small.json").exists()
+
+
+def test_a_headline_function_derives_the_headline_from_the_tables_now_and_for_stored_results(tmp_path, monkeypatch):
+    table = {"title": "t", "columns": ["x"], "rows": [{"x": 2.0}, {"x": 5.0}]}
+
+    def head(result):
+        return {"x_max": max(r["x"] for r in result["tables"][0]["rows"])}
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    bench = harness.Benchmark(
+        "fake", "Fake", lambda ctx: {"tables": [table], "notes": []}, small_threads=1, headline=head
+    )
+    monkeypatch.setitem(harness.REGISTRY, "fake", bench)
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        harness.run_one("fake", "small", 0, ["run", "fake"])
+    finally:
+        torch.set_num_threads(before)
+    path = tmp_path / "fake_small.json"
+    assert json.loads(path.read_text())["headline"] == {"x_max": 5.0}
+    # a result stored without one gets it from its own tables; nothing else in it changes
+    record = json.loads(path.read_text())
+    del record["headline"]
+    path.write_text(json.dumps(record))
+    assert path in harness.refresh_headlines()
+    again = json.loads(path.read_text())
+    assert again.pop("headline") == {"x_max": 5.0} and again == record

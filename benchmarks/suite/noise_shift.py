@@ -25,11 +25,22 @@ def _snr_db(sigma2: float) -> float | None:
     return None if sigma2 == 0 else round(-10 * math.log10(sigma2), 3)
 
 
+def headline(result: dict) -> dict:
+    """Test L_DE and E_OR of each row of the measured table (shift rows by max shift, noise rows by σ²)."""
+    out = {}
+    for row in result["tables"][0]["rows"]:
+        key = f"shift{row['max shift (px)']:g}px" if row["setting"] == "shift" else f"sigma2_{row['σ²']:g}"
+        out[f"{key}_test_L_DE"] = row["test L_DE"]
+        out[f"{key}_e_or_rad"] = row["E_OR (rad)"]
+    return out
+
+
 @register(
     "noise_shift",
     "Noise and shift sensitivity of distance learning (Figure 9)",
     paper_reference="Figure 9a: learning is insensitive to shifts; "
     "9b: E_OR ≈ 0.16 rad noiseless, ≈ 0.42 rad at σ² = 16",
+    headline=headline,
 )
 def run(ctx: Context) -> dict:
     n = ctx.pick(4000, 5000)
