@@ -135,16 +135,15 @@ def _compare_with_truth(recon: _Reconstructor, q_use, q_true, truth_map, symmetr
 
 
 def reconstruct_from_recovery(
-    store_path: str,
+    store: ProjectionStore,
     recovered: dict,
     cfg: RunConfig,
     progress=None,
 ) -> ReconstructionOutcome:
-    """Volumes, half maps, FSC curves (and refinement) for one recovered protein."""
+    """Volumes, half maps, FSC curves (and refinement) for one recovered protein of ``store``."""
     from cryoorient_ray.core.reconstruction.inversion import half_maps
 
     rcfg = cfg.reconstruct
-    store = ProjectionStore.open(store_path)
     rows = np.asarray(recovered["rows"], dtype=np.int64)
     q = np.asarray(recovered["quaternions"], dtype=np.float64)
     if len(rows) != len(q):
@@ -190,12 +189,11 @@ def stage_reconstruct(cfg: RunConfig, out: Path, progress: bool = True, store_pa
     from cryoorient_ray.core.density.volume import DensityMap
     from cryoorient_ray.io.mrc import write_map
     from cryoorient_ray.plots import plot_fsc, plot_refinement, plot_volume_slices
-    from cryoorient_ray.stages.reconstruct import load_recovered, reconstruct_from_recovery
 
     t0 = time.perf_counter()
-    store_path = store_path or store_path_for(cfg, out)
+    store = ProjectionStore.open(store_path or store_path_for(cfg, out))
     recovered = load_recovered(out / "recovered_orientations.npz")
-    outcome = reconstruct_from_recovery(store_path, recovered, cfg)
+    outcome = reconstruct_from_recovery(store, recovered, cfg)
     files: dict[str, str] = {}
     names = {
         "recovered": "reconstruction.mrc",
@@ -220,11 +218,8 @@ def stage_reconstruct(cfg: RunConfig, out: Path, progress: bool = True, store_pa
     files["fsc_data"] = "fsc.json"
     if outcome.refined is not None:
         from cryoorient_ray.io.relion import export_relion
-        from cryoorient_ray.io.store import ProjectionStore
 
-        star, mrcs = export_relion(
-            ProjectionStore.open(store_path), out, rows=outcome.rows, name="refined", quaternions=outcome.refined
-        )
+        star, mrcs = export_relion(store, out, rows=outcome.rows, name="refined", quaternions=outcome.refined)
         files["refined_star"] = star.name
         files["refined_stack"] = mrcs.name
     if outcome.refine_history:
@@ -250,12 +245,11 @@ def run_reconstruct(
     import shutil
 
     from cryoorient_ray.io.star import read_orientations_star
-    from cryoorient_ray.io.store import ProjectionStore
 
     src = Path(orientations)
     if not src.is_file():
         raise CryoOrientError(f"orientations file not found: {src}")
-    ProjectionStore.open(store_path)  # a missing or damaged store stops here, before the run folder
+    store = ProjectionStore.open(store_path)  # a missing or damaged store stops here, before the run folder
     out = prepare_output_dir(cfg, out_dir, argv)
     target = out / "recovered_orientations.npz"
     if src.suffix == ".npz":
@@ -263,7 +257,6 @@ def run_reconstruct(
             shutil.copyfile(src, target)
     else:
         q = read_orientations_star(src)
-        store = ProjectionStore.open(store_path)
         rows = store.done_rows()
         if len(rows) != len(q):
             raise CryoOrientError(f"{src} has {len(q)} orientations but {store_path} has {len(rows)} images")

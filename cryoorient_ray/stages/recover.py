@@ -43,7 +43,6 @@ import torch
 from cryoorient_ray.config import RecoverConfig, RunConfig
 from cryoorient_ray.core.geometry.quaternion import quat_distance
 from cryoorient_ray.core.geometry.symmetry import symmetric_quat_distance
-from cryoorient_ray.core.imaging.particles import CTFParams
 from cryoorient_ray.core.recovery.graph import PairGraph, build_pair_graph, knn_edges
 from cryoorient_ray.core.recovery.solver import RecoveryResult, check_distances
 from cryoorient_ray.errors import CryoOrientError
@@ -90,8 +89,8 @@ class Selection:
         rows: ``(P,)`` store rows.
         protein, protein_name, symmetry: the protein's index in the store, its name and point group.
         q_true: ``(P, 4)`` float64 true quaternions (wxyz), or ``None`` when the store has none.
-        shifts: ``(P, 2)`` float64 image shifts in pixels.
-        ctf: the store's CTF parameters of these rows (``None``: no CTF).
+
+    The images, shifts and CTF of the rows come from ``store.particles(rows)`` where needed (the gauge).
     """
 
     rows: np.ndarray
@@ -99,8 +98,6 @@ class Selection:
     protein_name: str
     symmetry: str
     q_true: np.ndarray | None
-    shifts: np.ndarray
-    ctf: CTFParams | None
 
     def subset(self, nodes: np.ndarray) -> Selection:
         """The projections ``nodes`` (indices into ``rows``) of this selection."""
@@ -110,8 +107,6 @@ class Selection:
             protein_name=self.protein_name,
             symmetry=self.symmetry,
             q_true=None if self.q_true is None else self.q_true[nodes],
-            shifts=self.shifts[nodes],
-            ctf=None if self.ctf is None else self.ctf.subset(nodes),
         )
 
 
@@ -129,18 +124,14 @@ def select_projections(store: ProjectionStore, cfg: RecoverConfig, seed: int = 0
             f"{store.path}: protein {proteins[pid]['name']!r} has {len(rows)} completed projections in split "
             f"'{cfg.split}'; recovery needs at least 3"
         )
-    meta = store.read_metadata(rows)
+    meta = store.read_metadata(rows, names=["quaternion"])
     has_truth = bool(store.manifest.get("has_orientations", True)) and np.isfinite(meta["quaternion"]).all()
-    ctf = store.ctf_parameters(meta)
-    ctf = None if ctf is None else CTFParams.from_dict(ctf)
     return Selection(
         rows=rows,
         protein=pid,
         protein_name=proteins[pid]["name"],
         symmetry=proteins[pid].get("symmetry", "C1") or "C1",
         q_true=meta["quaternion"].astype(np.float64) if has_truth else None,
-        shifts=meta["shift"].astype(np.float64),
-        ctf=ctf,
     )
 
 

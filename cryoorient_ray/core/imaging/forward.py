@@ -80,9 +80,7 @@ def render_projections(
             torch.as_tensor(np.asarray(defocus_u), dtype=torch.float32),
             torch.as_tensor(np.asarray(defocus_v), dtype=torch.float32),
             torch.as_tensor(np.asarray(defocus_angle), dtype=torch.float32),
-            voltage=ctf.get("voltage", 300.0),
-            cs=ctf.get("cs", 2.7),
-            amplitude_contrast=ctf.get("amplitude_contrast", 0.1),
+            **ctf,  # the optics; apply_ctf fills in OPTICS_DEFAULTS for any not given
         )
     if snr_db is None:
         variances = torch.zeros(images.shape[0])

@@ -70,18 +70,20 @@ def freq_grid_2d(
     size: int, rfft: bool = True, dtype: torch.dtype = torch.float32, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fy, fx)`` frequencies in cycles per pixel (``torch.fft.fftfreq(L)``) on the ``rfft2``/``fft2`` grid."""
-    fy = torch.fft.fftfreq(size, dtype=dtype, device=device)
-    fx = torch.fft.rfftfreq(size, dtype=dtype, device=device) if rfft else fy
-    gy, gx = torch.meshgrid(fy, fx, indexing="ij")
-    return gy, gx
+    return _freq_grid(size, 1.0, rfft, dtype, device)
 
 
 def freq_grid_2d_per_A(
     size: int, pixel_size_A: float, rfft: bool = True, dtype: torch.dtype = torch.float64, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sy, sx)`` spatial frequencies in 1/Å (spacing ``1 / (L · pixel_size_A)``) on the ``rfft2``/``fft2`` grid."""
-    fy = torch.fft.fftfreq(size, d=pixel_size_A, dtype=dtype, device=device)
-    fx = torch.fft.rfftfreq(size, d=pixel_size_A, dtype=dtype, device=device) if rfft else fy
+    return _freq_grid(size, pixel_size_A, rfft, dtype, device)
+
+
+def _freq_grid(size: int, d: float, rfft: bool, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``meshgrid`` of ``fftfreq(L, d)`` (rows) and ``rfftfreq``/``fftfreq(L, d)`` (columns)."""
+    fy = torch.fft.fftfreq(size, d=d, dtype=dtype, device=device)
+    fx = torch.fft.rfftfreq(size, d=d, dtype=dtype, device=device) if rfft else fy
     gy, gx = torch.meshgrid(fy, fx, indexing="ij")
     return gy, gx
 

@@ -692,8 +692,9 @@ def _options(function) -> set[str]:
     return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def _halves(split, b: int) -> tuple[np.ndarray, np.ndarray]:
-    """The two index sets of :func:`half_maps`' ``split``."""
+def split_halves(split, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two sorted index sets of ``b`` images that ``split`` names (a seed or Generator: a random half
+    each, the first ``b // 2`` of a permutation; or a (B,) 0/1 array); both must be non-empty."""
     if split is None or isinstance(split, (int, np.integer, np.random.Generator)) and not isinstance(split, bool):
         rng = split if isinstance(split, np.random.Generator) else np.random.default_rng(0 if split is None else split)
         perm = rng.permutation(b)
@@ -747,7 +748,7 @@ def half_maps(
             f"{rot.shape[0] if rot.ndim else 0} rotations"
         )
     maps = []
-    for idx in _halves(split, b):
+    for idx in split_halves(split, b):
         options = dict(kwargs)
         if options.get("ctf_grid") is not None:
             options["ctf_grid"] = _take(options["ctf_grid"], idx, b)

@@ -271,7 +271,7 @@ def crossval_score_fn(
     """
     from cryoorient_ray.core.imaging.ctf import apply_ctf
     from cryoorient_ray.core.imaging.projection import FourierSliceProjector
-    from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier
+    from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier, split_halves
 
     stack = _float_stack(stack)
     rng = np.random.default_rng(seed)
@@ -293,8 +293,7 @@ def crossval_score_fn(
         y = y - y.mean(dim=(-2, -1), keepdim=True)
         return y / y.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
 
-    perm = (np.random.default_rng(seed) if max_images is None else rng).permutation(p)
-    halves = (np.sort(perm[: p // 2]), np.sort(perm[p // 2 :]))
+    halves = split_halves(np.random.default_rng(seed) if max_images is None else rng, p)
     parts = [stack.subset(h) for h in halves]
     targets = [filt(part.images) for part in parts]
 

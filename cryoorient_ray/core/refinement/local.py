@@ -67,7 +67,7 @@ from cryoorient_ray.core.geometry.quaternion import (
 from cryoorient_ray.core.imaging.fourier import centred_volume_ft, index_grid_2d, phase_ramp
 from cryoorient_ray.core.imaging.particles import ParticleStack, as_particle_stack
 from cryoorient_ray.core.reconstruction.fsc import best_hand, fsc, soft_mask
-from cryoorient_ray.core.reconstruction.inversion import _ctf_source, reconstruct_fourier
+from cryoorient_ray.core.reconstruction.inversion import _ctf_source, reconstruct_fourier, split_halves
 from cryoorient_ray.core.recovery.align import align_rotation
 from cryoorient_ray.errors import CryoOrientError
 
@@ -591,8 +591,7 @@ def _setup(stack, quaternions, settings, volume, q_true, reference, progress) ->
     lattice = _Lattice.make(settings.n_candidates)
     settings.checked_batch_size()
     rng = np.random.default_rng(settings.seed)
-    perm = rng.permutation(p)
-    halves = (np.sort(perm[: p // 2]), np.sort(perm[p // 2 :]))
+    halves = split_halves(rng, p)
     maps = _Maps(work, settings, halves, qt, _volume(reference, lsize, "reference"))
     init_volume = _volume(volume, lsize, "volume")
     state = _Refinement(work, settings, schedule, lattice, rng, halves, maps, _Matcher(work), init_volume, progress)
