@@ -53,10 +53,9 @@ def shard_descriptors(
 
 
 def _read_rows(store: ProjectionStore, shard: int, splits: str | Sequence[str], proteins: str) -> dict:
-    """The rows of one completed shard in ``splits`` of the ``proteins`` set (:meth:`ProjectionStore.select_rows`)."""
+    """The rows of one completed shard in ``splits`` of the ``proteins`` set (:meth:`ProjectionStore.row_mask`)."""
     data = store.read_shard(shard)
-    start, _ = store.shard_range(shard)
-    keep = store.select_rows(split=splits, proteins=proteins, rows=data["index"]) - start
+    keep = store.row_mask(data, split=splits, proteins=proteins)
     return {k: v[keep] for k, v in data.items()}
 
 
@@ -100,6 +99,10 @@ def sample_dataset(
 PAIR_COLUMNS = ("image_i", "image_j", "distance", "protein", "index_i", "index_j", "store_id")
 
 
+PAIR_BINS = 32  # distance bins of [0, π] the training pairs are resampled uniform over
+MAX_CANDIDATES = 200_000  # candidate pairs considered per shard
+
+
 @dataclass(frozen=True)
 class PairSampling:
     """How the pairs of each shard are drawn (the arguments of :func:`pair_dataset`)."""
@@ -107,9 +110,9 @@ class PairSampling:
     split: str
     proteins: str
     pairs_per_shard: int | None
-    n_bins: int
-    seed: int | None
-    max_candidates: int
+    n_bins: int = PAIR_BINS
+    seed: int | None = None
+    max_candidates: int = MAX_CANDIDATES
 
 
 def draw_pairs(
@@ -184,9 +187,9 @@ def pair_dataset(
     split: str = "train",
     proteins: str = "all",
     pairs_per_shard: int | None = None,
-    n_bins: int = 32,
+    n_bins: int = PAIR_BINS,
     seed: int | None = 0,
-    max_candidates: int = 200_000,
+    max_candidates: int = MAX_CANDIDATES,
     num_cpus: float = 0.5,
 ) -> ray.data.Dataset:
     """Pairs ``(image_i, image_j, distance)`` of one split, distances uniform on [0, π].

@@ -398,7 +398,7 @@ def _pass_batches(w: _Worker, epoch: int, pass_index: int):
                 "groups": torch.from_numpy(data.group[idx]),
             }
         return
-    sampling = PairSampling("train", "seen", s.pairs_per_shard, 32, None, 200_000)  # as pair_dataset draws them
+    sampling = PairSampling("train", "seen", s.pairs_per_shard)  # as pair_dataset draws them (fresh pairs)
     i, j, d = memory_pairs(data, s.symmetry, sampling, rng)
     dev = data.images.device
     for idx in batch_plan(np.arange(len(d)), s.batch_size, w.world_size, w.rank):

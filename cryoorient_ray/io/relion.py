@@ -32,7 +32,7 @@ from cryoorient_ray.core.geometry.euler import euler_relion_to_unitquat, unitqua
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_path
 from cryoorient_ray.io.star import write_star_blocks
-from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore
+from cryoorient_ray.io.store import SPLIT_CODES, ProjectionStore, split_codes
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +271,7 @@ def import_relion(
     from cryoorient_ray.core.geometry.symmetry import normalize_symmetry_name
 
     star_path = Path(star_path)
-    if split not in SPLIT_CODES:
-        raise CryoOrientError(f"unknown split {split!r}; use train, val or test")
+    split_codes(split)  # an unknown split is one clear error, before anything is read
     symmetry = normalize_symmetry_name(symmetry)
     particles, optics = _read_star(star_path)
     pix = _pixel_size(particles, optics, star_path)

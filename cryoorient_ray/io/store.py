@@ -304,11 +304,7 @@ class ProjectionStore:
         raise CryoOrientError(f"protein {protein!r} is not in {self.path} (it has: {', '.join(names)})")
 
     def select_rows(
-        self,
-        split: str | Sequence[str] | None = None,
-        protein: str | int | None = None,
-        proteins: str = "all",
-        rows: np.ndarray | None = None,
+        self, split: str | Sequence[str] | None = None, protein: str | int | None = None, proteins: str = "all"
     ) -> np.ndarray:
         """Completed rows (sorted indices) of the wanted split(s) and protein(s): the one row filter.
 
@@ -316,19 +312,27 @@ class ProjectionStore:
             split: ``train``, ``val``, ``test``, a list of them, or ``None`` for every split.
             protein: one protein by name or index, or ``None`` for the set ``proteins``.
             proteins: ``all``, ``seen`` (not held out from training) or ``heldout``.
-            rows: candidate rows (default: every row of a completed shard).
         """
-        rows = self.done_rows() if rows is None else np.asarray(rows, dtype=np.int64)
+        rows = self.done_rows()
         if len(rows) == 0:
             return rows
-        meta = self.read_metadata(rows, names=["split", "protein"])
+        return rows[self.row_mask(self.read_metadata(rows, names=["split", "protein"]), split, protein, proteins)]
+
+    def row_mask(
+        self,
+        meta: dict,
+        split: str | Sequence[str] | None = None,
+        protein: str | int | None = None,
+        proteins: str = "all",
+    ) -> np.ndarray:
+        """:meth:`select_rows`' filter on metadata already read (its ``split`` and ``protein`` arrays)."""
         prot = np.asarray(meta["protein"])
         keep = self.protein_mask(proteins)[np.clip(prot, 0, None)]
         if split is not None:
             keep &= np.isin(np.asarray(meta["split"]), split_codes(split))
         if protein is not None:
             keep &= prot == self.protein_index(protein)
-        return rows[keep]
+        return keep
 
     def symmetries(self) -> dict[int, str]:
         """Point group of each protein index."""

@@ -33,7 +33,7 @@ from cryoorient_ray.distributed.tune_trials import (
 )
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_write_text
-from cryoorient_ray.stages.base import prepare_output_dir, store_path_for
+from cryoorient_ray.stages.base import output_dir_for, prepare_output_dir, store_path_for
 from cryoorient_ray.stages.simulate import stage_simulate
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _new_search(
     from cryoorient_ray.io.store import ProjectionStore
 
     space = load_search_space(cfg.tune.space, cfg.train)  # bad input stops here, before anything is written
-    out = Path(out_dir) if out_dir is not None else Path(cfg.output_dir)
+    out = output_dir_for(cfg, out_dir)
     if is_experiment(out):
         raise CryoOrientError(f"{out} already holds a Tune experiment; resume it with --resume or use another -o")
     given = list(cfg.train.stores)
