@@ -6,9 +6,10 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from scipy.spatial.transform import Rotation
 
-from cryoorient_ray.core.density.phantom import CA_STEP, _build_chain, pseudo_protein
+from cryoorient_ray.core.density.phantom import CA_STEP, SHAPES, _build_chain, pseudo_protein
 from cryoorient_ray.core.density.volume import center_of_mass, prepare_map
 from cryoorient_ray.errors import CryoOrientError
 
@@ -34,6 +35,61 @@ def _grid_ops(volume):
             yield mat, volume[src[2], src[1], src[0]].reshape(volume.shape)
 
 
+def _rotated_ncc(volume: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+    """NCC of ``v`` with ``v(R p)`` (trilinear, about voxel D // 2) for each ``(3, 3)`` R acting on (x, y, z)."""
+    d = volume.shape[0]
+    c = d // 2
+    ax = torch.arange(d, dtype=torch.float64) - c
+    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
+    pts = torch.stack([x, y, z], -1).reshape(-1, 3)
+    vol = torch.from_numpy(volume).double()
+    ref = (vol - vol.mean()).reshape(-1)
+    out = []
+    for a in range(0, len(rotations), 200):
+        m = torch.from_numpy(rotations[a : a + 200])
+        grid = ((pts @ m.transpose(1, 2) + c) * 2 / (d - 1) - 1).reshape(len(m), d, d, d, 3)
+        moved = torch.nn.functional.grid_sample(
+            vol.expand(len(m), 1, d, d, d), grid, align_corners=True, padding_mode="zeros"
+        ).reshape(len(m), -1)
+        moved = moved - moved.mean(1, keepdim=True)
+        out.append(moved @ ref / (moved.norm(dim=1) * ref.norm()))
+    return torch.cat(out).numpy()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_near_symmetry_once_blurred(seed):
+    """At the demo's scale (32³, 6 Å) no rotation by more than 0.8 rad maps the default shape near
+    itself: the max NCC with its rotated self is clearly below the former dumbbell's (whose
+    half-turn near-symmetry made poses ambiguous under noise)."""
+    rot = Rotation.random(2500, random_state=7)
+    mats = rot.as_matrix()[rot.magnitude() > 0.8]
+    new = _rotated_ncc(pseudo_protein(seed=seed, box_size=32, voxel_size=6.0).data, mats).max()
+    old = _rotated_ncc(pseudo_protein(seed=seed, box_size=32, voxel_size=6.0, shape="dumbbell").data, mats).max()
+    assert new < 0.7 and new < old - 0.1, (seed, new, old)
+    # the check is sharp: a small rotation keeps the map close to itself
+    small = Rotation.from_rotvec([[0.1, 0.0, 0.0], [0.0, 0.0, 0.1]]).as_matrix()
+    assert _rotated_ncc(pseudo_protein(seed=seed, box_size=32, voxel_size=6.0).data, small).min() > 0.9
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_shape_is_seeded_and_named(shape):
+    a = pseudo_protein(seed=5, box_size=48, voxel_size=4.0, shape=shape)
+    np.testing.assert_array_equal(a.data, pseudo_protein(seed=5, box_size=48, voxel_size=4.0, shape=shape).data)
+    assert _ncc(a.data, pseudo_protein(seed=6, box_size=48, voxel_size=4.0, shape=shape).data) < 0.9
+    assert a.name == ("pseudo:5" if shape == "domains" else f"pseudo-{shape}:5")
+    np.testing.assert_allclose(center_of_mass(a.data), 24, atol=1.0)
+
+
+def test_random_shapes_vary_in_their_domains():
+    """shape="random" draws 3 to 5 domains: seeds give different numbers of domains and sizes."""
+    from cryoorient_ray.core.density.phantom import _domain_fractions
+
+    counts = {len(_domain_fractions(np.random.default_rng(s), "random")) for s in range(30)}
+    assert counts == {3, 4, 5}
+    f = _domain_fractions(np.random.default_rng(0), "domains")
+    assert len(f) == 4 and np.all(np.diff(f) < 0) and abs(f.sum() - 1) < 1e-9
+
+
 def test_same_seed_same_map_other_seed_other_shape():
     a = pseudo_protein(seed=3)
     b = pseudo_protein(seed=3)
@@ -56,8 +112,9 @@ def test_centred_and_inside_the_box(seed, box, voxel):
     np.testing.assert_allclose(prepared.data, d.data, atol=1e-3 * float(d.data.max()))
 
 
-def test_chain_geometry_is_protein_like():
-    xyz = _build_chain(np.random.default_rng(0), 300)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chain_geometry_is_protein_like(shape):
+    xyz = _build_chain(np.random.default_rng(0), 300, shape)
     steps = np.linalg.norm(np.diff(xyz, axis=0), axis=1)
     np.testing.assert_allclose(steps, CA_STEP, atol=0.05)
     dist = np.linalg.norm(xyz[:, None] - xyz[None], axis=-1)
@@ -96,6 +153,7 @@ def test_fast_enough():
         ({"n_residues": 5}, "residues"),
         ({"voxel_size": 0}, "voxel size"),
         ({"resolution": float("nan")}, "resolution"),
+        ({"shape": "blob"}, "unknown pseudo-protein shape"),
         ({"n_residues": 3000, "box_size": 32}, "use a larger box size"),
     ],
 )

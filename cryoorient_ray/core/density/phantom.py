@@ -1,17 +1,21 @@
 """A procedural pseudo-protein: the project's own asymmetric demo structure (no data files).
 
 :func:`pseudo_protein` grows a self-avoiding chain of Cα-like points, 3.8 Å apart, through
-four regions, and renders it as a sum of Gaussians:
+ellipsoidal domains and renders it as a sum of Gaussians. The default shape (``"domains"``) has
+four domains of unequal size (about 38, 27, 20 and 15 % of the residues, jittered by the seed),
+each with its own proportions and orientation, each attached to an earlier one in a random
+direction where it overlaps no other. Of ``ARRANGEMENTS`` such random arrangements the one least
+similar to itself under any rotation by more than 0.8 rad is kept (domains as Gaussian blobs: an
+analytic overlap), so the blurred map has no near-symmetry: the max over a dense set of
+rotations of the normalised correlation of the map (32³ at 6 Å) with its rotated self is
+0.54–0.64 for seeds 0–5, against 0.77–0.86 for the former default, ``shape="dumbbell"`` (a
+lopsided two-lobe body, a thin linker and a small domain: nearly symmetric under a half-turn once
+noise blurs the arm). ``shape="random"`` draws three to five domains of random sizes: a varied
+family of shapes over seeds.
 
-  1. a large ellipsoidal lobe (about 45 % of the residues),
-  2. a smaller, off-axis lobe fused to it (about 30 %) — the body is a lopsided "bean",
-  3. a linker (4 % of the residues, 3 to 12) leaving the body in a seed-dependent direction,
-  4. a small protruding domain at its end (the rest).
-
-Inside the lobes and the domain, right-handed α-helix-like segments (1.5 Å rise, 100° per
-residue, 2.3 Å radius) are grown now and then. No rotation maps the result onto itself, nor
-onto its mirror image (the helices and the chain are chiral and the lobes and arm break every
-axis). The same seed gives the same array; different seeds give different shapes.
+Inside the domains, right-handed α-helix-like segments (1.5 Å rise, 100° per residue, 2.3 Å
+radius) are grown now and then, so the chain, and the map, are chiral. The same seed gives the
+same array; different seeds give different shapes.
 
 Each residue is one Gaussian of width ``σ = sqrt((0.225·resolution)² + (1.5 Å)²)`` (Chimera
 ``molmap``'s width for ``resolution``, widened by the size of a residue around its Cα),
@@ -140,22 +144,147 @@ class _Chain:
             self.step(region)
 
 
-def _build_chain(rng: np.random.Generator, n_residues: int) -> np.ndarray:
-    """Cα coordinates ``(n_residues, 3)`` in Å of the four-part pseudo-protein, centred at 0."""
+def _radii(count: int, shape) -> np.ndarray:
+    """Semi-axes (Å) in the proportions ``shape`` of an ellipsoid holding ``count`` residues."""
+    vol = max(count, 1) * RESIDUE_VOLUME * PACKING_SLACK
+    s = np.asarray(shape, dtype=np.float64)
+    return s * (vol / (4 / 3 * math.pi * np.prod(s))) ** (1 / 3)
+
+
+# The default's domain sizes (fractions of the residues), before the seed's jitter: unequal, so
+# that no rotation can swap two domains.
+DOMAIN_FRACTIONS = (0.38, 0.27, 0.20, 0.15)
+DOMAIN_FUSION = 1.15  # centre distance of attached domains, in units of the sum of their radii
+
+
+def _domain_fractions(rng: np.random.Generator, shape: str) -> np.ndarray:
+    """Residue fractions of the domains, largest first, no two within 20 % of each other."""
+    for _ in range(1000):
+        if shape == "domains":
+            f = np.array(DOMAIN_FRACTIONS) * rng.uniform(0.9, 1.1, size=len(DOMAIN_FRACTIONS))
+        else:  # random: 3 to 5 domains of Dirichlet sizes
+            f = rng.dirichlet(np.full(int(rng.integers(3, 6)), 3.0))
+        f = np.sort(f / f.sum())[::-1]
+        if f.min() >= 0.08 and np.all(f[1:] <= 0.83 * f[:-1]):
+            return f
+    raise AssertionError("no domain sizes drawn")  # pragma: no cover - 1000 draws never all fail
+
+
+def _place_domains(rng: np.random.Generator, radii: list[np.ndarray]) -> np.ndarray:
+    """Centres (Å) of the domains: each fused to an earlier one, in a random direction where it
+    overlaps no other domain (so the arrangement is irregular: no rotation maps it onto itself)."""
+    size = [float(np.prod(r) ** (1 / 3)) for r in radii]  # radius of the sphere of the same volume
+    centres = [np.zeros(3)]
+    for k in range(1, len(radii)):
+        best, best_gap = None, -np.inf
+        for _ in range(200):
+            parent = int(rng.integers(0, k))
+            c = centres[parent] + _unit(rng.normal(size=3)) * DOMAIN_FUSION * (size[parent] + size[k])
+            # room left to the other domains (≥ 0: they touch no more than parent and child do)
+            gap = min(
+                (np.linalg.norm(c - centres[m]) - DOMAIN_FUSION * (size[m] + size[k]) for m in range(k) if m != parent),
+                default=0.0,
+            )
+            if gap >= 0:
+                best = c
+                break
+            if gap > best_gap:
+                best, best_gap = c, gap
+        centres.append(best)
+    return np.array(centres)
+
+
+BLOB_BLUR = 5.0  # Å added to each domain's spread when arrangements are compared
+ARRANGEMENTS = 24  # random domain arrangements drawn; the least self-similar one is kept
+_TEST_ROTATIONS = None
+
+
+def _large_rotations() -> np.ndarray:
+    """``(M, 3, 3)``: a fixed, dense set of rotations by more than 0.8 rad."""
+    global _TEST_ROTATIONS
+    if _TEST_ROTATIONS is None:
+        q = _unit(np.random.default_rng(20261201).normal(size=(800, 4)))
+        q = q[2 * np.arccos(np.abs(q[:, 0]).clip(max=1.0)) > 0.8]
+        w, x, y, z = q.T
+        _TEST_ROTATIONS = np.stack(
+            [
+                np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+                np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+                np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+            ],
+            1,
+        )
+    return _TEST_ROTATIONS
+
+
+def _self_overlap(centres: np.ndarray, covs: np.ndarray, counts: np.ndarray) -> float:
+    """Max over large rotations R of the normalised overlap of the domains, as Gaussian blobs
+    (weight ``counts``, covariance ``covs (K, 3, 3)``, about their centre of mass), with
+    themselves rotated by R: near 1 when some rotation maps the arrangement near itself."""
+    w = counts / counts.sum()
+    c = centres - w @ centres
+    rots = np.concatenate([np.eye(3)[None], _large_rotations()])
+    rc = np.einsum("mij,kj->mki", rots, c)  # (M, K, 3)
+    rcov = np.einsum("mij,kjl,mnl->mkin", rots, covs, rots)  # (M, K, 3, 3)
+    cov = rcov[:, :, None] + covs[None, None, :]  # (M, K, K, 3, 3)
+    d = rc[:, :, None, :] - c[None, None, :, :]
+    m2 = (d * np.linalg.solve(cov, d[..., None])[..., 0]).sum(-1)
+    val = (w[:, None] * w[None, :] * np.exp(-0.5 * m2) / np.sqrt(np.linalg.det(cov))).sum((1, 2))
+    return float(val[1:].max() / val[0])
+
+
+def _build_domains(rng: np.random.Generator, n_residues: int, shape: str = "domains") -> np.ndarray:
+    """Cα coordinates ``(n_residues, 3)`` in Å of a multi-domain pseudo-protein, centred at 0.
+
+    ``shape="domains"`` (the default): four ellipsoidal domains of about 38, 27, 20 and 15 % of
+    the residues; ``"random"``: three to five domains of random sizes. Each domain has its own
+    proportions and orientation and is fused to an earlier one in a random direction; the chain
+    visits them in order, crossing from one to the next.
+    """
+    fractions = _domain_fractions(rng, shape)
+    counts = np.floor(fractions * (n_residues - 1)).astype(int)
+    counts[0] += n_residues - 1 - counts.sum()  # the first residue sits at the origin
+    radii = [_radii(n, (rng.uniform(1.0, 1.5), rng.uniform(0.8, 1.0), rng.uniform(0.6, 0.8))) for n in counts]
+    # the least self-similar of a few random arrangements (domain centres and orientations)
+    best, best_score = None, np.inf
+    for _ in range(ARRANGEMENTS):
+        centres = _place_domains(rng, radii)
+        axes = [_random_rotation(rng) for _ in radii]
+        # second moments of uniform ellipsoids (r²/5), blurred by a few Å
+        covs = np.array([a @ np.diag(r**2 / 5 + BLOB_BLUR**2) @ a.T for a, r in zip(axes, radii, strict=True)])
+        score = _self_overlap(centres, covs, counts)
+        if score < best_score:
+            best, best_score = (centres, axes), score
+    regions = [_Region(c, r, a) for c, r, a in zip(best[0], radii, best[1], strict=True)]
+    chain = _Chain(rng, n_residues)
+    for region, count in zip(regions, counts, strict=True):
+        chain.grow(region, int(count))
+    pts = chain.points[: chain.n]
+    return pts - pts.mean(axis=0)
+
+
+SHAPES = ("domains", "random", "dumbbell")
+
+
+def _build_chain(rng: np.random.Generator, n_residues: int, shape: str = "domains") -> np.ndarray:
+    """Cα coordinates ``(n_residues, 3)`` in Å of the pseudo-protein ``shape`` (one of :data:`SHAPES`)."""
+    if shape == "dumbbell":
+        return _build_dumbbell(rng, n_residues)
+    return _build_domains(rng, n_residues, shape)
+
+
+def _build_dumbbell(rng: np.random.Generator, n_residues: int) -> np.ndarray:
+    """Cα coordinates ``(n_residues, 3)`` in Å of the former default (``shape="dumbbell"``), centred at 0:
+    a lopsided two-lobe body, a thin linker and a small protruding domain."""
     n_a = round(0.45 * n_residues)
     n_b = round(0.30 * n_residues)
     n_link = min(12, max(3, round(0.04 * n_residues)))
     n_arm = n_residues - 1 - n_a - n_b - n_link  # the first residue sits at the origin
     rot = _random_rotation(rng)  # the body's frame: seed-dependent, not along the box axes
 
-    def radii(count: int, shape: tuple[float, float, float]) -> np.ndarray:
-        vol = max(count, 1) * RESIDUE_VOLUME * PACKING_SLACK
-        s = np.array(shape)
-        return s * (vol / (4 / 3 * math.pi * np.prod(s))) ** (1 / 3)
-
-    ra = radii(n_a, (1.5, 1.0, 0.75))
+    ra = _radii(n_a, (1.5, 1.0, 0.75))
     lobe_a = _Region(np.zeros(3), ra, rot)
-    rb = radii(n_b, (1.0, 0.85, 0.7))
+    rb = _radii(n_b, (1.0, 0.85, 0.7))
     # lobe B overlaps lobe A off every principal axis of A
     dir_b = _unit(rot @ np.array([0.75, 0.55, 0.35]))
     lobe_b = _Region(dir_b * (0.8 * ra[0]), rb, _random_rotation(rng))
@@ -167,7 +296,7 @@ def _build_chain(rng: np.random.Generator, n_residues: int) -> np.ndarray:
     # the linker leaves lobe B away from the body's centre, in a seed-dependent direction
     out = _unit(_unit(lobe_b.center) + 0.9 * _unit(rng.normal(size=3)) + 0.6 * (rot @ np.array([0.0, 0.0, 1.0])))
     surface = lobe_b.center + out * (rb.max() + 2.0)
-    r_arm = radii(n_arm, (1.0, 0.8, 0.8))
+    r_arm = _radii(n_arm, (1.0, 0.8, 0.8))
     arm_center = surface + out * (n_link * CA_STEP * 0.5 + r_arm.max())
     arm = _Region(arm_center, r_arm, _random_rotation(rng))
     for _ in range(n_link):
@@ -194,6 +323,7 @@ def pseudo_protein(
     voxel_size: float = 3.0,
     n_residues: int = 300,
     resolution: float = 8.0,
+    shape: str = "domains",
 ) -> DensityMap:
     """A deterministic, asymmetric pseudo-protein density, centred in a cube.
 
@@ -203,9 +333,14 @@ def pseudo_protein(
         voxel_size: Å per voxel.
         n_residues: number of Cα-like points (``>= 20``); about 45 Å across for 300.
         resolution: Å; sets the Gaussian width (see the module docstring).
+        shape: ``"domains"`` (four fused domains of unequal size), ``"random"`` (three to five
+            domains of random sizes: a varied family over seeds) or ``"dumbbell"`` (the former
+            default: two fused lobes, a thin linker and a small domain; nearly symmetric under a
+            half-turn once blurred).
 
     Returns:
-        :class:`DensityMap` ``(box_size,)*3`` float32 ``[z, y, x]``, named ``pseudo:SEED``,
+        :class:`DensityMap` ``(box_size,)*3`` float32 ``[z, y, x]``, named ``pseudo:SEED`` (the
+        default shape) or ``pseudo-SHAPE:SEED``,
         normalised by :func:`~cryoorient_ray.core.density.volume.normalize_map`, with the centre of
         mass of the residues on voxel ``box_size // 2``.
 
@@ -221,11 +356,13 @@ def pseudo_protein(
     for what, value in (("voxel size", voxel_size), ("resolution", resolution)):
         if not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value <= 0:
             raise CryoOrientError(f"pseudo-protein {what} must be a positive number of Å; got {value!r}")
+    if shape not in SHAPES:
+        raise CryoOrientError(f"unknown pseudo-protein shape {shape!r}; use one of {', '.join(SHAPES)}")
     box_size, n_residues = int(box_size), int(n_residues)
     voxel_size, resolution = float(voxel_size), float(resolution)
 
     rng = np.random.default_rng(int(seed))
-    xyz = _build_chain(rng, n_residues)  # (N, 3) Å, columns x, y, z
+    xyz = _build_chain(rng, n_residues, shape)  # (N, 3) Å, columns x, y, z
     sigma = math.hypot(0.225 * resolution, RESIDUE_SIGMA)
     reach = float(np.abs(xyz).max()) + 3 * sigma
     room = (box_size // 2 - 1) * voxel_size
@@ -239,4 +376,5 @@ def pseudo_protein(
     plane = (gy[:, :, None] * gx[:, None, :]).reshape(n_residues, -1)  # (N, D*D) [y, x]
     data = (gz.T @ plane).reshape(box_size, box_size, box_size)
     data = normalize_map(data.astype(np.float32))
-    return DensityMap(data, voxel_size, name=f"pseudo:{int(seed)}", source=f"pseudo:{int(seed)}")
+    name = f"pseudo:{int(seed)}" if shape == "domains" else f"pseudo-{shape}:{int(seed)}"
+    return DensityMap(data, voxel_size, name=name, source=name)
