@@ -411,6 +411,10 @@ class SolverConfig(StrictModel):
     window: int = Field(_SOLVER.window, ge=0, description="steps of the convergence test")
     restarts: int = Field(_SOLVER.restarts, ge=1, description="starts of the initialisation; the lowest L_OR goes on")
     chunk_size: int = Field(_SOLVER.chunk_size, ge=1, description="edges per pass of the gradient (bounds memory)")
+    loss: Literal["l2", "huber", "cauchy"] = Field(
+        _SOLVER.loss, description="L_OR's penalty of a residual d_q - d̂: l2 (the paper's) or a robust huber/cauchy"
+    )
+    loss_scale: float = Field(_SOLVER.loss_scale, gt=0, description="scale of the huber/cauchy loss, in radians")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="torch device of in-process recovery (auto: cuda when a GPU is visible)"
     )
@@ -438,6 +442,13 @@ class RecoverConfig(SolverConfig):
     max_projections: int | None = Field(None, ge=3, description="recover a random subset of this many")
     k: int = Field(10, ge=0, description="nearest neighbours per projection in the pair graph")
     n_random: int = Field(20, ge=0, description="random long-range partners per projection")
+    mutual_knn: bool = Field(False, description="keep a kNN edge only when each end is among the other's k nearest")
+    n_random_unreliable: int = Field(
+        0, ge=0, description="extra random partners per projection, times the share of its kNN that are not mutual"
+    )
+    weights: Literal["none", "confidence"] = Field(
+        "none", description="edge weights: none, or confidence 1/σ²(d̂) from the model's calibration (model only)"
+    )
     actors: int = Field(0, ge=0, description="Ray actors holding edge partitions (0 = in-process)")
     cpus_per_actor: float = Field(1.0, gt=0)
     gauge: GaugeConfig = Field(default_factory=GaugeConfig)

@@ -64,7 +64,13 @@ def write_report(out: Path, summary: dict) -> Path:
         f"<p>cryoorient_ray {html.escape(str(summary.get('cryoorient_ray', __version__)))}; "
         f"config: <code>config.yaml</code>; numbers: <code>summary.json</code>.</p>",
     ]
-    headline = summary.get("headline") or {}
+    headline = dict(summary.get("headline") or {})
+    rec = next((st.get("metrics") or {} for st in summary.get("stages", []) if st.get("name") == "recover"), {})
+    if "knn_median_dq" in rec:  # what predicts recovery: how near the graph's kNN truly are
+        headline["pair graph neighbour quality"] = (
+            f"median true d_q of each image's kNN by d̂ {rec['knn_median_dq']} rad "
+            f"(true kNN {rec.get('knn_ideal_median_dq')} rad)"
+        )
     if headline:
         parts.append("<h2>Results</h2><ul>")
         parts += [f"<li>{html.escape(k)}: <b>{html.escape(str(v))}</b></li>" for k, v in headline.items()]

@@ -212,3 +212,65 @@ def test_a_disconnected_graph_recovers_its_largest_component(caplog):
     # d̂ is asked for the selection's indices, not the renumbered ones
     assert calls[0][0].min() >= 30
     assert np.allclose(edges.d, distance(edges.nodes[edges.i], edges.nodes[edges.j]))
+
+
+@pytest.mark.parametrize("robust", ["huber", "cauchy"])
+def test_robust_loss_gradient_matches_finite_differences(robust):
+    q, g, d = _exact_problem(40)
+    w = np.random.default_rng(1).uniform(0.5, 2.0, len(d))
+    obj = EdgeObjective(g.i, g.j, d + 0.3, weights=w, robust=robust, scale=0.1)
+    x = random_unitquat(40, seed=3).double()
+    _, _, grad = obj.loss_and_grad(x.float(), "paper")
+    eps = 1e-3
+    for node, comp in [(0, 0), (5, 2), (17, 3)]:
+        e = torch.zeros_like(x)
+        e[node, comp] = eps
+        fd = (obj.loss_and_grad((x + e).float(), "paper")[1] - obj.loss_and_grad((x - e).float(), "paper")[1]) / (
+            2 * eps
+        )
+        assert fd == pytest.approx(float(grad[node, comp]), rel=2e-2, abs=2e-2)
+
+
+def test_robust_penalties_and_their_bad_settings():
+    i, j = np.array([0, 1, 0]), np.array([1, 2, 2])
+    d = np.zeros(3, np.float32)
+    x = torch.tensor([[1.0, 0, 0, 0], [np.cos(0.05), np.sin(0.05), 0, 0], [0.0, 1.0, 0, 0]])  # d_q 0.1, π - 0.1, π
+    res = torch.tensor([0.1, np.pi - 0.1, np.pi])
+    l2 = EdgeObjective(i, j, d).loss_and_grad(x, "paper")
+    hub = EdgeObjective(i, j, d, robust="huber", scale=0.2).loss_and_grad(x, "paper")
+    cau = EdgeObjective(i, j, d, robust="cauchy", scale=0.2).loss_and_grad(x, "paper")
+    assert l2[0] == pytest.approx(l2[1]) == pytest.approx(float((res**2).sum()), rel=1e-4)
+    assert hub[0] == pytest.approx(l2[0]) and cau[0] == pytest.approx(l2[0])  # L_OR itself is reported
+    want_h = 0.1**2 + sum(2 * 0.2 * float(r) - 0.04 for r in res[1:])
+    assert hub[1] == pytest.approx(want_h, rel=1e-4)
+    assert cau[1] == pytest.approx(float((0.04 * torch.log1p(res**2 / 0.04)).sum()), rel=1e-4)
+    with pytest.raises(CryoOrientError, match="robust loss"):
+        EdgeObjective(i, j, d, robust="tukey")
+    with pytest.raises(CryoOrientError, match="scale"):
+        EdgeObjective(i, j, d, robust="huber", scale=0.0)
+    with pytest.raises(CryoOrientError, match="weights"):
+        EdgeObjective(i, j, d, weights=[1.0, -1.0, 1.0])
+    with pytest.raises(CryoOrientError, match="recovery loss"):
+        RecoverySettings(loss="tukey")
+
+
+def test_robust_loss_and_weights_resist_false_neighbours():
+    """10 % of the edges get a wrong d̂ (uniform in [0, π]): the robust loss, or weights that
+    know which edges are wrong, recover better than the paper's L2 loss."""
+    q, g, d = _exact_problem(300, seed=3)
+    rng = np.random.default_rng(0)
+    bad = rng.random(len(d)) < 0.1
+    dn = check_distances(np.where(bad, rng.uniform(0, np.pi, len(d)), d + rng.normal(0, 0.02, len(d))))
+    s = RecoverySettings(seed=0)
+
+    def err(**kw):
+        from cryoorient_ray.distributed.recover_actors import recover_on_actors
+
+        robust = kw.pop("robust", "l2")
+        settings = RecoverySettings(seed=0, loss=robust, loss_scale=0.1)
+        return align_o4(q, recover_on_actors(300, g.i, g.j, dn, n_actors=0, settings=settings, **kw).quaternions).mean
+
+    plain = err()
+    assert err(robust="cauchy") < 0.7 * plain
+    assert err(weights=np.where(bad, 0.01, 1.0)) < 0.7 * plain
+    assert s.loss == "l2"  # the default stays the paper's

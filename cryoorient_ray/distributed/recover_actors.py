@@ -37,9 +37,19 @@ __all__ = ["EdgePartitionActor", "embed_with_ray_data", "partition_edges", "reco
 class EdgePartitionActor:
     """One partition of the pair graph: returns its L_OR sum and gradient for given quaternions."""
 
-    def __init__(self, i: np.ndarray, j: np.ndarray, d: np.ndarray, threads: int = 1, chunk_size: int = 1 << 20):
+    def __init__(
+        self,
+        i: np.ndarray,
+        j: np.ndarray,
+        d: np.ndarray,
+        threads: int = 1,
+        chunk_size: int = 1 << 20,
+        weights: np.ndarray | None = None,
+        robust: str = "l2",
+        scale: float = 0.2,
+    ):
         torch.set_num_threads(max(1, int(threads)))
-        self.objective = EdgeObjective(i, j, d, chunk_size=chunk_size)
+        self.objective = EdgeObjective(i, j, d, weights, chunk_size=chunk_size, robust=robust, scale=scale)
 
     def n_edges(self) -> int:
         return self.objective.n_edges
@@ -70,6 +80,7 @@ def recover_on_actors(
     cpus_per_actor: float = 1.0,
     threads_per_actor: int = 1,
     progress=None,
+    weights: np.ndarray | None = None,
 ) -> RecoveryResult:
     """Recover ``(n_nodes, 4)`` quaternions from edges ``i, j (E,)`` with d̂ ``d (E,)`` on ``n_actors`` Ray actors.
 
@@ -77,23 +88,30 @@ def recover_on_actors(
     (:func:`cryoorient_ray.distributed.runtime.ray_runtime`). Actors are killed at the end,
     also on error or Ctrl-C. The nodes they ran on are recorded under ``"recover"``
     (:func:`cryoorient_ray.distributed.runtime.nodes_used`). ``settings`` and ``progress`` are
-    :func:`~cryoorient_ray.core.recovery.solver.recover_orientations`'s.
+    :func:`~cryoorient_ray.core.recovery.solver.recover_orientations`'s; ``weights (E,)`` (optional)
+    weigh the edges, and ``settings.loss`` / ``loss_scale`` pick the robust loss of the partitions.
     """
     s = settings or RecoverySettings()
     i, j, d = np.asarray(i), np.asarray(j), np.asarray(d, dtype=np.float32)
     if n_actors < 0:
         raise CryoOrientError(f"actors must be >= 0; got {n_actors}")
     if n_actors == 0:
-        objective = EdgeObjective(i, j, d, chunk_size=s.chunk_size, device=s.device)
+        objective = EdgeObjective(
+            i, j, d, weights, chunk_size=s.chunk_size, device=s.device, robust=s.loss, scale=s.loss_scale
+        )
         return recover_orientations(n_nodes, objective, settings=s, progress=progress)
     if not ray.is_initialized():
         raise CryoOrientError("Ray is not initialised: start it before recovering on actors")
     order = np.argsort(i, kind="stable")
     i, j, d = i[order], j[order], d[order]
+    w = None if weights is None else np.asarray(weights, dtype=np.float32)[order]
     # SPREAD: on a cluster each node's cores and memory bandwidth take a share of the edges
     actor_cls = EdgePartitionActor.options(num_cpus=cpus_per_actor, scheduling_strategy="SPREAD")
     actors = [
-        actor_cls.remote(i[p], j[p], d[p], threads_per_actor, s.chunk_size) for p in partition_edges(len(i), n_actors)
+        actor_cls.remote(
+            i[p], j[p], d[p], threads_per_actor, s.chunk_size, None if w is None else w[p], s.loss, s.loss_scale
+        )
+        for p in partition_edges(len(i), n_actors)
     ]
     try:
         ray.get([a.n_edges.remote() for a in actors])  # fail early if an actor cannot start

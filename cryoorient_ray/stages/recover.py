@@ -8,8 +8,11 @@ this module:
    the trained model (embeddings computed once per image), the Euclidean baseline (flattened
    images) or, for experiments, the exact d_q, optionally perturbed by Gaussian noise;
 3. **graph** (:func:`pair_graph`, :func:`recovery_edges`): the sparse pair graph (kNN + random
-   edges) and d̂ on its edges; only its largest connected component is recovered when it falls
-   apart (with a warning);
+   edges; optionally mutual kNN and more random edges where the kNN are not mutual) and d̂ on its
+   edges, with confidence weights ``1/σ²(d̂)`` from the model's calibration when
+   ``recover.weights: confidence``; only its largest connected component is recovered when it
+   falls apart (with a warning); with the truth known, the graph's neighbour quality
+   (:func:`~cryoorient_ray.core.recovery.graph.neighbour_quality`: what predicts recovery);
 4. **solve** (:func:`solve`): L_OR minimised by :mod:`cryoorient_ray.core.recovery.solver`, in
    process or with the edges on Ray actors (:mod:`cryoorient_ray.distributed.recover_actors`);
 5. **gauge** (:func:`run_gauge`): the physical solution among the distance-equivalent ones, from
@@ -43,7 +46,7 @@ import torch
 from cryoorient_ray.config import RecoverConfig, RunConfig
 from cryoorient_ray.core.geometry.quaternion import quat_distance
 from cryoorient_ray.core.geometry.symmetry import symmetric_quat_distance
-from cryoorient_ray.core.recovery.graph import PairGraph, build_pair_graph, knn_edges
+from cryoorient_ray.core.recovery.graph import PairGraph, build_pair_graph, knn_edges, neighbour_quality
 from cryoorient_ray.core.recovery.solver import RecoveryResult, check_distances
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_savez, atomic_write_text
@@ -149,6 +152,8 @@ class Estimator:
         metric: ``"angle"``, ``"euclidean"`` or ``"quaternion"``.
         distance: ``distance(i (E,), j (E,)) -> d̂ (E,)`` float64 in radians, for indices into the selection.
         info: what the metrics report about the estimator.
+        calibration: σ(d̂) of the trained model (:class:`~cryoorient_ray.core.learning.calibration.DistanceCalibration`),
+            when its file has one.
     """
 
     name: str
@@ -156,6 +161,7 @@ class Estimator:
     metric: str
     distance: DistanceFn
     info: dict = field(default_factory=dict)
+    calibration: object | None = None
 
 
 def _exact_estimator(store: ProjectionStore, sel: Selection, sigma2: float, seed: int) -> Estimator:
@@ -223,7 +229,13 @@ def _model_estimator(store: ProjectionStore, sel: Selection, cfg: RecoverConfig,
         with torch.no_grad():
             return model.distance(emb[i], emb[j]).double().numpy()
 
-    return Estimator("model", emb, "angle", learned, {"model": str(model_path), "n_features": model.spec.n_features})
+    calibration = None
+    if meta.get("calibration"):
+        from cryoorient_ray.core.learning.calibration import DistanceCalibration
+
+        calibration = DistanceCalibration.from_dict(meta["calibration"])
+    info = {"model": str(model_path), "n_features": model.spec.n_features}
+    return Estimator("model", emb, "angle", learned, info, calibration)
 
 
 def make_estimator(
@@ -248,21 +260,47 @@ class RecoveryEdges:
         nodes: ``(P',)`` indices into the selection of the projections recovered.
         i, j: ``(E,)`` int64 edges between them, as indices into ``nodes``.
         d: ``(E,)`` float32 estimated distances d̂_ij in radians, in ``[0, π]``.
+        w: ``(E,)`` float32 edge weights (mean 1), or ``None`` (all 1).
     """
 
     nodes: np.ndarray
     i: np.ndarray
     j: np.ndarray
     d: np.ndarray
+    w: np.ndarray | None = None
 
 
 def pair_graph(est: Estimator, cfg: RecoverConfig, seed: int) -> PairGraph:
-    """kNN (``cfg.k``, in the estimator's feature space) plus ``cfg.n_random`` random edges per projection."""
-    return build_pair_graph(est.features, k=cfg.k, n_random=cfg.n_random, metric=est.metric, seed=seed)
+    """kNN (``cfg.k``, in the estimator's feature space, mutual ones only with ``cfg.mutual_knn``)
+    plus ``cfg.n_random`` random edges per projection (and up to ``cfg.n_random_unreliable`` more
+    where its kNN are not mutual)."""
+    return build_pair_graph(
+        est.features,
+        k=cfg.k,
+        n_random=cfg.n_random,
+        metric=est.metric,
+        seed=seed,
+        mutual=cfg.mutual_knn,
+        n_random_unreliable=cfg.n_random_unreliable,
+    )
 
 
-def recovery_edges(graph: PairGraph, est: Estimator) -> RecoveryEdges:
-    """The largest connected component of ``graph`` (all of it when connected) and d̂ on its edges."""
+def edge_weights(est: Estimator, d: np.ndarray, mode: str) -> np.ndarray | None:
+    """Edge weights of ``recover.weights``: ``None`` for ``"none"``, the calibration's
+    ``1/σ²(d̂)`` (mean 1) for ``"confidence"``."""
+    if mode == "none":
+        return None
+    if est.calibration is None:
+        raise CryoOrientError(
+            f"recover.weights: confidence needs a calibrated model; the {est.name} distance has no calibration "
+            "(train with this version, or set recover.weights: none)"
+        )
+    return np.asarray(est.calibration.weights(np.asarray(d, dtype=np.float64)), dtype=np.float32)
+
+
+def recovery_edges(graph: PairGraph, est: Estimator, weights: str = "none") -> RecoveryEdges:
+    """The largest connected component of ``graph`` (all of it when connected), d̂ on its edges
+    and their weights (:func:`edge_weights`)."""
     nodes = np.arange(graph.n_nodes)
     gi, gj = graph.i, graph.j
     if graph.n_components > 1:
@@ -278,7 +316,8 @@ def recovery_edges(graph: PairGraph, est: Estimator) -> RecoveryEdges:
         gi, gj = _restrict(graph, keep)
         if len(nodes) < 3:
             raise CryoOrientError("the pair graph's largest connected component has fewer than 3 projections")
-    return RecoveryEdges(nodes, gi, gj, check_distances(est.distance(nodes[gi], nodes[gj])))
+    d = check_distances(est.distance(nodes[gi], nodes[gj]))
+    return RecoveryEdges(nodes, gi, gj, d, edge_weights(est, d, weights))
 
 
 def _restrict(graph: PairGraph, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -308,6 +347,7 @@ def solve(edges: RecoveryEdges, cfg: RecoverConfig, seed: int, progress=None) ->
         settings=cfg.settings(seed),
         cpus_per_actor=cfg.cpus_per_actor,
         progress=progress,
+        weights=edges.w,
     )
 
 
@@ -449,7 +489,7 @@ def recover_store(
     with _timed(timings, "graph_s"):
         say("pair graph")
         graph = pair_graph(est, cfg, seed)
-        edges = recovery_edges(graph, est)
+        edges = recovery_edges(graph, est, cfg.weights)
     with _timed(timings, "recovery_s"):
         say(f"recovery: {len(edges.nodes)} projections, {len(edges.i)} edges, {cfg.actors or 'no'} actors")
         result = solve(edges, cfg, seed, progress)
@@ -463,6 +503,20 @@ def recover_store(
             q_final = gauge.apply(q_raw)
     metrics = _recovery_metrics(sel, est, graph, edges, result, cfg.actors)
     metrics.update({k: round(v, 3) for k, v in timings.items()}, **est.info)
+    metrics["graph"] = {
+        "k": cfg.k,
+        "n_random": cfg.n_random,
+        "mutual_knn": cfg.mutual_knn,
+        "n_random_unreliable": cfg.n_random_unreliable,
+        "weights": cfg.weights,
+        "loss": cfg.loss,
+        "loss_scale": cfg.loss_scale,
+    }
+    if sel.q_true is not None and cfg.k > 0:
+        t_nq = time.perf_counter()
+        nq = neighbour_quality(est.features, sel.q_true, k=cfg.k, metric=est.metric, symmetry=sel.symmetry)
+        nq["seconds"] = time.perf_counter() - t_nq
+        metrics["neighbour_quality"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in nq.items()}
     if gauge is not None:
         metrics["gauge"] = gauge.to_dict()
     errors = {}
@@ -599,6 +653,9 @@ def stage_recover(
     m = outcome.metrics
     keep = ("recovered", "edges", "L_OR", "e_or_o4", "registration", "gauge_physical", "recovery_s", "gauge_s")
     metrics = {k: (round(m[k], 4) if isinstance(m[k], float) else m[k]) for k in keep if k in m}
+    if "neighbour_quality" in m:  # the median true d_q of the k nearest by d̂, and its ideal
+        metrics["knn_median_dq"] = m["neighbour_quality"]["median_knn_dq"]
+        metrics["knn_ideal_median_dq"] = m["neighbour_quality"]["ideal_median_knn_dq"]
     metrics.update(_ray_nodes_metric("recover"))
     return StageResult.done("recover", t0, outputs=files, metrics=metrics)
 

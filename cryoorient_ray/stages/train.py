@@ -73,6 +73,41 @@ def evaluate_distances(
     return reports
 
 
+def calibrate_distance(
+    store_path: str, model_path: str | os.PathLike, split: str = "val", n_pairs: int = 4000, seed: int = 0
+) -> dict | None:
+    """σ(d̂) of the model on random same-protein pairs of ``split`` (the prior recovery's edges are
+    drawn from), saved into the model file (its ``calibration``); ``None`` (with a warning) when
+    the split has too few pairs or no true orientations."""
+    import numpy as np
+
+    from cryoorient_ray.core.learning.calibration import fit_calibration
+    from cryoorient_ray.core.learning.model import load_distance_model, save_distance_model
+    from cryoorient_ray.core.learning.pairs import candidate_pairs, pair_distances
+    from cryoorient_ray.io.store import ProjectionStore
+    from cryoorient_ray.stages.evaluate import predict_pairs
+
+    store = ProjectionStore.open(store_path)
+    rows = store.select_rows(split=split)
+    if not store.manifest.get("has_orientations", True) or len(rows) < 2:
+        log.warning("no calibration of the distance: split '%s' has no true orientations or too few projections", split)
+        return None
+    meta = store.read_metadata(rows, names=["protein", "quaternion"])
+    i, j = candidate_pairs(meta["protein"], max_pairs=n_pairs, rng=np.random.default_rng(seed + 5))
+    if len(i) < 20:
+        log.warning("no calibration of the distance: split '%s' has %d pairs", split, len(i))
+        return None
+    true = pair_distances(meta["quaternion"], i, j, meta["protein"], store.symmetries())
+    model, info = load_distance_model(model_path)
+    cal = fit_calibration(predict_pairs(model, store, rows[i], rows[j]), true).to_dict()
+    tmp = Path(f"{model_path}.tmp")
+    save_distance_model(
+        tmp, model, {**{k: v for k, v in info.items() if k not in ("format", "spec")}, "calibration": cal}
+    )
+    os.replace(tmp, model_path)
+    return cal
+
+
 def stage_train(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult:
     """Train the distance on Ray Train; export model.pt; plot L_DE curves; compare with the Euclidean baseline."""
     from cryoorient_ray.distributed import runtime
@@ -89,6 +124,7 @@ def stage_train(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult
     history = json.loads((out / "history.json").read_text())
     plot_training_curves(history, out / "training.png")
     reports = evaluate_distances(stores[0], out, out / MODEL_NAME, euclidean=True, seed=cfg.seed)
+    calibrate_distance(stores[0], out / MODEL_NAME, seed=cfg.seed)  # σ(d̂) for recover.weights: confidence
     metrics = {
         "best_val_L_DE": round(summary["best_val_loss"], 4),
         "test_L_DE": round(reports["learned"]["L_DE"], 4),

@@ -5,7 +5,11 @@ pair graph (:mod:`cryoorient_ray.core.recovery.graph`)
 
     L_OR = mean_edges |d̂_ij − d_q(q̂_i, q̂_j)|²,      d_q = 2·arccos|⟨q̂_i, q̂_j⟩|,
 
-with Adam on ``(P, 4)`` quaternions, renormalised to S³ after every step.
+with Adam on ``(P, 4)`` quaternions, renormalised to S³ after every step. Two options (off by
+default) make it robust to bad distances: per-edge weights ``w_ij`` (e.g. the confidence
+``1/σ²(d̂)`` of :mod:`cryoorient_ray.core.learning.calibration`) in ``mean w_ij·ρ(r_ij)``, and a
+robust ``ρ`` (``loss="huber"`` or ``"cauchy"`` with a scale δ in radians, instead of ``r²``) for
+the L_OR phase, so that a few wrong d̂ (false neighbours) pull less.
 
 Two things make it fast and reliable where the paper's recovery took hours:
 
@@ -58,6 +62,7 @@ __all__ = [
 ]
 
 LOSSES = ("paper", "cosine", "gram")
+ROBUST = ("l2", "huber", "cauchy")
 INITS = ("gram", "random")
 # sin(d/2) below which the arccos gradient is capped (d ≈ 1e-3 rad): keeps steps finite at d → 0.
 _MIN_SIN = 5e-4
@@ -73,9 +78,28 @@ class EdgeObjective:
         weights: optional ``(E,)`` non-negative weights (default 1).
         chunk_size: edges per pass (bounds memory).
         device: torch device of the edges and of the gradient (default CPU).
+        robust: ``ρ`` of the L_OR phase's residuals ``r = d_q − d̂``: ``"l2"`` (``r²``, the
+            paper's), ``"huber"`` (``r²`` up to ``|r| = scale``, linear beyond) or ``"cauchy"``
+            (``scale²·log(1 + r²/scale²)``).
+        scale: δ of the robust loss, in radians.
     """
 
-    def __init__(self, i, j, d, weights=None, chunk_size: int = 1 << 20, device=None):
+    def __init__(
+        self,
+        i,
+        j,
+        d,
+        weights=None,
+        chunk_size: int = 1 << 20,
+        device=None,
+        robust: str = "l2",
+        scale: float = 0.2,
+    ):
+        if robust not in ROBUST:
+            raise CryoOrientError(f"unknown robust loss {robust!r}; use one of {', '.join(ROBUST)}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise CryoOrientError(f"the robust loss scale must be > 0 rad; got {scale!r}")
+        self.robust, self.scale = robust, float(scale)
         self.device = torch.device(device or "cpu")
         self.i = torch.as_tensor(np.asarray(i), dtype=torch.int64, device=self.device)
         self.j = torch.as_tensor(np.asarray(j), dtype=torch.int64, device=self.device)
@@ -88,6 +112,10 @@ class EdgeObjective:
         self.w = (
             None if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32, device=self.device)
         )
+        if self.w is not None and (
+            self.w.shape != self.d.shape or not bool(torch.isfinite(self.w).all()) or bool((self.w < 0).any())
+        ):
+            raise CryoOrientError(f"edge weights must be ({self.n_edges},) finite and >= 0")
         self.cos_d = torch.cos(self.d)
         self.chunk_size = int(chunk_size)
 
@@ -134,8 +162,13 @@ class EdgeObjective:
             l_or += float(((res * res) if w is None else w * res * res).sum())
             if loss == "paper":
                 # ∂d_q/∂⟨qi,qj⟩ = −2·sign(dot)/sin(d_q/2)
-                g_dot = 2.0 * res * (-2.0 * torch.sign(dot) / s.clamp_min(_MIN_SIN))
-                l_used = l_or
+                if self.robust == "l2":
+                    g_dot = 2.0 * res * (-2.0 * torch.sign(dot) / s.clamp_min(_MIN_SIN))
+                    l_used = l_or
+                else:
+                    rho, drho = self._robust(res)
+                    l_used += float(rho.sum() if w is None else (w * rho).sum())
+                    g_dot = drho * (-2.0 * torch.sign(dot) / s.clamp_min(_MIN_SIN))
             else:
                 rc = 2.0 * dot * dot - 1.0 - self.cos_d[sl]
                 l_used += float(((rc * rc) if w is None else w * rc * rc).sum())
@@ -147,6 +180,16 @@ class EdgeObjective:
         if was_np:
             return l_or, l_used, grad.cpu().numpy()
         return l_or, l_used, grad.to(q.device)
+
+    def _robust(self, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ρ(res), ρ'(res))`` of the robust loss (not ``"l2"``)."""
+        delta = self.scale
+        if self.robust == "huber":
+            a = res.abs()
+            rho = torch.where(a <= delta, res * res, 2.0 * delta * a - delta * delta)
+            return rho, 2.0 * res.clamp(-delta, delta)
+        u = res * res / (delta * delta)
+        return delta * delta * torch.log1p(u), 2.0 * res / (1.0 + u)
 
 
 GradientFn = Callable[[torch.Tensor, str], tuple[float, float, torch.Tensor]]
@@ -188,6 +231,9 @@ class RecoverySettings:
         seed: of the random starts.
         device: torch device of the optimiser state and of in-process edge partitions
             (``None``: CPU; ``"cuda"`` on a GPU machine).
+        loss: ``ρ`` of the L_OR residuals in the edge partitions built from these settings
+            (:class:`EdgeObjective`'s ``robust``): ``"l2"`` (the paper's), ``"huber"``, ``"cauchy"``.
+        loss_scale: δ of the robust loss, in radians.
     """
 
     init: str = "gram"
@@ -204,8 +250,14 @@ class RecoverySettings:
     chunk_size: int = 1 << 20
     seed: int = 0
     device: str | None = None
+    loss: str = "l2"
+    loss_scale: float = 0.2
 
     def __post_init__(self) -> None:
+        if self.loss not in ROBUST:
+            raise CryoOrientError(f"unknown recovery loss {self.loss!r}; use one of {', '.join(ROBUST)}")
+        if not (self.loss_scale > 0):
+            raise CryoOrientError("recovery loss_scale must be > 0")
         if self.init not in INITS:
             raise CryoOrientError(f"unknown recovery init {self.init!r}; use one of {', '.join(INITS)}")
         if not (self.lr > 0 and self.lr_final > 0):
