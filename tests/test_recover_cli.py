@@ -50,6 +50,22 @@ def test_recover_exact_writes_star_and_finds_the_physical_solution(store_path, t
         assert (out / name).is_file(), name
     rep = json.loads((out / "recovered.json").read_text())
     assert rep["e_or_o4"] < 0.01 and rep["gauge_physical"] and rep["registration"] < 0.05
+    # the neighbour quality of the graph: with exact distances its kNN are the true ones
+    nq = rep["neighbour_quality"]
+    assert nq["k"] == 10 and nq["median_knn_dq"] == pytest.approx(nq["ideal_median_knn_dq"], abs=1e-3)
+    assert 0 < nq["graph_near_fraction"] < 1 and nq["graph_near_per_node"] > 1
+    assert rep["graph"] == {
+        "k": 10,
+        "n_random": 20,
+        "mutual_knn": False,
+        "n_random_unreliable": 0,
+        "weights": "none",
+        "loss": "l2",
+        "loss_scale": 0.2,
+    }
+    summary = json.loads((out / "summary.json").read_text())
+    rec = next(st for st in summary["stages"] if st["name"] == "recover")
+    assert rec["metrics"]["knn_median_dq"] == nq["median_knn_dq"]
     q_star = read_orientations_star(out / "recovered.star")
     arr = np.load(out / "recovered_orientations.npz")
     assert q_star.shape == (300, 4)
@@ -134,3 +150,39 @@ def test_reconstruct_from_recovered_orientations_with_refinement(store_path, tmp
     bad = tmp_path / "bad.star"
     write_orientations_star(bad, np.tile([1.0, 0, 0, 0], (7, 1)))
     _one_error_line(runner.invoke(app, ["reconstruct", store_path, str(bad), "-o", str(tmp_path / "b")]), "has 7")
+
+
+@pytest.mark.timeout(300)
+def test_confidence_weights_robust_loss_and_mutual_graph_from_a_calibrated_model(store_path, tmp_path):
+    from cryoorient_ray.core.learning.model import load_distance_model
+    from cryoorient_ray.stages.train import calibrate_distance
+
+    model = tmp_path / "model.pt"
+    save_distance_model(model, SiameseDistance({"channels": [8, 8], "n_features": 8}), {"training": {"x": 1}})
+    fast = ["--no-gauge", "--no-progress", "--set", "recover.init_steps=30", "--set", "recover.max_steps=30"]
+    conf = ["--set", "recover.weights=confidence"]
+    args = ["recover", store_path, "--model", str(model), *fast]
+    # an uncalibrated model cannot give confidence weights: one clear line
+    _one_error_line(runner.invoke(app, [*args, *conf, "-o", str(tmp_path / "u")]), "calibrated model")
+    assert calibrate_distance(store_path, model, split="val") is None  # this store has no val split
+    cal = calibrate_distance(store_path, model, split="test", n_pairs=500)
+    assert cal is not None and len(cal["sigma"]) >= 2 and sum(cal["counts"]) == 500
+    _, meta = load_distance_model(model)
+    assert meta["calibration"] == cal and meta["training"] == {"x": 1}  # the rest of the file is kept
+    more = [
+        "--set",
+        "recover.loss=cauchy",
+        "--set",
+        "recover.mutual_knn=true",
+        "--set",
+        "recover.n_random_unreliable=5",
+    ]
+    out = tmp_path / "c"
+    res = runner.invoke(app, [*args, *conf, *more, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "recovered.json").read_text())
+    assert rep["graph"]["weights"] == "confidence" and rep["graph"]["loss"] == "cauchy" and rep["graph"]["mutual_knn"]
+    nq = rep["neighbour_quality"]
+    # an untrained network's neighbours are far worse than the true ones
+    assert nq["median_knn_dq"] > nq["ideal_median_knn_dq"] + 0.2
+    _one_error_line(runner.invoke(app, [*args, "--set", "recover.loss=tukey", "-o", str(out)]), "recover.loss")

@@ -515,6 +515,11 @@ def recover_store(
     if sel.q_true is not None and cfg.k > 0:
         t_nq = time.perf_counter()
         nq = neighbour_quality(est.features, sel.q_true, k=cfg.k, metric=est.metric, symmetry=sel.symmetry)
+        # the graph's own edges (kNN part filtered or not, random ones included): how many are near
+        d_graph = np.asarray(symmetric_quat_distance(sel.q_true[graph.i], sel.q_true[graph.j], sel.symmetry))
+        near = d_graph < nq["near_threshold"]
+        nq["graph_near_fraction"] = float(near.mean()) if len(near) else 0.0
+        nq["graph_near_per_node"] = float(2 * near.sum() / graph.n_nodes)
         nq["seconds"] = time.perf_counter() - t_nq
         metrics["neighbour_quality"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in nq.items()}
     if gauge is not None:
