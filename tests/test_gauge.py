@@ -21,7 +21,7 @@ from cryoorient_ray.core.recovery.graph import build_pair_graph
 @pytest.fixture(scope="module")
 def noiseless_set():
     torch.set_num_threads(1)
-    vol = pseudo_protein(box_size=24, voxel_size=8.0).data.astype(np.float32)
+    vol = pseudo_protein(box_size=24, voxel_size=8.0, shape="dumbbell").data.astype(np.float32)
     q = sample_orientations(360, seed=3)
     imgs = FourierSliceProjector(vol)(unitquat_to_rotmat(q).astype(np.float32))
     g = build_pair_graph(q, k=8, n_random=0, metric="quaternion")
@@ -29,7 +29,7 @@ def noiseless_set():
 
 
 def test_inplane_angle_of_rotated_images():
-    vol = pseudo_protein(box_size=24, voxel_size=8.0).data.astype(np.float32)
+    vol = pseudo_protein(box_size=24, voxel_size=8.0, shape="dumbbell").data.astype(np.float32)
     q = sample_orientations(6, seed=1)
     psi = np.radians([-30.0, -12.5, 0.0, 7.0, 20.0, 33.0])
     rz = np.stack([np.cos(psi / 2), 0 * psi, 0 * psi, np.sin(psi / 2)], 1)  # Rz(ψ), left = in-plane
