@@ -49,6 +49,18 @@ def test_spread_grows_where_the_estimate_is_noisier():
     assert back == cal
 
 
+def test_spread_may_fall_with_the_estimate_when_small_ones_are_false_neighbours():
+    rng = np.random.default_rng(1)
+    d_true = rng.uniform(0, np.pi, 6000)
+    d_hat = d_true + rng.normal(size=d_true.shape) * 0.05
+    false = rng.random(6000) < 0.3  # 30 % false neighbours: small d̂ for any true distance
+    d_hat = np.where(false, rng.uniform(0, 1.0, 6000), d_hat).clip(0, np.pi)
+    cal = fit_calibration(d_hat, d_true, n_bins=10)
+    assert np.all(np.diff(cal.sigma) <= 0) and cal.sigma[0] > 1.0 and cal.sigma[-1] < 0.1
+    w = cal.weights(np.array([0.2, 2.5]))
+    assert w[1] > 20 * w[0]
+
+
 def test_an_exact_estimate_gets_the_floor_and_bad_input_is_an_error():
     d = np.linspace(0, 3, 100)
     cal = fit_calibration(d, d, n_bins=50)  # 100 pairs: 5 bins of 20

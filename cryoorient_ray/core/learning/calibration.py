@@ -4,8 +4,11 @@ A learned distance d̂ is not equally reliable everywhere: under noise, a small 
 false neighbour, and a large d̂ saturates. :func:`fit_calibration` measures the spread of the
 true d_q around d̂ on held-out (validation) pairs: the pairs are cut into ``n_bins`` bins of
 equal count along d̂, and each bin's root-mean-square residual ``sqrt(mean (d_q − d̂)²)`` (the
-bias counts: it is the error recovery sees) is made non-decreasing in d̂ by the
-pool-adjacent-violators algorithm on the binned mean squares, weighted by the counts. The
+bias counts: it is the error recovery sees) is made monotone in d̂ by the pool-adjacent-violators
+algorithm on the binned mean squares, weighted by the counts, in the direction that fits them
+better: non-decreasing for a distance that saturates at large d̂, non-increasing for one whose
+small d̂ are often false neighbours (a noisy distance, measured: the RMS falls from 0.88 rad at
+d̂ ≈ 1 to 0.40 at d̂ ≈ 2.6 for the small network at 0 dB). The
 result, a :class:`DistanceCalibration`, interpolates σ(d̂) linearly between the bin centres
 (constant beyond them) and gives the recovery's edge weights ``1/σ²(d̂)``.
 
@@ -50,7 +53,7 @@ class DistanceCalibration:
 
     Attributes:
         centers: ``(B,)`` mean d̂ of each bin (rad), increasing.
-        sigma: ``(B,)`` root-mean-square residual of each bin (rad), non-decreasing, ``>= MIN_SIGMA``.
+        sigma: ``(B,)`` root-mean-square residual of each bin (rad), monotone, ``>= MIN_SIGMA``.
         counts: ``(B,)`` pairs in each bin.
     """
 
@@ -106,7 +109,7 @@ def fit_calibration(d_hat, d_true, n_bins: int = 12, min_per_bin: int = 20) -> D
     """σ(d̂) from pairs ``(d̂, d_q)`` (radians, same shape), in ``n_bins`` equal-count bins of d̂.
 
     Fewer bins are used when there are fewer than ``min_per_bin`` pairs per bin. The binned
-    root-mean-square residuals are made non-decreasing in d̂ (module docstring).
+    root-mean-square residuals are made monotone in d̂, in the better-fitting direction (module docstring).
     """
     d = as_tensor(d_hat)[0].detach().to(torch.float64).reshape(-1)
     t = as_tensor(d_true)[0].detach().to(torch.float64).reshape(-1)
@@ -122,7 +125,10 @@ def fit_calibration(d_hat, d_true, n_bins: int = 12, min_per_bin: int = 20) -> D
     centers = torch.stack([d[p].mean() for p in parts])
     ms = torch.stack([((t[p] - d[p]) ** 2).mean() for p in parts])
     counts = torch.tensor([len(p) for p in parts], dtype=torch.float64)
-    sigma = monotone_increasing(ms, counts).sqrt().clamp_min(MIN_SIGMA)
+    up = monotone_increasing(ms, counts)
+    down = monotone_increasing(ms.flip(0), counts.flip(0)).flip(0)
+    best = up if float((counts * (up - ms) ** 2).sum()) <= float((counts * (down - ms) ** 2).sum()) else down
+    sigma = best.sqrt().clamp_min(MIN_SIGMA)
     # equal d̂ across a bin boundary would give two equal centres: keep them strictly increasing
     centers = torch.cummax(centers + torch.arange(bins, dtype=torch.float64) * 1e-9, 0).values
     return DistanceCalibration(tuple(centers.tolist()), tuple(sigma.tolist()), tuple(int(c) for c in counts.tolist()))
