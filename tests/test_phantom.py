@@ -39,14 +39,14 @@ def _rotated_ncc(volume: np.ndarray, rotations: np.ndarray) -> np.ndarray:
     """NCC of ``v`` with ``v(R p)`` (trilinear, about voxel D // 2) for each ``(3, 3)`` R acting on (x, y, z)."""
     d = volume.shape[0]
     c = d // 2
-    ax = torch.arange(d, dtype=torch.float64) - c
+    ax = torch.arange(d, dtype=torch.float32) - c
     z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
     pts = torch.stack([x, y, z], -1).reshape(-1, 3)
-    vol = torch.from_numpy(volume).double()
+    vol = torch.from_numpy(volume).float()
     ref = (vol - vol.mean()).reshape(-1)
     out = []
     for a in range(0, len(rotations), 200):
-        m = torch.from_numpy(rotations[a : a + 200])
+        m = torch.from_numpy(rotations[a : a + 200]).float()
         grid = ((pts @ m.transpose(1, 2) + c) * 2 / (d - 1) - 1).reshape(len(m), d, d, d, 3)
         moved = torch.nn.functional.grid_sample(
             vol.expand(len(m), 1, d, d, d), grid, align_corners=True, padding_mode="zeros"
@@ -56,12 +56,12 @@ def _rotated_ncc(volume: np.ndarray, rotations: np.ndarray) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_no_near_symmetry_once_blurred(seed):
     """At the demo's scale (32³, 6 Å) no rotation by more than 0.8 rad maps the default shape near
     itself: the max NCC with its rotated self is clearly below the former dumbbell's (whose
     half-turn near-symmetry made poses ambiguous under noise)."""
-    rot = Rotation.random(2500, random_state=7)
+    rot = Rotation.random(1500, random_state=7)
     mats = rot.as_matrix()[rot.magnitude() > 0.8]
     new = _rotated_ncc(pseudo_protein(seed=seed, box_size=32, voxel_size=6.0).data, mats).max()
     old = _rotated_ncc(pseudo_protein(seed=seed, box_size=32, voxel_size=6.0, shape="dumbbell").data, mats).max()
