@@ -12,6 +12,8 @@ this module:
    apart (with a warning);
 4. **solve** (:func:`solve`): L_OR minimised by :mod:`cryoorient_ray.core.recovery.solver`, in
    process or with the edges on Ray actors (:mod:`cryoorient_ray.distributed.recover_actors`);
+   for a protein with a point group, the symmetric L_OR from the anchor start
+   (:mod:`cryoorient_ray.core.recovery.symmetric`, :func:`solve_symmetric`);
 5. **gauge** (:func:`run_gauge`): the physical solution among the distance-equivalent ones, from
    the images (:mod:`cryoorient_ray.core.recovery.gauge`);
 6. **errors** (:func:`measure_errors`, when the store knows the true orientations): E_OR (O(4),
