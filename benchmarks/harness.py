@@ -37,6 +37,7 @@ SCALES = ("small", "paper")
 # Order of the report (the order); each name is a module of benchmarks/suite.
 SUITE = (
     "exact",
+    "symmetry",
     "euclidean",
     "noise_shift",
     "full_method",

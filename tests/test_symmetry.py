@@ -77,3 +77,31 @@ def test_c1_is_plain_distance_and_torch_grad():
 def test_unknown_groups(bad):
     with pytest.raises(CryoOrientError, match="unknown point group"):
         symmetry_group(bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "normaliser", "outside"),
+    [
+        ("D2", (np.cos(np.pi / 4), 0, 0, np.sin(np.pi / 4)), (np.cos(0.26), 0, 0, np.sin(0.26))),  # Rz(90°) / Rz(30°)
+        ("C3", (np.cos(0.26), 0, 0, np.sin(0.26)), (np.cos(0.26), np.sin(0.26), 0, 0)),  # Rz(30°) / Rx(30°)
+        ("I", (0, 0, 0, 1.0), (np.cos(0.26), 0, 0, np.sin(0.26))),  # Rz(180°) ∈ I / Rz(30°)
+    ],
+)
+def test_what_symmetric_distances_leave_free(name, normaliser, outside):
+    """The gauge with a point group (docs/SYMMETRY.md): left rotations and right ones by the
+    normaliser keep every d_G; other right rotations and the conjugation do not."""
+    from cryoorient_ray.core.geometry.quaternion import quat_conjugate
+
+    q = sample_orientations(200, seed=11)
+    i, j = np.arange(100), np.arange(100, 200)
+    d = symmetric_quat_distance(q[i], q[j], name)
+
+    def change(t):
+        return float(np.abs(symmetric_quat_distance(t[i], t[j], name) - d).max())
+
+    full = lambda x: np.broadcast_to(np.asarray(x, dtype=np.float64), q.shape)  # noqa: E731
+    a = sample_orientations(1, seed=5)[0]
+    assert change(quat_product(full(a), q)) < 1e-9
+    assert change(quat_product(q, full(normaliser))) < 1e-9
+    assert change(quat_product(q, full(outside))) > 0.1
+    assert change(quat_conjugate(q)) > 0.1

@@ -15,6 +15,8 @@ this module:
    (:func:`~cryoorient_ray.core.recovery.graph.neighbour_quality`: what predicts recovery);
 4. **solve** (:func:`solve`): L_OR minimised by :mod:`cryoorient_ray.core.recovery.solver`, in
    process or with the edges on Ray actors (:mod:`cryoorient_ray.distributed.recover_actors`);
+   for a protein with a point group, the symmetric L_OR from the anchor start
+   (:mod:`cryoorient_ray.core.recovery.symmetric`, :func:`solve_symmetric`);
 5. **gauge** (:func:`run_gauge`): the physical solution among the distance-equivalent ones, from
    the images (:mod:`cryoorient_ray.core.recovery.gauge`);
 6. **errors** (:func:`measure_errors`, when the store knows the true orientations): E_OR (O(4),
@@ -331,12 +333,26 @@ def _restrict(graph: PairGraph, keep: np.ndarray) -> tuple[np.ndarray, np.ndarra
 # ----------------------------------------------------------------------------------------------- solve
 
 
-def solve(edges: RecoveryEdges, cfg: RecoverConfig, seed: int, progress=None) -> RecoveryResult:
+def solve(
+    edges: RecoveryEdges,
+    cfg: RecoverConfig,
+    seed: int,
+    progress=None,
+    symmetry: str = "C1",
+    distance: DistanceFn | None = None,
+) -> RecoveryResult:
     """L_OR on ``edges`` with the optimiser of ``cfg``, on ``cfg.actors`` Ray actors (0: in process).
 
-    Ray must be running when ``cfg.actors > 0``.
+    Ray must be running when ``cfg.actors > 0``. With a point group other than C1 the recovery
+    runs on SO(3)/G (:func:`solve_symmetric`, in process): it needs ``distance``, the estimator's
+    d̂ for indices into the selection, for the anchor edges.
     """
     from cryoorient_ray.distributed.recover_actors import recover_on_actors
+
+    if symmetry != "C1":
+        if distance is None:
+            raise CryoOrientError(f"recovery with point group {symmetry} needs the estimator's distance")
+        return solve_symmetric(edges, cfg, seed, symmetry, distance, progress)
 
     return recover_on_actors(
         len(edges.nodes),
@@ -349,6 +365,30 @@ def solve(edges: RecoveryEdges, cfg: RecoverConfig, seed: int, progress=None) ->
         progress=progress,
         weights=edges.w,
     )
+
+
+def solve_symmetric(
+    edges: RecoveryEdges, cfg: RecoverConfig, seed: int, symmetry: str, distance: DistanceFn, progress=None
+) -> RecoveryResult:
+    """Recovery on SO(3)/G (:func:`~cryoorient_ray.core.recovery.symmetric.recover_symmetric`): the
+    anchor start from d̂ to a few anchor projections, then the symmetric L_OR on the graph plus the
+    anchor edges. In process (``cfg.actors`` is not used: the symmetric loss has no actor partition yet)."""
+    from cryoorient_ray.core.recovery.symmetric import recover_symmetric
+
+    if cfg.actors:
+        log.warning("recovery with point group %s runs in process; recover.actors=%d is not used", symmetry, cfg.actors)
+    nodes = edges.nodes
+    result, _ = recover_symmetric(
+        len(nodes),
+        edges.i,
+        edges.j,
+        edges.d,
+        lambda a, b: distance(nodes[a], nodes[b]),
+        symmetry,
+        settings=cfg.settings(seed),
+        progress=progress,
+    )
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- gauge
@@ -492,7 +532,7 @@ def recover_store(
         edges = recovery_edges(graph, est, cfg.weights)
     with _timed(timings, "recovery_s"):
         say(f"recovery: {len(edges.nodes)} projections, {len(edges.i)} edges, {cfg.actors or 'no'} actors")
-        result = solve(edges, cfg, seed, progress)
+        result = solve(edges, cfg, seed, progress, symmetry=sel.symmetry, distance=est.distance)
     q_raw = result.quaternions
     sub = sel.subset(edges.nodes)  # the recovered projections
     gauge, q_final = None, q_raw
