@@ -26,7 +26,7 @@ from cryoorient_ray.stages.base import (
 )
 from cryoorient_ray.stages.reconstruct import stage_reconstruct
 from cryoorient_ray.stages.recover import stage_recover
-from cryoorient_ray.stages.refine import REFINED_NAME, RUN_FOLDER, STATE_DIR, stage_refine
+from cryoorient_ray.stages.refine import REFINED_NAME, RUN_FOLDER, STATE_DIR, check_refine, stage_refine
 from cryoorient_ray.stages.simulate import check_simulate, stage_simulate
 from cryoorient_ray.stages.train import stage_train
 
@@ -147,6 +147,7 @@ def run_pipeline(
 
     check_ray_address(cfg)
     check_simulate(cfg, output_dir_for(cfg, out_dir))  # before config.yaml is (re)written
+    check_refine(cfg)
     out = prepare_output_dir(cfg, out_dir, argv)
     if force:  # re-run refine from its start, not from its saved iterations
         shutil.rmtree(out / RUN_FOLDER / STATE_DIR, ignore_errors=True)

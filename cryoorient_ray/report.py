@@ -117,11 +117,11 @@ def refine_table(out: Path) -> str:
     ]
     err = rep.get("errors") or {}
     if err:
-        words.append(
-            f"error vs truth: E_OR {err['e_or_o4']:.4f} rad (O(4)), rotation + hand {err['registration']:.4f} rad "
-            f"(at the start: {err.get('start_e_or_o4', math.nan):.4f} and "
-            f"{err.get('start_registration', math.nan):.4f} rad)"
-        )
+        line = f"error vs truth: E_OR {err['e_or_o4']:.4f} rad (O(4)), rotation + hand {err['registration']:.4f} rad"
+        if "start_registration" in err:
+            line += f" (at the start: rotation + hand {err['start_registration']:.4f} rad"
+            line += f", E_OR {err['start_e_or_o4']:.4f} rad)" if "start_e_or_o4" in err else ")"
+        words.append(line)
     files = "refined.star/.mrcs, map.mrc, half_map_1.mrc, half_map_2.mrc, refined.json"
     where = path.parent.relative_to(out).as_posix()
     words.append(f"files: {html.escape(files)}" + (f" in <code>{html.escape(where)}/</code>" if where != "." else ""))

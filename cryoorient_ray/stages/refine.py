@@ -72,7 +72,8 @@ class RefineStart:
 
     Attributes:
         store_path: the store (absolute path or URL).
-        rows: ``(P,)`` store rows; ``quaternions``: ``(P, 4)`` float64 starting orientations (wxyz).
+        rows: ``(P,)`` store rows; ``quaternions``: ``(P, 4)`` float64 starting orientations (wxyz), or
+            None for ``random`` (the search draws them, seeded, and starts both halves from one common map).
         kind: ``"recovered"``, ``"star"`` or ``"random"``; ``source``: the file it came from ('' for random).
         protein, protein_name, symmetry: the protein (one per refinement).
         q_true: ``(P, 4)`` true orientations, or None when the store has none.
@@ -80,7 +81,7 @@ class RefineStart:
 
     store_path: str
     rows: np.ndarray
-    quaternions: np.ndarray
+    quaternions: np.ndarray | None
     kind: str
     source: str
     protein: int
@@ -194,8 +195,6 @@ def load_start(store: ProjectionStore, cfg: RunConfig, run_dir: Path | None = No
 
     ``run_dir`` is the pipeline's run folder (the default of ``start: recovered``).
     """
-    from cryoorient_ray.core.geometry.sampling import sample_orientations
-
     rcfg = cfg.refine
     source = ""
     if rcfg.start == "recovered":
@@ -224,13 +223,13 @@ def load_start(store: ProjectionStore, cfg: RunConfig, run_dir: Path | None = No
                     f"{store.path}: protein {store.proteins[pid]['name']!r} has {len(rows)} completed projections "
                     f"in split '{rcfg.split}'; refinement needs at least 3"
                 )
-            q = sample_orientations(len(rows), seed=cfg.seed + 17)
+            q = None
     pid = _protein_of(store, rows, source or "the selection")
     protein = store.proteins[pid]
     return RefineStart(
         store_path=absolute_store_path(store.path),
         rows=rows,
-        quaternions=np.asarray(q, dtype=np.float64),
+        quaternions=None if q is None else np.asarray(q, dtype=np.float64),
         kind=rcfg.start,
         source=source,
         protein=pid,
@@ -252,7 +251,7 @@ def run_record(start: RefineStart, settings, store: ProjectionStore) -> dict:
         "projections": int(len(start.rows)),
         "rows": _digest(start.rows.astype(np.int64)),
         "start": start.kind,
-        "start_orientations": _digest(np.round(start.quaternions, 6)),
+        "start_orientations": "" if start.quaternions is None else _digest(np.round(start.quaternions, 6)),
         "settings": fixed,
     }
 
@@ -511,16 +510,20 @@ def refine_into(cfg: RunConfig, run: RefineRun, folder: Path, progress: bool = T
     return files, metrics
 
 
-def final_errors(start: RefineStart, q: np.ndarray, seed: int) -> dict:
-    """E_OR (O(4)) and the rotation + hand error of ``q`` against the truth, and of the start for comparison."""
+def final_errors(start: RefineStart, q: np.ndarray, history: list[dict], seed: int) -> dict:
+    """E_OR (O(4)) and the rotation + hand error of ``q`` against the truth, and of the start for comparison
+    (a random start's, drawn by the search, from its history's iteration 0)."""
     from cryoorient_ray.core.recovery.align import orientation_errors
 
     if start.q_true is None:
         return {}
     out = orientation_errors(start.q_true, q, start.symmetry, seed=seed)
-    before = orientation_errors(start.q_true, start.quaternions, start.symmetry, seed=seed)
-    out["start_e_or_o4"] = before["e_or_o4"]
-    out["start_registration"] = before["registration"]
+    if start.quaternions is not None:
+        before = orientation_errors(start.q_true, start.quaternions, start.symmetry, seed=seed)
+        out["start_e_or_o4"] = before["e_or_o4"]
+        out["start_registration"] = before["registration"]
+    elif history and history[0].get("iteration") == 0 and history[0].get("error_rad") is not None:
+        out["start_registration"] = float(history[0]["error_rad"])
     return out
 
 
@@ -536,7 +539,9 @@ def write_refine_outputs(store: ProjectionStore, run: RefineRun, result, curves:
     shifts = None if result.shifts is None else np.asarray(result.shifts, dtype=np.float64)
     star, mrcs = export_relion(store, folder, rows=start.rows, name="refined", quaternions=q, shifts=shifts)
     q_true = start.q_true if start.q_true is not None else np.full_like(q, np.nan)
-    arrays = {"rows": start.rows, "quaternions": q, "quaternions_true": q_true, "quaternions_start": start.quaternions}
+    arrays = {"rows": start.rows, "quaternions": q, "quaternions_true": q_true}
+    if start.quaternions is not None:
+        arrays["quaternions_start"] = start.quaternions
     if shifts is not None:
         arrays["shifts"] = shifts
     atomic_savez(folder / REFINED_NAME, **arrays)
@@ -568,7 +573,7 @@ def write_refine_outputs(store: ProjectionStore, run: RefineRun, result, curves:
     last = next((h for h in reversed(history) if h.get("resolution_05_true_A") is not None), None)
     if last is not None:
         metrics["true_fsc05_A"] = _res(last["resolution_05_true_A"])
-    errors = final_errors(start, q, run.settings.seed)
+    errors = final_errors(start, q, history, run.settings.seed)
     for key in ("e_or_o4", "registration", "start_e_or_o4", "start_registration"):
         if key in errors:
             metrics[key] = round(float(errors[key]), 4)
@@ -589,6 +594,21 @@ def write_refine_outputs(store: ProjectionStore, run: RefineRun, result, curves:
 
 
 # ----------------------------------------------------------------------------------------------- stage
+
+
+def check_refine(cfg: RunConfig) -> None:
+    """What `cryoorient run` can check of the refine stage before its first stage: the start file and the device."""
+    rcfg = cfg.refine
+    if not rcfg.enabled:
+        return
+    rcfg.device()
+    if rcfg.start == "star":
+        if rcfg.start_file is None:
+            raise CryoOrientError("refine.start star needs refine.start_file (the .star file)")
+        if not Path(rcfg.start_file).is_file():
+            raise CryoOrientError(f"star file not found: {rcfg.start_file} (refine.start_file)")
+    elif rcfg.start == "recovered" and rcfg.start_file is not None:
+        _recovered_file(rcfg, None)
 
 
 def stage_refine(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult:
