@@ -43,6 +43,12 @@ from pathlib import Path
 import numpy as np
 
 from cryoorient_ray.config import RefineConfig, RunConfig
+from cryoorient_ray.core.refinement.global_search import (
+    GlobalRefineResult,
+    GlobalRefineSettings,
+    GlobalRefineState,
+    global_refine,
+)
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_savez, atomic_write_text
 from cryoorient_ray.io.store import ProjectionStore, absolute_store_path
@@ -242,7 +248,7 @@ def load_start(store: ProjectionStore, cfg: RunConfig, run_dir: Path | None = No
 # ----------------------------------------------------------------------------------------------- resume
 
 
-def run_record(start: RefineStart, settings, store: ProjectionStore) -> dict:
+def run_record(start: RefineStart, settings: GlobalRefineSettings, store: ProjectionStore) -> dict:
     """What a saved state was computed from: a state resumes only a run with the same record."""
     fixed = {k: v for k, v in dataclasses.asdict(settings).items() if k not in RESUMABLE_SETTINGS}
     return {
@@ -268,14 +274,12 @@ def _differences(saved: dict, now: dict) -> list[str]:
     return out
 
 
-def check_resume(state_dir: Path, record: dict, restart: bool, discard_stale: bool = False):
+def check_resume(state_dir: Path, record: dict, restart: bool, discard_stale: bool = False) -> GlobalRefineState | None:
     """The saved :class:`GlobalRefineState` to resume from, or None to start afresh.
 
     ``restart`` discards a saved state; a state saved from another ``record`` is one error naming what
     differs (or, with ``discard_stale``, as in `cryoorient run`, discarded with a warning).
     """
-    from cryoorient_ray.core.refinement.global_search import GlobalRefineState
-
     state_file, info_file = state_dir / STATE_FILE, state_dir / STATE_INFO
     if restart or not state_file.is_file():
         return None
@@ -295,7 +299,7 @@ def check_resume(state_dir: Path, record: dict, restart: bool, discard_stale: bo
     return GlobalRefineState.from_npz(state_file)
 
 
-def _resumable(state, settings):
+def _resumable(state: GlobalRefineState | None, settings: GlobalRefineSettings) -> GlobalRefineState | None:
     """A saved state that stopped at its run's iteration limit goes on when the limit is now higher."""
     if state is not None and state.done and state.iteration < settings.iterations and state.stale < settings.patience:
         return dataclasses.replace(state, done=False)
@@ -421,14 +425,13 @@ def _res(value) -> float | None:
 
 @dataclass
 class RefineRun:
-    """One refinement's inputs, resolved before anything is written: the start, the store, the settings,
-    the record of what the state means, and the state to resume from."""
+    """One refinement's inputs, resolved before anything is written: the start, the search's settings,
+    the record of what a saved state means (:func:`run_record`) and the state to resume from."""
 
     start: RefineStart
-    settings: object
+    settings: GlobalRefineSettings
     record: dict
-    resume: object | None
-    wiener: float
+    resume: GlobalRefineState | None
 
 
 def plan_refinement(
@@ -448,14 +451,13 @@ def plan_refinement(
         settings = dataclasses.replace(settings, symmetry="C1")
     record = run_record(start, settings, store)
     resume = _resumable(check_resume(folder / STATE_DIR, record, restart, discard_stale), settings)
-    return RefineRun(start, settings, record, resume, wiener)
+    return RefineRun(start, settings, record, resume)
 
 
 def refine_into(cfg: RunConfig, run: RefineRun, folder: Path, progress: bool = True) -> tuple[dict, dict]:
     """Step 3–4 of the module docstring into ``folder``; returns ``(files, metrics)`` (files relative to it)."""
     from contextlib import nullcontext
 
-    from cryoorient_ray.core.refinement.global_search import global_refine
     from cryoorient_ray.distributed.runtime import clear_nodes_used, ray_runtime
 
     t0 = time.perf_counter()
@@ -501,13 +503,7 @@ def refine_into(cfg: RunConfig, run: RefineRun, folder: Path, progress: bool = T
             reference=reference,
             progress=callback,
         )
-    files, metrics = write_refine_outputs(store, run, result, curves, folder)
-    metrics["refine_s"] = round(time.perf_counter() - t0, 2)
-    metrics.update(_ray_nodes_metric("refine"))
-    report = json.loads((folder / REPORT_NAME).read_text())
-    report["seconds"] = metrics["refine_s"]
-    atomic_write_text(folder / REPORT_NAME, json.dumps(report, indent=2) + "\n")
-    return files, metrics
+    return write_refine_outputs(store, run, result, curves, folder, started=t0)
 
 
 def final_errors(start: RefineStart, q: np.ndarray, history: list[dict], seed: int) -> dict:
@@ -527,8 +523,14 @@ def final_errors(start: RefineStart, q: np.ndarray, history: list[dict], seed: i
     return out
 
 
-def write_refine_outputs(store: ProjectionStore, run: RefineRun, result, curves: dict, folder: Path):
-    """The files of step 4 (module docstring) into ``folder``; returns ``(files, metrics)``."""
+def write_refine_outputs(
+    store: ProjectionStore, run: RefineRun, result: GlobalRefineResult, curves: dict, folder: Path, started: float
+) -> tuple[dict, dict]:
+    """The files of step 4 (module docstring) into ``folder``; returns ``(files, metrics)``.
+
+    ``curves``: the half-map FSC of every iteration (``{iteration: {"frequency", "fsc"}}``);
+    ``started``: the :func:`time.perf_counter` reading the stage's time counts from.
+    """
     from cryoorient_ray.core.density.volume import DensityMap
     from cryoorient_ray.io.mrc import write_map
     from cryoorient_ray.io.relion import export_relion
@@ -577,6 +579,8 @@ def write_refine_outputs(store: ProjectionStore, run: RefineRun, result, curves:
     for key in ("e_or_o4", "registration", "start_e_or_o4", "start_registration"):
         if key in errors:
             metrics[key] = round(float(errors[key]), 4)
+    metrics["refine_s"] = round(time.perf_counter() - started, 2)
+    metrics.update(_ray_nodes_metric("refine"))
     report = {
         "store": start.store_path,
         "protein": start.protein_name,
@@ -587,6 +591,7 @@ def write_refine_outputs(store: ProjectionStore, run: RefineRun, result, curves:
         "final": {k: v for k, v in metrics.items() if k not in ("projections", "start")},
         "fsc": result.fsc.to_dict(),
         "errors": errors,
+        "seconds": metrics["refine_s"],
     }
     atomic_write_text(folder / REPORT_NAME, json.dumps(_jsonable(report), indent=2) + "\n")
     files["report"] = REPORT_NAME
