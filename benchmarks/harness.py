@@ -44,6 +44,7 @@ SUITE = (
     "common_lines",
     "scaling",
     "throughput",
+    "refine",
 )
 
 
