@@ -486,11 +486,11 @@ class RefineConfig(StrictModel):
     iterations: int = Field(
         _GLOBAL.iterations, ge=1, le=1000, description="iterations of search + reconstruction at most"
     )
-    start_deg: float = Field(_GLOBAL.start_deg, gt=0, le=180, description="angular step of the coarsest SO(3) grid (°)")
+    start_deg: float = Field(_GLOBAL.start_deg, gt=0, le=90, description="angular step of the coarsest SO(3) grid (°)")
     final_deg: float = Field(
         _GLOBAL.final_deg,
         gt=0,
-        le=180,
+        le=90,
         description="the search refines to the first grid level with a step <= this (°)",
     )
     keep: int = Field(
@@ -521,7 +521,7 @@ class RefineConfig(StrictModel):
         description="first band limit (Å); null = a quarter of Nyquist from random, else the start map's FSC0.143",
     )
     patience: int = Field(
-        _GLOBAL.patience, ge=0, description="iterations without a half-map FSC improvement before it stops"
+        _GLOBAL.patience, ge=1, description="iterations without a half-map FSC improvement before it stops"
     )
     local_polish_rounds: int = Field(
         _GLOBAL.local_polish_rounds, ge=0, description="rounds of the local refiner on each half at the end"

@@ -449,6 +449,7 @@ def plan_refinement(
             "refine: protein %s is %s; the search imposes no symmetry (C1)", start.protein_name, settings.symmetry
         )
         settings = dataclasses.replace(settings, symmetry="C1")
+    settings = settings.checked()
     record = run_record(start, settings, store)
     resume = _resumable(check_resume(folder / STATE_DIR, record, restart, discard_stale), settings)
     return RefineRun(start, settings, record, resume)
