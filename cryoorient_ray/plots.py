@@ -351,7 +351,7 @@ def plot_refine_iterations(history: list[dict], path: str | os.PathLike, title: 
     ax2.set_xlabel("iteration")
     ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_ylabel("degrees")
-    ax2.set_yscale("symlog", linthresh=1.0)
+    ax2.set_ylim(bottom=0)
     ax2.grid(True, alpha=0.3)
     ax2.legend(fontsize=8)
     ax2.set_title("orientations per iteration", fontsize=10)
