@@ -121,6 +121,20 @@ def _sets(snr_db, ctf_shifts: bool, n: int, box: int) -> list[str]:
     ]
 
 
+def _simulate(ctx: Context, row: str, sets: list[str]):
+    """The row's store under ``benchmarks/work/refine_<scale>/<row>/store.zarr`` (resumed or reused
+    when it exists with the same config: a re-run does not simulate again)."""
+    from cryoorient_ray.config import load_config
+    from cryoorient_ray.distributed.simulate_tasks import simulate_store
+
+    cfg = load_config(common.PAPER_5J0N, None, sets)
+    t0 = time.perf_counter()
+    store = simulate_store(cfg.simulate, ctx.seed, WORK / f"refine_{ctx.scale}" / row / "store.zarr", progress=False)
+    took = time.perf_counter() - t0
+    ctx.say(f"{row}: store of {len(store.done_rows())} projections of {store.image_size}² ({took:.0f} s)")
+    return store
+
+
 def _recovery(ctx: Context, row: str) -> Path | None:
     folder = WORK / f"noise_{ctx.scale}" / row / "seed0"
     return folder if (folder / "recovered.npz").exists() and (folder / "store.zarr").exists() else None
@@ -150,7 +164,7 @@ def _data(ctx: Context, row: str, snr_db, ctf_shifts: bool):
         rec = np.load(found / "recovered.npz")
         rows, start, label = np.asarray(rec["rows"]), np.asarray(rec["quaternions"], dtype=np.float64), "recovery"
     else:
-        store = common.simulate(ctx, row, _sets(snr_db, ctf_shifts, n, box), common.PAPER_5J0N)
+        store = _simulate(ctx, row, _sets(snr_db, ctf_shifts, n, box))
         rows, start, label = store.done_rows(), None, f"stand-in ({STAND_IN_RAD:g} rad + gauge)"
     stack = store.particles(rows)
     q_true = np.asarray(store.read_metadata(rows, names=["quaternion"])["quaternion"], dtype=np.float64)
@@ -222,7 +236,7 @@ def run(ctx: Context) -> dict:
         ctx.say(f"{row}: {len(q_true)} images of {stack.image_size}², oracle {oracle:.3f} rad ({oracle_s:.0f} s)")
         box = stack.image_size
         settings = GlobalRefineSettings(
-            iterations=8,
+            iterations=ctx.pick(6, 8),
             start_deg=15.0,
             final_deg=ctx.pick(1.9, 1.5),
             keep=8,
@@ -291,8 +305,9 @@ def run(ctx: Context) -> dict:
         f"Small scale: {', '.join(f'{k} {v[0]}' for k, v in SIZES.items())} images (the issue's sizes, "
         f"{', '.join(f'{k} {v[1]}' for k, v in SIZES.items())}, at paper scale) so the benchmark fits ≈ 25 min.",
         "Settings: 15° grid (5,184 orientations) subdivided to 1.9° (small) / 1.4° (paper), 8 candidates per "
-        "image and level, shifts searched to 1.25× the largest simulated shift in the CTF row, at most 8 "
-        "iterations, patience 2, then one round of the local refiner per half; scored on 2 Ray actors.",
+        "image and level, shifts searched to 1.25× the largest simulated shift in the CTF row, at most 6 "
+        "(small) / 8 (paper) iterations, patience 2, then one round of the local refiner per half; "
+        "scored on 2 Ray actors.",
         "FSC0.5 ratio = FSC0.5 resolution (against the store's true map) of the refined map over that of the "
         "true-orientation map (≥ 1; 1.1 is the issue's 10 %); at 32² both may sit at Nyquist (26.6 Å).",
     ]

@@ -16,8 +16,8 @@ iteration, coarse to fine, as cryoSPARC, RELION's auto-refine and cryoDRGN's pos
    ``w(s) = sqrt(2 FSC(s) / (1 + FSC(s)))`` of the half maps (Rosenthal & Henderson's ``C_ref``) up
    to the band's edge and by 0 beyond. The first band is ``start_resolution_A`` (default: a quarter
    of Nyquist, or the start map's FSC 0.143 when the start is not random); each iteration the edge
-   moves to the half maps' new FSC 0.143 frequency plus two shells, never below the last one,
-   so it widens while the FSC improves.
+   moves to the half maps' new FSC 0.143 frequency plus two shells, never below the last one and
+   at most 1.5× the last one plus a shell, so it widens while the FSC improves.
 3. **The search.** Level 0 is the whole near-uniform SO(3) grid of
    :mod:`cryoorient_ray.core.geometry.grids` at ``start_deg`` (≈ 5,000 orientations at 15°) turned by a
    random rotation each iteration, times a grid of shifts when ``max_shift_px > 0``. Its reference
@@ -31,8 +31,9 @@ iteration, coarse to fine, as cryoSPARC, RELION's auto-refine and cryoDRGN's pos
    projection). ``mode="hard"`` takes the best candidate of the last level; ``mode="soft"``
    reconstructs with every candidate of the last level weighted by its posterior
    ``∝ exp(dof · NCC² / (1 − NCC_best²))`` (white Gaussian noise, amplitude fitted), RELION-style.
-5. **Convergence.** An iteration that does not improve the half maps' FSC 0.143 resolution
-   (``best_fsc_A``) by at least 1 % counts against ``patience``; the run stops when that count
+5. **Convergence.** An iteration that improves neither the half maps' FSC 0.143 resolution
+   (``best_fsc_A``) nor the sum of their FSC over all shells (``best_fsc_area``: it still moves
+   once the 0.143 crossing sits at Nyquist) by at least 1 % counts against ``patience``; the run stops when that count
    reaches ``patience`` or after ``iterations``. Then ``local_polish_rounds`` rounds of the local
    refiner run on each half separately (against that half's map).
 
@@ -100,6 +101,10 @@ DEVICES = ("auto", "cpu", "cuda")
 _IMPROVEMENT = 0.01
 # The band edge moves to the half maps' FSC 0.143 shell plus this many shells (never back).
 _WIDEN_SHELLS = 2
+# ... but by at most this factor (plus one shell) per iteration: from a blob (ab initio) the half
+# maps agree early on features both halves took from the common start, and a band that jumps to
+# Nyquist locks the search onto them.
+_GROWTH = 1.5
 # Level l is scored up to |k| = _LEVEL_BAND / step_l (cycles per box, step in rad): a rotation by
 # half a step moves the point at that radius by ~1/2 cycle, where the correlation of a finer
 # frequency with the grid point's slice is lost anyway (cryoDRGN's pose search raises its band
@@ -242,6 +247,8 @@ class GlobalRefineState:
         done: the iterations stopped (converged or ``iterations`` reached); the polish is next.
         soft_quaternions, soft_shifts, soft_weights: in soft mode, every image's candidates
             ``(P, keep, 4)``, ``(P, keep, 2)`` and their posterior ``(P, keep)``; else None.
+        best_fsc_area: best sum of the half maps' FSC over the shells ``1 … L/2`` so far (the
+            improvement criterion once the FSC 0.143 resolution sits at Nyquist).
     """
 
     iteration: int
@@ -256,6 +263,7 @@ class GlobalRefineState:
     soft_quaternions: np.ndarray | None = None
     soft_shifts: np.ndarray | None = None
     soft_weights: np.ndarray | None = None
+    best_fsc_area: float = 0.0
 
     _ARRAYS = ("quaternions", "shifts", "halves", "soft_quaternions", "soft_shifts", "soft_weights")
 
@@ -271,6 +279,7 @@ class GlobalRefineState:
             "history": self.history,
             "stale": self.stale,
             "done": self.done,
+            "best_fsc_area": self.best_fsc_area,
         }
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, meta=np.array(json.dumps(meta, default=_json_value)), **arrays)
@@ -701,6 +710,12 @@ def _shell_edge(curve: np.ndarray) -> int:
     return int(below[0]) if below.size else len(curve) - 1
 
 
+def _fsc_area(curve: np.ndarray) -> float:
+    """The sum of the FSC over the shells ``1 … L/2`` (clipped at 0): grows with resolution and with
+    the correlation of every shell, also once the 0.143 crossing sits at Nyquist."""
+    return float(np.clip(np.asarray(curve, dtype=np.float64)[1:], 0.0, 1.0).sum())
+
+
 def _band_weights(curve: np.ndarray) -> np.ndarray:
     c = np.clip(np.asarray(curve, dtype=np.float64), 0.0, 1.0)
     return np.maximum(np.sqrt(2 * c / (1 + c)), 0.05)
@@ -871,6 +886,7 @@ def global_refine(
             halves=halves,
             band_A=resolution_of(edge),
             best_fsc_A=math.inf if start is None else curve.resolution_0143,
+            best_fsc_area=0.0 if start is None else _fsc_area(curve.fsc),
         )
         entry0 = {
             "iteration": 0,
@@ -911,10 +927,13 @@ def global_refine(
             half_maps, curve = maps.halves_and_fsc(poses)
             seconds = time.perf_counter() - t0
             res = curve.resolution_0143
-            improved = res < state.best_fsc_A * (1 - _IMPROVEMENT)
+            area = _fsc_area(curve.fsc)
+            improved = res < state.best_fsc_A * (1 - _IMPROVEMENT) or area > state.best_fsc_area * (1 + _IMPROVEMENT)
             state.stale = 0 if improved else state.stale + 1
             state.best_fsc_A = min(state.best_fsc_A, res)
-            next_edge = float(min(nyquist_edge, max(edge, _shell_edge(curve.fsc) + _WIDEN_SHELLS)))
+            state.best_fsc_area = max(state.best_fsc_area, area)
+            wanted = max(edge, _shell_edge(curve.fsc) + _WIDEN_SHELLS)
+            next_edge = float(min(nyquist_edge, wanted, _GROWTH * edge + 1))
             entry = {
                 "iteration": it,
                 "band_A": state.band_A,
