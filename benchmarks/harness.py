@@ -45,6 +45,7 @@ SUITE = (
     "common_lines",
     "scaling",
     "throughput",
+    "refine",
 )
 
 

@@ -594,6 +594,79 @@ def reconstruct(
     _print_stages(*run_reconstruct(cfg, store, str(orientations), out, argv=sys.argv))
 
 
+@app.command(rich_help_panel=PIPELINE_PANEL)
+@guarded
+def refine(
+    store: Annotated[str, store_argument("Projection store the particles are in (folder or URL).")],
+    start: Annotated[
+        str,
+        typer.Argument(
+            help="Where to start: a run folder (its recovered orientations) or its .npz, a RELION .star "
+            "of the store's particles, or 'random' (the control: ab initio from nothing).",
+            show_default=False,
+        ),
+    ],
+    config: Annotated[Optional[Path], config_option("YAML run config (refine section).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--output", "--out", "-o", help="Output folder (default: runs/refine).")
+    ] = None,
+    iterations: Annotated[
+        Optional[int], option(help="Iterations (search + reconstruction) at most.", key="refine.iterations")
+    ] = None,
+    start_deg: Annotated[
+        Optional[float], option(help="Angular step of the first iteration (°).", key="refine.start_deg")
+    ] = None,
+    final_deg: Annotated[
+        Optional[float], option(help="Angular step of the last iteration (°).", key="refine.final_deg")
+    ] = None,
+    keep: Annotated[
+        Optional[int], option(help="Best coarse candidates per image searched finely.", key="refine.keep")
+    ] = None,
+    max_shift: Annotated[
+        Optional[float], option(help="Largest shift searched per image (pixels).", key="refine.max_shift_px")
+    ] = None,
+    mode: Annotated[
+        Optional[str], option(help="hard (best candidate) or soft (posterior weights).", key="refine.mode")
+    ] = None,
+    actors: Annotated[
+        Optional[int], option(help="Ray actors scoring image batches (0 = in-process).", key="refine.actors")
+    ] = None,
+    gpu: Annotated[
+        Optional[bool],
+        option("--gpu/--no-gpu", help="Score on a GPU (default: when CUDA is present).", key="refine.gpu"),
+    ] = None,
+    split: Annotated[
+        Optional[str], option(help="With random or .star: the split (train, val, test).", key="refine.split")
+    ] = None,
+    protein: Annotated[
+        Optional[str], option(help="With random or .star: protein name or index in the store.", key="refine.protein")
+    ] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Discard the output folder's saved iterations and start again.")
+    ] = False,
+    seed: SeedOption = None,
+    sets: SetOption = None,
+    address: AddressOption = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Refine orientations globally by projection matching: search, reconstruct, repeat (image batches on Ray actors).
+
+    Writes refined.star + refined.mrcs (RELION), map.mrc and half_map_1/2.mrc, the FSC and the
+    resolution per iteration (fsc_iterations.png, resolution_iterations.png), refined.json and,
+    when the store knows the truth, the error per iteration (E_OR and rotation + hand). Every
+    finished iteration is saved in state/: running the same command again resumes.
+    """
+    from cryoorient_ray.config import refine_start
+    from cryoorient_ray.stages.refine import run_refine
+
+    kind, start_file = refine_start(start)
+    cfg = _load_config(refine, locals(), {"refine.start": kind, "refine.start_file": start_file})
+    out = Path("runs/refine") if out is None and config is None else out
+    out_dir, result = run_refine(cfg, store, out_dir=out, argv=sys.argv, progress=progress, restart=restart)
+    _print_stages(out_dir, result)
+    stdout.print(f"Report: {out_dir / 'report.html'}  Numbers: {out_dir / 'refined.json'}")
+
+
 @app.command(rich_help_panel=TOOLS_PANEL)
 @guarded
 def align(

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import difflib
 import os
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from cryoorient_ray import __version__
 from cryoorient_ray.core.geometry.symmetry import normalize_symmetry_name
 from cryoorient_ray.core.recovery.solver import RecoverySettings
+from cryoorient_ray.core.refinement.global_search import GlobalRefineSettings
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_write_text
 
@@ -465,6 +467,115 @@ class ReconstructConfig(StrictModel):
     refine_rounds: int = Field(0, ge=0, description="rounds of projection-matching refinement (0 = none)")
 
 
+_GLOBAL = GlobalRefineSettings()  # the global search's defaults, written once (core/refinement/global_search.py)
+
+
+class RefineConfig(StrictModel):
+    """Global refinement by projection matching (the ``refine`` stage, `cryoorient refine`).
+
+    The algorithm's keys are :class:`~cryoorient_ray.core.refinement.global_search.GlobalRefineSettings`'
+    with its defaults (:meth:`settings` is the one hand-off); the others say where it starts, on
+    which projections, and where it runs.
+    """
+
+    enabled: bool = Field(False, description="run the refine stage in `cryoorient run` (after recover)")
+    start: Literal["recovered", "star", "random"] = Field(
+        "recovered",
+        description="recovered: the recover stage's orientations; star: a RELION .star (start_file); "
+        "random: random orientations (the control: ab initio from nothing)",
+    )
+    start_file: str | None = Field(
+        None,
+        description="with start recovered: a run folder or its recovered_orientations.npz (null: the run's own); "
+        "with start star: the .star file (its particles matched to the store's by their images)",
+    )
+    split: Literal["train", "val", "test"] = Field("test", description="with start random or star: the split")
+    protein: str | None = Field(
+        None, description="with start random or star: protein name or index in the store (default: the first)"
+    )
+    max_projections: int | None = Field(None, ge=3, description="with start random: a random subset of this many")
+    iterations: int = Field(
+        _GLOBAL.iterations, ge=1, le=1000, description="iterations of search + reconstruction at most"
+    )
+    start_deg: float = Field(_GLOBAL.start_deg, gt=0, le=90, description="angular step of the coarsest SO(3) grid (°)")
+    final_deg: float = Field(
+        _GLOBAL.final_deg,
+        gt=0,
+        le=90,
+        description="the search refines to the first grid level with a step <= this (°)",
+    )
+    keep: int = Field(
+        _GLOBAL.keep,
+        ge=1,
+        description="candidates kept per image at every level of the search (8 children each at the next)",
+    )
+    max_shift_px: float = Field(
+        _GLOBAL.max_shift_px,
+        ge=0,
+        description="radius of the shift search (pixels); 0 = the store's shifts as they are",
+    )
+    shift_step_px: float = Field(
+        _GLOBAL.shift_step_px,
+        gt=0,
+        description="the shift grid's step at the coarsest level is twice this, halved per level (pixels)",
+    )
+    mode: Literal["hard", "soft"] = Field(
+        _GLOBAL.mode, description="hard: each image at its best candidate; soft: weighted by the posterior"
+    )
+    wiener: float | None = Field(None, gt=0, description="Wiener constant; null = from the simulated SNR")
+    mask_radius: float | None = Field(
+        _GLOBAL.mask_radius, gt=0, description="soft spherical mask radius in voxels; null = L/2 − 4"
+    )
+    start_resolution_A: float | None = Field(
+        _GLOBAL.start_resolution_A,
+        gt=0,
+        description="first band limit (Å); null = a quarter of Nyquist from random, else the start map's FSC0.143",
+    )
+    patience: int = Field(
+        _GLOBAL.patience, ge=1, description="iterations without a half-map FSC improvement before it stops"
+    )
+    local_polish_rounds: int = Field(
+        _GLOBAL.local_polish_rounds, ge=0, description="rounds of the local refiner on each half at the end"
+    )
+    batch_size: int = Field(_GLOBAL.batch_size, ge=1, description="images per scoring batch (bounds memory)")
+    actors: int = Field(0, ge=0, description="Ray actors scoring image batches (0 = in-process)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpu: bool | None = Field(None, description="score on a GPU (null = when CUDA is present)")
+
+    @model_validator(mode="after")
+    def _schedule(self) -> RefineConfig:
+        if self.final_deg > self.start_deg:
+            raise ValueError(f"final_deg {self.final_deg:g} is larger than start_deg {self.start_deg:g}")
+        return self
+
+    def device(self) -> str:
+        """The torch device of the search: ``gpu`` true → cuda, false → cpu, null → cuda when present.
+
+        Raises:
+            CryoOrientError: ``gpu`` true on a machine without CUDA.
+        """
+        import torch
+
+        if self.gpu is None:
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.gpu and not torch.cuda.is_available():
+            raise CryoOrientError("refine.gpu is true (--gpu) but torch sees no CUDA device here")
+        return "cuda" if self.gpu else "cpu"
+
+    def settings(self, seed: int, symmetry: str, wiener: float) -> GlobalRefineSettings:
+        """The search's :class:`GlobalRefineSettings` from these keys, with the run's ``seed``, the
+        protein's ``symmetry``, the ``wiener`` constant (``refine.wiener``, or the store's: see
+        :func:`~cryoorient_ray.stages.reconstruct.wiener_constant`) and the device (:meth:`device`)."""
+        keys = {f.name for f in dataclasses.fields(GlobalRefineSettings)} - {"seed", "symmetry", "device", "wiener"}
+        return GlobalRefineSettings(
+            **self.model_dump(include=keys),
+            wiener=float(wiener),
+            seed=seed,
+            device=self.device(),
+            symmetry=symmetry,
+        )
+
+
 class RayConfig(StrictModel):
     """Where stages run: local Ray (address null) or an existing cluster (see clusters/ and docs/SCALING.md).
 
@@ -504,6 +615,7 @@ class RunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: SearchConfig = Field(default_factory=SearchConfig)
     recover: RecoverConfig = Field(default_factory=RecoverConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
     reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     stamp: Stamp | None = Field(None, description="filled in when the config is written next to outputs")
@@ -688,6 +800,19 @@ def recover_estimator(
     if exact or perturb is not None:
         return "exact"
     return "model" if model else None
+
+
+def refine_start(start: str) -> tuple[Literal["recovered", "star", "random"], str | None]:
+    """``(refine.start, refine.start_file)`` of `cryoorient refine`'s START: ``random``, a ``.star``
+    file, or a run folder / ``.npz`` of recovered orientations (checked when the stage opens it)."""
+    text = str(start).strip()
+    if not text:
+        raise CryoOrientError("START is empty: give a run folder, a .star file or 'random'")
+    if text.lower() == "random":
+        return "random", None
+    if text.lower().endswith(".star"):
+        return "star", text
+    return "recovered", text
 
 
 def check_tune_resume(options: dict[str, Any]) -> None:

@@ -6,9 +6,11 @@ imports: cli → pipeline/stages → distributed → {io, core}.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,19 +26,24 @@ from cryoorient_ray.stages.base import (
 )
 from cryoorient_ray.stages.reconstruct import stage_reconstruct
 from cryoorient_ray.stages.recover import stage_recover
+from cryoorient_ray.stages.refine import REFINED_NAME, RUN_FOLDER, STATE_DIR, check_refine, stage_refine
 from cryoorient_ray.stages.simulate import check_simulate, stage_simulate
 from cryoorient_ray.stages.train import stage_train
 
 log = logging.getLogger(__name__)
 
 
-# The config sections each stage depends on: a stage re-runs when one of them changes.
+# The config sections each stage depends on: a stage re-runs when one of them changes. The
+# reconstruct stage depends on refine too when refine runs (it then starts from the refined orientations).
 STAGE_SECTIONS = {
     "simulate": ("seed", "simulate"),
     "train": ("seed", "simulate", "train"),
     "recover": ("seed", "simulate", "train", "recover"),
+    "refine": ("seed", "simulate", "train", "recover", "refine"),
     "reconstruct": ("seed", "simulate", "train", "recover", "reconstruct"),
 }
+# refine keys that change how the stage runs, not its result (a changed one resumes, not restarts).
+REFINE_RUN_KEYS = ("actors", "cpus_per_actor", "gpu", "batch_size")
 
 
 def stage_key(cfg: RunConfig, name: str) -> str:
@@ -44,7 +51,10 @@ def stage_key(cfg: RunConfig, name: str) -> str:
     import hashlib
 
     data = cfg.model_dump(mode="json")
-    picked = {k: data.get(k) for k in STAGE_SECTIONS[name]}
+    sections = STAGE_SECTIONS[name] + (("refine",) if name == "reconstruct" and cfg.refine.enabled else ())
+    picked = {k: data.get(k) for k in sections}
+    if "refine" in picked:
+        picked["refine"] = {k: v for k, v in picked["refine"].items() if k not in REFINE_RUN_KEYS}
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -99,6 +109,14 @@ def headline(results: list[StageResult]) -> dict[str, str]:
             f"{m.get('recover.registration')} rad "
             f"(gauge {'physical' if m.get('recover.gauge_physical') else 'NOT physical'})"
         )
+    if "refine.halfmap_fsc0143_A" in m:
+        line = f"half maps FSC0.143 {m['refine.halfmap_fsc0143_A']} Å after {m.get('refine.iterations')} iterations"
+        if "refine.registration" in m:
+            line += (
+                f"; error {m['refine.registration']} rad after rotation + hand (E_OR {m.get('refine.e_or_o4')} rad), "
+                f"from {m.get('refine.start_registration')} rad"
+            )
+        lines[f"global refinement (from {m.get('refine.start')})"] = line
     if "reconstruct.recovered_fsc05_A" in m:
         lines["resolution FSC0.5 vs true map"] = (
             f"recovered {m['reconstruct.recovered_fsc05_A']} Å, true orientations "
@@ -129,16 +147,24 @@ def run_pipeline(
 
     check_ray_address(cfg)
     check_simulate(cfg, output_dir_for(cfg, out_dir))  # before config.yaml is (re)written
+    check_refine(cfg)
     out = prepare_output_dir(cfg, out_dir, argv)
+    if force:  # re-run refine from its start, not from its saved iterations
+        shutil.rmtree(out / RUN_FOLDER / STATE_DIR, ignore_errors=True)
+    orientations = f"{RUN_FOLDER}/{REFINED_NAME}" if cfg.refine.enabled else "recovered_orientations.npz"
     runners = {
         "simulate": stage_simulate,
         "train": stage_train,
         "recover": stage_recover,
-        "reconstruct": stage_reconstruct,
+        "refine": stage_refine,
+        "reconstruct": functools.partial(stage_reconstruct, orientations=orientations),
     }
     results = []
     for name in PIPELINE_STAGES:
         if name not in runners:
+            continue
+        if name == "refine" and not cfg.refine.enabled:
+            log.info("stage refine: off (refine.enabled false), skipping")
             continue
         key = stage_key(cfg, name)
         cached = None if force else _cached_stage(out, name, key)

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cryoorient_ray.core.geometry.euler import unitquat_to_euler_relion  # noqa: E402
 from cryoorient_ray.core.geometry.quaternion import quat_distance  # noqa: E402
@@ -266,6 +267,96 @@ def plot_refinement(history: list[dict], path: str | os.PathLike) -> Path:
         ax2.legend(loc="upper center")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right")
+    return _save(fig, path)
+
+
+def plot_fsc_iterations(
+    curves: list[tuple[str, np.ndarray, np.ndarray]],
+    path: str | os.PathLike,
+    thresholds: tuple[float, ...] = (0.5, 0.143),
+    title: str = "",
+) -> Path:
+    """Half-map FSC after every iteration of a refinement: ``[(label, frequency 1/Å, fsc), ...]`` in order.
+
+    One curve per entry, coloured from dark (first) to light (last), the last one thick; the
+    legend gives each curve's FSC0.143 resolution. Axes as :func:`plot_fsc` (linear in 1/Å, ticks in Å).
+    """
+    from cryoorient_ray.core.reconstruction.fsc import fsc_resolution
+
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    colours = plt.cm.viridis(np.linspace(0.0, 0.9, max(1, len(curves))))
+    fmax = 0.0
+    for k, ((label, freq, curve), colour) in enumerate(zip(curves, colours, strict=True)):
+        freq = np.asarray(freq, dtype=np.float64)
+        curve = np.asarray(curve, dtype=np.float64)
+        fmax = max(fmax, float(freq.max()) if len(freq) else 0.0)
+        last = k == len(curves) - 1
+        res = fsc_resolution(curve, freq, 0.143)
+        ax.plot(freq, curve, color=colour, lw=2.2 if last else 1.1, label=f"{label} ({res:.1f} Å @ 0.143)")
+    for t, style in zip(thresholds, ("--", ":"), strict=False):
+        ax.axhline(t, color="grey", ls=style, lw=1)
+    ax.set_xlim(0, fmax if fmax > 0 else 1)
+    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.05)
+    ticks = np.linspace(0, fmax, 6) if fmax > 0 else np.array([0.0])
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(["∞" if f == 0 else f"{1 / f:.1f}" for f in ticks])
+    ax.set_xlabel("resolution (Å)")
+    ax.set_ylabel("half-map FSC")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", ncol=2 if len(curves) > 8 else 1)
+    ax.set_title(title or "half-map FSC per iteration", fontsize=10)
+    return _save(fig, path)
+
+
+def _history_values(history: list[dict], key: str, scale=None) -> list[float] | None:
+    """``history[k][key]`` per iteration (NaN where missing, ``scale`` applied); None if none has it."""
+    vals = [h.get(key) for h in history]
+    if all(v is None for v in vals):
+        return None
+    return [np.nan if v is None else (scale(v) if scale else float(v)) for v in vals]
+
+
+def plot_refine_iterations(history: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """A refinement per iteration: resolutions (Å) on the left, angles (°) on the right.
+
+    Left: the half-map FSC0.143 and FSC0.5 resolutions, the FSC0.5 against the true map (when
+    known) and the band the search used. Right: the mean change of the orientations and, when
+    the truth is known, their error after rotation + hand (``error_rad``).
+    """
+    its = [h.get("iteration", k + 1) for k, h in enumerate(history)]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label, style in (
+        ("resolution_0143_A", "half maps, FSC 0.143", "o-"),
+        ("resolution_05_A", "half maps, FSC 0.5", "s-"),
+        ("resolution_05_true_A", "vs true map, FSC 0.5", "^-"),
+        ("band_A", "search band", "x:"),
+    ):
+        vals = _history_values(history, key)
+        if vals is not None:
+            ax.plot(its, vals, style, label=label)
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("resolution (Å)")
+    ax.invert_yaxis()  # better is up
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("resolution per iteration", fontsize=10)
+    for key, label, style in (
+        ("change_rad", "mean change", "s--"),
+        ("error_rad", "error vs truth (rotation + hand)", "o-"),
+    ):
+        vals = _history_values(history, key, np.degrees)
+        if vals is not None:
+            ax2.plot(its, vals, style, label=label)
+    ax2.set_xlabel("iteration")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2.set_ylabel("degrees")
+    ax2.set_ylim(bottom=0)
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(fontsize=8)
+    ax2.set_title("orientations per iteration", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -1,6 +1,7 @@
 """The run report: one self-contained HTML page (PNGs embedded) next to summary.json.
 
-Sections follow the pipeline: projections, learned distance, recovery, reconstruction, timings.
+Sections follow the pipeline: projections, learned distance, recovery, global refinement (with its
+table of iterations), reconstruction, timings.
 Figures that a run did not make (a stage skipped, no ground truth) are simply left out.
 """
 
@@ -26,6 +27,17 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
     ("Orientation recovery", "recovered_loss.png", "L_OR per step: the usable proxy of the error without truth."),
     ("Orientation recovery", "recovered_errors.png", "Per-image orientation error: after O(4) (E_OR) and physical."),
     ("Orientation recovery", "recovered_directions.png", "Recovered orientations (viewing directions, in-plane)."),
+    (
+        "Global refinement",
+        "fsc_iterations.png",
+        "Half-map FSC (gold standard: each half matched against its own map) after every iteration.",
+    ),
+    (
+        "Global refinement",
+        "resolution_iterations.png",
+        "Per iteration: half-map resolution, the search band, FSC0.5 against the true map (when known); "
+        "the orientations' mean change and their error after rotation + hand (when known).",
+    ),
     ("Reconstruction", "fsc.png", "FSC curves: half maps, and against the true map (paper Fig. 11e)."),
     ("Reconstruction", "volumes.png", "Central slices and projections of the reconstructions and the true map."),
     ("Reconstruction", "refinement.png", "Projection-matching refinement: error and resolution per round."),
@@ -49,6 +61,72 @@ def _metrics_table(stages: list[dict]) -> str:
             f"<td>{st.get('seconds', 0):.1f}</td><td>{html.escape(metrics)}</td></tr>"
         )
     return "<table><tr><th>stage</th><th>status</th><th>seconds</th><th>numbers</th></tr>" + "".join(rows) + "</table>"
+
+
+REFINE_SECTION = "Global refinement"
+REFINE_FOLDERS = ("", "refine")  # `cryoorient refine` writes into its folder, `cryoorient run` into refine/
+
+
+def _figure_path(out: Path, name: str) -> Path | None:
+    """Where a figure of the report lies: ``out/name``, or for the refine stage of a run ``out/refine/name``."""
+    for folder in REFINE_FOLDERS:
+        path = out / folder / name
+        if path.is_file():
+            return path
+    return None
+
+
+def _fmt(value, scale=None, digits: int = 2) -> str:
+    if value is None or isinstance(value, str):
+        return "" if value is None else value
+    return f"{(scale(value) if scale else value):.{digits}f}"
+
+
+def refine_table(out: Path) -> str:
+    """The refinement's iterations and final numbers as HTML, from ``refined.json`` ('' when there is none)."""
+    import math
+
+    path = next((out / f / "refined.json" for f in REFINE_FOLDERS if (out / f / "refined.json").is_file()), None)
+    if path is None:
+        return ""
+    rep = json.loads(path.read_text())
+    cols = (
+        ("iteration", "iteration", None, 0),
+        ("band_A", "band (Å)", None, 1),
+        ("resolution_0143_A", "half maps FSC0.143 (Å)", None, 1),
+        ("resolution_05_A", "half maps FSC0.5 (Å)", None, 1),
+        ("resolution_05_true_A", "vs true map FSC0.5 (Å)", None, 1),
+        ("change_rad", "mean change (°)", math.degrees, 2),
+        ("error_rad", "error vs truth (°)", math.degrees, 2),
+        ("seconds", "seconds", None, 1),
+    )
+    history = rep.get("history", [])
+    shown = [c for c in cols if any(h.get(c[0]) is not None for h in history)]
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _, _ in shown)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(h.get(k), f, d))}</td>" for k, _, f, d in shown) + "</tr>"
+        for h in history
+    )
+    start = rep.get("start", {})
+    final = rep.get("final", {})
+    words = [
+        f"{rep.get('projections')} projections of {html.escape(str(rep.get('protein')))}, "
+        f"start: {html.escape(str(start.get('kind')))} {html.escape(str(start.get('source') or ''))}",
+        f"final half-map resolution FSC0.143 {final.get('halfmap_fsc0143_A')} Å, "
+        f"FSC0.5 {final.get('halfmap_fsc05_A')} Å",
+    ]
+    err = rep.get("errors") or {}
+    if err:
+        line = f"error vs truth: E_OR {err['e_or_o4']:.4f} rad (O(4)), rotation + hand {err['registration']:.4f} rad"
+        if "start_registration" in err:
+            line += f" (at the start: rotation + hand {err['start_registration']:.4f} rad"
+            line += f", E_OR {err['start_e_or_o4']:.4f} rad)" if "start_e_or_o4" in err else ")"
+        words.append(line)
+    files = "refined.star/.mrcs, map.mrc, half_map_1.mrc, half_map_2.mrc, refined.json"
+    where = path.parent.relative_to(out).as_posix()
+    words.append(f"files: {html.escape(files)}" + (f" in <code>{html.escape(where)}/</code>" if where != "." else ""))
+    items = "".join(f"<li>{w}</li>" for w in words)
+    return f"<ul>{items}</ul><table><tr>{head}</tr>{rows}</table>"
 
 
 def write_report(out: Path, summary: dict) -> Path:
@@ -75,17 +153,22 @@ def write_report(out: Path, summary: dict) -> Path:
         parts.append("<h2>Results</h2><ul>")
         parts += [f"<li>{html.escape(k)}: <b>{html.escape(str(v))}</b></li>" for k, v in headline.items()]
         parts.append("</ul>")
+    refined = any(st.get("name") == "refine" for st in summary.get("stages", []))
     section = None
     for sec, name, caption in FIGURES:
-        path = out / name
-        if not path.is_file():
+        path = _figure_path(out, name)
+        if path is None or (sec == REFINE_SECTION and not refined):  # left from an earlier run with refine
             continue
         if sec != section:
+            if section == REFINE_SECTION:
+                parts.append(refine_table(out))
             parts.append(f"<h2>{html.escape(sec)}</h2>")
             section = sec
         parts.append(
             f"<figure>{png_to_img_tag(path)}<figcaption class='cap'>{html.escape(caption)}</figcaption></figure>"
         )
+    if section == REFINE_SECTION:
+        parts.append(refine_table(out))
     parts.append("<h2>Stages and timings</h2>")
     parts.append(_metrics_table(summary.get("stages", [])))
     parts.append("<h2>summary.json</h2><pre>" + html.escape(json.dumps(summary, indent=2)) + "</pre>")

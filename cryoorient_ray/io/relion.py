@@ -43,11 +43,13 @@ def export_relion(
     rows: np.ndarray | None = None,
     name: str = "particles",
     quaternions: np.ndarray | None = None,
+    shifts: np.ndarray | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<out_dir>/<name>.star`` and ``<name>.mrcs`` for ``rows`` (default: all completed rows).
 
     ``quaternions`` (``(len(rows), 4)``, wxyz) replaces the store's orientations in the .star
     (recovered orientations); by default the store's own (true) angles are written, if any.
+    ``shifts`` (``(len(rows), 2)`` pixels, refined) replaces the store's shifts likewise.
     Returns ``(star_path, mrcs_path)``. Both appear only when fully written.
     """
     done = store.done_rows()
@@ -97,8 +99,11 @@ def export_relion(
     elif m.get("has_orientations", True):
         for k, col in enumerate(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
             particles[col] = meta["euler"][:, k]
-    particles["rlnOriginXAngst"] = -meta["shift"][:, 0].astype(np.float64) * pix
-    particles["rlnOriginYAngst"] = -meta["shift"][:, 1].astype(np.float64) * pix
+    shift = meta["shift"] if shifts is None else np.asarray(shifts, dtype=np.float64)
+    if shift.shape != (len(rows), 2):
+        raise CryoOrientError(f"{len(rows)} rows but shifts of shape {shift.shape}")
+    particles["rlnOriginXAngst"] = -shift[:, 0].astype(np.float64) * pix
+    particles["rlnOriginYAngst"] = -shift[:, 1].astype(np.float64) * pix
     if m.get("ctf_applied", False):
         particles["rlnDefocusU"] = meta["defocus_u"].astype(np.float64)
         particles["rlnDefocusV"] = meta["defocus_v"].astype(np.float64)
@@ -190,6 +195,18 @@ def _load_images(particles: pd.DataFrame, star_path: Path) -> np.ndarray:
         for s in stacks.values():
             s.close()
     return images
+
+
+def read_star_particles(star_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """The particles of a RELION .star: images ``(N, L, L)`` float32 (from their stacks, in table order)
+    and orientations ``(N, 4)`` wxyz (None when the table has no angles)."""
+    star_path = Path(star_path)
+    particles, _ = _read_star(star_path)
+    images = _load_images(particles, star_path)
+    angle_cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+    if not all(c in particles for c in angle_cols):
+        return images, None
+    return images, np.asarray(euler_relion_to_unitquat(particles[angle_cols].to_numpy(float)))
 
 
 def _particle_metadata(particles: pd.DataFrame, pix: float, n: int, split: str) -> tuple[dict, bool, bool]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryoorient_ray.config import ReconstructConfig, RunConfig
+from cryoorient_ray.config import ReconstructConfig, RefineConfig, RunConfig
 from cryoorient_ray.core.geometry.quaternion import unitquat_to_rotmat
 from cryoorient_ray.core.geometry.sampling import sample_orientations
 from cryoorient_ray.core.imaging.particles import ParticleStack
@@ -45,8 +45,8 @@ class ReconstructionOutcome:
     refined: np.ndarray | None = None  # (P, 4) refined quaternions, when refinement ran
 
 
-def wiener_constant(cfg: ReconstructConfig, store: ProjectionStore) -> float:
-    """The Wiener constant of the Fourier reconstruction: given, or from the simulated SNR.
+def wiener_constant(cfg: ReconstructConfig | RefineConfig, store: ProjectionStore) -> float:
+    """The Wiener constant of the Fourier reconstruction: given (``cfg.wiener``), or from the simulated SNR.
 
     ``0.25 / SNR`` (linear, of the working images) for simulated noisy stores, ``1e-2`` for
     noiseless ones, and 1 for stores of unknown SNR (imported particles). The SNR is set at the
@@ -184,15 +184,25 @@ def _res(value: float) -> float | None:
     return None if not math.isfinite(value) else round(float(value), 2)
 
 
-def stage_reconstruct(cfg: RunConfig, out: Path, progress: bool = True, store_path: str | None = None) -> StageResult:
-    """Volumes from the recovered orientations (and, with the truth, the Figure 11 comparison); FSC."""
+def stage_reconstruct(
+    cfg: RunConfig,
+    out: Path,
+    progress: bool = True,
+    store_path: str | None = None,
+    orientations: str = "recovered_orientations.npz",
+) -> StageResult:
+    """Volumes from the recovered orientations (and, with the truth, the Figure 11 comparison); FSC.
+
+    ``orientations`` (relative to ``out``): the orientations file, ``recovered_orientations.npz`` or,
+    after the ``refine`` stage, its ``refine/refined_orientations.npz`` (the same arrays).
+    """
     from cryoorient_ray.core.density.volume import DensityMap
     from cryoorient_ray.io.mrc import write_map
     from cryoorient_ray.plots import plot_fsc, plot_refinement, plot_volume_slices
 
     t0 = time.perf_counter()
     store = ProjectionStore.open(store_path or store_path_for(cfg, out))
-    recovered = load_recovered(out / "recovered_orientations.npz")
+    recovered = load_recovered(out / orientations)
     outcome = reconstruct_from_recovery(store, recovered, cfg)
     files: dict[str, str] = {}
     names = {

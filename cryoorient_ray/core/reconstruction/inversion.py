@@ -170,6 +170,16 @@ def _ctf_source(stack: ParticleStack, ctf_grid, n: int, dtype, device) -> CtfSou
     return from_array
 
 
+def _image_weights(weights, b: int, dtype, device) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    w, _ = as_tensor(weights)
+    w = w.detach().to(device=device, dtype=dtype)
+    if tuple(w.shape) != (b,) or not torch.isfinite(w).all() or (w < 0).any():
+        raise CryoOrientError(f"weights must be ({b},) finite non-negative numbers, one per image")
+    return w
+
+
 def _symmetry_rotmats(symmetry: str | None, dtype, device) -> torch.Tensor | None:
     if symmetry is None:
         return None
@@ -281,8 +291,10 @@ def _backproject(
     n: int,
     sym: torch.Tensor | None,
     batch_size: int,
+    image_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulated ``Σ w c P`` (complex) and ``Σ w c²`` on the centred ``N³`` grid, mates included."""
+    """Accumulated ``Σ w c P`` (complex) and ``Σ w c²`` on the centred ``N³`` grid, mates included
+    (each image's terms times its ``image_weights`` entry when given)."""
     dtype, device = imgs.dtype, imgs.device
     cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
     plane = _HalfPlane(n, dtype, device)
@@ -306,6 +318,9 @@ def _backproject(
             ft = ft * c
             ctf2 = c * c * plane.half
         ft = ft * plane.half
+        if image_weights is not None:
+            iw = image_weights[start:stop, None]
+            ft, ctf2 = ft * iw, ctf2 * iw
         rb = r[start:stop]
         if sym is None:
             _insert(data, weight, ft, ctf2, rb, plane, n)
@@ -329,6 +344,7 @@ def reconstruct_fourier(
     mask_width: float = 3.0,
     batch_size: int | None = None,
     device=None,
+    weights: ArrayLike | None = None,
 ) -> ArrayLike:
     """Direct Fourier inversion with trilinear gridding and a Wiener-style constant (module docstring).
 
@@ -355,6 +371,9 @@ def reconstruct_fourier(
             64 on CPU (small chunks keep the grid lines a chunk touches in cache across its 8
             corner passes; the fastest for 32² and 64² images) and 1024 on a GPU (fewer launches).
         device: torch device of the computation (default: that of the images).
+        weights: optional ``(B,)`` non-negative weight of each image's contribution (to ``Σ w c P``
+            and ``Σ w c²`` alike): a soft assignment inserts an image at several orientations
+            with its posterior probabilities.
 
     Returns:
         ``(D, D, D)`` volume with ``D = L``, indexed ``[z, y, x]``, origin at voxel ``D // 2``;
@@ -376,7 +395,8 @@ def reconstruct_fourier(
     ctf_fn = _ctf_source(stack, ctf_grid, n, dtype, dev)
     sym = _symmetry_rotmats(symmetry, dtype, dev)
     with torch.no_grad():
-        data, weight = _backproject(imgs, r, t, ctf_fn, n, sym, batch_size)
+        iw = _image_weights(weights, imgs.shape[0], dtype, dev)
+        data, weight = _backproject(imgs, r, t, ctf_fn, n, sym, batch_size, iw)
         ft = data / (weight + wiener) if wiener > 0 else torch.where(weight > 0, data / weight, torch.zeros_like(data))
         vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(ft))).real
         vol = vol / gridding_correction_3d(n, "linear", dtype, dev)

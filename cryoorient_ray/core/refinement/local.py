@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cryoorient_ray.core._array import ArrayLike, as_tensor
 from cryoorient_ray.core.geometry.quaternion import (
@@ -64,21 +63,17 @@ from cryoorient_ray.core.geometry.quaternion import (
     rotvec_to_unitquat,
     unitquat_to_rotmat,
 )
-from cryoorient_ray.core.imaging.fourier import centred_volume_ft, index_grid_2d, phase_ramp
+from cryoorient_ray.core.imaging.fourier import centred_volume_ft
 from cryoorient_ray.core.imaging.particles import ParticleStack, as_particle_stack
 from cryoorient_ray.core.reconstruction.fsc import best_hand, fsc, soft_mask
-from cryoorient_ray.core.reconstruction.inversion import _ctf_source, reconstruct_fourier, split_halves
+from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier, split_halves
 from cryoorient_ray.core.recovery.align import align_rotation
+from cryoorient_ray.core.refinement.matching import SliceMatcher as _Matcher
+from cryoorient_ray.core.refinement.matching import fsc_band as _band
 from cryoorient_ray.errors import CryoOrientError
 
 __all__ = ["RefineResult", "RefineSettings", "candidate_lattice", "refine_orientations"]
 
-# FSC threshold beyond which the reference's shells are dropped (the gold-standard criterion).
-_BAND_THRESHOLD = 0.143
-# The band keeps at least this many shells, each weighted at least _MIN_WEIGHT (a collapsed FSC
-# must not leave an empty score).
-_MIN_SHELLS = 3
-_MIN_WEIGHT = 0.05
 # A posterior over the candidates whose largest probability exceeds this is "sharp".
 _SHARP = 0.5
 # Trilinear fetches (candidates × band points) per grid_sample call: bounds memory (~100 MB).
@@ -212,69 +207,6 @@ class _Candidates:
 
 # ----------------------------------------------------------------------------------------------
 # Fourier-space matching
-
-# Cycles per L box → index offset in the 2× padded reference FT.
-_REF_SCALE = 2.0
-
-
-class _Matcher:
-    """The images' DFTs on their ``L × L`` rfft grid and the scoring of candidate rotations."""
-
-    def __init__(self, stack: ParticleStack) -> None:
-        imgs, shifts = stack.images, stack.shifts
-        p, lsize = imgs.shape[0], imgs.shape[1]
-        self.lsize = lsize
-        # Pixel L//2 to index 0: the phases are about the rotation centre.
-        ft = torch.fft.rfft2(torch.roll(imgs, (-(lsize // 2), -(lsize // 2)), (1, 2)))  # (P, L, L//2+1)
-        gy, gx = index_grid_2d(lsize)  # cycles per box
-        self.kx_all, self.ky_all = gx.reshape(-1), gy.reshape(-1)
-        self.radius_all = torch.sqrt(gx * gx + gy * gy).reshape(-1)
-        ft = ft.reshape(p, -1)
-        if shifts is not None:  # the data were moved by +t: undo it
-            ft = ft * phase_ramp(shifts.double(), self.kx_all, self.ky_all, sign=1.0, period=lsize).to(ft.dtype)
-        self.ft = ft
-        # The CTF on the 2× padded grid; its even rows and columns are the L grid.
-        self.ctf_fn = _ctf_source(stack, None, 2 * lsize, torch.float32, torch.device("cpu"))
-
-    def set_band(self, weight_of_radius: Callable[[np.ndarray], np.ndarray], max_radius: float) -> None:
-        """Choose the band points (``0 < |k| ≤ max_radius`` in cycles per box) and their weights ``h w²``."""
-        r = self.radius_all
-        sel = torch.nonzero((r > 0) & (r <= max_radius) & ~((self.kx_all == 0) & (self.ky_all < 0))).squeeze(1)
-        # The kx = 0 column holds k and its mate -k: keep ky > 0 there and count every point twice.
-        self.sel = sel
-        self.kxy = torch.stack([self.kx_all[sel], self.ky_all[sel]], -1).float()  # (M, 2)
-        w = torch.from_numpy(weight_of_radius(r[sel].numpy())).float()
-        self.w2 = 2.0 * w * w  # (M,)
-        self.n_points = sel.numel()
-
-    def image_terms(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For images ``idx``: ``(A (b, 2, M), ctf² h w² (b, M), ‖I‖²_w (b,))`` with ``A = h w² c I``."""
-        i = self.ft[idx][:, self.sel]  # (b, M) complex
-        if self.ctf_fn is None:
-            c = torch.ones(1, self.n_points)
-        else:
-            c = self.ctf_fn(idx)[:, ::2, ::2].reshape(idx.numel(), -1)[:, self.sel].float()
-        a = torch.stack([i.real, i.imag], 1) * (self.w2 * c)[:, None, :]
-        norm_i = (self.w2 * (i.real**2 + i.imag**2)).sum(-1)
-        return a, (c * c * self.w2).expand(idx.numel(), -1), norm_i
-
-    def scores(self, ref: torch.Tensor, rows: torch.Tensor, terms) -> torch.Tensor:
-        """NCC ``(b, K)`` of images (``terms`` from :meth:`image_terms`) with the reference at rotations.
-
-        ``ref`` is the ``(1, 2, 2L, 2L, 2L)`` centred FT of the reference; ``rows`` is
-        ``(b, K, 2, 3)``: the first two rows of each candidate rotation matrix.
-        """
-        a, cw, norm_i = terms
-        b, k = rows.shape[0], rows.shape[1]
-        n = ref.shape[-1]
-        # Rᵀ (kx, ky, 0) = kx R[0, :] + ky R[1, :], in reference indices (x, y, z), centred at n//2.
-        pos = torch.einsum("mc,bkcj->bkmj", self.kxy * _REF_SCALE, rows) + n // 2
-        grid = pos * (2.0 / (n - 1)) - 1.0
-        sampled = F.grid_sample(ref, grid.reshape(1, b * k, -1, 1, 3), mode="bilinear", align_corners=True)
-        sampled = sampled.reshape(2, b, k, -1)  # (re/im, b, K, M)
-        num = torch.einsum("cbkm,bcm->bk", sampled, a)
-        norm_p = torch.einsum("cbkm,bm->bk", sampled * sampled, cw)
-        return num / torch.sqrt((norm_p * norm_i[:, None]).clamp_min(1e-30))
 
 
 def _vertex_offsets(sc: torch.Tensor, best: torch.Tensor, cand: _Candidates) -> torch.Tensor:
@@ -483,23 +415,6 @@ class _Maps:
         elif self.reference is not None:
             out["resolution_05"] = fsc(best_hand(full, self.reference), self.reference, self.px).resolution_05
         return out
-
-
-def _band(fsc_curve: np.ndarray, lsize: int) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
-    """The reference's filter ``w(|k|)`` (cycles per box) from the half maps' FSC, and the band's edge."""
-    curve = np.clip(fsc_curve, 0.0, 1.0)
-    below = np.flatnonzero(curve[1:] < _BAND_THRESHOLD)
-    last = (below[0] + 1) if below.size else len(curve)  # first shell left out
-    last = min(max(last, _MIN_SHELLS), len(curve))
-    weight = np.maximum(np.sqrt(2 * curve / (1 + curve)), _MIN_WEIGHT)
-    weight[last:] = 0.0
-    # Shell s is s cycles per box (frequency s / L per pixel), as the images' DFT grid.
-    max_radius = min(last - 1, lsize / 2 - 1)
-
-    def band_weight(r, w=weight):
-        return np.interp(r, np.arange(len(w)), w)
-
-    return band_weight, max_radius
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,141 @@
+"""A hierarchical, near-uniform grid of SO(3): cube-sphere viewing directions × in-plane angles.
+
+The grid of resolution ``n`` (its *level*) is the product of
+
+- ``6 n²`` viewing directions: the centres of an ``n × n`` equiangular grid on each face of the
+  cube, projected on the sphere (cell ``(i, j)`` of face ``f`` is the direction
+  ``normalise(c_f + tan(a_i) u_f + tan(b_j) v_f)``, ``a_i = π/4 · (2 (i + ½) / n − 1)``): a
+  hierarchical, near-equal-area pixelisation of the sphere like HEALPix (cell areas within a
+  factor 1.3 of each other, each cell split into 2 × 2 at the next level), and
+- ``4 n`` in-plane angles ``ψ_p = 2π (p + ½) / (4 n)``,
+
+so ``24 n³`` orientations with a step of ``90° / n`` in both (``n = 6``: 15°, 5,184 orientations).
+As in cryoDRGN's Hopf-fibration grid (``so3_grid.py``: HEALPix directions × ψ), the uniform
+measure on directions times the uniform measure on ψ is the Haar measure on SO(3), and every
+grid point has 8 children at level ``2 n`` (2 × 2 direction cells × 2 ψ bins) that tile its cell,
+so a coarse-to-fine search subdivides around the best points only (:func:`grid_children`).
+
+The rotation of direction ``d`` and angle ``ψ`` is ``R = Rz(ψ) · F_f · Mᵀ`` with ``F_f`` the face's
+fixed frame (rows ``u_f, v_f, c_f``) and ``M`` the smallest rotation taking ``c_f`` to ``d``: its third
+row is ``d`` (the viewing direction, ``Rᵀ e_z`` as in the projector's convention) and the frame is
+smooth across each face, so the children of a point are close to it in SO(3) (a frame from Euler
+angles would spin round the poles). A grid index is ``((f · n + i) · n + j) · 4n + p``.
+
+Pure torch/numpy (float64); never imports ray.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from cryoorient_ray.core.geometry.quaternion import rotmat_to_unitquat
+from cryoorient_ray.errors import CryoOrientError
+
+__all__ = [
+    "grid_children",
+    "grid_level_for_step",
+    "grid_rotmats",
+    "grid_size",
+    "grid_step_deg",
+    "so3_grid",
+]
+
+# Face normals c_f and tangent axes (u_f, v_f) with u × v = c (right-handed frames F_f).
+_FACES = np.array(
+    [
+        [[0, 1, 0], [0, 0, 1], [1, 0, 0]],
+        [[0, 0, 1], [0, 1, 0], [-1, 0, 0]],
+        [[0, 0, 1], [1, 0, 0], [0, 1, 0]],
+        [[1, 0, 0], [0, 0, 1], [0, -1, 0]],
+        [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+        [[0, 1, 0], [1, 0, 0], [0, 0, -1]],
+    ],
+    dtype=np.float64,
+)  # (6, 3 rows u, v, c, 3)
+
+
+def _check_level(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise CryoOrientError(f"the SO(3) grid's resolution must be an integer >= 1; got {n!r}")
+    return int(n)
+
+
+def grid_size(n: int) -> int:
+    """Number of orientations ``24 n³`` of the grid of resolution ``n``."""
+    return 24 * _check_level(n) ** 3
+
+
+def grid_step_deg(n: int) -> float:
+    """The grid's angular step ``90° / n`` (between neighbouring directions and in-plane angles)."""
+    return 90.0 / _check_level(n)
+
+
+def grid_level_for_step(step_deg: float) -> int:
+    """The coarsest resolution ``n`` whose step ``90° / n`` is at most ``step_deg``."""
+    if not (isinstance(step_deg, (int, float, np.number)) and math.isfinite(step_deg) and 0 < step_deg <= 90):
+        raise CryoOrientError(f"the grid step must be a number of degrees in (0, 90]; got {step_deg!r}")
+    return max(1, math.ceil(90.0 / step_deg - 1e-9))
+
+
+def grid_rotmats(n: int, index: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``(*S, 3, 3)`` float64 rotation matrices of the grid points ``index (*S)`` at resolution ``n``."""
+    n = _check_level(n)
+    idx = torch.as_tensor(index, dtype=torch.int64)
+    m = 4 * n
+    p = idx % m
+    cell = idx // m
+    j = cell % n
+    i = (cell // n) % n
+    f = cell // (n * n)
+    if idx.numel() and (int(f.min()) < 0 or int(f.max()) > 5):
+        raise CryoOrientError(f"grid index out of range for resolution {n} ({grid_size(n)} points)")
+    faces = torch.from_numpy(_FACES).to(idx.device)[f]  # (*S, 3, 3): rows u, v, c
+    u, v, c = faces[..., 0, :], faces[..., 1, :], faces[..., 2, :]
+    a = (math.pi / 4) * (2 * (i.double() + 0.5) / n - 1)
+    b = (math.pi / 4) * (2 * (j.double() + 0.5) / n - 1)
+    d = c + torch.tan(a)[..., None] * u + torch.tan(b)[..., None] * v
+    d = d / torch.linalg.norm(d, dim=-1, keepdim=True)
+    # M x = x + w × x + w × (w × x) / (1 + c·d), w = c × d: the smallest rotation taking c to d.
+    w = torch.linalg.cross(c, d)
+    k = 1.0 / (1.0 + (c * d).sum(-1, keepdim=True))
+
+    def turn(x):
+        wx = torch.linalg.cross(w, x)
+        return x + wx + torch.linalg.cross(w, wx) * k
+
+    frame = torch.stack([turn(u), turn(v), d], -2)  # rows M u, M v, d
+    psi = 2 * math.pi * (p.double() + 0.5) / m
+    cs, sn = torch.cos(psi), torch.sin(psi)
+    zero, one = torch.zeros_like(psi), torch.ones_like(psi)
+    rz = torch.stack(
+        [torch.stack([cs, -sn, zero], -1), torch.stack([sn, cs, zero], -1), torch.stack([zero, zero, one], -1)], -2
+    )
+    return rz @ frame
+
+
+def grid_children(n: int, index: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``(*S, 8)`` indices at resolution ``2 n`` of the 8 children of grid points ``index (*S)`` at ``n``."""
+    n = _check_level(n)
+    idx = torch.as_tensor(index, dtype=torch.int64)
+    m = 4 * n
+    p = idx % m
+    cell = idx // m
+    j = cell % n
+    i = (cell // n) % n
+    f = cell // (n * n)
+    n2, m2 = 2 * n, 2 * m
+    off = torch.tensor([0, 1], dtype=torch.int64, device=idx.device)
+    ci = (2 * i)[..., None, None, None] + off[:, None, None]
+    cj = (2 * j)[..., None, None, None] + off[None, :, None]
+    cp = (2 * p)[..., None, None, None] + off[None, None, :]
+    out = ((f[..., None, None, None] * n2 + ci) * n2 + cj) * m2 + cp
+    return out.reshape(*idx.shape, 8)
+
+
+def so3_grid(n: int) -> np.ndarray:
+    """All ``24 n³`` orientations of the grid of resolution ``n`` as ``(24 n³, 4)`` unit quaternions (wxyz)."""
+    rot = grid_rotmats(n, torch.arange(grid_size(n)))
+    return np.asarray(rotmat_to_unitquat(rot), dtype=np.float64)
