@@ -237,7 +237,7 @@ def test_worker_settings_cross_to_the_worker_as_a_plain_dict(tmp_path):
     assert not any(dataclasses.is_dataclass(v) for v in plain.values())  # nested settings as dicts too
     assert WorkerSettings(**pickle.loads(pickle.dumps(plain))) == settings
     assert settings.lr_schedule == "cosine" == TrainConfig().lr_schedule  # the config's default, not another
-    assert settings.model == spec and settings.augment == Augmentation(snr_db=None, max_shift=2)
+    assert settings.model == spec and settings.augment == Augmentation(max_shift=2)
     assert settings.fault_injection == FaultInjection(1, "m", rank=0, delay_s=6.0)
     assert settings.symmetry == {0: "D2", 1: "D2", 100_000: "C1"} and settings.has_heldout
     # train rows of the seen proteins (a: ~50, c: ~30) over batch 8 × 2 workers, per epoch
