@@ -39,6 +39,7 @@ SUITE = (
     "exact",
     "euclidean",
     "noise_shift",
+    "noise",
     "full_method",
     "generalisation",
     "common_lines",
