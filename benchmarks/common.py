@@ -30,17 +30,36 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
-def simulate(ctx: Context, tag: str, sets: list[str], config: Path = DEMO, max_in_flight: int | None = None):
+def simulate(
+    ctx: Context,
+    tag: str,
+    sets: list[str],
+    config: Path = DEMO,
+    max_in_flight: int | None = None,
+    path: Path | None = None,
+    seed: int | None = None,
+):
     """Simulate the store of ``config`` with ``--set`` overrides ``sets`` into the scratch folder
-    (``max_in_flight``: shard tasks running at once; default: the simulation's own)."""
+    (``max_in_flight``: shard tasks running at once; default: the simulation's own).
+
+    ``path``: the store's folder instead (a store already there is removed first, so it is always
+    the one these settings make now); ``seed``: the simulation's seed (default: the benchmark's).
+    """
+    import shutil
+
     from cryoorient_ray.config import load_config
     from cryoorient_ray.distributed.simulate_tasks import simulate_store
 
     ctx.ray()
     cfg = load_config(config, None, sets)
+    if path is None:
+        path = ctx.work / f"{tag}.zarr"
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     store = simulate_store(
-        cfg.simulate, ctx.seed, ctx.work / f"{tag}.zarr", progress=False, max_in_flight=max_in_flight
+        cfg.simulate, ctx.seed if seed is None else seed, path, progress=False, max_in_flight=max_in_flight
     )
     ctx.say(
         f"simulated {tag}: {len(store.done_rows())} projections of {store.image_size}² "
@@ -69,20 +88,40 @@ def train_plain(
     seed: int = 0,
     proteins: list[int] | None = None,
     device: str = "cpu",
+    noise: dict | None = None,
+    preprocess: dict | None = None,
 ):
     """Train the Siamese distance on the train split (of ``proteins``) for ``steps`` Adam steps.
 
     Every batch holds images of one protein (picked at random), so all its pairs count; one-cycle
-    learning rate. Returns the model (eval mode, on the CPU) and the seconds it took.
+    learning rate. ``noise`` and ``preprocess`` are ``train.noise`` / ``train.preprocess`` settings
+    (:class:`~cryoorient_ray.config.TrainNoiseConfig`, :class:`~cryoorient_ray.config.PreprocessConfig`;
+    None = their defaults: fresh noise/CTF on the clean projections every batch when the store has
+    them, phase flip with a CTF, the SNR-matched Wiener filter), exactly as Ray Train applies them
+    (:func:`~cryoorient_ray.distributed.train_workers.fresh_corruption`, ``store_preprocess``); the
+    preprocessing travels with the returned model (``net.preprocess``, saved by :func:`save_model`).
+    Returns the model (eval mode, on the CPU) and the seconds it took.
     """
     import torch
 
+    from cryoorient_ray.config import PreprocessConfig, TrainNoiseConfig
     from cryoorient_ray.core.learning.model import SiameseDistance, SiameseSpec
-    from cryoorient_ray.distributed.train_workers import batch_pair_loss
+    from cryoorient_ray.distributed.train_workers import batch_pair_loss, fresh_corruption, store_preprocess
 
     rows = split_rows(store, "train", proteins)
-    meta = store.read_metadata(rows, names=["protein", "quaternion"])
-    x = torch.from_numpy(store.read_images(rows).astype(np.float32)).to(device)
+    meta = store.read_metadata(rows, names=["protein", "quaternion", "defocus_u", "defocus_v", "defocus_angle"])
+    corruption = fresh_corruption(store, TrainNoiseConfig(**(noise or {})))
+    pre = store_preprocess(store, rows, corruption, PreprocessConfig(**(preprocess or {})), seed)
+    if corruption is not None:
+        clean, clean_var = store.read_clean(rows)
+        x = torch.from_numpy(np.asarray(clean, dtype=np.float32)).to(device)
+        clean_var = torch.from_numpy(np.asarray(clean_var, dtype=np.float64))
+    else:  # the store's fixed images, preprocessed once
+        x = torch.from_numpy(store.read_images(rows).astype(np.float32))
+        if pre is not None:
+            parts = [(x[a : a + 1024], _rows_ctf(store, meta, slice(a, a + 1024))) for a in range(0, len(x), 1024)]
+            x = torch.cat([pre.apply(images, ctf) for images, ctf in parts])
+        x = x.to(device)
     q = torch.from_numpy(meta["quaternion"])
     prot = meta["protein"]
     by_protein = [torch.from_numpy(np.flatnonzero(prot == p)) for p in np.unique(prot)]
@@ -92,18 +131,29 @@ def train_plain(
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator().manual_seed(seed * 7919 + 1)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
         members = by_protein[int(torch.randint(0, len(by_protein), (1,), generator=gen))]
         idx = members[torch.randint(0, len(members), (batch,), generator=gen)]
         p = int(prot[idx[0]])
         groups = torch.full((batch,), p, dtype=torch.long)
-        loss, _ = batch_pair_loss(net(x[idx.to(device)]), q[idx], groups, symmetries, net.distance)
+        xb = x[idx.to(device)]
+        if corruption is not None:
+            out = corruption.apply(xb, clean_var[idx], step / max(1, steps), noise_gen)
+            xb = out.images if pre is None else pre.apply(out.images, out.ctf)
+        loss, _ = batch_pair_loss(net(xb), q[idx], groups, symmetries, net.distance)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
+    net.preprocess = pre
     return net.cpu().eval(), time.perf_counter() - t0
+
+
+def _rows_ctf(store, meta: dict, sel: slice) -> dict | None:
+    """The CTF parameters of ``meta``'s rows ``sel`` (None when the store has no CTF)."""
+    return store.ctf_parameters({k: meta[k][sel] for k in ("defocus_u", "defocus_v", "defocus_angle")})
 
 
 def save_model(ctx: Context, net, tag: str) -> Path:
@@ -188,3 +238,80 @@ def paper_sets(
     if ctx.small:
         sets += [f"simulate.image_size={small_size}", f"simulate.voxel_size={small_voxel}"]
     return sets
+
+
+def neighbour_quality(distance, q_true: np.ndarray, k: int = 10, symmetry: str = "C1", block: int = 256) -> dict:
+    """How good the k nearest neighbours by d̂ are: what a pair graph's kNN edges are built from.
+
+    ``distance(i (E,), j (E,)) -> d̂ (E,)`` is the estimator recovery uses (indices into ``q_true``,
+    e.g. :func:`cryoorient_ray.stages.recover.make_estimator`'s ``distance``). For each image, its
+    ``k`` nearest others by d̂ (all ``P − 1`` candidates, blocks of ``block`` images at a time) and
+    their true d_G (symmetry-aware d_q). Returns (radians):
+
+    * ``knn_dq``: median over images of the mean true d_G of the ``k`` nearest by d̂;
+    * ``ideal_dq``: the same for the true ``k`` nearest (the floor: the grid's own spacing);
+    * ``knn_close``: fraction of the kNN pairs with a true d_G below 0.5 rad.
+    """
+    from cryoorient_ray.core.geometry.symmetry import symmetric_quat_distance
+
+    q = np.asarray(q_true, dtype=np.float64)
+    p = len(q)
+    if p <= k:
+        raise ValueError(f"neighbour quality needs more than k = {k} images; got {p}")
+    cols = np.arange(p)
+    knn_mean, ideal_mean, close = [], [], 0
+    for a in range(0, p, block):
+        rows = np.arange(a, min(p, a + block))
+        i, j = np.repeat(rows, p), np.tile(cols, len(rows))
+        d_hat = np.asarray(distance(i, j), dtype=np.float64).reshape(len(rows), p)
+        d_true = np.asarray(symmetric_quat_distance(q[i], q[j], symmetry), dtype=np.float64).reshape(len(rows), p)
+        self_pair = (np.arange(len(rows)), rows)
+        d_hat[self_pair] = np.inf
+        d_true[self_pair] = np.inf
+        nn = np.argpartition(d_hat, k, axis=1)[:, :k]
+        found = np.take_along_axis(d_true, nn, axis=1)
+        knn_mean.append(found.mean(1))
+        ideal_mean.append(np.partition(d_true, k, axis=1)[:, :k].mean(1))
+        close += int((found < 0.5).sum())
+    return {
+        "knn_dq": float(np.median(np.concatenate(knn_mean))),
+        "ideal_dq": float(np.median(np.concatenate(ideal_mean))),
+        "knn_close": close / (p * k),
+    }
+
+
+def recovery_neighbour_quality(store, rec: dict, model_path: Path | None, k: int = 10, seed: int = 0) -> dict:
+    """:func:`neighbour_quality` of the estimator :func:`recover` used, on the projections it selected."""
+    from cryoorient_ray.config import RecoverConfig
+    from cryoorient_ray.stages.recover import make_estimator
+
+    outcome = rec["outcome"]
+    sel = outcome.selection
+    rc = RecoverConfig(estimator=outcome.estimator, model=str(model_path) if model_path else None)
+    est = make_estimator(store, sel, rc, str(model_path) if model_path else None, seed)
+    return neighbour_quality(est.distance, sel.q_true, k=k, symmetry=sel.symmetry)
+
+
+def oracle(store, rows: np.ndarray, n_candidates: int = 20000, seed: int = 0, device=None) -> dict:
+    """The oracle's error on the store's images ``rows`` (one protein): exhaustive assignment against
+    the store's own working map (:func:`cryoorient_ray.core.recovery.oracle.oracle_error`), the
+    images' CTF and shifts included; the floor no method that sees only the images can beat."""
+    from cryoorient_ray.core.recovery.oracle import oracle_error
+
+    meta = store.read_metadata(rows, names=["protein", "quaternion"])
+    proteins = np.unique(meta["protein"])
+    if len(proteins) != 1:
+        raise ValueError(f"the oracle runs on one protein's images; rows hold proteins {proteins.tolist()}")
+    pid = int(proteins[0])
+    symmetry = store.proteins[pid].get("symmetry", "C1") or "C1"
+    t0 = time.perf_counter()
+    mean, median = oracle_error(
+        store.particles(rows),
+        store.read_volume(pid),
+        meta["quaternion"],
+        symmetry=symmetry,
+        n_candidates=n_candidates,
+        seed=seed,
+        device=device,
+    )
+    return {"mean": mean, "median": median, "n_candidates": int(n_candidates), "seconds": time.perf_counter() - t0}

@@ -40,6 +40,7 @@ SUITE = (
     "symmetry",
     "euclidean",
     "noise_shift",
+    "noise",
     "full_method",
     "generalisation",
     "common_lines",

@@ -277,10 +277,58 @@ class ModelConfig(StrictModel):
 
 
 class AugmentConfig(StrictModel):
-    """On-the-fly augmentation of training pairs (on top of what the store holds)."""
+    """On-the-fly augmentation of training pairs (on top of what the store holds). Noise is
+    ``train.noise`` (fresh noise at the acquisition SNR), not an augmentation."""
 
-    snr_db: tuple[float, float] | None = Field(None, description="add noise with an SNR drawn in [lo, hi] dB")
     max_shift: int = Field(0, ge=0, description="random integer shifts up to this many pixels (zero fill)")
+
+
+class TrainNoiseConfig(StrictModel):
+    """Fresh noise (and CTF) drawn on the store's clean projections for every training batch, with
+    the simulator's statistics (core/imaging/corruption.py); validation and test images stay the
+    store's fixed noisy ones."""
+
+    fresh: bool | None = Field(
+        None,
+        description="draw new noise/CTF every batch on the clean projections; null = yes when the store holds "
+        "clean projections and noise or a CTF (or when snr_db is given)",
+    )
+    snr_db: float | tuple[float, float] | None = Field(
+        None,
+        description="SNR in dB at the acquisition box (as simulate.noise.snr_db), or a range [lo, hi] drawn per "
+        "image; null = the store's own",
+    )
+    curriculum_start_db: float | None = Field(
+        None, description="start training at this (easier) SNR and move linearly to snr_db; null = no curriculum"
+    )
+    curriculum_fraction: float = Field(0.5, gt=0, le=1, description="fraction of the steps the curriculum spans")
+    ctf: Literal["auto", "fresh", "store", "off"] = Field(
+        "auto",
+        description="fresh: a new defocus per image drawn from the store's ranges; off: no CTF; "
+        "auto = fresh when the store's images have a CTF",
+    )
+    max_shift: float = Field(0.0, ge=0, description="extra fresh shifts uniform in ±max_shift working pixels")
+
+    @field_validator("snr_db")
+    @classmethod
+    def _range(cls, value):
+        if isinstance(value, tuple) and value[0] > value[1]:
+            raise ValueError(f"the SNR range [{value[0]}, {value[1]}] has lo > hi")
+        return value
+
+
+class PreprocessConfig(StrictModel):
+    """What every image goes through before the network, the same in training and recovery (saved in
+    model.pt; core/imaging/preprocess.py)."""
+
+    phase_flip: Literal["auto"] | bool = Field(
+        "auto", description="flip by the sign of each image's CTF; auto = when the images have a CTF"
+    )
+    filter: Literal["wiener", "lowpass", "none"] = Field(
+        "wiener",
+        description="radial filter matched to the SNR: wiener S/(S+N) from the train store's clean spectrum and "
+        "the known noise power; lowpass: cut where S < N; none",
+    )
 
 
 class TrainConfig(StrictModel):
@@ -332,6 +380,8 @@ class TrainConfig(StrictModel):
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    noise: TrainNoiseConfig = Field(default_factory=TrainNoiseConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
 
 
 class SearchConfig(StrictModel):

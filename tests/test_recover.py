@@ -163,9 +163,16 @@ def test_ray_data_embeddings_match_in_process(ray_local, tmp_path):
     from cryoorient_ray.stages.evaluate import embed_rows
     from tests.helpers import make_store
 
+    from cryoorient_ray.core.imaging.preprocess import Preprocess, n_shells
+
     store = make_store(tmp_path / "s.zarr", n_per_protein=40, proteins=("a", "b"), size=16, shard_size=16)
-    save_distance_model(tmp_path / "m.pt", SiameseDistance({"channels": [4, 8], "n_features": 6}))
+    assert store.manifest["ctf_applied"]
+    # the model's preprocessing (phase flip by each image's CTF, a low-pass) is applied on both paths
+    gain = tuple(1.0 if k < 5 else 0.0 for k in range(n_shells(16)))
+    pre = Preprocess(16, store.pixel_size, phase_flip=True, filter="lowpass", gain=gain)
+    save_distance_model(tmp_path / "m.pt", SiameseDistance({"channels": [4, 8], "n_features": 6}, preprocess=pre))
     model, _ = load_distance_model(tmp_path / "m.pt")
+    assert model.needs_ctf
     meta = store.read_metadata(names=["split", "protein"])
     rows = np.flatnonzero((meta["split"] == 2) & (meta["protein"] == 1))[::-1]  # any order
     got = embed_with_ray_data(str(store.path), "test", str(tmp_path / "m.pt"), rows, concurrency=1)

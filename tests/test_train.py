@@ -90,11 +90,14 @@ def test_one_worker_same_seed_same_model(two_protein_store, tmp_path):
 
 @pytest.mark.slow
 def test_streamed_data_still_trains(two_protein_store, tmp_path):
-    """Data stream (stream pairing): Ray Data reads and pairs the store every pass, as before."""
+    """Data stream (stream pairing): Ray Data reads and pairs the store every pass, as before; fresh
+    noise at 0 dB is drawn on the (noiseless, so clean) train images of every streamed pair."""
     from cryoorient_ray.distributed.train_workers import TrainJob, train_distance
 
-    streamed = ONE_WORKER.model_copy(update={"data": "stream", "pairing": "stream", "pairs_per_shard": 40, "epochs": 2})
+    update = {"data": "stream", "pairing": "stream", "pairs_per_shard": 40, "epochs": 2, "noise": {"snr_db": 0.0}}
+    streamed = TrainConfig(**{**ONE_WORKER.model_dump(), **update})
     summary = train_distance(TrainJob(streamed, [two_protein_store], tmp_path, seed=3), progress=False)
+    assert summary["fresh_noise"]["snr_db"] == 0.0 and summary["preprocess"]["filter"] == "wiener"
     history = json.loads((tmp_path / "history.json").read_text())
     assert len(history) == 2 and np.isfinite(history[-1]["train_loss"]) and summary["steps_per_worker"] > 0
     assert history[-1]["train_pairs"] == history[0]["train_pairs"] > 0
@@ -237,7 +240,7 @@ def test_worker_settings_cross_to_the_worker_as_a_plain_dict(tmp_path):
     assert not any(dataclasses.is_dataclass(v) for v in plain.values())  # nested settings as dicts too
     assert WorkerSettings(**pickle.loads(pickle.dumps(plain))) == settings
     assert settings.lr_schedule == "cosine" == TrainConfig().lr_schedule  # the config's default, not another
-    assert settings.model == spec and settings.augment == Augmentation(snr_db=None, max_shift=2)
+    assert settings.model == spec and settings.augment == Augmentation(max_shift=2)
     assert settings.fault_injection == FaultInjection(1, "m", rank=0, delay_s=6.0)
     assert settings.symmetry == {0: "D2", 1: "D2", 100_000: "C1"} and settings.has_heldout
     # train rows of the seen proteins (a: ~50, c: ~30) over batch 8 × 2 workers, per epoch
@@ -267,3 +270,71 @@ def test_training_stores_are_checked_before_ray(tmp_path):
     make_store(tmp_path / "partial.zarr", size=16, write_shards=False)
     with pytest.raises(CryoOrientError, match="is incomplete"):
         open_training_stores([str(tmp_path / "partial.zarr")], SiameseSpec(**TINY_MODEL))
+
+
+@pytest.fixture(scope="module")
+def noisy_ctf_store(ray_local, tmp_path_factory):
+    """Noise (-6 dB) and a CTF set at a 48² acquisition box, Fourier-cropped to 32² working."""
+    overrides = [
+        "simulate.inputs=[pseudo:1]",
+        "simulate.n_per_map=240",
+        "simulate.image_size=32",
+        "simulate.voxel_size=6",
+        "simulate.acquisition.image_size=48",
+        "simulate.noise.snr_db=-6",
+        "simulate.ctf.enabled=true",
+        "simulate.shard_size=60",
+    ]
+    return simulate_small_store(tmp_path_factory.mktemp("noisy") / "store.zarr", overrides)
+
+
+def test_fresh_noise_training(noisy_ctf_store, tmp_path):
+    """Fresh noise/CTF on the clean train images every batch (memory and stream data), the fixed noisy
+    images for validation, and the preprocessing (phase flip + Wiener filter) saved with the model."""
+    import torch
+
+    from cryoorient_ray.distributed.train_workers import TrainJob, train_distance
+    from cryoorient_ray.io.store import ProjectionStore
+    from cryoorient_ray.stages.evaluate import predict_pairs, sample_pairs
+
+    store = ProjectionStore.open(noisy_ctf_store)
+    assert store.has_clean and store.manifest["ctf_ranges"]["defocus_max"] > 0
+    clean, clean_var = store.read_clean(np.arange(4))
+    assert np.all(clean_var > 0) and not np.allclose(clean, store.read_images(np.arange(4)))
+    # data in memory (the stream path draws fresh noise in test_streamed_data_still_trains)
+    cfg = TrainConfig(**{**ONE_WORKER.model_dump(), "noise": {"curriculum_start_db": 6.0}})
+    summaries = {
+        "memory": train_distance(TrainJob(cfg, [noisy_ctf_store], tmp_path / "memory", seed=1), progress=False)
+    }
+    history = json.loads((tmp_path / "memory" / "history.json").read_text())
+    assert np.isfinite(history[-1]["train_loss"]) and np.isfinite(history[-1]["val_loss"])
+    fresh = summaries["memory"]["fresh_noise"]
+    assert fresh["snr_db"] == -6 and fresh["acquisition_size"] == 48 and fresh["ctf"]["defocus_min"] > 0
+    assert summaries["memory"]["preprocess"] == {
+        "image_size": 32,
+        "pixel_size": 6.0,
+        "phase_flip": True,
+        "filter": "wiener",
+        "snr_db": -6.0,
+    }
+    model, _ = load_distance_model(tmp_path / "memory" / "model.pt")
+    assert model.needs_ctf and model.preprocess.filter == "wiener"
+    # recovery embeds the store's images through the same preprocessing, with each image's CTF
+    i, j, d = sample_pairs(store, "test", 50)
+    pred = predict_pairs(model, store, i, j)
+    assert pred.shape == d.shape and np.isfinite(pred).all()
+    with pytest.raises(Exception, match="CTF parameters are needed"):
+        model.embed(torch.from_numpy(store.read_images(np.arange(2))))
+
+
+def test_bad_noise_settings_are_one_line(noisy_ctf_store, tmp_path):
+    from tests.helpers import make_store
+
+    make_store(tmp_path / "old.zarr", size=32, split_fractions=(0.6, 0.2, 0.2))
+    base = ["train", "--no-progress", "-o", str(tmp_path / "o")]
+    _one_line(
+        runner.invoke(app, [*base, "-s", str(tmp_path / "old.zarr"), "--set", "train.noise.fresh=true"]),
+        "holds no clean projections",
+    )
+    _one_line(runner.invoke(app, [*base, "-s", noisy_ctf_store, "--set", "train.noise.snr_db=nan"]), "snr_db")
+    _one_line(runner.invoke(app, [*base, "-s", noisy_ctf_store, "--set", "train.noise.snr_db=[-6,-12]"]), "lo > hi")

@@ -52,17 +52,43 @@ def shard_descriptors(
     return out
 
 
-def _read_rows(store: ProjectionStore, shard: int, splits: str | Sequence[str], proteins: str) -> dict:
-    """The rows of one completed shard in ``splits`` of the ``proteins`` set (:meth:`ProjectionStore.row_mask`)."""
-    data = store.read_shard(shard)
+def _read_rows(
+    store: ProjectionStore,
+    shard: int,
+    splits: str | Sequence[str],
+    proteins: str,
+    clean: bool = False,
+    preprocess: dict | None = None,
+) -> dict:
+    """The rows of one completed shard in ``splits`` of the ``proteins`` set (:meth:`ProjectionStore.row_mask`).
+
+    ``clean``: ``images`` are the clean projections, with their ``clean_variance`` (fresh training
+    noise is drawn on them). ``preprocess``: a :class:`~cryoorient_ray.core.imaging.preprocess.Preprocess`
+    (as a dict) applied to the images (with each row's CTF), what the model sees.
+    """
+    data = store.read_shard(shard, clean=clean)
     keep = store.row_mask(data, split=splits, proteins=proteins)
-    return {k: v[keep] for k, v in data.items()}
+    rows = {k: v[keep] for k, v in data.items()}
+    if preprocess:
+        from cryoorient_ray.core.imaging.preprocess import Preprocess
+
+        images = torch.from_numpy(np.ascontiguousarray(rows["images"], dtype=np.float32))
+        rows["images"] = Preprocess.from_dict(preprocess).apply(images, store.ctf_parameters(rows)).numpy()
+    return rows
 
 
-def _read_batch(batch: dict, splits: str | Sequence[str], proteins: str, shuffle: bool = False) -> dict:
+def _read_batch(
+    batch: dict,
+    splits: str | Sequence[str],
+    proteins: str,
+    shuffle: bool = False,
+    clean: bool = False,
+    preprocess: dict | None = None,
+) -> dict:
     out: dict[str, list] = {}
     for path, sid, shard in zip(batch["store"], batch["store_id"], batch["shard"], strict=True):
-        rows = _read_rows(ProjectionStore.open(str(path), verify=False), int(shard), splits, proteins)
+        store = ProjectionStore.open(str(path), verify=False)
+        rows = _read_rows(store, int(shard), splits, proteins, clean, preprocess)
         if shuffle:  # a fresh order every time the dataset is iterated (every epoch)
             order = np.random.default_rng().permutation(len(rows["index"]))
             rows = {k: v[order] for k, v in rows.items()}
@@ -79,18 +105,30 @@ def sample_dataset(
     proteins: str = "all",
     num_cpus: float = 0.5,
     shuffle: bool = False,
+    clean: bool = False,
+    preprocess: dict | None = None,
 ) -> ray.data.Dataset:
     """Every projection (``images``, ``quaternion``, ``shift``, ``protein``, ``split``, ``index``,
     ``store_id``, ``shard`` …) of the splits.
 
     One block per shard, so consecutive rows share a protein; ``shuffle`` permutes the rows
-    within each shard afresh on every iteration.
+    within each shard afresh on every iteration. ``clean``: the clean projections (and
+    ``clean_variance``) as ``images``; ``preprocess``: applied to the images (:func:`_read_rows`).
     """
     items = shard_descriptors(stores, splits, proteins)
+    if clean:
+        for path in stores:
+            ProjectionStore.open(path, verify=False).require_clean()
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
         _read_batch,
-        fn_kwargs={"splits": splits, "proteins": proteins, "shuffle": shuffle},
+        fn_kwargs={
+            "splits": splits,
+            "proteins": proteins,
+            "shuffle": shuffle,
+            "clean": clean,
+            "preprocess": preprocess,
+        },
         batch_size=1,
         num_cpus=num_cpus,
     )
@@ -113,6 +151,8 @@ class PairSampling:
     n_bins: int = PAIR_BINS
     seed: int | None = None
     max_candidates: int = MAX_CANDIDATES
+    clean: bool = False  # the clean projections, with clean_variance_i/j (fresh training noise)
+    preprocess: dict | None = None  # applied to the images as they are read (what the model sees)
 
 
 def draw_pairs(
@@ -140,7 +180,7 @@ def draw_pairs(
 
 def _shard_pairs(store: ProjectionStore, sid: int, shard: int, sampling: PairSampling) -> dict | None:
     """Pairs of one shard (columns of :data:`PAIR_COLUMNS`), or None when it has no candidate pair."""
-    rows = _read_rows(store, shard, sampling.split, sampling.proteins)
+    rows = _read_rows(store, shard, sampling.split, sampling.proteins, sampling.clean, sampling.preprocess)
     # seed None: fresh pairs every time the dataset is iterated (every training epoch)
     seed = sampling.seed
     rng = np.random.default_rng() if seed is None else np.random.default_rng([seed, sid, shard])
@@ -162,6 +202,11 @@ def _shard_pairs(store: ProjectionStore, sid: int, shard: int, sampling: PairSam
         "index_i": rows["index"][i].astype(np.int64),
         "index_j": rows["index"][j].astype(np.int64),
         "store_id": np.full(len(i), sid, dtype=np.int32),
+        **(
+            {"clean_variance_i": rows["clean_variance"][i], "clean_variance_j": rows["clean_variance"][j]}
+            if sampling.clean
+            else {}
+        ),
     }
 
 
@@ -178,8 +223,10 @@ def _make_pairs_batch(batch: dict, sampling: PairSampling) -> dict:
         empty = {k: np.zeros(0, np.int64) for k in PAIR_COLUMNS}
         empty.update(image_i=np.zeros((0, size, size), np.float32), image_j=np.zeros((0, size, size), np.float32))
         empty["distance"] = np.zeros(0, np.float32)
+        if sampling.clean:
+            empty.update(clean_variance_i=np.zeros(0, np.float32), clean_variance_j=np.zeros(0, np.float32))
         return empty
-    return {k: np.concatenate([o[k] for o in outs]) for k in PAIR_COLUMNS}
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 def pair_dataset(
@@ -191,6 +238,8 @@ def pair_dataset(
     seed: int | None = 0,
     max_candidates: int = MAX_CANDIDATES,
     num_cpus: float = 0.5,
+    clean: bool = False,
+    preprocess: dict | None = None,
 ) -> ray.data.Dataset:
     """Pairs ``(image_i, image_j, distance)`` of one split, distances uniform on [0, π].
 
@@ -203,12 +252,17 @@ def pair_dataset(
         seed: fixes the pairs; None draws fresh pairs each time the dataset is iterated (each epoch).
         max_candidates: cap on the candidate pairs considered per shard.
         num_cpus: CPUs reserved per read task (fractional, so training workers never starve them).
+        clean: pairs of the clean projections, with ``clean_variance_i/j`` (fresh training noise).
+        preprocess: applied to the images as they are read (:func:`_read_rows`).
     """
     if n_bins < 0:
         raise CryoOrientError(f"n_bins must be >= 0, got {n_bins}")
     items = shard_descriptors(stores, split, proteins)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    sampling = PairSampling(split, proteins, pairs_per_shard, n_bins, seed, max_candidates)
+    if clean:
+        for path in stores:
+            ProjectionStore.open(path, verify=False).require_clean()
+    sampling = PairSampling(split, proteins, pairs_per_shard, n_bins, seed, max_candidates, clean, preprocess)
     return ds.map_batches(_make_pairs_batch, fn_kwargs={"sampling": sampling}, batch_size=1, num_cpus=num_cpus)
 
 
@@ -237,6 +291,7 @@ class MemorySamples:
     quaternion: np.ndarray
     group: np.ndarray
     shard: np.ndarray
+    clean_variance: torch.Tensor | None = None  # with clean images: their acquisition-box variance
 
     @classmethod
     def load(cls, iterator) -> MemorySamples:
@@ -250,6 +305,9 @@ class MemorySamples:
             quaternion=np.asarray(cols["quaternion"][order], dtype=np.float64),
             group=(sid * GROUP_STRIDE + cols["protein"].astype(np.int64))[order],
             shard=(sid * GROUP_STRIDE + cols["shard"].astype(np.int64))[order],
+            clean_variance=(
+                torch.from_numpy(cols["clean_variance"][order].astype(np.float64)) if "clean_variance" in cols else None
+            ),
         )
 
     def __len__(self) -> int:

@@ -136,15 +136,18 @@ def _actors_loss_and_grad(actors: list, q: torch.Tensor, loss: str) -> tuple[flo
 class _Embedder:
     """Ray Data map_batches worker: loads the model once, embeds a batch of images."""
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, store_path: str):
         from cryoorient_ray.core.learning.model import load_distance_model
+        from cryoorient_ray.io.store import ProjectionStore
 
         torch.set_num_threads(1)
         self.model, _ = load_distance_model(model_path)
+        self.store = ProjectionStore.open(store_path, verify=False) if self.model.needs_ctf else None
 
     def __call__(self, batch: dict) -> dict:
+        ctf = self.store.ctf_parameters(batch) if self.store is not None else None  # phase flipping
         with torch.no_grad():
-            emb = self.model.embed(torch.as_tensor(np.asarray(batch["images"]), dtype=torch.float32))
+            emb = self.model.embed(torch.as_tensor(np.asarray(batch["images"]), dtype=torch.float32), ctf)
         return {"index": np.asarray(batch["index"]), "embedding": emb.numpy()}
 
 
@@ -166,7 +169,7 @@ def embed_with_ray_data(
 
     ds = sample_dataset([store_path], splits=split, num_cpus=num_cpus).map_batches(
         _Embedder,
-        fn_constructor_kwargs={"model_path": str(model_path)},
+        fn_constructor_kwargs={"model_path": str(model_path), "store_path": str(store_path)},
         batch_size=batch_size,
         concurrency=concurrency,
         num_cpus=num_cpus,

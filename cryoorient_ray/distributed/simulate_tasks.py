@@ -187,6 +187,9 @@ def _render_shard_task(settings: ShardRenderSettings, shard: int, volume_refs: d
     size = store.image_size
     images = np.zeros((stop - start, size, size), dtype=np.float32)
     noise_var = np.zeros(stop - start, dtype=np.float32)
+    keep_clean = store.has_clean  # stores with noise or CTF keep the clean projections for fresh training noise
+    clean = np.zeros_like(images) if keep_clean else None
+    clean_var = np.zeros(stop - start, dtype=np.float32) if keep_clean else None
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + int(shard))
     acq_size = settings.acquisition_size
     shifts = meta["shift"] if acq_size is None else meta["shift"] * (acq_size / size)  # to acquisition pixels
@@ -194,7 +197,7 @@ def _render_shard_task(settings: ShardRenderSettings, shard: int, volume_refs: d
         rows = np.flatnonzero(meta["protein"] == protein)
         volume = np.array(ray.get(volume_refs[int(protein)]))  # a writable copy of the shared map
         projector = make_projector(torch.as_tensor(volume), backend=settings.backend)
-        imgs, nv = render_projections(
+        rendered = render_projections(
             volume,
             meta["quaternion"][rows],
             shifts[rows],
@@ -207,9 +210,12 @@ def _render_shard_task(settings: ShardRenderSettings, shard: int, volume_refs: d
             generator=generator,
             projector=projector,
             output_size=None if acq_size is None else size,
+            return_clean=keep_clean,
         )
-        images[rows], noise_var[rows] = imgs, nv
-    store.write_shard(shard, images, noise_var)
+        images[rows], noise_var[rows] = rendered[0], rendered[1]
+        if keep_clean:
+            clean[rows], clean_var[rows] = rendered[2], rendered[3]
+    store.write_shard(shard, images, noise_var, clean, clean_var)
     return shard, time.perf_counter() - t0, current_node_id()
 
 
@@ -342,6 +348,7 @@ def _manifest(
         "has_orientations": True,
         "optics": {"voltage": sim.ctf.voltage, "cs": sim.ctf.cs, "amplitude_contrast": sim.ctf.amplitude_contrast},
         "ctf_applied": sim.ctf.enabled,
+        "ctf_ranges": _ctf_ranges(sim),  # what fresh training CTFs are drawn from
         "source": "simulated",
         "acquisition": _acquisition_record(sim, acquisition_pixel_size),
     }
@@ -362,7 +369,10 @@ def _build_store(
     build_path = str(target.with_name(f".{target.name}.creating-{os.getpid()}")) if local else path
     if local and Path(build_path).exists():
         shutil.rmtree(build_path)
-    store = ProjectionStore.create(build_path, manifest, len(metadata["protein"]), sim.image_size, sim.shard_size)
+    clean = sim.noise.snr_db is not None or sim.ctf.enabled  # what fresh training noise is drawn on
+    store = ProjectionStore.create(
+        build_path, manifest, len(metadata["protein"]), sim.image_size, sim.shard_size, clean=clean
+    )
     for k, vol in enumerate(volumes):
         store.write_volume(k, fourier_crop_volume(vol, sim.image_size) if cropped else vol)
         if cropped:

@@ -48,7 +48,9 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cryoorient_ray import __version__
-from cryoorient_ray.config import TrainConfig
+from cryoorient_ray.config import PreprocessConfig, TrainConfig, TrainNoiseConfig
+from cryoorient_ray.core.imaging.corruption import FreshCorruption
+from cryoorient_ray.core.imaging.preprocess import Preprocess, estimate_preprocess, phase_flip
 from cryoorient_ray.core.learning.model import SiameseDistance, SiameseSpec, save_distance_model
 from cryoorient_ray.distributed.data import (
     GROUP_STRIDE,
@@ -69,6 +71,118 @@ CHECKPOINT_FILE = "state.pt"
 PROGRESS_FILE = "progress.jsonl"
 
 
+# ----------------------------------------------------------------------------- noise and preprocessing
+
+PREPROCESS_SAMPLE = 1000  # clean train images the SNR-matched filter is estimated from
+
+
+def fresh_corruption(store: ProjectionStore, noise: TrainNoiseConfig) -> FreshCorruption | None:
+    """The fresh noise/CTF to draw on ``store``'s clean projections every batch, or None (train on
+    the store's fixed images): ``noise.fresh`` null means yes when the store holds clean projections
+    and noise or a CTF, or when ``noise.snr_db`` is given.
+
+    Raises:
+        CryoOrientError: fresh noise asked of a store without clean projections, an SNR that is not
+            finite, a CTF asked of a store simulated without one.
+    """
+    acq = store.acquisition
+    m = store.manifest
+    store_ctf = bool(m.get("ctf_applied", False))
+    corrupted = acq.get("snr_db") is not None or store_ctf
+    fresh = noise.fresh
+    if fresh is None:
+        fresh = (store.has_clean and corrupted) or (noise.snr_db is not None and store.images_are_clean)
+    if not fresh:
+        return None
+    store.require_clean()
+    snr = noise.snr_db if noise.snr_db is not None else acq.get("snr_db")
+    use_ctf = noise.ctf == "fresh" or (noise.ctf == "auto" and store_ctf)
+    ctf = None
+    if use_ctf:
+        ranges = m.get("ctf_ranges") or ((m.get("config") or {}).get("ctf") if store_ctf else None)
+        if not ranges:
+            raise CryoOrientError(f"{store.path} was simulated without a CTF: there are no defocus ranges to draw from")
+        optics = m.get("optics", {})
+        ctf = {
+            "defocus_min": float(ranges["defocus_min"]),
+            "defocus_max": float(ranges["defocus_max"]),
+            "astigmatism_max": float(ranges.get("astigmatism_max", 0.0)),
+            **{k: float(v) for k, v in optics.items() if k in ("voltage", "cs", "amplitude_contrast")},
+        }
+    if snr is None and ctf is None and not noise.max_shift:
+        return None  # nothing to draw: the clean images are the images
+    return FreshCorruption(
+        working_size=store.image_size,
+        working_pixel_size=store.pixel_size,
+        acquisition_size=int(acq["image_size"]),
+        acquisition_pixel_size=float(acq.get("pixel_size") or store.pixel_size),
+        snr_db=tuple(snr) if isinstance(snr, (list, tuple)) else snr,
+        curriculum_start_db=noise.curriculum_start_db,
+        curriculum_fraction=noise.curriculum_fraction,
+        ctf=ctf,
+        max_shift_px=noise.max_shift,
+    )
+
+
+def store_preprocess(
+    store: ProjectionStore,
+    rows: np.ndarray,
+    corruption: FreshCorruption | None,
+    pre: PreprocessConfig,
+    seed: int = 0,
+) -> Preprocess | None:
+    """The preprocessing (:mod:`~cryoorient_ray.core.imaging.preprocess`) of a model trained on
+    ``store``'s ``rows``: phase flipping when the images have a CTF (``pre.phase_flip`` auto), and
+    the radial filter matched to the noise the network is trained at (the fresh noise at its
+    target SNR, else the store's own noise), estimated from up to :data:`PREPROCESS_SAMPLE` rows;
+    None when it would do nothing.
+
+    Raises:
+        CryoOrientError: phase flipping asked for images without a CTF.
+    """
+    m = store.manifest
+    has_ctf = bool(m.get("ctf_applied", False)) if corruption is None else corruption.ctf is not None
+    flip = has_ctf if pre.phase_flip == "auto" else bool(pre.phase_flip)
+    if flip and not has_ctf:
+        raise CryoOrientError("train.preprocess.phase_flip is on but the training images have no CTF")
+    snr = store.acquisition.get("snr_db") if corruption is None else corruption.snr_range(1.0)
+    if pre.filter == "none" or snr is None:
+        if not flip:
+            return None
+        return Preprocess(store.image_size, store.pixel_size, True, "none", None, None)
+    rng = np.random.default_rng([seed, 8191])
+    pick = np.sort(rng.choice(rows, size=min(len(rows), PREPROCESS_SAMPLE), replace=False))
+    gen = torch.Generator().manual_seed(seed * 8191 + 1)
+    if store.has_clean or store.images_are_clean:
+        clean, clean_var = (torch.from_numpy(np.asarray(a)) for a in store.read_clean(pick))
+        if corruption is None:  # the store's own noise (and CTF) at its SNR
+            acq = store.acquisition
+            corruption = FreshCorruption(
+                store.image_size,
+                store.pixel_size,
+                int(acq["image_size"]),
+                float(acq.get("pixel_size") or store.pixel_size),
+                snr_db=acq.get("snr_db"),
+                ctf=None if not has_ctf else {"defocus_min": 0.0, "defocus_max": 0.0, **m.get("optics", {})},
+            )
+            meta = store.read_metadata(pick, names=["defocus_u", "defocus_v", "defocus_angle"])
+            ctf = store.ctf_parameters(meta)
+            out = corruption.apply(clean, clean_var, 1.0, gen, ctf=ctf)
+        else:
+            out = corruption.apply(clean, clean_var, 1.0, gen)
+        signal, ctf, noisy = out.signal, out.ctf, False
+        noise_var = float(out.noise_variance_working.mean())
+    else:  # fixed noisy images only: the noise power is subtracted from their spectrum
+        meta = store.read_metadata(pick, names=["defocus_u", "defocus_v", "defocus_angle", "noise_variance"])
+        signal = torch.from_numpy(np.asarray(store.read_images(pick), dtype=np.float32))
+        ctf, noisy = store.ctf_parameters(meta), True
+        noise_var = float(np.mean(meta["noise_variance"])) * float(store.acquisition["noise_variance_to_working"])
+    if flip:
+        signal = phase_flip(signal, store.pixel_size, ctf)
+    target = snr if not isinstance(snr, (tuple, list)) else float(np.mean(snr))
+    return estimate_preprocess(signal, noise_var, store.pixel_size, pre.filter, flip, snr_db=target, noisy=noisy)
+
+
 # ----------------------------------------------------------------------------- the hand-off
 
 
@@ -76,11 +190,10 @@ PROGRESS_FILE = "progress.jsonl"
 class Augmentation:
     """On-the-fly augmentation of training images (:class:`~cryoorient_ray.config.AugmentConfig`).
 
-    ``max_shift``: random integer shifts up to this many pixels (zero fill); ``snr_db``: added
-    Gaussian noise at an SNR drawn uniformly in ``[lo, hi]`` dB per image.
+    ``max_shift``: random integer shifts up to this many pixels (zero fill). Noise is not an
+    augmentation but :class:`~cryoorient_ray.core.imaging.corruption.FreshCorruption` (``train.noise``).
     """
 
-    snr_db: tuple[float, float] | None = None
     max_shift: int = 0
 
 
@@ -122,6 +235,10 @@ class WorkerSettings:
             (``[seed, epoch, pass]``) and the augmentation (``seed * 7919 + rank``).
         tensorboard_dir, progress_file: written by rank 0 (TensorBoard events; one JSON line per epoch).
         fault_injection: testing hook, or None.
+        corruption: fresh noise/CTF drawn on the clean train images every batch
+            (``FreshCorruption.to_dict()``), or None (the store's fixed images).
+        preprocess: what every image goes through before the network (``Preprocess.to_dict()``):
+            applied here to freshly corrupted batches, by the readers to fixed images; or None.
     """
 
     model: SiameseSpec
@@ -145,6 +262,8 @@ class WorkerSettings:
     tensorboard_dir: str
     progress_file: str
     fault_injection: FaultInjection | None
+    corruption: dict | None = None
+    preprocess: dict | None = None
 
     def __post_init__(self) -> None:
         # rebuilt from dataclasses.asdict in the worker: the nested settings arrive as dicts
@@ -155,7 +274,7 @@ class WorkerSettings:
 
 
 def _augment(images: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
-    """``images (B, L, L)`` shifted and/or noised as ``aug`` says (draws from ``generator``)."""
+    """``images (B, L, L)`` shifted as ``aug`` says (draws from ``generator``)."""
     if aug.max_shift:
         m = int(aug.max_shift)
         b, n = images.shape[0], images.shape[-1]
@@ -163,12 +282,6 @@ def _augment(images: torch.Tensor, aug: Augmentation, generator: torch.Generator
         dx = torch.randint(-m, m + 1, (b,), generator=generator)
         dy = torch.randint(-m, m + 1, (b,), generator=generator)
         images = torch.stack([padded[k, m - dy[k] : m - dy[k] + n, m - dx[k] : m - dx[k] + n] for k in range(b)])
-    if aug.snr_db:
-        lo, hi = aug.snr_db
-        snr = torch.empty(images.shape[0]).uniform_(lo, hi, generator=generator)
-        var = images.var(dim=(-2, -1)) / 10 ** (snr / 10)
-        noise = torch.randn(images.shape, generator=generator)
-        images = images + noise * var.sqrt()[:, None, None]
     return images
 
 
@@ -290,6 +403,8 @@ class _Worker:
     world_size: int
     use_amp: bool
     generator: torch.Generator
+    corruption: FreshCorruption | None = None  # fresh noise/CTF on the clean train images
+    preprocess: Preprocess | None = None  # applied to freshly corrupted batches
     train_data: MemorySamples | None = None  # data "memory": the train images, read once
     eval_data: dict[str, MemoryPairs] = field(default_factory=dict)  # data "memory": the fixed pair sets
 
@@ -361,6 +476,8 @@ def _start_worker(s: WorkerSettings) -> tuple[_Worker, _LoopState]:
         world_size=ctx.get_world_size(),
         use_amp=s.mixed_precision and device.type == "cuda",
         generator=torch.Generator().manual_seed(s.seed * 7919 + rank),
+        corruption=FreshCorruption.from_dict(s.corruption) if s.corruption else None,
+        preprocess=Preprocess.from_dict(s.preprocess),
     )
     if s.data == "memory":
         _load_memory_data(worker)
@@ -392,29 +509,45 @@ def _pass_batches(w: _Worker, epoch: int, pass_index: int):
     if s.pairing == "batch":
         for idx in batch_plan(grouped_order(data.group, rng), s.batch_size, w.world_size, w.rank):
             rows = torch.from_numpy(idx)
-            yield {
+            batch = {
                 "images": data.images[rows.to(data.images.device)],
                 "quaternion": torch.from_numpy(data.quaternion[idx]),
                 "groups": torch.from_numpy(data.group[idx]),
             }
+            if data.clean_variance is not None:
+                batch["clean_variance"] = data.clean_variance[rows]
+            yield batch
         return
     sampling = PairSampling("train", "seen", s.pairs_per_shard)  # as pair_dataset draws them (fresh pairs)
     i, j, d = memory_pairs(data, s.symmetry, sampling, rng)
     dev = data.images.device
     for idx in batch_plan(np.arange(len(d)), s.batch_size, w.world_size, w.rank):
-        yield {
+        batch = {
             "image_i": data.images[torch.from_numpy(i[idx]).to(dev)],
             "image_j": data.images[torch.from_numpy(j[idx]).to(dev)],
             "distance": torch.from_numpy(d[idx]).to(dev),
         }
+        if data.clean_variance is not None:
+            batch["clean_variance_i"] = data.clean_variance[torch.from_numpy(i[idx])]
+            batch["clean_variance_j"] = data.clean_variance[torch.from_numpy(j[idx])]
+        yield batch
 
 
-def _batch_loss(w: _Worker, batch: dict) -> tuple[torch.Tensor, int]:
+def _fresh(w: _Worker, images: torch.Tensor, clean_variance: torch.Tensor, progress: float) -> torch.Tensor:
+    """Clean ``images`` with fresh noise/CTF (:attr:`_Worker.corruption`), then the model's preprocessing."""
+    out = w.corruption.apply(images, clean_variance.cpu(), progress, w.generator)
+    return out.images if w.preprocess is None else w.preprocess.apply(out.images, out.ctf)
+
+
+def _batch_loss(w: _Worker, batch: dict, progress: float = 1.0) -> tuple[torch.Tensor, int]:
     """``(L_DE, pairs)`` of one batch (:func:`_pass_batches`): all same-protein pairs of the images
-    (batch pairing), or the batch's pre-drawn pairs (stream pairing)."""
+    (batch pairing), or the batch's pre-drawn pairs (stream pairing). With fresh noise the batch's
+    clean images are corrupted afresh (``progress``: the fraction of training done, for a curriculum)."""
     s = w.settings
     if s.pairing == "batch":
         x = batch["images"].float()
+        if w.corruption is not None:
+            x = _fresh(w, x, batch["clean_variance"], progress)
         if s.augment:
             x = _augment(x, s.augment, w.generator)
         with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.use_amp):
@@ -423,6 +556,9 @@ def _batch_loss(w: _Worker, batch: dict) -> tuple[torch.Tensor, int]:
             emb.float(), batch["quaternion"].cpu(), batch["groups"].cpu(), s.symmetry, w.core.distance
         )
     xi, xj = batch["image_i"].float(), batch["image_j"].float()
+    if w.corruption is not None:
+        xi = _fresh(w, xi, batch["clean_variance_i"], progress)
+        xj = _fresh(w, xj, batch["clean_variance_j"], progress)
     if s.augment:
         xi, xj = _augment(xi, s.augment, w.generator), _augment(xj, s.augment, w.generator)
     with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.use_amp):
@@ -448,7 +584,7 @@ def _train_epoch(w: _Worker, state: _LoopState, epoch: int) -> tuple[float, int,
             timing["data_seconds"] += t1 - t0
             if batch is None:
                 break
-            loss, pairs = _batch_loss(w, batch)
+            loss, pairs = _batch_loss(w, batch, state.step / max(1, s.total_steps))
             factor = lr_factor(state.step, s.total_steps, s.lr_schedule)
             for group in w.opt.param_groups:
                 group["lr"] = s.lr * factor
@@ -632,6 +768,7 @@ class TrainRun:
     spec: SiameseSpec
     manifests: list[ProjectionStore]
     out: Path
+    settings: WorkerSettings | None = None
 
 
 def open_training_stores(stores: list[str], spec: SiameseSpec) -> list[ProjectionStore]:
@@ -680,10 +817,37 @@ def data_mode(cfg: TrainConfig, manifests: list[ProjectionStore]) -> str:
     return "memory" if n_bytes <= cfg.memory_gb * 1e9 else "stream"
 
 
+def noise_and_preprocess(
+    cfg: TrainConfig, manifests: list[ProjectionStore], seed: int = 0
+) -> tuple[FreshCorruption | None, Preprocess | None]:
+    """The fresh corruption (:func:`fresh_corruption`) and preprocessing (:func:`store_preprocess`) of
+    a run, from its first store (every store must then share its geometry and noise record)."""
+    first = manifests[0]
+    corruption = fresh_corruption(first, cfg.noise)
+    for st in manifests[1:]:
+        same = (st.image_size, st.pixel_size, st.acquisition.get("image_size"), st.acquisition.get("snr_db")) == (
+            first.image_size,
+            first.pixel_size,
+            first.acquisition.get("image_size"),
+            first.acquisition.get("snr_db"),
+        )
+        if not same:
+            raise CryoOrientError(
+                f"{st.path} and {first.path} differ in box, pixel size or noise: one model's noise and "
+                "preprocessing cannot match both (train on stores simulated alike)"
+            )
+        if corruption is not None:
+            st.require_clean()
+    rows = first.select_rows(split="train", proteins="seen")
+    pre = store_preprocess(first, rows, corruption, cfg.preprocess, seed)
+    return corruption, pre
+
+
 def worker_settings(job: TrainJob, manifests: list[ProjectionStore]) -> WorkerSettings:
     """The :class:`WorkerSettings` of ``job`` on its opened stores (:func:`open_training_stores`)."""
     cfg, out = job.cfg, Path(job.out_dir).resolve()
     augment = cfg.augment
+    corruption, pre = noise_and_preprocess(cfg, manifests, job.seed)
     return WorkerSettings(
         model=SiameseSpec(**cfg.model.model_dump()),
         optimizer=cfg.optimizer,
@@ -698,7 +862,7 @@ def worker_settings(job: TrainJob, manifests: list[ProjectionStore]) -> WorkerSe
         pairs_per_shard=cfg.pairs_per_shard,
         batch_size=cfg.batch_size,
         mixed_precision=cfg.mixed_precision,
-        augment=Augmentation(augment.snr_db, augment.max_shift) if (augment.snr_db or augment.max_shift) else None,
+        augment=Augmentation(augment.max_shift) if augment.max_shift else None,
         symmetry={
             sid * GROUP_STRIDE + k: p.get("symmetry", "C1")
             for sid, st in enumerate(manifests)
@@ -710,6 +874,8 @@ def worker_settings(job: TrainJob, manifests: list[ProjectionStore]) -> WorkerSe
         tensorboard_dir=str(out / "tensorboard"),
         progress_file=str(out / PROGRESS_FILE),
         fault_injection=job.fault_injection,
+        corruption=None if corruption is None else corruption.to_dict(),
+        preprocess=None if pre is None else pre.to_dict(),
     )
 
 
@@ -721,21 +887,28 @@ def _datasets(job: TrainJob, settings: WorkerSettings) -> dict:
     train images, materialised here once, which every worker reads whole (:func:`_load_memory_data`).
     """
     cfg, stores, seed = job.cfg, job.stores, job.seed
+    # fresh noise: the train split's clean images (corrupted and preprocessed in the worker, batch by
+    # batch); fixed images: preprocessed as they are read. Validation: the stores' fixed noisy images.
+    fresh = settings.corruption is not None
+    kw = {"clean": True} if fresh else {"preprocess": settings.preprocess}
     if settings.data == "memory":
-        train = sample_dataset(stores, "train", proteins="seen").materialize()
+        train = sample_dataset(stores, "train", proteins="seen", **kw).materialize()
     elif cfg.pairing == "batch":
-        train = sample_dataset(stores, "train", proteins="seen", shuffle=True)
+        train = sample_dataset(stores, "train", proteins="seen", shuffle=True, **kw)
     else:
-        train = pair_dataset(stores, "train", proteins="seen", pairs_per_shard=cfg.pairs_per_shard, seed=None)
+        train = pair_dataset(stores, "train", proteins="seen", pairs_per_shard=cfg.pairs_per_shard, seed=None, **kw)
     # validation pairs are fixed (seeded): draw them once, not again every epoch
     val_pairs = cfg.val_pairs_per_shard
+    pre = settings.preprocess
     datasets = {
         "train": train,
-        "val": pair_dataset(stores, "val", proteins="seen", pairs_per_shard=val_pairs, seed=seed + 1).materialize(),
+        "val": pair_dataset(
+            stores, "val", proteins="seen", pairs_per_shard=val_pairs, seed=seed + 1, preprocess=pre
+        ).materialize(),
     }
     if settings.has_heldout:
         datasets["heldout"] = pair_dataset(
-            stores, "val", proteins="heldout", pairs_per_shard=val_pairs, seed=seed + 2
+            stores, "val", proteins="heldout", pairs_per_shard=val_pairs, seed=seed + 2, preprocess=pre
         ).materialize()
     return datasets
 
@@ -779,7 +952,7 @@ def build_trainer(job: TrainJob, callbacks: list | None = None) -> TrainRun:
             callbacks=callbacks,
         ),
     )
-    return TrainRun(trainer, job, spec, manifests, out)
+    return TrainRun(trainer, job, spec, manifests, out, settings)
 
 
 def train_storage_path(cfg: TrainConfig, out: Path) -> str:
@@ -823,6 +996,10 @@ def _train_summary(run: TrainRun, state: dict, seconds: float) -> dict:
         "workers": cfg.num_workers,
         "steps_per_worker": int(state.get("step", 0)),
         "use_gpu": cfg.use_gpu,
+        "fresh_noise": None if run.settings is None else run.settings.corruption,
+        "preprocess": None
+        if run.settings is None or run.settings.preprocess is None
+        else {k: v for k, v in run.settings.preprocess.items() if k != "gain"},
         "proteins_seen": sorted({p["name"] for st in manifests for p in st.proteins if not p.get("heldout")}),
         "proteins_heldout": sorted({p["name"] for st in manifests for p in st.proteins if p.get("heldout")}),
     }
@@ -840,7 +1017,8 @@ def export_trained_model(run: TrainRun, checkpoint, seconds: float) -> dict:
         raise CryoOrientError("training ended without a checkpoint")
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    best_model = SiameseDistance(run.spec)
+    pre = None if run.settings is None else Preprocess.from_dict(run.settings.preprocess)
+    best_model = SiameseDistance(run.spec, preprocess=pre)
     best_model.load_state_dict(state["best"]["state"] or state["model"])
     summary = _train_summary(run, state, seconds)
     with atomic_path(run.out / "model.pt") as tmp:

@@ -5,6 +5,11 @@ Layout of ``<name>.zarr`` (Zarr format 3):
     zarr.json                  group attributes: ``cryoorient`` = the manifest (below)
     images        (N, L, L)    float32, one chunk per image, ``shard_size`` images per shard file
     noise_variance (N,)        float32, σ² of the added noise per pixel of the acquisition box (0 when noiseless)
+    clean         (N, L, L)    float32, only in stores simulated with noise or CTF (manifest ``has_clean``):
+                               the projection at the working box before CTF and noise (Fourier-cropped
+                               with the images' scaling), what fresh noise is drawn on in training
+    clean_variance (N,)        float32, with ``clean``: the variance of each clean projection over the
+                               acquisition box (before CTF), what the per-image SNR is relative to
     quaternion    (N, 4)       float64, wxyz, the true orientation (NaN when unknown)
     euler         (N, 3)       float64, RELION rot/tilt/psi in degrees (NaN when unknown)
     shift         (N, 2)       float32, (x, y) in pixels: the object's centre sits at (L//2 + x, L//2 + y)
@@ -78,6 +83,7 @@ METADATA_ARRAYS: dict[str, tuple[tuple[int, ...], str, Any]] = {
     "split": ((), "uint8", 0),
 }
 SHARD_ARRAYS = ("images", "noise_variance")
+CLEAN_ARRAYS = ("clean", "clean_variance")  # only in stores whose manifest says ``has_clean``
 STATE_ARRAYS = ("shard_done",)  # every store has these; ``shard_nbytes`` only stores made since it exists
 
 
@@ -169,8 +175,11 @@ class ProjectionStore:
         n_samples: int,
         image_size: int,
         shard_size: int,
+        clean: bool = False,
     ) -> ProjectionStore:
-        """Create an empty store (all shards missing). Fails if something already exists there."""
+        """Create an empty store (all shards missing). Fails if something already exists there.
+
+        ``clean``: also hold the clean projections (``clean``, ``clean_variance``; manifest ``has_clean``)."""
         zarr = _zarr()
         if n_samples < 1 or image_size < 1 or shard_size < 1:
             raise CryoOrientError(f"invalid store shape: {n_samples} samples of {image_size}², shards of {shard_size}")
@@ -188,6 +197,7 @@ class ProjectionStore:
             n_shards=int(n_shards),
             splits=list(SPLITS),
             metadata_written=False,
+            has_clean=bool(clean),
         )
         group = zarr.open_group(str(path), mode="w-", zarr_format=3, storage_options=_storage_options(path))
         group.create_array(
@@ -199,6 +209,18 @@ class ProjectionStore:
             fill_value=0.0,
         )
         group.create_array("noise_variance", shape=(n_samples,), chunks=(shard_size,), dtype="float32", fill_value=0.0)
+        if clean:
+            group.create_array(
+                "clean",
+                shape=(n_samples, image_size, image_size),
+                chunks=(1, image_size, image_size),
+                shards=(shard_size, image_size, image_size),
+                dtype="float32",
+                fill_value=0.0,
+            )
+            group.create_array(
+                "clean_variance", shape=(n_samples,), chunks=(shard_size,), dtype="float32", fill_value=0.0
+            )
         for name, (trail, dtype, fill) in METADATA_ARRAYS.items():
             group.create_array(
                 name, shape=(n_samples, *trail), chunks=(shard_size, *trail), dtype=dtype, fill_value=fill
@@ -279,6 +301,12 @@ class ProjectionStore:
         }
 
     @property
+    def has_clean(self) -> bool:
+        """Whether the store holds the clean projections (``clean``, ``clean_variance``): stores
+        simulated with noise or CTF since fresh training noise exists."""
+        return bool(self.manifest.get("has_clean", False))
+
+    @property
     def proteins(self) -> list[dict]:
         return list(self.manifest.get("proteins", []))
 
@@ -352,7 +380,7 @@ class ProjectionStore:
 
     def missing_arrays(self) -> list[str]:
         """Names of the arrays whose metadata (``<name>/zarr.json``) is gone."""
-        names = [*SHARD_ARRAYS, *METADATA_ARRAYS, *STATE_ARRAYS]
+        names = [*SHARD_ARRAYS, *METADATA_ARRAYS, *STATE_ARRAYS, *(CLEAN_ARRAYS if self.has_clean else ())]
         found = _gather(self.group.store.exists, self._keys([f"{n}/zarr.json" for n in names]))
         return [n for n, ok in zip(names, found, strict=True) if not ok]
 
@@ -445,8 +473,16 @@ class ProjectionStore:
             self.group[name][...] = values
         self.update_manifest(metadata_written=True)
 
-    def write_shard(self, shard: int, images: np.ndarray, noise_variance: np.ndarray) -> None:
-        """Write one shard's images and noise variances, then set its done flag (last)."""
+    def write_shard(
+        self,
+        shard: int,
+        images: np.ndarray,
+        noise_variance: np.ndarray,
+        clean: np.ndarray | None = None,
+        clean_variance: np.ndarray | None = None,
+    ) -> None:
+        """Write one shard's images and noise variances (and, in a store with :attr:`has_clean`, its
+        clean projections and their acquisition-box variances), then set its done flag (last)."""
         start, stop = self.shard_range(shard)
         n, size = stop - start, self.image_size
         images = np.asarray(images, dtype=np.float32)
@@ -456,6 +492,14 @@ class ProjectionStore:
             raise CryoOrientError(f"shard {shard}: images contain NaN or inf")
         self.group["images"][start:stop] = images
         self.group["noise_variance"][start:stop] = np.asarray(noise_variance, dtype=np.float32).reshape(n)
+        if self.has_clean:
+            if clean is None or clean_variance is None:
+                raise CryoOrientError(f"shard {shard}: this store holds clean projections; give them too")
+            clean = np.asarray(clean, dtype=np.float32)
+            if clean.shape != (n, size, size) or not np.isfinite(clean).all():
+                raise CryoOrientError(f"shard {shard} needs finite clean images of shape {(n, size, size)}")
+            self.group["clean"][start:stop] = clean
+            self.group["clean_variance"][start:stop] = np.asarray(clean_variance, dtype=np.float32).reshape(n)
         if "shard_nbytes" in self.group:
             self.group["shard_nbytes"][shard] = self._shard_file_nbytes([shard])[0]
         self.group["shard_done"][shard] = 1
@@ -498,15 +542,57 @@ class ProjectionStore:
             out[name] = arr[sel] if isinstance(sel, slice) else arr.get_orthogonal_selection((np.asarray(sel),))
         return out
 
-    def read_shard(self, shard: int) -> dict:
-        """Everything of one completed shard: ``images``, metadata and ``index`` (global rows)."""
+    def read_shard(self, shard: int, clean: bool = False) -> dict:
+        """Everything of one completed shard: ``images``, metadata and ``index`` (global rows).
+
+        ``clean``: ``images`` are the clean projections instead, with their ``clean_variance``
+        (:meth:`require_clean`)."""
         if not self.done_shards()[shard]:
             raise CryoOrientError(f"shard {shard} of {self.path} is not complete")
         start, stop = self.shard_range(shard)
         out = self.read_metadata(slice(start, stop))
-        out["images"] = self.group["images"][start:stop]
+        if clean:
+            out["images"], out["clean_variance"] = self.read_clean(slice(start, stop))
+        else:
+            out["images"] = self.group["images"][start:stop]
         out["index"] = np.arange(start, stop)
         return out
+
+    @property
+    def images_are_clean(self) -> bool:
+        """True for simulated stores whose images are themselves clean: no noise, no CTF, simulated
+        at the working box (so the images' variance is the acquisition-box variance)."""
+        m = self.manifest
+        acq = self.acquisition
+        return (
+            m.get("source") == "simulated"
+            and acq.get("snr_db") is None
+            and not m.get("ctf_applied", False)
+            and int(acq["image_size"]) == self.image_size
+        )
+
+    def require_clean(self) -> None:
+        """Stop with one clear line when the store cannot give clean projections (fresh noise needs them)."""
+        if not (self.has_clean or self.images_are_clean):
+            raise CryoOrientError(
+                f"{self.path} holds no clean projections (made before they were stored, or imported), so "
+                "training cannot draw fresh noise on it: simulate it again, or set train.noise.fresh: false"
+            )
+
+    def read_clean(self, rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(clean images (n, L, L), clean_variance (n,))`` of ``rows`` (:meth:`require_clean`): the
+        ``clean`` arrays, or the images themselves when :attr:`images_are_clean`."""
+        self.require_clean()
+        if not self.has_clean:
+            images = self.read_images(rows)
+            return images, images.reshape(len(images), -1).astype(np.float64).var(axis=1).astype(np.float32)
+        if isinstance(rows, slice):
+            return self.group["clean"][rows], self.group["clean_variance"][rows]
+        sel = (np.asarray(rows),)
+        return (
+            self.group["clean"].get_orthogonal_selection(sel),
+            self.group["clean_variance"].get_orthogonal_selection(sel),
+        )
 
     def read_images(self, rows: slice | np.ndarray) -> np.ndarray:
         arr = self.group["images"]

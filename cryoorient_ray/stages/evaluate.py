@@ -17,13 +17,20 @@ from cryoorient_ray.io.store import ProjectionStore, split_codes
 
 
 def embed_rows(model, store: ProjectionStore, rows: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """Embeddings ``(len(rows), n)`` of store images, one forward pass per image."""
+    """Embeddings ``(len(rows), n)`` of store images, one forward pass per image (with each image's
+    CTF when the model's preprocessing phase-flips)."""
     out = []
     model.eval()
+    needs_ctf = bool(getattr(model, "needs_ctf", False))
     with torch.no_grad():
         for a in range(0, len(rows), batch_size):
-            imgs = torch.as_tensor(store.read_images(rows[a : a + batch_size]), dtype=torch.float32)
-            out.append(model.embed(imgs))
+            part = rows[a : a + batch_size]
+            imgs = torch.as_tensor(store.read_images(part), dtype=torch.float32)
+            if needs_ctf:
+                ctf = store.ctf_parameters(store.read_metadata(part, names=["defocus_u", "defocus_v", "defocus_angle"]))
+                out.append(model.embed(imgs, ctf))
+            else:
+                out.append(model.embed(imgs))
     return torch.cat(out) if out else torch.zeros((0, 1))
 
 

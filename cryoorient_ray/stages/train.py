@@ -130,6 +130,8 @@ def stage_train(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult
         "test_L_DE": round(reports["learned"]["L_DE"], 4),
         "euclidean_test_L_DE": round(reports["euclidean"]["L_DE"], 4),
         "epochs": summary["epochs_run"],
+        "fresh_noise": summary.get("fresh_noise") is not None,
+        "preprocess": _preprocess_label(summary.get("preprocess")),
         **_ray_nodes_metric("train"),
     }
     if "heldout_loss" in summary["final"]:
@@ -147,6 +149,14 @@ def stage_train(cfg: RunConfig, out: Path, progress: bool = True) -> StageResult
     )
 
 
+def _preprocess_label(pre: dict | None) -> str:
+    """``"phase flip + wiener"``, ``"lowpass"``, ``"none"``: what the model does to its images."""
+    if not pre:
+        return "none"
+    parts = (["phase flip"] if pre.get("phase_flip") else []) + ([pre["filter"]] if pre.get("filter") != "none" else [])
+    return " + ".join(parts) or "none"
+
+
 def run_train(
     cfg: RunConfig, out_dir: str | os.PathLike | None = None, argv: list[str] | None = None, progress: bool = True
 ) -> tuple[Path, list[StageResult]]:
@@ -161,6 +171,8 @@ def check_train_inputs(cfg: RunConfig, out: Path) -> None:
     from cryoorient_ray.io.store import ProjectionStore
 
     for path in cfg.train.stores:
-        ProjectionStore.open(path)
+        store = ProjectionStore.open(path)
+        if cfg.train.noise.fresh:  # fresh noise needs the clean projections: say so before Ray starts
+            store.require_clean()
     if not cfg.train.stores:
         check_simulate(cfg, out)

@@ -36,7 +36,8 @@ def render_projections(
     backend: str = "auto",
     projector=None,
     output_size: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    return_clean: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Simulate projections of ``volume`` (D, D, D) [z, y, x] at ``quaternions`` (B, 4) wxyz.
 
     Args:
@@ -53,11 +54,15 @@ def render_projections(
             line integrals are then counted in output pixels (times ``output_size / D``), so the
             images have the scale of projections of the map Fourier-cropped to the output box
             (:func:`fourier_crop_volume`); noise is added after that scaling.
+        return_clean: also return the clean projections and their variances (below).
 
     Returns:
         ``images (B, L, L)`` float32 (``L = output_size or D``) and ``noise_variance (B,)``, σ² per
         pixel of the rendered ``D`` box (0 when noiseless); white noise per working pixel has
-        ``σ² · L² / D²``.
+        ``σ² · L² / D²``. With ``return_clean`` also ``clean (B, L, L)``, the projections before CTF
+        and noise, Fourier-cropped with the same scaling, and ``clean_variance (B,)``, their
+        variance over the rendered ``D`` box (what fresh training noise,
+        :class:`~cryoorient_ray.core.imaging.corruption.FreshCorruption`, sets its SNR against).
     """
     q = np.asarray(quaternions, dtype=np.float64)
     if q.ndim != 2 or q.shape[1] != 4:
@@ -71,6 +76,7 @@ def render_projections(
     images = torch.as_tensor(proj(rotmats, sh), dtype=torch.float32)
     if output_size is not None and int(output_size) < size:
         images = images * (int(output_size) / size)  # line integrals in output pixels (the working box's scale)
+    clean = images if return_clean else None
     if ctf is not None:
         if defocus_u is None or defocus_v is None or defocus_angle is None:
             raise CryoOrientError("a CTF needs defocus_u, defocus_v and defocus_angle for every image")
@@ -88,7 +94,13 @@ def render_projections(
         images, variances = add_gaussian_noise(images, snr_db=snr_db, generator=generator)
     if output_size is not None and int(output_size) < images.shape[-1]:
         images = fourier_crop(images, int(output_size))
-    return images.numpy().astype(np.float32, copy=False), np.asarray(variances, dtype=np.float32)
+    out = images.numpy().astype(np.float32, copy=False), np.asarray(variances, dtype=np.float32)
+    if not return_clean:
+        return out
+    clean_variance = clean.double().reshape(clean.shape[0], -1).var(dim=1, unbiased=False).numpy()
+    if output_size is not None and int(output_size) < clean.shape[-1]:
+        clean = fourier_crop(clean, int(output_size))
+    return *out, clean.numpy().astype(np.float32, copy=False), clean_variance.astype(np.float32)
 
 
 def fourier_crop_volume(volume: np.ndarray, size: int) -> np.ndarray:

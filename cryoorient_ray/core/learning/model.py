@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from cryoorient_ray.core._array import safe_norm
+from cryoorient_ray.core.imaging.preprocess import Preprocess
 from cryoorient_ray.errors import CryoOrientError
 
 NORMS = ("batch", "group", "none")
@@ -121,9 +122,12 @@ def standardize(images: torch.Tensor) -> torch.Tensor:
 class SiameseDistance(nn.Module):
     """``forward(image_i, image_j) -> d̂`` for ``(B, L, L)`` image batches; ``embed`` for one side."""
 
-    def __init__(self, spec: SiameseSpec | dict | None = None):
+    def __init__(self, spec: SiameseSpec | dict | None = None, preprocess: Preprocess | None = None):
         super().__init__()
         self.spec = spec if isinstance(spec, SiameseSpec) else SiameseSpec(**(spec or {}))
+        # what every image goes through before the standardisation (phase flip, SNR-matched filter):
+        # saved in the model file, so training and recovery apply the same (core/imaging/preprocess.py)
+        self.preprocess = preprocess
         layers: list[nn.Module] = []
         c_in = 1
         pad = self.spec.kernel_size // 2
@@ -149,8 +153,14 @@ class SiameseDistance(nn.Module):
             layers.append(nn.Conv2d(c_in, self.spec.n_features, 1))
         self.features = nn.Sequential(*layers)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Feature vectors ``(B, n_features)`` of images ``(B, L, L)``."""
+    @property
+    def needs_ctf(self) -> bool:
+        """True when :meth:`embed` phase-flips, so it needs each image's CTF."""
+        return self.preprocess is not None and self.preprocess.phase_flip
+
+    def embed(self, images: torch.Tensor, ctf: dict | None = None) -> torch.Tensor:
+        """Feature vectors ``(B, n_features)`` of images ``(B, L, L)`` (``ctf``: their CTF parameters,
+        needed when :attr:`preprocess` phase-flips)."""
         if images.ndim != 3:
             raise CryoOrientError(f"images must have shape (B, L, L), got {tuple(images.shape)}")
         if min(images.shape[-2:]) < self.spec.min_image_size:
@@ -158,6 +168,8 @@ class SiameseDistance(nn.Module):
                 f"images of {tuple(images.shape[-2:])} are too small for {len(self.spec.channels)} pooling blocks "
                 f"(need at least {self.spec.min_image_size} pixels)"
             )
+        if self.preprocess is not None:
+            images = self.preprocess.apply(images, ctf)
         x = self.features(standardize(images).unsqueeze(1))
         return x if x.ndim == 2 else x.mean(dim=(-2, -1))
 
@@ -211,6 +223,8 @@ MODEL_FORMAT = "cryoorient-distance/1"
 def save_distance_model(path, model: SiameseDistance, extra: dict | None = None) -> None:
     """One file with the architecture and weights (load with :func:`load_distance_model`, no Ray needed)."""
     payload = {"format": MODEL_FORMAT, "spec": model.spec.to_dict(), "state_dict": model.state_dict()}
+    pre = getattr(model, "preprocess", None)
+    payload["preprocess"] = None if pre is None else pre.to_dict()
     payload.update(extra or {})
     torch.save(payload, path)
 
@@ -227,7 +241,7 @@ def load_distance_model(path, map_location: str | torch.device = "cpu") -> tuple
         raise CryoOrientError(f"{path} is not a cryoorient distance model ({MODEL_FORMAT})")
     spec = dict(payload["spec"])
     spec.setdefault("pool", "global")  # files written before the grid pool existed
-    model = SiameseDistance(spec)
+    model = SiameseDistance(spec, preprocess=Preprocess.from_dict(payload.get("preprocess")))
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
