@@ -158,12 +158,11 @@ def test_rounding_to_rotations_of_an_exact_gram_solution():
 
 @pytest.mark.timeout(180)
 def test_ray_data_embeddings_match_in_process(ray_local, tmp_path):
+    from cryoorient_ray.core.imaging.preprocess import Preprocess, n_shells
     from cryoorient_ray.core.learning.model import SiameseDistance, load_distance_model, save_distance_model
     from cryoorient_ray.distributed.recover_actors import embed_with_ray_data
     from cryoorient_ray.stages.evaluate import embed_rows
     from tests.helpers import make_store
-
-    from cryoorient_ray.core.imaging.preprocess import Preprocess, n_shells
 
     store = make_store(tmp_path / "s.zarr", n_per_protein=40, proteins=("a", "b"), size=16, shard_size=16)
     assert store.manifest["ctf_applied"]
