@@ -97,6 +97,7 @@ def test_anchor_edges_are_added_once():
     assert len(ei) == 5 and ed[(ei == 0) & (ej == 1)][0] == np.float32(0.1)  # the graph's own d̂ kept
 
 
+@pytest.mark.slow  # ~2 min on 2 cores (the anchor start's 512 annealed starts)
 @pytest.mark.timeout(300)
 def test_exact_c2_distances_are_recovered_exactly_where_the_c1_start_fails():
     p = 150
@@ -161,6 +162,7 @@ def test_imposed_and_c1_then_symmetrised_maps_agree_with_the_symmetric_truth():
 # ----------------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow  # several minutes on 2 cores
 @pytest.mark.timeout(900)
 def test_recover_exact_on_a_d2_store_reports_the_symmetry_aware_error(tmp_path):
     path = tmp_path / "d2.zarr"

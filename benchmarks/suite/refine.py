@@ -99,6 +99,10 @@ def headline(result: dict) -> dict:
             out[f"{key}_fsc05_ratio"] = r["FSC0.5 ratio"]
             out[f"{key}_oracle_rad"] = r["oracle (rad)"]
             out[f"{key}_goal_met"] = r["met"]
+    # the names for the noiseless row
+    for suffix in ("refined_rad", "random_refined_rad", "oracle_rad", "fsc05_ratio"):
+        if f"5j0n_inf_{suffix}" in out:
+            out[f"5j0n_noiseless_{suffix}"] = out[f"5j0n_inf_{suffix}"]
     return out
 
 
