@@ -308,9 +308,10 @@ def run(ctx: Context) -> dict:
     plt.close(fig)
     notes += [
         f"Working box {WORKING_BOX[ctx.scale]}² (5j0n's 116² at 3.667 Å/px Fourier-cropped; the SNR is set at 116²).",
-        f"Small scale: {', '.join(f'{k} {v[0]}' for k, v in SIZES.items())} images (the issue's sizes, "
-        f"{', '.join(f'{k} {v[1]}' for k, v in SIZES.items())}, at paper scale) "
-        "so the benchmark fits ≈ 25 min on a quiet 2-core machine.",
+        "A row started from the noise benchmark's recovery refines the images that recovery recovered (its "
+        "store's test split: the 'images' column); a stand-in row simulates "
+        f"{', '.join(f'{k} {v[0]}' for k, v in SIZES.items())} images at small scale (the issue's sizes, "
+        f"{', '.join(f'{k} {v[1]}' for k, v in SIZES.items())}, at paper scale).",
         "Settings: 15° grid (5,184 orientations) subdivided to 1.9° (small) / 1.4° (paper), 8 candidates per "
         "image and level, shifts searched to 1.25× the largest simulated shift in the CTF row, at most 5 "
         "(small) / 8 (paper) iterations, patience 2, then one round of the local refiner per half; "
