@@ -177,6 +177,18 @@ def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
+def _fsc_axes(ax, fmax: float, ylabel: str) -> None:
+    """FSC axes: linear in 1/Å up to ``fmax``, ticks labelled in Å (1/f) as the paper's figure."""
+    ax.set_xlim(0, fmax if fmax > 0 else 1)
+    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.05)
+    ticks = np.linspace(0, fmax, 6) if fmax > 0 else np.array([0.0])
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(["∞" if f == 0 else f"{1 / f:.1f}" for f in ticks])
+    ax.set_xlabel("resolution (Å)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+
+
 def plot_fsc(
     curves: dict[str, tuple[np.ndarray, np.ndarray]],
     path: str | os.PathLike,
@@ -202,15 +214,7 @@ def plot_fsc(
     for t, style in zip(thresholds, ("--", ":", "-.", "--"), strict=False):
         ax.axhline(t, color="grey", ls=style, lw=1)
         ax.annotate(f"{t:g}", (fmax, t), xytext=(2, 2), textcoords="offset points", fontsize=7, color="grey")
-    ax.set_xlim(0, fmax if fmax > 0 else 1)
-    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.05)
-    # Linear in 1/Å, labelled in Å (1/f), as the paper's figure.
-    ticks = np.linspace(0, fmax, 6) if fmax > 0 else np.array([0.0])
-    ax.set_xticks(ticks)
-    ax.set_xticklabels(["∞" if f == 0 else f"{1 / f:.1f}" for f in ticks])
-    ax.set_xlabel("resolution (Å)")
-    ax.set_ylabel("FSC")
-    ax.grid(True, alpha=0.3)
+    _fsc_axes(ax, fmax, "FSC")
     ax.legend(fontsize=7, loc="lower left")
     if title:
         ax.set_title(title, fontsize=10)
@@ -295,14 +299,7 @@ def plot_fsc_iterations(
         ax.plot(freq, curve, color=colour, lw=2.2 if last else 1.1, label=f"{label} ({res:.1f} Å @ 0.143)")
     for t, style in zip(thresholds, ("--", ":"), strict=False):
         ax.axhline(t, color="grey", ls=style, lw=1)
-    ax.set_xlim(0, fmax if fmax > 0 else 1)
-    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.05)
-    ticks = np.linspace(0, fmax, 6) if fmax > 0 else np.array([0.0])
-    ax.set_xticks(ticks)
-    ax.set_xticklabels(["∞" if f == 0 else f"{1 / f:.1f}" for f in ticks])
-    ax.set_xlabel("resolution (Å)")
-    ax.set_ylabel("half-map FSC")
-    ax.grid(True, alpha=0.3)
+    _fsc_axes(ax, fmax, "half-map FSC")
     ax.legend(fontsize=7, loc="lower left", ncol=2 if len(curves) > 8 else 1)
     ax.set_title(title or "half-map FSC per iteration", fontsize=10)
     return _save(fig, path)

@@ -80,16 +80,18 @@ def grid_level_for_step(step_deg: float) -> int:
     return max(1, math.ceil(90.0 / step_deg - 1e-9))
 
 
+def _decode(n: int, index) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grid indices at resolution ``n`` → ``(index, 4 n, in-plane p, cell i, cell j, face f)``."""
+    idx = torch.as_tensor(index, dtype=torch.int64)
+    m = 4 * n
+    cell = idx // m
+    return idx, m, idx % m, (cell // n) % n, cell % n, cell // (n * n)
+
+
 def grid_rotmats(n: int, index: torch.Tensor | np.ndarray) -> torch.Tensor:
     """``(*S, 3, 3)`` float64 rotation matrices of the grid points ``index (*S)`` at resolution ``n``."""
     n = _check_level(n)
-    idx = torch.as_tensor(index, dtype=torch.int64)
-    m = 4 * n
-    p = idx % m
-    cell = idx // m
-    j = cell % n
-    i = (cell // n) % n
-    f = cell // (n * n)
+    idx, m, p, i, j, f = _decode(n, index)
     if idx.numel() and (int(f.min()) < 0 or int(f.max()) > 5):
         raise CryoOrientError(f"grid index out of range for resolution {n} ({grid_size(n)} points)")
     faces = torch.from_numpy(_FACES).to(idx.device)[f]  # (*S, 3, 3): rows u, v, c
@@ -119,13 +121,7 @@ def grid_rotmats(n: int, index: torch.Tensor | np.ndarray) -> torch.Tensor:
 def grid_children(n: int, index: torch.Tensor | np.ndarray) -> torch.Tensor:
     """``(*S, 8)`` indices at resolution ``2 n`` of the 8 children of grid points ``index (*S)`` at ``n``."""
     n = _check_level(n)
-    idx = torch.as_tensor(index, dtype=torch.int64)
-    m = 4 * n
-    p = idx % m
-    cell = idx // m
-    j = cell % n
-    i = (cell // n) % n
-    f = cell // (n * n)
+    idx, m, p, i, j, f = _decode(n, index)
     n2, m2 = 2 * n, 2 * m
     off = torch.tensor([0, 1], dtype=torch.int64, device=idx.device)
     ci = (2 * i)[..., None, None, None] + off[:, None, None]
