@@ -63,12 +63,12 @@ def check_matrix(t: torch.Tensor, name: str) -> None:
         raise CryoOrientError(f"{name} must have shape (..., 3, 3); got {tuple(t.shape)}")
 
 
-def check_pixel_size(pixel_size) -> float:
-    """``pixel_size`` as a float, or a clear error if it is not a finite positive number (Å)."""
+def check_pixel_size(pixel_size, name: str = "pixel_size") -> float:
+    """``pixel_size`` as a float, or a clear error (naming ``name``) if it is not a finite positive number (Å)."""
     try:
         px = float(pixel_size)
     except (TypeError, ValueError):
-        raise CryoOrientError(f"pixel_size must be a positive number (Å); got {pixel_size!r}") from None
+        raise CryoOrientError(f"{name} must be a positive number (Å); got {pixel_size!r}") from None
     if not (math.isfinite(px) and px > 0):
-        raise CryoOrientError(f"pixel_size must be a positive number (Å); got {pixel_size!r}")
+        raise CryoOrientError(f"{name} must be a positive number (Å); got {pixel_size!r}")
     return px

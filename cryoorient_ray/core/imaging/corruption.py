@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cryoorient_ray.core._array import check_pixel_size
 from cryoorient_ray.core.imaging.ctf import OPTICS_DEFAULTS, apply_ctf, ctf_2d
 from cryoorient_ray.core.imaging.fourier import freq_grid_2d, index_grid_2d, phase_ramp
 from cryoorient_ray.errors import CryoOrientError
@@ -58,16 +59,6 @@ def _check_size(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or int(value) < 1:
         raise CryoOrientError(f"{name} must be a positive integer (pixels); got {value!r}")
     return int(value)
-
-
-def _check_pixel(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise CryoOrientError(f"{name} must be a number (Å per pixel); got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise CryoOrientError(f"{name} must be a finite positive number (Å per pixel); got {value!r}")
-    return v
 
 
 def _check_db(name: str, value) -> float:
@@ -133,8 +124,8 @@ class FreshCorruption:
                 f"the acquisition box ({la} px) is smaller than the working box ({lw} px): images are "
                 "Fourier-cropped from acquisition to working, so it must be at least as large"
             )
-        pw = _check_pixel("the working pixel size", self.working_pixel_size)
-        pa = _check_pixel("the acquisition pixel size", self.acquisition_pixel_size)
+        pw = check_pixel_size(self.working_pixel_size, "the working pixel size")
+        pa = check_pixel_size(self.acquisition_pixel_size, "the acquisition pixel size")
         if abs(pa * la - pw * lw) > 1e-3 * pw * lw:
             raise CryoOrientError(
                 f"acquisition {la} px × {pa:g} Å and working {lw} px × {pw:g} Å do not span the same field of view"
