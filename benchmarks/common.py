@@ -244,40 +244,31 @@ def neighbour_quality(distance, q_true: np.ndarray, k: int = 10, symmetry: str =
     """How good the k nearest neighbours by d̂ are: what a pair graph's kNN edges are built from.
 
     ``distance(i (E,), j (E,)) -> d̂ (E,)`` is the estimator recovery uses (indices into ``q_true``,
-    e.g. :func:`cryoorient_ray.stages.recover.make_estimator`'s ``distance``). For each image, its
-    ``k`` nearest others by d̂ (all ``P − 1`` candidates, blocks of ``block`` images at a time) and
-    their true d_G (symmetry-aware d_q). Returns (radians):
+    e.g. :func:`cryoorient_ray.stages.recover.make_estimator`'s ``distance``), so estimators without
+    features (exact, perturbed) are measured too: each image's ``k`` nearest others by d̂ (all
+    ``P − 1`` candidates, ``block`` images at a time) go to
+    :func:`cryoorient_ray.core.recovery.graph.neighbour_quality` (what recovered.json reports).
+    Returns (radians):
 
     * ``knn_dq``: median over images of the mean true d_G of the ``k`` nearest by d̂;
     * ``ideal_dq``: the same for the true ``k`` nearest (the floor: the grid's own spacing);
     * ``knn_close``: fraction of the kNN pairs with a true d_G below 0.5 rad.
     """
-    from cryoorient_ray.core.geometry.symmetry import symmetric_quat_distance
+    from cryoorient_ray.core.recovery.graph import neighbour_quality as graph_quality
 
-    q = np.asarray(q_true, dtype=np.float64)
-    p = len(q)
+    p = len(q_true)
     if p <= k:
         raise ValueError(f"neighbour quality needs more than k = {k} images; got {p}")
     cols = np.arange(p)
-    knn_mean, ideal_mean, close = [], [], 0
+    tables = []
     for a in range(0, p, block):
         rows = np.arange(a, min(p, a + block))
         i, j = np.repeat(rows, p), np.tile(cols, len(rows))
         d_hat = np.asarray(distance(i, j), dtype=np.float64).reshape(len(rows), p)
-        d_true = np.asarray(symmetric_quat_distance(q[i], q[j], symmetry), dtype=np.float64).reshape(len(rows), p)
-        self_pair = (np.arange(len(rows)), rows)
-        d_hat[self_pair] = np.inf
-        d_true[self_pair] = np.inf
-        nn = np.argpartition(d_hat, k, axis=1)[:, :k]
-        found = np.take_along_axis(d_true, nn, axis=1)
-        knn_mean.append(found.mean(1))
-        ideal_mean.append(np.partition(d_true, k, axis=1)[:, :k].mean(1))
-        close += int((found < 0.5).sum())
-    return {
-        "knn_dq": float(np.median(np.concatenate(knn_mean))),
-        "ideal_dq": float(np.median(np.concatenate(ideal_mean))),
-        "knn_close": close / (p * k),
-    }
+        d_hat[np.arange(len(rows)), rows] = np.inf
+        tables.append(np.argpartition(d_hat, k, axis=1)[:, :k])
+    r = graph_quality(None, q_true, k=k, symmetry=symmetry, near=0.5, nn=np.concatenate(tables))
+    return {"knn_dq": r["median_knn_dq"], "ideal_dq": r["ideal_median_knn_dq"], "knn_close": r["near_fraction"]}
 
 
 def recovery_neighbour_quality(store, rec: dict, model_path: Path | None, k: int = 10, seed: int = 0) -> dict:
