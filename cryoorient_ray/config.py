@@ -329,6 +329,11 @@ class PreprocessConfig(StrictModel):
         description="radial filter matched to the SNR: wiener S/(S+N) from the train store's clean spectrum and "
         "the known noise power; lowpass: cut where S < N; none",
     )
+    ctf_correction: Literal["flip", "wiener"] = Field(
+        "flip",
+        description="how the CTF is corrected when phase_flip applies: flip = sign(CTF); wiener = CTF/(CTF² + N/S) "
+        "per image, S the clean spectrum before the CTF (needs clean projections; replaces filter)",
+    )
 
 
 class TrainConfig(StrictModel):

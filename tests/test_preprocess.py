@@ -12,6 +12,7 @@ from cryoorient_ray.core.imaging.ctf import ctf_2d
 from cryoorient_ray.core.imaging.forward import render_projections
 from cryoorient_ray.core.imaging.preprocess import (
     Preprocess,
+    estimate_ctf_wiener,
     estimate_preprocess,
     n_shells,
     phase_flip,
@@ -44,6 +45,41 @@ def test_phase_flip_makes_every_frequency_the_sign_of_the_clean_image(projection
     torch.testing.assert_close(pre.apply(with_ctf, ctf), flipped)
     with pytest.raises(CryoOrientError, match="CTF parameters are needed"):
         pre.apply(with_ctf)
+
+
+def test_ctf_wiener_correction_undoes_the_ctf_as_far_as_the_snr_allows(projections):
+    x = projections[:8]
+    defocus = torch.tensor([9000.0, 12000, 15000, 18000, 21000, 24000, 10000, 20000])
+    ctf = {"defocus_u": defocus, "defocus_v": defocus - 300, "defocus_angle": torch.linspace(0, 170, 8), **OPTICS}
+    c = ctf_2d(32, 6.0, ctf["defocus_u"], ctf["defocus_v"], ctf["defocus_angle"], **OPTICS)
+    with_ctf = torch.fft.irfft2(torch.fft.rfft2(x) * c, s=(32, 32))
+    # with little noise the correction gives back the projection wherever the CTF is not near a zero
+    quiet = estimate_ctf_wiener(projections, 1e-6 * float(projections.var()), 6.0)
+    assert quiet.needs_ctf and not quiet.identity and len(quiet.ctf_wiener) == n_shells(32)
+    restored = torch.fft.rfft2(quiet.apply(with_ctf, ctf))
+    good = c.abs() > 0.3
+    err = (restored - torch.fft.rfft2(x)).abs()[good].max()
+    assert float(err) < 0.05 * float(torch.fft.rfft2(x).abs().max())
+    # the corrected images of one projection at two defoci are closer than the uncorrected ones
+    pair = x[:1].expand(2, 32, 32)
+    two = {
+        "defocus_u": torch.tensor([9000.0, 24000.0]),
+        "defocus_v": torch.tensor([9000.0, 24000.0]),
+        "defocus_angle": torch.zeros(2),
+        **OPTICS,
+    }
+    c2 = ctf_2d(32, 6.0, two["defocus_u"], two["defocus_v"], two["defocus_angle"], **OPTICS)
+    raw = torch.fft.irfft2(torch.fft.rfft2(pair) * c2, s=(32, 32))
+    noisy = estimate_ctf_wiener(projections, 0.5 * float(projections.var()), 6.0)
+    fixed = noisy.apply(raw, two)
+    assert float((fixed[0] - fixed[1]).norm() / fixed[0].norm()) < 0.5 * float((raw[0] - raw[1]).norm() / raw[0].norm())
+    # more noise, more damping: the correction's gain never grows with N
+    assert all(a <= b for a, b in zip(quiet.ctf_wiener, noisy.ctf_wiener, strict=True))
+    with pytest.raises(CryoOrientError, match="CTF parameters are needed"):
+        noisy.apply(raw)
+    assert Preprocess.from_dict(noisy.to_dict()) == noisy
+    with pytest.raises(CryoOrientError, match="neither a phase flip"):
+        Preprocess(32, 6.0, phase_flip=True, ctf_wiener=noisy.ctf_wiener)
 
 
 def test_wiener_gain_is_signal_over_signal_plus_noise():

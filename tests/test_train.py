@@ -316,6 +316,7 @@ def test_fresh_noise_training(noisy_ctf_store, tmp_path):
         "phase_flip": True,
         "filter": "wiener",
         "snr_db": -6.0,
+        "ctf_wiener": None,
     }
     model, _ = load_distance_model(tmp_path / "memory" / "model.pt")
     assert model.needs_ctf and model.preprocess.filter == "wiener"
@@ -325,6 +326,31 @@ def test_fresh_noise_training(noisy_ctf_store, tmp_path):
     assert pred.shape == d.shape and np.isfinite(pred).all()
     with pytest.raises(Exception, match="CTF parameters are needed"):
         model.embed(torch.from_numpy(store.read_images(np.arange(2))))
+
+
+def test_wiener_ctf_correction_is_estimated_from_the_clean_spectrum(noisy_ctf_store):
+    """train.preprocess.ctf_correction: wiener gives N/S per shell from the clean projections (before
+    the CTF) against the fresh noise's power, or the store's own noise; more noise, more damping."""
+    import torch
+
+    from cryoorient_ray.config import PreprocessConfig, TrainNoiseConfig
+    from cryoorient_ray.distributed.train_workers import fresh_corruption, store_preprocess
+    from cryoorient_ray.io.store import ProjectionStore
+
+    store = ProjectionStore.open(noisy_ctf_store)
+    rows = np.arange(120)
+    wiener = PreprocessConfig(ctf_correction="wiener")
+    fixed = store_preprocess(store, rows, None, wiener)
+    fresh = store_preprocess(store, rows, fresh_corruption(store, TrainNoiseConfig()), wiener)
+    harder = store_preprocess(store, rows, fresh_corruption(store, TrainNoiseConfig(snr_db=-12.0)), wiener)
+    for pre in (fixed, fresh, harder):
+        assert pre.needs_ctf and not pre.phase_flip and pre.filter == "none" and pre.ctf_wiener is not None
+    # the store's noise and fresh noise at the store's SNR agree to the spread of the per-image SNR
+    np.testing.assert_allclose(fixed.ctf_wiener[1:10], fresh.ctf_wiener[1:10], rtol=0.25)
+    np.testing.assert_allclose(np.asarray(harder.ctf_wiener) / np.asarray(fresh.ctf_wiener), 10**0.6, rtol=0.25)
+    meta = store.read_metadata(np.arange(4), names=["defocus_u", "defocus_v", "defocus_angle"])
+    out = fresh.apply(torch.from_numpy(store.read_images(np.arange(4))), store.ctf_parameters(meta))
+    assert out.shape == (4, 32, 32) and torch.isfinite(out).all()
 
 
 def test_bad_noise_settings_are_one_line(noisy_ctf_store, tmp_path):

@@ -50,7 +50,7 @@ from ray.train.torch import TorchTrainer
 from cryoorient_ray import __version__
 from cryoorient_ray.config import PreprocessConfig, TrainConfig, TrainNoiseConfig
 from cryoorient_ray.core.imaging.corruption import FreshCorruption
-from cryoorient_ray.core.imaging.preprocess import Preprocess, estimate_preprocess, phase_flip
+from cryoorient_ray.core.imaging.preprocess import Preprocess, estimate_ctf_wiener, estimate_preprocess, phase_flip
 from cryoorient_ray.core.learning.model import SiameseDistance, SiameseSpec, save_distance_model
 from cryoorient_ray.distributed.data import (
     GROUP_STRIDE,
@@ -146,6 +146,8 @@ def store_preprocess(
     if flip and not has_ctf:
         raise CryoOrientError("train.preprocess.phase_flip is on but the training images have no CTF")
     snr = store.acquisition.get("snr_db") if corruption is None else corruption.snr_range(1.0)
+    if flip and pre.ctf_correction == "wiener":
+        return _ctf_wiener(store, rows, corruption, snr, seed)
     if pre.filter == "none" or snr is None:
         if not flip:
             return None
@@ -181,6 +183,31 @@ def store_preprocess(
         signal = phase_flip(signal, store.pixel_size, ctf)
     target = snr if not isinstance(snr, (tuple, list)) else float(np.mean(snr))
     return estimate_preprocess(signal, noise_var, store.pixel_size, pre.filter, flip, snr_db=target, noisy=noisy)
+
+
+def _ctf_wiener(store: ProjectionStore, rows: np.ndarray, corruption, snr, seed: int) -> Preprocess:
+    """:func:`store_preprocess`'s Wiener CTF correction: the clean spectrum (before the CTF) of up to
+    :data:`PREPROCESS_SAMPLE` rows against the white noise the network is trained at."""
+    if not (store.has_clean or store.images_are_clean):
+        raise CryoOrientError(
+            "train.preprocess.ctf_correction wiener needs the clean projections; this store has none "
+            "(simulate it again, or use ctf_correction: flip)"
+        )
+    rng = np.random.default_rng([seed, 8191])
+    pick = np.sort(rng.choice(rows, size=min(len(rows), PREPROCESS_SAMPLE), replace=False))
+    clean, clean_var = (torch.from_numpy(np.asarray(a)) for a in store.read_clean(pick))
+    noise_var = 0.0
+    if snr is not None:
+        if corruption is None:
+            meta = store.read_metadata(pick, names=["noise_variance"])
+            noise_var = float(np.mean(meta["noise_variance"])) * float(store.acquisition["noise_variance_to_working"])
+        else:
+            gen = torch.Generator().manual_seed(seed * 8191 + 1)
+            meta = store.read_metadata(pick, names=["defocus_u", "defocus_v", "defocus_angle"])
+            out = corruption.apply(clean, clean_var, 1.0, gen, ctf=store.ctf_parameters(meta))
+            noise_var = float(out.noise_variance_working.mean())
+    target = snr if not isinstance(snr, (tuple, list)) else float(np.mean(snr))
+    return estimate_ctf_wiener(clean, noise_var, store.pixel_size, snr_db=target)
 
 
 # ----------------------------------------------------------------------------- the hand-off

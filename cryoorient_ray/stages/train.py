@@ -153,7 +153,8 @@ def _preprocess_label(pre: dict | None) -> str:
     """``"phase flip + wiener"``, ``"lowpass"``, ``"none"``: what the model does to its images."""
     if not pre:
         return "none"
-    parts = (["phase flip"] if pre.get("phase_flip") else []) + ([pre["filter"]] if pre.get("filter") != "none" else [])
+    parts = (["phase flip"] if pre.get("phase_flip") else []) + (["CTF Wiener"] if pre.get("ctf_wiener") else [])
+    parts += [pre["filter"]] if pre.get("filter") != "none" else []
     return " + ".join(parts) or "none"
 
 

@@ -5,6 +5,11 @@
 1. **phase flipping** (``phase_flip``, when the images carry a CTF): the image's Fourier transform
    times ``sign(CTF)`` of that image (RELION's convention, :mod:`~cryoorient_ray.core.imaging.ctf`,
    at the working pixel size), so the contrast of every frequency has one sign whatever the defocus;
+   or the **Wiener CTF correction** (``ctf_wiener``): ``CTF(k) / (CTF(k)² + N / S₀(k))`` of each
+   image, with ``S₀`` the radial power of the clean projections *before* the CTF and ``N`` the
+   white noise's power: the least-squares estimate of the projection without its CTF, so images
+   taken at different defoci look alike (the low frequencies a CTF damps are restored as far as
+   the SNR allows). It already matches the SNR, so it takes no radial filter;
 2. a **radial filter** (``filter``) matched to the SNR: ``wiener``, ``w(k) = S(k) / (S(k) + N)`` with
    ``S`` the radial power spectrum of the noiseless images the network sees (after the CTF and the
    flip) and ``N`` the power of the white noise at the working box; ``lowpass``, 1 up to the first
@@ -27,9 +32,20 @@ from cryoorient_ray.core.imaging.ctf import OPTICS_DEFAULTS, ctf_2d
 from cryoorient_ray.core.imaging.fourier import index_grid_2d
 from cryoorient_ray.errors import CryoOrientError
 
-__all__ = ["FILTERS", "Preprocess", "estimate_preprocess", "phase_flip", "radial_power", "radial_shells"]
+__all__ = [
+    "FILTERS",
+    "Preprocess",
+    "estimate_ctf_wiener",
+    "estimate_preprocess",
+    "phase_flip",
+    "radial_power",
+    "radial_shells",
+]
 
 FILTERS = ("wiener", "lowpass", "none")
+# The Wiener CTF correction's N/S₀ is at least this: with no noise it stays bounded at CTF zeros
+# (gain ≤ 1 / (2 √floor) ≈ 16).
+_CTF_WIENER_FLOOR = 1e-3
 
 
 def radial_shells(size: int, device=None) -> torch.Tensor:
@@ -58,12 +74,18 @@ def radial_power(images: torch.Tensor) -> torch.Tensor:
     return total / count.clamp_min(1)
 
 
-def _ctf_sign(size: int, pixel_size: float, ctf: dict, n_images: int, device=None) -> torch.Tensor:
-    """``(B or 1, L, L//2 + 1)`` float32 ``sign(CTF)`` (+1 at zeros) of each image on the ``rfft2`` grid."""
+def _ctf_values(size: int, pixel_size: float, ctf: dict, n_images: int, device=None) -> torch.Tensor:
+    """``(B or 1, L, L//2 + 1)`` CTF of each image on the ``rfft2`` grid."""
     optics = {k: ctf[k] for k in OPTICS_DEFAULTS if k in ctf}
     c = ctf_2d(size, pixel_size, ctf["defocus_u"], ctf["defocus_v"], ctf["defocus_angle"], device=device, **optics)
     if c.shape[0] not in (1, n_images):
         raise CryoOrientError(f"CTF parameters for {c.shape[0]} images given for {n_images} images")
+    return c
+
+
+def _ctf_sign(size: int, pixel_size: float, ctf: dict, n_images: int, device=None) -> torch.Tensor:
+    """``(B or 1, L, L//2 + 1)`` float32 ``sign(CTF)`` (+1 at zeros) of each image on the ``rfft2`` grid."""
+    c = _ctf_values(size, pixel_size, ctf, n_images, device)
     return torch.where(c >= 0, 1.0, -1.0).to(torch.float32)
 
 
@@ -91,6 +113,8 @@ class Preprocess:
         filter: ``wiener``, ``lowpass`` or ``none``.
         gain: the filter per radial shell ``0 … n_shells − 1`` (cycles per box); None for ``none``.
         snr_db: the acquisition SNR the filter was matched to (a record).
+        ctf_wiener: ``N / S₀`` per radial shell of the Wiener CTF correction (then :meth:`apply`
+            needs the CTF; no phase flip and no filter beside it); None: not used.
     """
 
     image_size: int
@@ -99,6 +123,7 @@ class Preprocess:
     filter: str = "none"
     gain: tuple[float, ...] | None = None
     snr_db: float | None = None
+    ctf_wiener: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.filter not in FILTERS:
@@ -110,10 +135,22 @@ class Preprocess:
                 raise CryoOrientError("filter gains must lie in [0, 1]")
         if not math.isfinite(float(self.pixel_size)) or float(self.pixel_size) <= 0:
             raise CryoOrientError(f"pixel_size must be positive; got {self.pixel_size!r}")
+        if self.ctf_wiener is not None:
+            if self.phase_flip or self.filter != "none":
+                raise CryoOrientError("the Wiener CTF correction takes neither a phase flip nor a radial filter")
+            if len(self.ctf_wiener) != n_shells(int(self.image_size)):
+                raise CryoOrientError(f"a Wiener CTF correction needs {n_shells(int(self.image_size))} shell values")
+            if not all(math.isfinite(r) and r > 0 for r in self.ctf_wiener):
+                raise CryoOrientError("the Wiener CTF correction's N/S values must be positive and finite")
 
     @property
     def identity(self) -> bool:
-        return not self.phase_flip and self.filter == "none"
+        return not self.phase_flip and self.filter == "none" and self.ctf_wiener is None
+
+    @property
+    def needs_ctf(self) -> bool:
+        """True when :meth:`apply` needs each image's CTF (phase flip or Wiener CTF correction)."""
+        return bool(self.phase_flip) or self.ctf_wiener is not None
 
     def gain_2d(self, device=None) -> torch.Tensor | None:
         """``(L, L//2 + 1)`` float32 filter on the ``rfft2`` grid, or None for no filter."""
@@ -125,7 +162,7 @@ class Preprocess:
     def apply(self, images: torch.Tensor, ctf: dict | None = None) -> torch.Tensor:
         """``(B, L, L)`` images as the network sees them (before its standardisation).
 
-        ``ctf``: each image's CTF (``defocus_u/v/angle`` ``(B,)`` plus optics) when :attr:`phase_flip`.
+        ``ctf``: each image's CTF (``defocus_u/v/angle`` ``(B,)`` plus optics) when :attr:`needs_ctf`.
         """
         x = torch.as_tensor(images)
         if self.identity:
@@ -136,10 +173,14 @@ class Preprocess:
             )
         size = int(self.image_size)
         ft = torch.fft.rfft2(x.to(torch.float32))
+        if self.needs_ctf and ctf is None:
+            raise CryoOrientError("this model corrects its images' CTF: their CTF parameters are needed")
         if self.phase_flip:
-            if ctf is None:
-                raise CryoOrientError("this model phase-flips its images: their CTF parameters are needed")
             ft = ft * _ctf_sign(size, self.pixel_size, ctf, x.shape[0], x.device)
+        if self.ctf_wiener is not None:
+            h = _ctf_values(size, self.pixel_size, ctf, x.shape[0], x.device).to(torch.float32)
+            r = torch.tensor(self.ctf_wiener, dtype=torch.float32, device=x.device)[radial_shells(size, x.device)]
+            ft = ft * (h / (h * h + r))
         gain = self.gain_2d(x.device)
         if gain is not None:
             ft = ft * gain
@@ -153,6 +194,7 @@ class Preprocess:
             "filter": self.filter,
             "gain": None if self.gain is None else [float(g) for g in self.gain],
             "snr_db": self.snr_db,
+            "ctf_wiener": None if self.ctf_wiener is None else [float(r) for r in self.ctf_wiener],
         }
 
     @classmethod
@@ -160,8 +202,9 @@ class Preprocess:
         if not d:
             return None
         d = dict(d)
-        if d.get("gain") is not None:
-            d["gain"] = tuple(float(g) for g in d["gain"])
+        for key in ("gain", "ctf_wiener"):
+            if d.get(key) is not None:
+                d[key] = tuple(float(g) for g in d[key])
         return cls(**d)
 
 
@@ -215,3 +258,26 @@ def estimate_preprocess(
         w = (torch.arange(len(w)) < cut).to(torch.float64)
     gain = tuple(float(v) for v in np.clip(w.numpy(), 0.0, 1.0))
     return Preprocess(size, float(pixel_size), phase_flip, filter, gain, snr_db)
+
+
+def estimate_ctf_wiener(
+    clean_images: torch.Tensor, noise_variance_working: float, pixel_size: float, snr_db: float | None = None
+) -> Preprocess:
+    """The Wiener CTF correction matched to a noise level: ``N / S₀`` per shell.
+
+    Args:
+        clean_images: ``(B, L, L)`` noiseless projections *without* their CTF (a store's clean ones).
+        noise_variance_working: σ² per working pixel of the white noise (mean over images; 0: none).
+        pixel_size: Å per working pixel.
+        snr_db: the acquisition SNR this matches (recorded).
+    """
+    x = torch.as_tensor(clean_images)
+    if x.ndim != 3 or x.shape[1] != x.shape[2]:
+        raise CryoOrientError(f"clean images must have shape (B, L, L); got {tuple(x.shape)}")
+    var = float(noise_variance_working)
+    if not math.isfinite(var) or var < 0:
+        raise CryoOrientError(f"the noise variance must be finite and >= 0; got {noise_variance_working!r}")
+    size = int(x.shape[-1])
+    signal = radial_power(x).clamp_min(1e-30)
+    ratio = (var * size * size / signal).clamp(_CTF_WIENER_FLOOR, 1e12)
+    return Preprocess(size, float(pixel_size), False, "none", None, snr_db, tuple(float(r) for r in ratio))

@@ -155,8 +155,8 @@ class SiameseDistance(nn.Module):
 
     @property
     def needs_ctf(self) -> bool:
-        """True when :meth:`embed` phase-flips, so it needs each image's CTF."""
-        return self.preprocess is not None and self.preprocess.phase_flip
+        """True when :meth:`embed` corrects the CTF (phase flip or Wiener), so it needs each image's CTF."""
+        return self.preprocess is not None and self.preprocess.needs_ctf
 
     def embed(self, images: torch.Tensor, ctf: dict | None = None) -> torch.Tensor:
         """Feature vectors ``(B, n_features)`` of images ``(B, L, L)`` (``ctf``: their CTF parameters,
