@@ -290,6 +290,44 @@ def test_dispatch_pseudo():
     assert e.name == "pseudo:7" and e.shape == (48, 48, 48) and e.voxel_size == 4.0
     with pytest.raises(CryoOrientError, match="seed"):
         load_density("pseudo:abc")
+    # a shape by name; the default shape's name is plain pseudo:SEED
+    r = load_density("pseudo-random:3", box_size=48)
+    assert r.name == "pseudo-random:3" and not np.array_equal(r.data, load_density("pseudo:3", box_size=48).data)
+    assert load_density("pseudo-domains:3", box_size=48).name == "pseudo:3"
+    assert load_density("pseudo-dumbbell").name == "pseudo-dumbbell:0"
+    with pytest.raises(CryoOrientError, match="unknown shape 'blob'"):
+        load_density("pseudo-blob:1")
+
+
+def test_pseudo_seed_ranges_expand(tmp_path):
+    """pseudo[-SHAPE]:A-B is B - A + 1 distinct pseudo-proteins (training sets that never repeat)."""
+    from cryoorient_ray.io.maps import check_source
+
+    out = expand_sources(["pseudo-random:10-13", "pseudo:2-3", "pseudo"])
+    assert out == [
+        "pseudo-random:10",
+        "pseudo-random:11",
+        "pseudo-random:12",
+        "pseudo-random:13",
+        "pseudo:2",
+        "pseudo:3",
+        "pseudo",
+    ]
+    maps = [load_density(s, box_size=48).data for s in out[:4]]
+    assert all(not np.array_equal(a, b) for k, a in enumerate(maps) for b in maps[k + 1 :])
+    for source in out:
+        check_source(source)
+    for bad, why in (
+        ("pseudo:5-2", "first seed is above"),
+        ("pseudo:1-x", "FIRST-LAST"),
+        ("pseudo:0-100000", "more than"),
+    ):
+        with pytest.raises(CryoOrientError, match=why):
+            expand_sources([bad])
+    # a file whose name starts with pseudo- stays a file
+    (tmp_path / "pseudo-map.mrc").write_text("")
+    assert expand_sources([str(tmp_path / "pseudo-map.mrc")]) == [str(tmp_path / "pseudo-map.mrc")]
+    check_source(str(tmp_path / "pseudo-map.mrc"))
 
 
 def test_dispatch_errors(tmp_path, shared_data):

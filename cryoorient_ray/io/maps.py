@@ -7,14 +7,17 @@
   (optionally ``.gz``)
   ``*.mrc``, ``*.map``, ``*.ccp4``, ``*.mrcs``    :func:`~cryoorient_ray.io.mrc.read_map`
   (optionally ``.gz``)
-  ``pseudo`` or ``pseudo:SEED``                   :func:`~cryoorient_ray.core.density.phantom.pseudo_protein`
+  ``pseudo[-SHAPE][:SEED]``                       :func:`~cryoorient_ray.core.density.phantom.pseudo_protein`
   a PDB id (``5j0n``) or EMDB id (``EMD-1234``)   :func:`~cryoorient_ray.io.fetch.fetch_entry`, then
                                                   the downloaded file as above
   ==============================================  ==========================================
 
 An existing file is always taken as a file (its extension decides); an id is only downloaded
 when no file of that name exists (and only from a ``str``: a ``pathlib.Path`` is never an id).
-Folders are refused: :func:`expand_sources` turns them into the files they hold first.
+Folders are refused: :func:`expand_sources` turns them into the files they hold first, and a
+seed range ``pseudo[-SHAPE]:A-B`` into the ``B − A + 1`` pseudo-proteins ``A … B`` (training sets of
+many procedural structures that never repeat; ``SHAPE`` one of
+:data:`~cryoorient_ray.core.density.phantom.SHAPES`, default ``domains``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoorient_ray.core.density.phantom import pseudo_protein
+from cryoorient_ray.core.density.phantom import SHAPES, pseudo_protein
 from cryoorient_ray.core.density.volume import DensityMap
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.fetch import default_cache_dir, fetch_entry, is_entry_id
@@ -33,6 +36,7 @@ from cryoorient_ray.io.mrc import MAP_SUFFIXES, read_map
 
 PSEUDO_DEFAULTS = {"box_size": 64, "voxel_size": 3.0, "resolution": 8.0}
 MIN_MAP_EDGE = 4  # voxels: a smaller map has no structure to project
+MAX_PSEUDO_RANGE = 100_000  # pseudo-proteins one seed range may expand to
 
 
 def source_kind(path: str | os.PathLike) -> str | None:
@@ -50,21 +54,62 @@ def source_kind(path: str | os.PathLike) -> str | None:
 def _cannot_tell(source) -> CryoOrientError:
     return CryoOrientError(
         f"cannot tell what {str(source)!r} is (expected a .pdb/.cif model, a .mrc/.map map, "
-        "an id like 5j0n or EMD-1234, or pseudo[:SEED])"
+        "an id like 5j0n or EMD-1234, or pseudo[-SHAPE][:SEED])"
     )
 
 
-def _pseudo_seed(text: str) -> int | None:
-    """The seed of ``pseudo`` / ``pseudo:SEED`` (0 for ``pseudo``); ``None`` if not a pseudo source."""
+def _pseudo_parts(text: str) -> tuple[str, str] | None:
+    """``(shape, seed text)`` of ``pseudo[-SHAPE][:SEED]`` (seed text ``"0"`` when absent); ``None`` if
+    ``text`` is not a pseudo source."""
     low = text.strip().lower()
-    if low == "pseudo":
-        return 0
-    if not low.startswith("pseudo:"):
+    head, _, seed = low.partition(":")
+    if head == "pseudo":
+        shape = "domains"
+    elif head.startswith("pseudo-"):
+        shape = head[len("pseudo-") :]
+        if any(c in shape for c in "./\\"):
+            return None  # a file's name (pseudo-map.mrc), not a shape
+        if shape not in SHAPES:
+            raise CryoOrientError(
+                f"invalid pseudo-protein source {text!r}: unknown shape {shape!r} (use one of {', '.join(SHAPES)})"
+            )
+    else:
         return None
-    seed = low.split(":", 1)[1].strip()
+    return shape, (seed.strip() if ":" in low else "0")
+
+
+def _pseudo_source(text: str) -> tuple[str, int] | None:
+    """``(shape, seed)`` of ``pseudo[-SHAPE][:SEED]``; ``None`` if not a pseudo source."""
+    parts = _pseudo_parts(text)
+    if parts is None:
+        return None
+    shape, seed = parts
     if not seed.isdigit():
         raise CryoOrientError(f"invalid pseudo-protein source {text!r}: the seed must be a non-negative integer")
-    return int(seed)
+    return shape, int(seed)
+
+
+def pseudo_range(text: str) -> list[str] | None:
+    """The sources ``pseudo[-SHAPE]:A`` … ``:B`` of a seed range ``pseudo[-SHAPE]:A-B``; ``None`` if
+    ``text`` is not a range.
+
+    Raises:
+        CryoOrientError: a range with ``A > B``, bad seeds or more than :data:`MAX_PSEUDO_RANGE` seeds.
+    """
+    parts = _pseudo_parts(text) if isinstance(text, str) else None
+    if parts is None or "-" not in parts[1]:
+        return None
+    shape, seeds = parts
+    lo, _, hi = seeds.partition("-")
+    if not (lo.strip().isdigit() and hi.strip().isdigit()):
+        raise CryoOrientError(f"invalid pseudo-protein range {text!r}: write pseudo[-SHAPE]:FIRST-LAST")
+    first, last = int(lo), int(hi)
+    if first > last:
+        raise CryoOrientError(f"invalid pseudo-protein range {text!r}: the first seed is above the last")
+    if last - first + 1 > MAX_PSEUDO_RANGE:
+        raise CryoOrientError(f"pseudo-protein range {text!r} holds more than {MAX_PSEUDO_RANGE:,} seeds")
+    prefix = "pseudo" if shape == "domains" else f"pseudo-{shape}"
+    return [f"{prefix}:{k}" for k in range(first, last + 1)]
 
 
 def _load_file(
@@ -111,7 +156,7 @@ def load_density(
     """Load a density map from a model, a map, a database id or the pseudo-protein.
 
     Args:
-        source: a file path, ``pseudo`` / ``pseudo:SEED``, or a PDB / EMDB id (module docstring).
+        source: a file path, ``pseudo[-SHAPE][:SEED]``, or a PDB / EMDB id (module docstring).
         voxel_size: Å per voxel.
             Models: the grid spacing (required).
             Maps: used only when the file's header has no voxel size (0); a header voxel size
@@ -143,12 +188,12 @@ def load_density(
         raise _cannot_tell(source)
 
     if not as_path_only:
-        seed = _pseudo_seed(text)
-        if seed is not None:
+        pseudo = _pseudo_source(text)
+        if pseudo is not None:
             vs = PSEUDO_DEFAULTS["voxel_size"] if voxel_size is None else voxel_size
             res = max(PSEUDO_DEFAULTS["resolution"], 2.0 * float(vs)) if resolution is None else resolution
             box = PSEUDO_DEFAULTS["box_size"] if box_size is None else box_size
-            return pseudo_protein(seed=seed, box_size=box, voxel_size=vs, resolution=res)
+            return pseudo_protein(seed=pseudo[1], box_size=box, voxel_size=vs, resolution=res, shape=pseudo[0])
 
     path = Path(text).expanduser()
     if path.is_dir():
@@ -173,7 +218,7 @@ def load_density(
 def check_source(source: str | os.PathLike) -> None:
     """Refuse, without loading anything, a source :func:`load_density` would refuse at once.
 
-    Catches a missing file, a folder, a file of unknown kind, a malformed ``pseudo:SEED`` and a
+    Catches a missing file, a folder, a file of unknown kind, a malformed ``pseudo[-SHAPE][:SEED]`` and a
     string that is neither a file nor an id; ids are not looked up (that needs the network).
 
     Raises:
@@ -182,7 +227,7 @@ def check_source(source: str | os.PathLike) -> None:
     text = os.fspath(source).strip() if isinstance(source, (str, os.PathLike)) else ""
     if not text:
         raise _cannot_tell(source)
-    if isinstance(source, str) and _pseudo_seed(text) is not None:
+    if isinstance(source, str) and _pseudo_source(text) is not None:
         return
     path = Path(text).expanduser()
     if path.is_dir():
@@ -198,13 +243,18 @@ def check_source(source: str | os.PathLike) -> None:
 
 def expand_sources(items: list[str]) -> list[str]:
     """Replace every folder in ``items`` by the model and map files directly in it (sorted by name,
-    not recursive); keep every other item (files, ids, ``pseudo``) as it is, in order.
+    not recursive) and every seed range ``pseudo[-SHAPE]:A-B`` by its pseudo-proteins; keep every
+    other item (files, ids, ``pseudo``) as it is, in order.
 
     Raises:
-        CryoOrientError: a folder with no model or map file in it.
+        CryoOrientError: a folder with no model or map file in it; a bad seed range.
     """
     out: list[str] = []
     for item in items:
+        seeds = pseudo_range(item) if isinstance(item, str) else None
+        if seeds is not None:
+            out.extend(seeds)
+            continue
         path = Path(os.fspath(item)).expanduser()
         if path.is_dir():
             files = sorted(
