@@ -232,10 +232,13 @@ def test_plan_follows_the_config_on_a_gpu_cluster():
             "simulate": {"n_per_map": 1000, "shard_size": 250, "store": "memory://b/x.zarr"},
             "train": {"num_workers": 4, "use_gpu": True, "cpus_per_worker": 4},
             "recover": {"actors": 2, "cpus_per_actor": 2},
+            "refine": {"enabled": True, "actors": 3, "cpus_per_actor": 2, "gpu": True},
         }
     )
     nodes = [_node("h", 16, head=True), _node("g1", 8, 1), _node("g2", 8, 1)]
     plans = {p.stage: p for p in plan_stages(cfg, nodes)}
+    assert plans["refine"].per_unit == {"CPU": 2, "GPU": 1.0} and plans["refine"].units == 3
+    assert not plans["refine"].fits_now  # three GPU actors on two GPU nodes
     assert plans["simulate"].units == 4 and plans["simulate"].fits_now
     assert plans["train"].per_unit == {"CPU": 4, "GPU": 1.0} and not plans["train"].fits_now
     assert "2 more need GPU nodes" in plans["train"].note
@@ -258,6 +261,10 @@ def test_plan_flags_starved_data_reads_and_in_process_recovery():
     plans = {p.stage: p for p in plan_stages(cfg, nodes, driver_has_gpu=True)}
     assert not plans["train"].fits_now and "Ray Data read tasks" in plans["train"].note
     assert plans["recover"].runs_on == "driver process" and "cuda" in plans["recover"].note
+    assert "refine" not in plans  # the stage is off by default
+    cfg.refine.enabled = True
+    refine = {p.stage: p for p in plan_stages(cfg, nodes, driver_has_gpu=False)}["refine"]
+    assert refine.runs_on == "driver process" and "cpu" in refine.note
     assert storage_warnings(cfg, nodes) == []  # one node: local paths are fine
     assert node.cpus == 4
 

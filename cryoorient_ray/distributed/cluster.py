@@ -120,6 +120,8 @@ def plan_stages(cfg: RunConfig, nodes: list[NodeInfo], driver_has_gpu: bool = Fa
     """The resources each stage of ``cfg`` will request on ``nodes`` (see the module docstring)."""
     plans = [_plan_simulate(cfg, nodes), _plan_train(cfg, nodes)]
     plans.append(_plan_recover(cfg, nodes, driver_has_gpu))
+    if cfg.refine.enabled:
+        plans.append(_plan_refine(cfg, nodes, driver_has_gpu))
     method = cfg.reconstruct.method
     gpu_note = " (ASTRA CGLS if installed: the driver has a GPU)" if driver_has_gpu else " (CPU)"
     plans.append(StagePlan("reconstruct", "driver process", 1, {}, True, f"method {method}" + gpu_note))
@@ -175,6 +177,21 @@ def _plan_recover(cfg: RunConfig, nodes: list[NodeInfo], driver_has_gpu: bool) -
     device = r.device if r.device != "auto" else ("cuda" if driver_has_gpu else "cpu")
     note = f"in-process on {device} (recover.actors > 0 spreads the pair graph over actors)"
     return StagePlan("recover", "driver process", 1, {}, True, note)
+
+
+def _plan_refine(cfg: RunConfig, nodes: list[NodeInfo], driver_has_gpu: bool) -> StagePlan:
+    """``refine.actors`` batch-scoring actors (a GPU each when refine.gpu is true), or the driver."""
+    r = cfg.refine
+    gpu = bool(r.gpu) if r.gpu is not None else driver_has_gpu
+    if r.actors > 0:
+        per = {"CPU": r.cpus_per_actor, **({"GPU": 1.0} if gpu else {})}
+        fits, note = _fit(nodes, r.actors, per)
+        note += "; the half maps go to the object store once per iteration"
+        if gpu and sum(n.gpus for n in nodes) == 0:
+            note += "; the cluster has no GPU now"
+        return StagePlan("refine", "image-batch scoring actors", r.actors, per, fits, note)
+    note = f"in-process on {'cuda' if gpu else 'cpu'} (refine.actors > 0 scores image batches on actors)"
+    return StagePlan("refine", "driver process", 1, {}, True, note)
 
 
 def storage_warnings(cfg: RunConfig, nodes: list[NodeInfo]) -> list[str]:
