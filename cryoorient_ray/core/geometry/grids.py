@@ -171,7 +171,10 @@ def asymmetric_unit(q: torch.Tensor | np.ndarray, symmetry: SymmetryGroup | str,
 
 
 def grid_asymmetric_unit(
-    n: int, symmetry: SymmetryGroup | str, turn: np.ndarray | torch.Tensor | None = None, margin_rad: float | None = None
+    n: int,
+    symmetry: SymmetryGroup | str,
+    turn: np.ndarray | torch.Tensor | None = None,
+    margin_rad: float | None = None,
 ) -> torch.Tensor:
     """The indices (sorted, int64) of the grid of resolution ``n`` whose points ``R · turn`` lie in the
     asymmetric unit of ``symmetry`` (:func:`asymmetric_unit`); all of them for C1.

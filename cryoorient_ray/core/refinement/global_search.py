@@ -214,7 +214,9 @@ class GlobalRefineSettings:
             raise CryoOrientError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         normalize_symmetry_name(self.symmetry)
         if self.symmetry_mode not in SYMMETRY_MODES:
-            raise CryoOrientError(f"symmetry_mode must be one of {', '.join(SYMMETRY_MODES)}; got {self.symmetry_mode!r}")
+            raise CryoOrientError(
+                f"symmetry_mode must be one of {', '.join(SYMMETRY_MODES)}; got {self.symmetry_mode!r}"
+            )
         return self
 
 
