@@ -147,8 +147,9 @@ def _one(p: int, coverage: str, sym: str, sigma2: float, seed: int) -> dict:
         anchor = None
     else:
         # with noisy d̂ the anchors' residual never reaches the exact-distance tolerance, so every
-        # attempt runs: two of 256 starts (16 anchors, then 32; the exact rows: up to 3 of 512)
-        kw = {} if sigma2 == 0 else {"attempts": 2, "restarts": 256}
+        # attempt runs: two, 16 anchors from 512 starts, then 32 from 256 (the exact rows: up to
+        # three, 16 anchors from 512 starts, 32 from 256, 16 from 512, until one fits)
+        kw = {} if sigma2 == 0 else {"attempts": 2}
         res, start = recover_symmetric(p, g.i, g.j, d, dist, sym, settings, **kw)
         anchor = float(start.anchor_loss)
     secs = time.perf_counter() - t0
@@ -396,7 +397,7 @@ def run(ctx: Context) -> dict:
             "Symmetric rows: 16 anchors solved from random starts with an annealed soft minimum over mates, "
             "the 8 best solutions each trilaterated (every projection from its distances to the anchors on a "
             "grid of SO(3)/G) and the start that fits all distances best kept; when the anchors' residual "
-            "stays above 1e-4 (noisy d̂) another attempt with 32 anchors; then the symmetric L_OR (gradient "
+            "stays above 1e-4 (noisy d̂) a second attempt with 32 anchors; then the symmetric L_OR (gradient "
             "through the nearest mate) on the graph plus the anchor edges.",
             "The registration error (rotation + hand) is large for every row and means nothing here: "
             "recovery fixes orientations up to the O(4) gauge, and only the images (the gauge stage, not run: "

@@ -31,7 +31,7 @@ recovery (:mod:`cryoorient_ray.core.recovery.solver`) break there, and this modu
      node–anchor and pair-graph edges, :func:`start_residual`) is kept. Even so 16 anchors are
      too few under noise: their 120 distances are fitted better by wrong configurations (mean
      squared residual 0.06) than by the true one (0.10 ≈ σ²); with 32 anchors (496 distances)
-     the true configuration fits best, and the attempts after the first use twice the anchors.
+     the true configuration fits best, and the second attempt uses twice the anchors.
      Measured (D2, P = 1,000, σ² = 0.1, the ``symmetry`` benchmark's graph): the best anchor fit
      alone 0.84 rad; selection by the start residual 0.72; with 32 anchors 0.107 (the true
      16 anchors gave 0.125).
@@ -435,7 +435,7 @@ def recover_symmetric(
         symmetry: the point group of the target distances.
         settings: :class:`~cryoorient_ray.core.recovery.solver.RecoverySettings` of the L_OR phase
             (its ``init`` is not used; the start is the anchors').
-        n_anchors: anchors ``K`` of the first attempt; later attempts take ``2 K``.
+        n_anchors: anchors ``K``; the second attempt takes ``2 K`` with ``restarts / 2`` starts.
         attempts: anchor sets tried (new random anchors each) while the anchors' residual is
             above ``anchor_tol`` (rad²; with noisy d̂ the residual cannot reach 0, every attempt
             runs and the one whose start fits all distances best is kept).
@@ -455,18 +455,19 @@ def recover_symmetric(
     t0 = time.perf_counter()
     best, tried = None, []
     for attempt in range(max(1, int(attempts))):
-        # later attempts (the residual stayed above anchor_tol: noisy d̂, or no restart succeeded)
-        # use twice the anchors: with noisy d̂, 16 anchors' 120 distances are fitted better by
-        # wrong solutions than by the true ones; 32 anchors' 496 are not (module docstring)
-        k = n_anchors if attempt == 0 else 2 * n_anchors
-        anchors = choose_anchors(n_nodes, k, s.seed + 1000 * attempt)
+        # the second attempt (the residual stayed above anchor_tol: noisy d̂, or no restart
+        # succeeded) uses twice the anchors with half the restarts: with noisy d̂, 16 anchors' 120
+        # distances are fitted better by wrong solutions than by the true ones, 32 anchors' 496
+        # are not (module docstring); the third goes back to n_anchors (a failed exact solve)
+        wide = attempt % 2 == 1
+        anchors = choose_anchors(n_nodes, 2 * n_anchors if wide else n_anchors, s.seed + 1000 * attempt)
         ai, aj = np.repeat(np.arange(n_nodes), len(anchors)), np.tile(anchors, n_nodes)
         d_anchor = check_distances(distance(ai, aj)).reshape(n_nodes, len(anchors))
         start = anchor_start(
             d_anchor,
             anchors,
             symmetry,
-            restarts=restarts,
+            restarts=max(1, restarts // 2) if wide else restarts,
             n_candidates=n_candidates,
             seed=s.seed + attempt,
             edges=(i, j, d),
