@@ -404,9 +404,9 @@ def run(ctx: Context) -> dict:
             "grid of SO(3)/G) and the start that fits all distances best kept; when the anchors' residual "
             "stays above 1e-4 (noisy d̂) a second attempt with 32 anchors; then the symmetric L_OR (gradient "
             "through the nearest mate) on the graph plus the anchor edges.",
-            "The registration error (rotation + hand) is large for every row and means nothing here: "
+            "Exact/perturbed rows: the registration error (rotation + hand) is large and means nothing there: "
             "recovery fixes orientations up to the O(4) gauge, and only the images (the gauge stage, not run: "
-            "no images in this benchmark) pick the physical one; E_OR is the measure.",
+            "no images in those rows) pick the physical one; E_OR is their measure.",
             "Learned rows: recovery on SO(3)/G (anchor start, symmetric L_OR) for D2 targets, the C1 Gram start for "
             "the paper's quarter-sphere variant; then the gauge; then global refinement (15° → 1.9°, 8 candidates, "
             "patience 2, one local polish) with D2 imposed (the asymmetric unit searched), the quarter variant in C1.",
