@@ -593,6 +593,11 @@ class RefineConfig(StrictModel):
         _GLOBAL.local_polish_rounds, ge=0, description="rounds of the local refiner on each half at the end"
     )
     batch_size: int = Field(_GLOBAL.batch_size, ge=1, description="images per scoring batch (bounds memory)")
+    symmetry_mode: Literal["impose", "c1_then_symmetrise"] = Field(
+        _GLOBAL.symmetry_mode,
+        description="protein with a point group: impose = search its asymmetric unit, maps with the group "
+        "imposed; c1_then_symmetrise = search and maps in C1, the final maps symmetrised (RELION's advice)",
+    )
     actors: int = Field(0, ge=0, description="Ray actors scoring image batches (0 = in-process)")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpu: bool | None = Field(None, description="score on a GPU (null = when CUDA is present)")

@@ -76,12 +76,16 @@ def make_projection_store(
     seed=0,
     split_fractions=(0.0, 0.0, 1.0),
     has_orientations=True,
+    symmetry="C1",
 ):
-    """A one-protein store of real projections of the pseudo-protein (no Ray), all rows in ``test``."""
+    """A one-protein store of real projections of the pseudo-protein (no Ray), all rows in ``test``
+    (``symmetry``: the pseudo-protein symmetrised to that point group, declared in the manifest)."""
     from cryoorient_ray.core.density.phantom import pseudo_protein
     from cryoorient_ray.core.imaging.forward import render_projections
+    from cryoorient_ray.core.reconstruction.symmetrise import symmetrise_volume
 
     vol = pseudo_protein(seed=0, box_size=size, voxel_size=voxel_size).data.astype(np.float32)
+    vol = np.asarray(symmetrise_volume(vol, symmetry), dtype=np.float32)
     meta = sample_projection_parameters(n, seed, 0, split_fractions=split_fractions)
     meta["protein"] = np.zeros(n, dtype=np.int32)
     import torch
@@ -95,7 +99,9 @@ def make_projection_store(
         "config": {"test": True},
         "config_hash": "test",
         "pixel_size": float(voxel_size),
-        "proteins": [{"name": "pseudo", "source": "test", "symmetry": "C1", "heldout": False, "start": 0, "count": n}],
+        "proteins": [
+            {"name": "pseudo", "source": "test", "symmetry": symmetry, "heldout": False, "start": 0, "count": n}
+        ],
         "has_orientations": has_orientations,
         "optics": {"voltage": 300.0, "cs": 2.7, "amplitude_contrast": 0.1},
         "ctf_applied": False,

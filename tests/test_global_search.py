@@ -233,7 +233,14 @@ def test_random_start_and_bad_settings(data):
     res = global_refine(stack, None, GlobalRefineSettings(**COARSE, iterations=1, local_polish_rounds=0), q_true=q)
     assert res.history[0]["error_rad"] > 1.0  # random orientations: the control
     assert np.isfinite(res.history[1]["resolution_0143_A"])
-    for bad in ({"mode": "fuzzy"}, {"symmetry": "D2"}, {"keep": 0}, {"final_deg": 40.0}, {"device": "tpu"}):
+    for bad in (
+        {"mode": "fuzzy"},
+        {"symmetry": "D0"},
+        {"symmetry_mode": "x"},
+        {"keep": 0},
+        {"final_deg": 40.0},
+        {"device": "tpu"},
+    ):
         with pytest.raises(CryoOrientError):
             global_refine(stack, q, GlobalRefineSettings(**{**COARSE, **bad}))
     with pytest.raises(CryoOrientError):

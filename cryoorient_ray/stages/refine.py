@@ -16,7 +16,10 @@ What `cryoorient refine STORE START` runs (and the ``refine`` stage of `cryoorie
 3. **search** (:func:`refine_into`): :func:`~cryoorient_ray.core.refinement.global_search.global_refine`
    with image batches scored in process or on Ray actors
    (:class:`~cryoorient_ray.distributed.refine_actors.RayScorer`), one line per iteration and a
-   progress bar within it; the state is saved after every iteration;
+   progress bar within it; the state is saved after every iteration. A protein declared with a
+   point group (the store's ``symmetry``) is refined with it (``refine.symmetry_mode``: its
+   asymmetric unit searched and the group imposed on the maps, or C1 then symmetrised) and every
+   error against the truth is symmetry-aware;
 4. **outputs**: ``refined.star`` + ``refined.mrcs`` (RELION), ``refined_orientations.npz`` (the
    format of ``recovered_orientations.npz``: `cryoorient reconstruct` and the pipeline's
    ``reconstruct`` stage read it), ``map.mrc``, ``half_map_1.mrc``, ``half_map_2.mrc``,
@@ -443,13 +446,7 @@ def plan_refinement(
     store = ProjectionStore.open(store_path)
     start = load_start(store, cfg, run_dir)
     wiener = wiener_constant(cfg.refine, store)  # refine.wiener, else from the simulated SNR
-    settings = cfg.refine.settings(cfg.seed, start.symmetry, wiener)
-    if settings.symmetry != "C1":
-        log.warning(
-            "refine: protein %s is %s; the search imposes no symmetry (C1)", start.protein_name, settings.symmetry
-        )
-        settings = dataclasses.replace(settings, symmetry="C1")
-    settings = settings.checked()
+    settings = cfg.refine.settings(cfg.seed, start.symmetry, wiener).checked()  # the protein's point group
     record = run_record(start, settings, store)
     resume = _resumable(check_resume(folder / STATE_DIR, record, restart, discard_stale), settings)
     return RefineRun(start, settings, record, resume)
@@ -569,6 +566,7 @@ def write_refine_outputs(
     metrics = {
         "projections": int(len(start.rows)),
         "start": start.kind,
+        "symmetry": run.settings.symmetry,
         "iterations": int(result.state.iteration),
         "halfmap_fsc0143_A": _res(result.fsc.resolution_0143),
         "halfmap_fsc05_A": _res(result.fsc.resolution_05),

@@ -60,7 +60,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from cryoorient_ray.core.geometry.grids import grid_children, grid_level_for_step, grid_rotmats, grid_size
+from cryoorient_ray.core.geometry.grids import (
+    grid_asymmetric_unit,
+    grid_children,
+    grid_level_for_step,
+    grid_rotmats,
+    grid_size,
+)
 from cryoorient_ray.core.geometry.quaternion import (
     quat_canonicalize,
     quat_distance,
@@ -68,6 +74,7 @@ from cryoorient_ray.core.geometry.quaternion import (
     unitquat_to_rotmat,
 )
 from cryoorient_ray.core.geometry.sampling import sample_orientations
+from cryoorient_ray.core.geometry.symmetry import normalize_symmetry_name
 from cryoorient_ray.core.imaging.fourier import centred_volume_ft, phase_ramp
 from cryoorient_ray.core.imaging.particles import ParticleStack, as_particle_stack
 from cryoorient_ray.core.reconstruction.fsc import FSCResult, fsc, soft_mask
@@ -96,6 +103,7 @@ __all__ = [
 ]
 
 MODES = ("hard", "soft")
+SYMMETRY_MODES = ("impose", "c1_then_symmetrise")
 DEVICES = ("auto", "cpu", "cuda")
 # An iteration "improves" when the half maps' FSC 0.143 resolution drops by at least this fraction.
 _IMPROVEMENT = 0.01
@@ -149,7 +157,13 @@ class GlobalRefineSettings:
         batch_size: images per scoring batch.
         seed: of the halves, the random start and the grid's turns.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-        symmetry: point group; only ``"C1"`` for now (issue 18 searches the asymmetric unit).
+        symmetry: the particle's point group (``C1``, ``Cn``, ``Dn``, ``T``, ``O``, ``I``); errors
+            against the truth are symmetry-aware whatever ``symmetry_mode``.
+        symmetry_mode: with a point group, ``"impose"``: level 0 searches the asymmetric unit only
+            (:func:`~cryoorient_ray.core.geometry.grids.grid_asymmetric_unit`, ≈ 1/|G| of the grid)
+            and every map is reconstructed with the group imposed; ``"c1_then_symmetrise"``
+            (RELION's advice): the search and the maps in C1, the final maps symmetrised
+            (:func:`~cryoorient_ray.core.reconstruction.symmetrise.symmetrise_volume`).
     """
 
     iterations: int = 8
@@ -168,6 +182,7 @@ class GlobalRefineSettings:
     seed: int = 0
     device: str = "auto"
     symmetry: str = "C1"
+    symmetry_mode: str = "impose"
 
     def checked(self) -> GlobalRefineSettings:
         """The settings, checked (CryoOrientError naming the first bad field)."""
@@ -197,10 +212,10 @@ class GlobalRefineSettings:
             raise CryoOrientError(f"start_resolution_A must be a positive number of Å; got {self.start_resolution_A!r}")
         if self.device not in DEVICES:
             raise CryoOrientError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
-        if str(self.symmetry).upper() != "C1":
+        normalize_symmetry_name(self.symmetry)
+        if self.symmetry_mode not in SYMMETRY_MODES:
             raise CryoOrientError(
-                f"global refinement searches C1 only for now; got symmetry {self.symmetry!r} "
-                "(refine in C1, or use the local refiner)"
+                f"symmetry_mode must be one of {', '.join(SYMMETRY_MODES)}; got {self.symmetry_mode!r}"
             )
         return self
 
@@ -370,6 +385,8 @@ class SearchPlan:
         tables: the finer levels whose whole grid is sampled once per half map (a table the
             children are read from) instead of per image: where that is fewer samples
             (:func:`_table_levels`). Part of the plan, so every scorer takes the same path.
+        level0: the level-0 grid indices searched (sorted): the asymmetric unit of the point group
+            under ``turn`` when it is imposed; None: the whole grid.
     """
 
     band_radius: float
@@ -383,6 +400,13 @@ class SearchPlan:
     shift_step: float
     shift_min_step: float = 0.0
     tables: tuple[int, ...] = ()
+    level0: np.ndarray | None = None
+
+    def level0_index(self) -> torch.Tensor:
+        """The level-0 grid indices searched (int64): ``level0``, or the whole grid."""
+        if self.level0 is None:
+            return torch.arange(grid_size(self.base))
+        return torch.as_tensor(np.asarray(self.level0, dtype=np.int64))
 
     def weight_of_radius(self, r: np.ndarray) -> np.ndarray:
         return np.interp(r, np.arange(len(self.band_weights)), self.band_weights)
@@ -408,7 +432,7 @@ class SearchPlan:
         """Orientation × shift candidates scored per image over all levels."""
         t0 = len(self.level0_shifts())
         j = len(self.shift_offsets(1))
-        return grid_size(self.base) * t0 + (self.levels - 1) * self.keep * 8 * j
+        return len(self.level0_index()) * t0 + (self.levels - 1) * self.keep * 8 * j
 
 
 @dataclass
@@ -445,7 +469,7 @@ def prepare_references(matcher: SliceMatcher, references: np.ndarray, plan: Sear
     """The two half maps ``(2, L, L, L)`` as :class:`PreparedReference` on the matcher's device
     (after ``matcher.set_band``): the padded FT and the whole level-0 grid's slices, once per iteration."""
     out = []
-    base = torch.arange(grid_size(plan.base))
+    base = plan.level0_index()
     rows = (grid_rotmats(plan.base, base) @ torch.from_numpy(plan.turn))[:, :2, :].float().to(matcher.device)
     m0 = matcher.points_within(plan.level_radii[0])
     table_rows = {}
@@ -480,6 +504,7 @@ def _level0(matcher, ref: PreparedReference, plan: SearchPlan, img, ctf, norm_i)
     ramp = phase_ramp(shifts, kxy[:, 0].cpu(), kxy[:, 1].cpu(), sign=1.0, period=matcher.lsize).to(dev)  # (T, m0)
     w2 = matcher.w2[:m0]
     b, t, k0 = img.shape[0], shifts.shape[0], ref.slices0.shape[0]
+    level0 = plan.level0_index().to(dev)  # row k of the slices is grid point level0[k]
     norm_p = (ctf[:, :m0] ** 2 * w2) @ ref.power0.T  # (b | 1, K0)
     norm_p = norm_p.expand(b, -1)
     chunk = max(1, _LEVEL0_SCORES // (t * k0))
@@ -493,7 +518,7 @@ def _level0(matcher, ref: PreparedReference, plan: SearchPlan, img, ctf, norm_i)
         val, ti = sc.max(1)  # best shift per grid point
         v, r = torch.topk(val, plan.keep, dim=1)
         best_val.append(v)
-        best_rot.append(r)
+        best_rot.append(level0[r])
         best_shift.append(shifts.to(dev)[torch.gather(ti, 1, r)])
     return torch.cat(best_rot), torch.cat(best_shift), torch.cat(best_val)
 
@@ -661,6 +686,10 @@ class _Maps:
         if not _number(radius) or radius <= 0:
             raise CryoOrientError(f"mask_radius must be a positive number of pixels; got {settings.mask_radius!r}")
         self.mask = torch.from_numpy(soft_mask(lsize, radius, 3.0))
+        self.group = normalize_symmetry_name(settings.symmetry)
+        imposed = settings.symmetry_mode == "impose" and self.group != "C1"
+        self.imposed = self.group if imposed else None  # reconstructions with the group imposed
+        self.symmetrise_at_end = self.group != "C1" and not imposed
 
     def _stack(self, rows: np.ndarray, shifts: np.ndarray | None) -> ParticleStack:
         part = self.work.subset(rows)
@@ -679,7 +708,9 @@ class _Maps:
             part = self._stack(rows[r_img], poses.soft_t[rows][r_img, r_cand] if poses.shifts is not None else None)
             rot = unitquat_to_rotmat(torch.from_numpy(poses.soft_q[rows][r_img, r_cand]))
             weights = torch.from_numpy(w[r_img, r_cand])
-        vol = reconstruct_fourier(part, rot.float(), wiener=self.wiener, device=self.device, weights=weights)
+        vol = reconstruct_fourier(
+            part, rot.float(), wiener=self.wiener, device=self.device, weights=weights, symmetry=self.imposed
+        )
         return vol.cpu().float() * self.mask
 
     def halves_and_fsc(self, poses: _Poses) -> tuple[list[torch.Tensor], FSCResult]:
@@ -689,12 +720,22 @@ class _Maps:
     def full(self, poses: _Poses) -> torch.Tensor:
         return self.reconstruct(poses, np.arange(len(self.work)))
 
+    def final(self, poses: _Poses, half_maps: list[torch.Tensor], curve: FSCResult):
+        """``(full map, half maps, their FSC)`` of the result: in ``c1_then_symmetrise`` mode symmetrised."""
+        full = self.full(poses)
+        if not self.symmetrise_at_end:
+            return full, half_maps, curve
+        from cryoorient_ray.core.reconstruction.symmetrise import symmetrise_volume
+
+        half_maps = [symmetrise_volume(h, self.group) for h in half_maps]
+        return symmetrise_volume(full, self.group), half_maps, fsc(half_maps[0], half_maps[1], self.px)
+
     def truth(self, poses: _Poses, q_true: np.ndarray | None, reference: torch.Tensor | None) -> dict:
         """``error_rad`` (with ``q_true``) and ``resolution_05_true_A`` (with both, or the hand-matched map)."""
         out: dict = {}
         if q_true is None:
             return out
-        reg = align_rotation(q_true, poses.q)
+        reg = align_rotation(q_true, poses.q, symmetry=self.group)
         out["error_rad"] = float(reg.mean)
         out["error_median_rad"] = float(reg.median)
         if reference is not None:
@@ -759,7 +800,15 @@ def _plan(
         shift_step=float(shift_step),
         shift_min_step=float(settings.shift_step_px),
         tables=_table_levels(base, radii, int(settings.keep), n_images),
+        level0=_level0_unit(settings, base, turn),
     )
+
+
+def _level0_unit(settings: GlobalRefineSettings, base: int, turn: np.ndarray) -> np.ndarray | None:
+    """The asymmetric unit of the turned level-0 grid when the point group is imposed, else None."""
+    if settings.symmetry_mode != "impose" or normalize_symmetry_name(settings.symmetry) == "C1":
+        return None
+    return grid_asymmetric_unit(base, settings.symmetry, turn).numpy()
 
 
 def _assemble(cands: list[BatchCandidates], p: int, keep: int, soft: bool, shifted: bool) -> _Poses:
@@ -975,7 +1024,7 @@ def global_refine(
                 **maps.truth(poses, qt, ref_vol),
             }
         )
-    full = maps.full(poses)
+    full, half_maps, curve = maps.final(poses, half_maps, curve)
     return GlobalRefineResult(
         quaternions=np.asarray(quat_canonicalize(poses.q), dtype=np.float64),
         shifts=None if poses.shifts is None else np.asarray(poses.shifts, dtype=np.float64),
