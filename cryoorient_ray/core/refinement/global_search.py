@@ -150,6 +150,10 @@ class GlobalRefineSettings:
         seed: of the halves, the random start and the grid's turns.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         symmetry: point group; only ``"C1"`` for now (issue 18 searches the asymmetric unit).
+        ab_initio: ``"auto"``, ``"on"`` or ``"off"``: start from the stochastic ab initio map of
+            :mod:`~cryoorient_ray.core.refinement.ab_initio` (``auto``: from random orientations, and
+            from a given start whose half maps are no better than random orientations').
+        ab_initio_steps, ab_initio_batch_size: the ab initio phase's minibatch steps and images per step.
     """
 
     iterations: int = 8
@@ -168,6 +172,9 @@ class GlobalRefineSettings:
     seed: int = 0
     device: str = "auto"
     symmetry: str = "C1"
+    ab_initio: str = "auto"
+    ab_initio_steps: int = 60
+    ab_initio_batch_size: int = 300
 
     def checked(self) -> GlobalRefineSettings:
         """The settings, checked (CryoOrientError naming the first bad field)."""
@@ -177,6 +184,10 @@ class GlobalRefineSettings:
         _int_field(self.local_polish_rounds, "local_polish_rounds", 0)
         _int_field(self.batch_size, "batch_size", 1)
         _int_field(self.seed, "seed", 0)
+        _int_field(self.ab_initio_steps, "ab_initio_steps", 1)
+        _int_field(self.ab_initio_batch_size, "ab_initio_batch_size", 2)
+        if self.ab_initio not in ("auto", "on", "off"):
+            raise CryoOrientError(f"ab_initio must be one of auto, on, off; got {self.ab_initio!r}")
         for name in ("start_deg", "final_deg"):
             v = getattr(self, name)
             if not _number(v) or not 0 < v <= 90:
@@ -795,6 +806,19 @@ def _start(work, start, settings, p, shifted) -> _Poses:
     return _Poses(q=np.asarray(quat_canonicalize(q0), dtype=np.float64), shifts=np.zeros((p, 2)) if shifted else None)
 
 
+def _initial_model(work, start, settings, maps: _Maps, curve: FSCResult, device, q_true):
+    """:func:`~cryoorient_ray.core.refinement.ab_initio.initial_model` with this module's half maps."""
+    from cryoorient_ray.core.refinement.ab_initio import initial_model  # it imports this module
+
+    def random_area() -> float:
+        q = sample_orientations(len(work), seed=np.random.default_rng([settings.seed, 2]))
+        poses = _Poses(q=np.asarray(q, dtype=np.float64), shifts=None)
+        return _fsc_area(maps.halves_and_fsc(poses)[1].fsc)
+
+    area = None if start is None else _fsc_area(curve.fsc)
+    return initial_model(work, settings, start_area=area, random_area=random_area, device=device, q_true=q_true)
+
+
 def _polish(maps: _Maps, poses: _Poses, half_maps, settings: GlobalRefineSettings, step_deg: float) -> _Poses:
     """``local_polish_rounds`` of the local refiner on each half against that half's map."""
     q = poses.q.copy()
@@ -872,8 +896,15 @@ def global_refine(
     else:
         poses = _start(work, start, settings, p, shifted)
         half_maps, curve = maps.halves_and_fsc(poses)
+        init = _initial_model(work, start, settings, maps, curve, device, qt)
+        if init.result is not None:  # both halves start from the ab initio map, from its poses
+            res0 = init.result
+            poses = _Poses(q=res0.quaternions, shifts=res0.shifts if shifted else None)
+            half_maps, curve = maps.halves_and_fsc(poses)
         if settings.start_resolution_A is not None:
             edge = lsize * work.pixel_size_A / settings.start_resolution_A
+        elif init.result is not None:
+            edge = init.result.band_radius
         elif start is None:
             edge = lsize / 8
         else:
@@ -885,11 +916,12 @@ def global_refine(
             shifts=poses.shifts,
             halves=halves,
             band_A=resolution_of(edge),
-            best_fsc_A=math.inf if start is None else curve.resolution_0143,
-            best_fsc_area=0.0 if start is None else _fsc_area(curve.fsc),
+            best_fsc_A=math.inf if init.kind != "given" else curve.resolution_0143,
+            best_fsc_area=0.0 if init.kind != "given" else _fsc_area(curve.fsc),
         )
         entry0 = {
             "iteration": 0,
+            **init.summary(),
             "band_A": state.band_A,
             "resolution_0143_A": curve.resolution_0143,
             "resolution_05_A": curve.resolution_05,
@@ -897,7 +929,10 @@ def global_refine(
             "seconds": time.perf_counter() - t_start,
         }
         state.history.append(entry0)
-        if start is None:
+        if init.reference is not None:
+            ab_map = torch.from_numpy(init.reference) * maps.mask
+            refs = [ab_map, ab_map]
+        elif start is None:
             # From random orientations both halves start from the same blob (RELION's common initial
             # model), else each would settle in its own gauge and the half maps could not be compared.
             full0 = maps.full(poses)
