@@ -588,6 +588,13 @@ class RefineConfig(StrictModel):
         _GLOBAL.local_polish_rounds, ge=0, description="rounds of the local refiner on each half at the end"
     )
     batch_size: int = Field(_GLOBAL.batch_size, ge=1, description="images per scoring batch (bounds memory)")
+    ab_initio: Literal["auto", "on", "off"] = Field(
+        _GLOBAL.ab_initio,
+        description="start from the stochastic ab initio map: on, off, or auto (from random orientations, and "
+        "from a start whose half maps are no better than random orientations': FSC area < 1.5x theirs)",
+    )
+    ab_initio_steps: int = Field(_GLOBAL.ab_initio_steps, ge=1, description="minibatch steps of the ab initio phase")
+    ab_initio_batch_size: int = Field(_GLOBAL.ab_initio_batch_size, ge=2, description="images per ab initio step")
     actors: int = Field(0, ge=0, description="Ray actors scoring image batches (0 = in-process)")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpu: bool | None = Field(None, description="score on a GPU (null = when CUDA is present)")

@@ -230,7 +230,8 @@ def test_soft_mode_and_weighted_reconstruction(data):
 
 def test_random_start_and_bad_settings(data):
     stack, q, _ = data
-    res = global_refine(stack, None, GlobalRefineSettings(**COARSE, iterations=1, local_polish_rounds=0), q_true=q)
+    off = GlobalRefineSettings(**COARSE, iterations=1, local_polish_rounds=0, ab_initio="off")
+    res = global_refine(stack, None, off, q_true=q)
     assert res.history[0]["error_rad"] > 1.0  # random orientations: the control
     assert np.isfinite(res.history[1]["resolution_0143_A"])
     for bad in ({"mode": "fuzzy"}, {"symmetry": "D2"}, {"keep": 0}, {"final_deg": 40.0}, {"device": "tpu"}):

@@ -81,8 +81,10 @@ class AbInitioSettings:
         steps: minibatch steps.
         batch_size: images per step.
         grid_deg: step of the SO(3) grid every image is scored on (15°: 5,184 orientations).
-        band_start, band_end: the band edge (cycles per box) of the first and the last step; it
-            rises geometrically in between (capped at ``L / 2 − 1``).
+        band_start, band_end: the band edge (cycles per box) of the first step and of the last
+            ones: it rises geometrically over the first ``rise_fraction`` of the steps, then stays
+            (capped at ``L / 2 − 1``).
+        rise_fraction: fraction of the steps over which the band rises (in (0, 1]).
         temperature_start: posterior temperature of the first step (≥ 1); it falls geometrically
             to 1 over the first ``anneal_fraction`` of the steps and stays at 1.
         anneal_fraction: fraction of the steps over which the temperature falls (in (0, 1]).
@@ -100,8 +102,9 @@ class AbInitioSettings:
     grid_deg: float = 15.0
     band_start: float = 3.0
     band_end: float = 8.0
-    temperature_start: float = 8.0
-    anneal_fraction: float = 0.6
+    rise_fraction: float = 0.6
+    temperature_start: float = 4.0
+    anneal_fraction: float = 0.4
     keep: int = 8
     decay: float = 0.75
     max_shift_px: float = 0.0
@@ -122,6 +125,7 @@ class AbInitioSettings:
             ("band_end", lambda v: v >= self.band_start, "a number of cycles per box >= band_start"),
             ("temperature_start", lambda v: v >= 1, "a number >= 1"),
             ("anneal_fraction", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+            ("rise_fraction", lambda v: 0 < v <= 1, "a number in (0, 1]"),
             ("decay", lambda v: 0 <= v < 1, "a number in [0, 1)"),
             ("max_shift_px", lambda v: v >= 0, "a non-negative number of pixels"),
             ("shift_step_px", lambda v: v > 0, "a positive number of pixels"),
@@ -139,7 +143,7 @@ class AbInitioSettings:
 
     def band(self, step: int, lsize: int) -> float:
         """The band edge (cycles per box) of step ``step`` (0-based)."""
-        f = step / max(1, self.steps - 1)
+        f = min(1.0, step / max(1.0, self.rise_fraction * (self.steps - 1)))
         edge = self.band_start * (self.band_end / self.band_start) ** f
         return float(min(edge, lsize / 2 - 1))
 
@@ -368,6 +372,7 @@ class InitialModel:
         reference: ``(L, L, L)`` the ab initio map low-passed to its last band (both halves start from it).
         start_area, random_area: the half maps' FSC area of the given start and of random
             orientations (when measured, for ``auto``).
+        start_error: with the truth, the rotation + hand error of the orientations before ab initio.
     """
 
     kind: str
@@ -376,6 +381,7 @@ class InitialModel:
     reference: np.ndarray | None = None
     start_area: float | None = None
     random_area: float | None = None
+    start_error: float | None = None
 
     def summary(self) -> dict:
         """JSON-safe description (``start``, ``start_reason`` and the ab initio phase's numbers)."""
@@ -384,6 +390,8 @@ class InitialModel:
             out["start_fsc_area"] = self.start_area
         if self.random_area is not None:
             out["random_fsc_area"] = self.random_area
+        if self.start_error is not None:
+            out["start_error_rad"] = self.start_error
         if self.result is not None:
             last = self.result.history[-1]
             out["ab_initio"] = {
@@ -418,6 +426,7 @@ def initial_model(
     random_area: Callable[[], float],
     device: torch.device | str = "cpu",
     q_true: np.ndarray | None = None,
+    q_start: np.ndarray | None = None,
 ) -> InitialModel:
     """Decide how global refinement starts and, when ab initio, run it.
 
@@ -430,6 +439,7 @@ def initial_model(
         random_area: the half-map FSC area of random orientations (called only when needed).
         device: of the ab initio scoring.
         q_true: optional true orientations (history only).
+        q_start: the orientations before ab initio (given or random; with ``q_true``: ``start_error``).
     """
     mode = refine.ab_initio
     if mode == "off":
@@ -447,4 +457,7 @@ def initial_model(
         reason = f"start FSC area {start_area:.2f} < {BAD_START_RATIO:g} × random orientations' {rand:.2f}"
     res = ab_initio(stack, settings_from(refine), device=device, q_true=q_true)
     ref = lowpass_volume(res.volume, res.band_radius)
-    return InitialModel("ab initio", reason, result=res, reference=ref, start_area=start_area, random_area=rand)
+    err = None
+    if q_true is not None and q_start is not None:
+        err = float(align_rotation(np.asarray(q_true, dtype=np.float64), np.asarray(q_start, dtype=np.float64)).mean)
+    return InitialModel("ab initio", reason, res, ref, start_area, rand, err)

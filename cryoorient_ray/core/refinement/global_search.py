@@ -806,7 +806,7 @@ def _start(work, start, settings, p, shifted) -> _Poses:
     return _Poses(q=np.asarray(quat_canonicalize(q0), dtype=np.float64), shifts=np.zeros((p, 2)) if shifted else None)
 
 
-def _initial_model(work, start, settings, maps: _Maps, curve: FSCResult, device, q_true):
+def _initial_model(work, start, settings, maps: _Maps, curve: FSCResult, device, q_true, q_start):
     """:func:`~cryoorient_ray.core.refinement.ab_initio.initial_model` with this module's half maps."""
     from cryoorient_ray.core.refinement.ab_initio import initial_model  # it imports this module
 
@@ -816,7 +816,9 @@ def _initial_model(work, start, settings, maps: _Maps, curve: FSCResult, device,
         return _fsc_area(maps.halves_and_fsc(poses)[1].fsc)
 
     area = None if start is None else _fsc_area(curve.fsc)
-    return initial_model(work, settings, start_area=area, random_area=random_area, device=device, q_true=q_true)
+    return initial_model(
+        work, settings, start_area=area, random_area=random_area, device=device, q_true=q_true, q_start=q_start
+    )
 
 
 def _polish(maps: _Maps, poses: _Poses, half_maps, settings: GlobalRefineSettings, step_deg: float) -> _Poses:
@@ -896,7 +898,7 @@ def global_refine(
     else:
         poses = _start(work, start, settings, p, shifted)
         half_maps, curve = maps.halves_and_fsc(poses)
-        init = _initial_model(work, start, settings, maps, curve, device, qt)
+        init = _initial_model(work, start, settings, maps, curve, device, qt, poses.q)
         if init.result is not None:  # both halves start from the ab initio map, from its poses
             res0 = init.result
             poses = _Poses(q=res0.quaternions, shifts=res0.shifts if shifted else None)
