@@ -9,9 +9,11 @@ iteration, coarse to fine, as cryoSPARC, RELION's auto-refine and cryoDRGN's pos
    only against its own half map and reconstructed only from its own orientations; the halves
    share only the band (from the FSC between them, as in RELION), so that FSC is an honest
    (gold-standard) resolution. From given start orientations each half starts from its own half
-   map; from random ones (ab initio) both start from the same blob, the map of all images at the
-   random orientations scored on the lowest band only (RELION's common initial model: two
-   independent blobs would settle in two gauges).
+   map; from random ones both start from one common map (RELION's common initial model: two
+   independent blobs would settle in two gauges): with ``ab_initio`` ``auto``/``on`` the stochastic
+   ab initio map of :mod:`~cryoorient_ray.core.refinement.ab_initio` low-passed to its last band
+   (also for a given start whose half maps are no better than random orientations', ``auto``),
+   with ``off`` the blob of all images at the random orientations, scored on the lowest band.
 2. **The band.** The reference's Fourier coefficients are weighted by
    ``w(s) = sqrt(2 FSC(s) / (1 + FSC(s)))`` of the half maps (Rosenthal & Henderson's ``C_ref``) up
    to the band's edge and by 0 beyond. The first band is ``start_resolution_A`` (default: a quarter
