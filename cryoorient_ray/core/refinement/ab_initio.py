@@ -46,10 +46,19 @@ import torch
 from cryoorient_ray.core.geometry.grids import grid_level_for_step
 from cryoorient_ray.core.geometry.quaternion import quat_canonicalize, unitquat_to_rotmat
 from cryoorient_ray.core.geometry.sampling import sample_orientations
-from cryoorient_ray.core.imaging.fourier import gridding_correction_3d
+from cryoorient_ray.core.imaging.fourier import gridding_correction_3d, phase_ramp
 from cryoorient_ray.core.imaging.particles import ParticleStack
 from cryoorient_ray.core.reconstruction.fsc import soft_mask
-from cryoorient_ray.core.reconstruction.inversion import _backproject, _crop_centre, _ctf_source, _inputs
+from cryoorient_ray.core.reconstruction.inversion import (
+    _add_hermitian_mates,
+    _crop_centre,
+    _ctf_source,
+    _fold,
+    _HalfPlane,
+    _inputs,
+    _insert,
+    _pad_images,
+)
 from cryoorient_ray.core.recovery.align import align_rotation
 from cryoorient_ray.core.refinement.global_search import ImageBatch, SearchPlan, prepare_references, search_batch
 from cryoorient_ray.core.refinement.matching import SliceMatcher
@@ -71,6 +80,10 @@ __all__ = [
 _MIN_POSTERIOR = 1e-3
 # Oversampling of the running Fourier grid (as reconstruct_fourier's default).
 _OVERSAMPLING = 2
+# The minibatch is inserted up to the step's band edge plus this many cycles per box (the shells the
+# next steps score as the band rises; beyond, the map is not used): 3–10× fewer insertions than to Nyquist.
+_INSERT_MARGIN = 2.0
+_INSERT_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -194,8 +207,11 @@ class _RunningMap:
         self.data: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None
 
-    def add(self, rows: np.ndarray, quats: np.ndarray, weights: np.ndarray, shifts: np.ndarray | None) -> None:
-        """Decay the sums, then insert images ``rows`` at ``quats`` with ``weights`` (and ``shifts``)."""
+    def add(
+        self, rows: np.ndarray, quats: np.ndarray, weights: np.ndarray, shifts: np.ndarray | None, edge: float
+    ) -> None:
+        """Decay the sums, then insert images ``rows`` at ``quats`` with ``weights`` (and ``shifts``) up to
+        ``edge + _INSERT_MARGIN`` cycles per box."""
         part = self.stack.subset(rows)
         if shifts is not None:
             part = dataclasses.replace(part, shifts=torch.from_numpy(shifts.astype(np.float32)))
@@ -204,7 +220,7 @@ class _RunningMap:
         ctf_fn = _ctf_source(part, None, self.n, imgs.dtype, imgs.device)
         iw = torch.from_numpy(np.asarray(weights, dtype=np.float32))
         with torch.no_grad():
-            data, weight = _backproject(imgs, r, t, ctf_fn, self.n, None, 64, iw)
+            data, weight = _backproject_band(imgs, r, t, ctf_fn, self.n, iw, _OVERSAMPLING * (edge + _INSERT_MARGIN))
         if self.data is None:
             self.data, self.weight = data, weight
         else:
@@ -212,11 +228,40 @@ class _RunningMap:
             self.weight = self.weight * self.decay + weight
 
     def volume(self) -> torch.Tensor:
+        """The masked map ``(L, L, L)`` of the running sums (Wiener ratio, gridding-corrected)."""
         with torch.no_grad():
             ft = self.data / (self.weight + self.wiener)
             vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(ft))).real
             vol = vol / gridding_correction_3d(self.n, "linear", vol.dtype, vol.device)
             return _crop_centre(vol, self.lsize).contiguous().float() * self.mask
+
+
+def _backproject_band(imgs, r, t, ctf_fn, n: int, weights: torch.Tensor, radius: float):
+    """``Σ w c P`` and ``Σ w c²`` on the centred ``n³`` grid, mates included, as
+    :func:`~cryoorient_ray.core.reconstruction.inversion.reconstruct_fourier`'s insertion but only for
+    the rfft points within ``radius`` (padded grid units)."""
+    plane = _HalfPlane(n, imgs.dtype, imgs.device)
+    keep = plane.kx**2 + plane.ky**2 <= radius**2
+    plane.flat, plane.kx, plane.ky, plane.half = plane.flat[keep], plane.kx[keep], plane.ky[keep], plane.half[keep]
+    plane.size = int(keep.sum())
+    m = n + 2
+    data = torch.zeros(m**3, dtype=torch.complex64, device=imgs.device)
+    weight = torch.zeros(m**3, dtype=imgs.dtype, device=imgs.device)
+    for start in range(0, imgs.shape[0], _INSERT_CHUNK):
+        stop = min(imgs.shape[0], start + _INSERT_CHUNK)
+        ft = torch.fft.rfft2(_pad_images(imgs[start:stop], n)).reshape(stop - start, -1)[:, plane.flat]
+        if t is not None:
+            ft = ft * phase_ramp(t[start:stop], plane.kx / n, plane.ky / n, sign=1.0)
+        if ctf_fn is None:
+            ctf2 = plane.half.expand(stop - start, -1)
+        else:
+            c = ctf_fn(torch.arange(start, stop)).reshape(stop - start, -1)[:, plane.flat]
+            ft, ctf2 = ft * c, c * c * plane.half
+        iw = weights[start:stop, None]
+        _insert(data, weight, ft * plane.half * iw, ctf2 * iw, r[start:stop], plane, n)
+    data = _add_hermitian_mates(_fold(data.reshape(m, m, m), n), conj=True)
+    weight = _add_hermitian_mates(_fold(weight.reshape(m, m, m), n), conj=False)
+    return data, weight
 
 
 def lowpass_volume(volume: np.ndarray, edge: float, width: float = 2.0) -> np.ndarray:
@@ -308,7 +353,7 @@ def ab_initio(
     for step, rows in enumerate(_minibatches(p, settings)):
         t0 = time.perf_counter()
         if running.data is None:  # the first map: this minibatch at random orientations (a blob)
-            running.add(rows, q[rows], np.ones(len(rows)), None if t is None else t[rows])
+            running.add(rows, q[rows], np.ones(len(rows)), None if t is None else t[rows], settings.band(0, lsize))
         edge = settings.band(step, lsize)
         temperature = settings.temperature(step)
         plan = _step_plan(settings, edge, lsize, step)
@@ -325,6 +370,7 @@ def ab_initio(
             cand.quaternions[r_img, r_cand],
             w[r_img, r_cand],
             None if t is None else cand.shifts[r_img, r_cand],
+            edge,
         )
         entry = {
             "step": step + 1,
