@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from cryoorient_ray.core import unitquat_to_rotmat
 from cryoorient_ray.core.imaging.particles import ParticleStack
@@ -108,7 +109,9 @@ def test_auto_runs_ab_initio_only_for_starts_no_better_than_random(data):
     bad = initial_model(stack, fast, start_area=5.0, random_area=random_area, q_true=q, q_start=q)
     assert bad.kind == "ab initio" and bad.result is not None and bad.reference.shape == (32,) * 3
     assert bad.summary()["start_error_rad"] < 1e-6 and "ab_initio" in bad.summary()
-    off = initial_model(stack, GlobalRefineSettings(**COARSE, ab_initio="off"), start_area=None, random_area=random_area)
+    off = initial_model(
+        stack, GlobalRefineSettings(**COARSE, ab_initio="off"), start_area=None, random_area=random_area
+    )
     assert off.kind == "random" and off.result is None
     on = initial_model(stack, dataclasses.replace(fast, ab_initio="on"), start_area=10.0, random_area=random_area)
     assert on.kind == "ab initio" and len(calls) == 2  # "on" never measures
@@ -139,3 +142,23 @@ def test_global_refine_from_random_starts_from_ab_initio_and_resumes(data, tmp_p
     # a good start skips it (auto), and the history says why
     given = global_refine(stack, perturb(q, 8.0, seed=2), dataclasses.replace(settings, iterations=1))
     assert given.history[0]["start"] == "given" and "random orientations" in given.history[0]["start_reason"]
+
+
+def test_band_limited_insertion_is_the_reconstruction_insertion_within_its_radius(data):
+    from cryoorient_ray.core.imaging.particles import CTFParams
+    from cryoorient_ray.core.reconstruction.inversion import _backproject, _ctf_source, _inputs
+    from cryoorient_ray.core.refinement.ab_initio import _backproject_band
+
+    stack, q, _ = data
+    n = 40
+    shifts = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
+    ctf = CTFParams(defocus_u=np.full(n, 15000.0), defocus_v=np.full(n, 12000.0), defocus_angle=np.zeros(n))
+    part = ParticleStack(stack.images[:n], pixel_size_A=VOXEL, shifts=shifts, ctf=ctf)
+    imgs, r, t, _ = _inputs(part, unitquat_to_rotmat(q[:n]).astype(np.float32))
+    ctf_fn = _ctf_source(part, None, 64, imgs.dtype, imgs.device)
+    w = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    full = _backproject(imgs, r, t, ctf_fn, 64, None, 64, w)
+    for got, want in zip(_backproject_band(imgs, r, t, ctf_fn, 64, w, 1e9), full, strict=True):
+        assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()))
+    low = _backproject_band(imgs, r, t, ctf_fn, 64, w, 10.0)[1]
+    assert 0 < float(low.sum()) < 0.5 * float(full[1].sum())  # fewer points inserted
