@@ -95,26 +95,35 @@ def test_settings_are_checked(data):
             global_refine(stack, q, GlobalRefineSettings(**{**COARSE, **bad}))
 
 
-def test_auto_runs_ab_initio_only_for_starts_no_better_than_random(data):
+def test_auto_keeps_clearly_good_starts_and_lets_the_fsc_area_decide_otherwise(data):
     stack, q, _ = data
     fast = GlobalRefineSettings(**COARSE, ab_initio_steps=2, ab_initio_batch_size=100)
     calls = []
 
-    def random_area():
-        calls.append(1)
-        return 4.0
+    def area_of(area):
+        def f(quats, shifts):
+            calls.append(quats.shape)
+            return area
 
-    good = initial_model(stack, fast, start_area=10.0, random_area=random_area)
-    assert good.kind == "given" and good.result is None and calls == [1]
-    bad = initial_model(stack, fast, start_area=5.0, random_area=random_area, q_true=q, q_start=q)
+        return f
+
+    # 16 shells at 32²: an area of 13 (≥ 0.75 × 16) is a good start, kept without running ab initio
+    good = initial_model(stack, fast, start_area=13.0, area_of=area_of(20.0))
+    assert good.kind == "given" and good.result is None and calls == []
+    # below it, ab initio runs and the larger half-map FSC area wins
+    bad = initial_model(stack, fast, start_area=5.0, area_of=area_of(6.0), q_true=q, q_start=q)
     assert bad.kind == "ab initio" and bad.result is not None and bad.reference.shape == (32,) * 3
-    assert bad.summary()["start_error_rad"] < 1e-6 and "ab_initio" in bad.summary()
-    off = initial_model(
-        stack, GlobalRefineSettings(**COARSE, ab_initio="off"), start_area=None, random_area=random_area
-    )
+    assert calls == [(300, 4)] and "6.00 > the start's 5.00" in bad.reason
+    summary = bad.summary()
+    assert summary["start_error_rad"] < 1e-6 and summary["ab_initio_fsc_area"] == 6.0 and "ab_initio" in summary
+    kept = initial_model(stack, fast, start_area=7.0, area_of=area_of(6.0))
+    assert kept.kind == "given" and kept.reference is None and kept.result is not None
+    off = initial_model(stack, GlobalRefineSettings(**COARSE, ab_initio="off"), start_area=None, area_of=area_of(1.0))
     assert off.kind == "random" and off.result is None
-    on = initial_model(stack, dataclasses.replace(fast, ab_initio="on"), start_area=10.0, random_area=random_area)
-    assert on.kind == "ab initio" and len(calls) == 2  # "on" never measures
+    on = initial_model(stack, dataclasses.replace(fast, ab_initio="on"), start_area=15.0, area_of=area_of(1.0))
+    assert on.kind == "ab initio" and len(calls) == 2  # "on" does not compare
+    rand = initial_model(stack, fast, start_area=None, area_of=area_of(1.0))
+    assert rand.kind == "ab initio" and rand.reason == "random start"
 
 
 @pytest.mark.slow
@@ -141,7 +150,7 @@ def test_global_refine_from_random_starts_from_ab_initio_and_resumes(data, tmp_p
     assert resumed.history[0]["start"] == "ab initio"
     # a good start skips it (auto), and the history says why
     given = global_refine(stack, perturb(q, 8.0, seed=2), dataclasses.replace(settings, iterations=1))
-    assert given.history[0]["start"] == "given" and "random orientations" in given.history[0]["start_reason"]
+    assert given.history[0]["start"] == "given" and "shells" in given.history[0]["start_reason"]
 
 
 def test_band_limited_insertion_is_the_reconstruction_insertion_within_its_radius(data):

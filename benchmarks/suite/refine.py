@@ -97,6 +97,14 @@ COLUMNS = [
 ]
 
 
+def _paper_rows() -> tuple[str, ...]:
+    """:data:`PAPER_ROWS`, or the comma-separated ``REFINE_ROWS`` of the environment (a subset)."""
+    import os
+
+    wanted = os.environ.get("REFINE_ROWS")
+    return PAPER_ROWS if not wanted else tuple(r for r in PAPER_ROWS if r in wanted.split(","))
+
+
 def _random_error(q_true: np.ndarray, seed: int) -> float:
     """The rotation + hand error of the search's random start (its seed's orientations)."""
     from cryoorient_ray.core import sample_orientations
@@ -156,7 +164,7 @@ def _sets(snr_db, ctf_shifts: bool, n: int, box: int) -> list[str]:
     ]
 
 
-def _simulate(ctx: Context, row: str, sets: list[str]):
+def _simulate(ctx: Context, row: str, sets: list[str], seed: int | None = None):
     """The row's store under ``benchmarks/work/refine_<scale>/<row>_n<images>/store.zarr`` (resumed or reused
     when it exists with the same config: a re-run does not simulate again)."""
     from cryoorient_ray.config import load_config
@@ -166,7 +174,7 @@ def _simulate(ctx: Context, row: str, sets: list[str]):
     t0 = time.perf_counter()
     n = cfg.simulate.n_per_map
     path = WORK / f"refine_{ctx.scale}" / f"{row}_n{n}" / "store.zarr"
-    store = simulate_store(cfg.simulate, ctx.seed, path, progress=False)
+    store = simulate_store(cfg.simulate, ctx.seed if seed is None else seed, path, progress=False)
     took = time.perf_counter() - t0
     ctx.say(f"{row}: store of {len(store.done_rows())} projections of {store.image_size}² ({took:.0f} s)")
     return store
@@ -191,24 +199,26 @@ def _stand_in(q: np.ndarray, seed: int) -> np.ndarray:
 
 def _fresh_recovery(ctx: Context, row: str, snr_db, ctf_shifts: bool, n: int):
     """A new store of ``n`` images (all in the test split, seed ``ctx.seed + FRESH_SEED``) recovered with
-    the noise benchmark's trained model of the row: ``(store, rows, recovered quaternions)``."""
+    the noise benchmark's trained model of the row: ``(store, rows, recovered quaternions)``. The store
+    and the recovery (``recovered.npz`` beside it) are reused by a re-run."""
     model = WORK / "noise_small" / row / "seed0" / "model.pt"
     if not model.is_file():
         raise FileNotFoundError(f"{model} is missing: run `python -m benchmarks run noise --scale small` first")
     sets = [*_sets(snr_db, ctf_shifts, n, WORKING_BOX[ctx.scale]), "simulate.splits.train=0.0"]
     sets += ["simulate.splits.val=0.0", "simulate.splits.test=1.0"]
-    store = common.simulate(
-        ctx,
-        row,
-        sets,
-        common.PAPER_5J0N,
-        path=WORK / f"refine_{ctx.scale}" / f"{row}_n{n}" / "store.zarr",
-        seed=ctx.seed + FRESH_SEED,
-    )
+    ctx.ray()
+    store = _simulate(ctx, row, sets, seed=ctx.seed + FRESH_SEED)
+    saved = Path(store.path).parent / "recovered.npz"
+    if saved.is_file():
+        rec = np.load(saved)
+        ctx.say(f"{row}: the recovery of {len(rec['rows'])} images from {saved} (an earlier run's)")
+        return store, np.asarray(rec["rows"]), np.asarray(rec["quaternions"], dtype=np.float64)
     rec = common.recover(store, model, gauge=True, seed=ctx.seed)
     outcome = rec["outcome"]
     ctx.say(f"{row}: {n} new images recovered in {rec['wall_s']:.0f} s, rot+hand {rec['registration']:.3f} rad")
-    return store, outcome.selection.rows[outcome.nodes], np.asarray(outcome.q_final, dtype=np.float64)
+    rows, q = outcome.selection.rows[outcome.nodes], np.asarray(outcome.q_final, dtype=np.float64)
+    np.savez(saved, rows=rows, quaternions=q, recover_s=rec["wall_s"])
+    return store, rows, q
 
 
 def _data(ctx: Context, row: str, snr_db, ctf_shifts: bool):
@@ -294,7 +304,7 @@ def run(ctx: Context) -> dict:
     ctx.ray()
     table, notes, curves = [], [], {}
     for row, snr_db, ctf_shifts in ROWS:
-        if not ctx.small and row not in PAPER_ROWS:
+        if not ctx.small and row not in _paper_rows():
             continue
         stack, q_true, true_shifts, truth_map, recovered, start_label = _data(ctx, row, snr_db, ctf_shifts)
         px = stack.pixel_size_A
@@ -313,7 +323,7 @@ def run(ctx: Context) -> dict:
             max_shift_px=SHIFT_FRACTION * box * 1.25 if ctf_shifts else 0.0,
             shift_step_px=0.5,
             patience=ctx.pick(2, 1),
-            local_polish_rounds=1,
+            local_polish_rounds=ctx.pick(1, 0),
             seed=ctx.seed,
             **AB_INITIO,
         )
@@ -393,7 +403,8 @@ def run(ctx: Context) -> dict:
         "every image in the test split), recovered with the noise benchmark's trained model of the row.",
         "Settings: 15° grid (5,184 orientations) subdivided to 1.9°, 8 candidates per image and level, shifts "
         "searched to 1.25× the largest simulated shift in the CTF row, at most 5 iterations, patience 2 "
-        "(small) / 1 (paper), then one round of the local refiner per half; scored on 2 Ray actors. "
+        "(small) / 1 (paper), then one round of the local refiner per half (small; none at paper scale, for time); "
+        "scored on 2 Ray actors. "
         f"ab_initio auto: {AB_INITIO['ab_initio_steps']} minibatch steps of {AB_INITIO['ab_initio_batch_size']} "
         "images, 15° grid, band 3 → 8 cycles/box, soft assignment annealed (in-process).",
         "FSC0.5 ratio = FSC0.5 resolution (against the store's true map) of the refined map over that of the "

@@ -66,7 +66,7 @@ from cryoorient_ray.errors import CryoOrientError
 
 __all__ = [
     "AB_INITIO_MODES",
-    "BAD_START_RATIO",
+    "GOOD_START_FRACTION",
     "AbInitioResult",
     "AbInitioSettings",
     "InitialModel",
@@ -398,12 +398,12 @@ def ab_initio(
 # the start of global refinement
 
 AB_INITIO_MODES = ("auto", "on", "off")
-# ``auto`` with given start orientations runs ab initio when the start's half maps' FSC area (the
-# sum of their FSC over the shells) is below this multiple of that of random orientations on the
-# same images. Measured on the noise benchmark's recoveries of 5j0n (1,650 images, 32²): 2.6–3.0×
-# at ∞, −12 dB and −12 dB with CTF and shifts (starts at 0.17–0.29 rad), 1.18× at −20 dB (a start
-# at chance, 2.0 rad).
-BAD_START_RATIO = 1.5
+# ``auto`` with given start orientations keeps them without running ab initio when their half maps'
+# FSC area (the sum of their FSC over the shells 1 … L/2, clipped at 0) is at least this fraction of
+# the shell count (a correlation high nearly to Nyquist). Measured on 5j0n at 32² (16 shells): the
+# noise benchmark's recoveries at ∞, −12 dB and −12 dB with CTF and shifts 13.3–15.8 (1,650 images),
+# 14.5 at −12 dB on 5,000; the −20 dB recovery at chance 5.5 (1,650 images), random orientations 4.6–5.3.
+GOOD_START_FRACTION = 0.75
 
 
 @dataclass
@@ -414,10 +414,11 @@ class InitialModel:
         kind: ``"given"`` (the start orientations' own half maps), ``"random"`` (the blob of random
             orientations, ab initio off) or ``"ab initio"`` (this module's map).
         reason: why, in words (for the history and the report).
-        result: the :class:`AbInitioResult` when ``kind == "ab initio"``, else None.
-        reference: ``(L, L, L)`` the ab initio map low-passed to its last band (both halves start from it).
-        start_area, random_area: the half maps' FSC area of the given start and of random
-            orientations (when measured, for ``auto``).
+        result: the :class:`AbInitioResult` when ab initio ran (also when its map lost to the start).
+        reference: ``(L, L, L)`` the ab initio map low-passed to its last band (both halves start
+            from it) when ``kind == "ab initio"``, else None.
+        start_area, ab_initio_area: the half maps' FSC area of the given start and of the ab initio
+            poses (when measured, for ``auto``).
         start_error: with the truth, the rotation + hand error of the orientations before ab initio.
     """
 
@@ -426,18 +427,19 @@ class InitialModel:
     result: AbInitioResult | None = None
     reference: np.ndarray | None = None
     start_area: float | None = None
-    random_area: float | None = None
+    ab_initio_area: float | None = None
     start_error: float | None = None
 
     def summary(self) -> dict:
         """JSON-safe description (``start``, ``start_reason`` and the ab initio phase's numbers)."""
         out: dict = {"start": self.kind, "start_reason": self.reason}
-        if self.start_area is not None:
-            out["start_fsc_area"] = self.start_area
-        if self.random_area is not None:
-            out["random_fsc_area"] = self.random_area
-        if self.start_error is not None:
-            out["start_error_rad"] = self.start_error
+        for key, value in (
+            ("start_fsc_area", self.start_area),
+            ("ab_initio_fsc_area", self.ab_initio_area),
+            ("start_error_rad", self.start_error),
+        ):
+            if value is not None:
+                out[key] = value
         if self.result is not None:
             last = self.result.history[-1]
             out["ab_initio"] = {
@@ -469,7 +471,7 @@ def initial_model(
     refine,
     *,
     start_area: float | None,
-    random_area: Callable[[], float],
+    area_of: Callable[[np.ndarray, np.ndarray | None], float],
     device: torch.device | str = "cpu",
     q_true: np.ndarray | None = None,
     q_start: np.ndarray | None = None,
@@ -479,10 +481,13 @@ def initial_model(
     Args:
         stack: the working stack.
         refine: the :class:`~cryoorient_ray.core.refinement.global_search.GlobalRefineSettings`
-            (``ab_initio``: ``"on"`` always, ``"off"`` never, ``"auto"`` from random orientations
-            and from a given start whose FSC area is below ``BAD_START_RATIO`` × ``random_area()``).
+            (``ab_initio``: ``"on"`` always, ``"off"`` never; ``"auto"`` from random orientations,
+            and from a given start unless its FSC area is at least ``GOOD_START_FRACTION`` of the
+            shells: then ab initio runs and its map is used when its poses' half maps have the
+            larger FSC area, the data's own verdict).
         start_area: the given start's half-map FSC area, None from random orientations.
-        random_area: the half-map FSC area of random orientations (called only when needed).
+        area_of: ``area_of(quaternions, shifts | None)``: the half-map FSC area of poses (the same
+            halves and mask as the start's).
         device: of the ab initio scoring.
         q_true: optional true orientations (history only).
         q_start: the orientations before ab initio (given or random; with ``q_true``: ``start_error``).
@@ -490,20 +495,22 @@ def initial_model(
     mode = refine.ab_initio
     if mode == "off":
         return InitialModel("random" if start_area is None else "given", "ab initio off")
-    rand = None
-    if mode == "on":
-        reason = "ab initio on"
-    elif start_area is None:
-        reason = "random start"
-    else:
-        rand = float(random_area())
-        if start_area >= BAD_START_RATIO * rand:
-            why = f"start FSC area {start_area:.2f} >= {BAD_START_RATIO:g} × random orientations' {rand:.2f}"
-            return InitialModel("given", why, start_area=start_area, random_area=rand)
-        reason = f"start FSC area {start_area:.2f} < {BAD_START_RATIO:g} × random orientations' {rand:.2f}"
-    res = ab_initio(stack, settings_from(refine), device=device, q_true=q_true)
-    ref = lowpass_volume(res.volume, res.band_radius)
+    shells = stack.image_size // 2
+    if mode == "auto" and start_area is not None and start_area >= GOOD_START_FRACTION * shells:
+        why = f"start FSC area {start_area:.2f} >= {GOOD_START_FRACTION:g} × {shells} shells"
+        return InitialModel("given", why, start_area=start_area)
     err = None
     if q_true is not None and q_start is not None:
         err = float(align_rotation(np.asarray(q_true, dtype=np.float64), np.asarray(q_start, dtype=np.float64)).mean)
-    return InitialModel("ab initio", reason, res, ref, start_area, rand, err)
+    res = ab_initio(stack, settings_from(refine), device=device, q_true=q_true)
+    ref = lowpass_volume(res.volume, res.band_radius)
+    if mode == "on" or start_area is None:
+        return InitialModel(
+            "ab initio", "ab initio on" if mode == "on" else "random start", res, ref, start_area, None, err
+        )
+    ab_area = float(area_of(res.quaternions, res.shifts))
+    if ab_area > start_area:
+        why = f"ab initio poses' FSC area {ab_area:.2f} > the start's {start_area:.2f}"
+        return InitialModel("ab initio", why, res, ref, start_area, ab_area, err)
+    why = f"the start's FSC area {start_area:.2f} >= the ab initio poses' {ab_area:.2f}"
+    return InitialModel("given", why, res, None, start_area, ab_area, None)

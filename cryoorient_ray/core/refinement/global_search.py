@@ -812,14 +812,13 @@ def _initial_model(work, start, settings, maps: _Maps, curve: FSCResult, device,
     """:func:`~cryoorient_ray.core.refinement.ab_initio.initial_model` with this module's half maps."""
     from cryoorient_ray.core.refinement.ab_initio import initial_model  # it imports this module
 
-    def random_area() -> float:
-        q = sample_orientations(len(work), seed=np.random.default_rng([settings.seed, 2]))
-        poses = _Poses(q=np.asarray(q, dtype=np.float64), shifts=None)
+    def area_of(q: np.ndarray, shifts: np.ndarray | None) -> float:
+        poses = _Poses(q=np.asarray(q, dtype=np.float64), shifts=shifts if settings.max_shift_px > 0 else None)
         return _fsc_area(maps.halves_and_fsc(poses)[1].fsc)
 
     area = None if start is None else _fsc_area(curve.fsc)
     return initial_model(
-        work, settings, start_area=area, random_area=random_area, device=device, q_true=q_true, q_start=q_start
+        work, settings, start_area=area, area_of=area_of, device=device, q_true=q_true, q_start=q_start
     )
 
 
@@ -901,13 +900,13 @@ def global_refine(
         poses = _start(work, start, settings, p, shifted)
         half_maps, curve = maps.halves_and_fsc(poses)
         init = _initial_model(work, start, settings, maps, curve, device, qt, poses.q)
-        if init.result is not None:  # both halves start from the ab initio map, from its poses
+        if init.kind == "ab initio":  # both halves start from the ab initio map, from its poses
             res0 = init.result
             poses = _Poses(q=res0.quaternions, shifts=res0.shifts if shifted else None)
             half_maps, curve = maps.halves_and_fsc(poses)
         if settings.start_resolution_A is not None:
             edge = lsize * work.pixel_size_A / settings.start_resolution_A
-        elif init.result is not None:
+        elif init.kind == "ab initio":
             edge = init.result.band_radius
         elif start is None:
             edge = lsize / 8
