@@ -394,6 +394,8 @@ def run(ctx: Context) -> dict:
     fig.tight_layout()
     fig.savefig(ctx.figure, dpi=110)
     plt.close(fig)
+    if not ctx.small and _paper_rows() != PAPER_ROWS:
+        notes.append(f"Rows run (REFINE_ROWS): {', '.join(_paper_rows())} of {', '.join(PAPER_ROWS)}.")
     notes += [
         f"Working box {WORKING_BOX[ctx.scale]}² (5j0n's 116² at 3.667 Å/px Fourier-cropped; the SNR is set at 116²).",
         "Small scale: a row started from the noise benchmark's recovery refines the images that recovery "
