@@ -504,6 +504,9 @@ def refine_into(cfg: RunConfig, run: RefineRun, folder: Path, progress: bool = T
             reference=reference,
             progress=callback,
         )
+    first = result.history[0] if result.history else {}
+    if "start" in first:
+        say(f"initial model: {first['start']} ({first.get('start_reason', '')})")
     return write_refine_outputs(store, run, result, curves, folder, started=t0)
 
 
