@@ -628,6 +628,13 @@ def refine(
     mode: Annotated[
         Optional[str], option(help="hard (best candidate) or soft (posterior weights).", key="refine.mode")
     ] = None,
+    ab_initio: Annotated[
+        Optional[str],
+        option(
+            help="Start from the stochastic ab initio map: on, off or auto (random starts and bad ones).",
+            key="refine.ab_initio",
+        ),
+    ] = None,
     actors: Annotated[
         Optional[int], option(help="Ray actors scoring image batches (0 = in-process).", key="refine.actors")
     ] = None,

@@ -598,6 +598,13 @@ class RefineConfig(StrictModel):
         description="protein with a point group: impose = search its asymmetric unit, maps with the group "
         "imposed; c1_then_symmetrise = search and maps in C1, the final maps symmetrised (RELION's advice)",
     )
+    ab_initio: Literal["auto", "on", "off"] = Field(
+        _GLOBAL.ab_initio,
+        description="start from the stochastic ab initio map: on, off, or auto (from random orientations; from a "
+        "given start whose half maps' FSC area is below 0.75 of the shells, when the ab initio poses' area is larger)",
+    )
+    ab_initio_steps: int = Field(_GLOBAL.ab_initio_steps, ge=1, description="minibatch steps of the ab initio phase")
+    ab_initio_batch_size: int = Field(_GLOBAL.ab_initio_batch_size, ge=2, description="images per ab initio step")
     actors: int = Field(0, ge=0, description="Ray actors scoring image batches (0 = in-process)")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpu: bool | None = Field(None, description="score on a GPU (null = when CUDA is present)")

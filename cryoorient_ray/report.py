@@ -108,10 +108,16 @@ def refine_table(out: Path) -> str:
         for h in history
     )
     start = rep.get("start", {})
+    init = rep.get("initial_model", {})
     final = rep.get("final", {})
     words = [
         f"{rep.get('projections')} projections of {html.escape(str(rep.get('protein')))}, "
         f"start: {html.escape(str(start.get('kind')))} {html.escape(str(start.get('source') or ''))}",
+        *(
+            [f"initial model: {html.escape(str(init['start']))} ({html.escape(str(init.get('start_reason', '')))})"]
+            if "start" in init
+            else []
+        ),
         f"final half-map resolution FSC0.143 {final.get('halfmap_fsc0143_A')} Å, "
         f"FSC0.5 {final.get('halfmap_fsc05_A')} Å",
     ]

@@ -191,7 +191,7 @@ def test_global_refine_repairs_starts_far_off(data):
 def test_resume_after_an_iteration_gives_the_same_poses(data, tmp_path):
     stack, q, _ = data
     start = perturb(q, 20.0, seed=8)
-    settings = GlobalRefineSettings(**COARSE, iterations=2, patience=5, local_polish_rounds=0)
+    settings = GlobalRefineSettings(**COARSE, iterations=2, patience=5, local_polish_rounds=0, ab_initio="off")
     saved = tmp_path / "state.npz"
 
     def save_first(state, entry):
@@ -230,7 +230,8 @@ def test_soft_mode_and_weighted_reconstruction(data):
 
 def test_random_start_and_bad_settings(data):
     stack, q, _ = data
-    res = global_refine(stack, None, GlobalRefineSettings(**COARSE, iterations=1, local_polish_rounds=0), q_true=q)
+    off = GlobalRefineSettings(**COARSE, iterations=1, local_polish_rounds=0, ab_initio="off")
+    res = global_refine(stack, None, off, q_true=q)
     assert res.history[0]["error_rad"] > 1.0  # random orientations: the control
     assert np.isfinite(res.history[1]["resolution_0143_A"])
     for bad in (

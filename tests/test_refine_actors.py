@@ -27,7 +27,12 @@ def test_actors_give_the_same_poses_as_in_process(ray_local):
     stack = ParticleStack(images, ctf=ctf, pixel_size_A=VOXEL)
     start, _ = far_off_start(q, seed=4)
     settings = GlobalRefineSettings(
-        **{**COARSE, "batch_size": 32}, iterations=2, patience=3, max_shift_px=1.5, local_polish_rounds=0
+        **{**COARSE, "batch_size": 32},
+        iterations=2,
+        patience=3,
+        max_shift_px=1.5,
+        local_polish_rounds=0,
+        ab_initio="off",  # the ab initio phase runs in-process either way; this compares the search
     )
     here = global_refine(stack, start, settings)
     scorer = RayScorer(n_actors=2)

@@ -139,6 +139,7 @@ def test_refine_from_random_orientations_is_the_control(store_path, tmp_path):
     _ok(runner.invoke(app, ["refine", store_path, "random", "--iterations", "1", "-o", str(out), *SMALL]))
     rep = json.loads((out / "refined.json").read_text())
     assert rep["start"]["kind"] == "random" and rep["projections"] == P
+    assert rep["initial_model"]["start"] == "ab initio" and rep["final"]["initial_model"] == "ab initio"
     # random orientations are about as far from the truth as orientations can be (≈ 2 rad after rotation + hand)
     assert rep["errors"]["start_registration"] > 1.5
     for name in ("map.mrc", "refined.star", "fsc_iterations.png"):

@@ -501,6 +501,9 @@ def refine_into(cfg: RunConfig, run: RefineRun, folder: Path, progress: bool = T
             reference=reference,
             progress=callback,
         )
+    first = result.history[0] if result.history else {}
+    if "start" in first:
+        say(f"initial model: {first['start']} ({first.get('start_reason', '')})")
     return write_refine_outputs(store, run, result, curves, folder, started=t0)
 
 
@@ -516,8 +519,11 @@ def final_errors(start: RefineStart, q: np.ndarray, history: list[dict], seed: i
         before = orientation_errors(start.q_true, start.quaternions, start.symmetry, seed=seed)
         out["start_e_or_o4"] = before["e_or_o4"]
         out["start_registration"] = before["registration"]
-    elif history and history[0].get("iteration") == 0 and history[0].get("error_rad") is not None:
-        out["start_registration"] = float(history[0]["error_rad"])
+    elif history and history[0].get("iteration") == 0:
+        first = history[0]  # the random orientations' error (before the ab initio phase, when it ran)
+        err = first.get("start_error_rad", first.get("error_rad"))
+        if err is not None:
+            out["start_registration"] = float(err)
     return out
 
 
@@ -568,6 +574,7 @@ def write_refine_outputs(
         "start": start.kind,
         "symmetry": run.settings.symmetry,
         "iterations": int(result.state.iteration),
+        "initial_model": history[0].get("start") if history else None,
         "halfmap_fsc0143_A": _res(result.fsc.resolution_0143),
         "halfmap_fsc05_A": _res(result.fsc.resolution_05),
     }
@@ -585,6 +592,9 @@ def write_refine_outputs(
         "protein": start.protein_name,
         "projections": int(len(start.rows)),
         "start": {"kind": start.kind, "source": start.source},
+        "initial_model": {
+            k: history[0][k] for k in ("start", "start_reason", "ab_initio") if history and k in history[0]
+        },
         "settings": dataclasses.asdict(run.settings),
         "history": history,
         "final": {k: v for k, v in metrics.items() if k not in ("projections", "start")},

@@ -9,9 +9,11 @@ iteration, coarse to fine, as cryoSPARC, RELION's auto-refine and cryoDRGN's pos
    only against its own half map and reconstructed only from its own orientations; the halves
    share only the band (from the FSC between them, as in RELION), so that FSC is an honest
    (gold-standard) resolution. From given start orientations each half starts from its own half
-   map; from random ones (ab initio) both start from the same blob, the map of all images at the
-   random orientations scored on the lowest band only (RELION's common initial model: two
-   independent blobs would settle in two gauges).
+   map; from random ones both start from one common map (RELION's common initial model: two
+   independent blobs would settle in two gauges): with ``ab_initio`` ``auto``/``on`` the stochastic
+   ab initio map of :mod:`~cryoorient_ray.core.refinement.ab_initio` low-passed to its last band
+   (also for a given start whose half maps are no better than random orientations', ``auto``),
+   with ``off`` the blob of all images at the random orientations, scored on the lowest band.
 2. **The band.** The reference's Fourier coefficients are weighted by
    ``w(s) = sqrt(2 FSC(s) / (1 + FSC(s)))`` of the half maps (Rosenthal & Henderson's ``C_ref``) up
    to the band's edge and by 0 beyond. The first band is ``start_resolution_A`` (default: a quarter
@@ -164,6 +166,12 @@ class GlobalRefineSettings:
             and every map is reconstructed with the group imposed; ``"c1_then_symmetrise"``
             (RELION's advice): the search and the maps in C1, the final maps symmetrised
             (:func:`~cryoorient_ray.core.reconstruction.symmetrise.symmetrise_volume`).
+        ab_initio: ``"auto"``, ``"on"`` or ``"off"``: start from the stochastic ab initio map of
+            :mod:`~cryoorient_ray.core.refinement.ab_initio` (``auto``: from random orientations, and
+            from a given start whose half maps' FSC area is below
+            :data:`~cryoorient_ray.core.refinement.ab_initio.GOOD_START_FRACTION` of the shells, when
+            the ab initio poses' area is larger).
+        ab_initio_steps, ab_initio_batch_size: the ab initio phase's minibatch steps and images per step.
     """
 
     iterations: int = 8
@@ -183,6 +191,9 @@ class GlobalRefineSettings:
     device: str = "auto"
     symmetry: str = "C1"
     symmetry_mode: str = "impose"
+    ab_initio: str = "auto"
+    ab_initio_steps: int = 60
+    ab_initio_batch_size: int = 300
 
     def checked(self) -> GlobalRefineSettings:
         """The settings, checked (CryoOrientError naming the first bad field)."""
@@ -192,6 +203,10 @@ class GlobalRefineSettings:
         _int_field(self.local_polish_rounds, "local_polish_rounds", 0)
         _int_field(self.batch_size, "batch_size", 1)
         _int_field(self.seed, "seed", 0)
+        _int_field(self.ab_initio_steps, "ab_initio_steps", 1)
+        _int_field(self.ab_initio_batch_size, "ab_initio_batch_size", 2)
+        if self.ab_initio not in ("auto", "on", "off"):
+            raise CryoOrientError(f"ab_initio must be one of auto, on, off; got {self.ab_initio!r}")
         for name in ("start_deg", "final_deg"):
             v = getattr(self, name)
             if not _number(v) or not 0 < v <= 90:
@@ -844,6 +859,20 @@ def _start(work, start, settings, p, shifted) -> _Poses:
     return _Poses(q=np.asarray(quat_canonicalize(q0), dtype=np.float64), shifts=np.zeros((p, 2)) if shifted else None)
 
 
+def _initial_model(work, start, settings, maps: _Maps, curve: FSCResult, device, q_true, q_start):
+    """:func:`~cryoorient_ray.core.refinement.ab_initio.initial_model` with this module's half maps."""
+    from cryoorient_ray.core.refinement.ab_initio import initial_model  # it imports this module
+
+    def area_of(q: np.ndarray, shifts: np.ndarray | None) -> float:
+        poses = _Poses(q=np.asarray(q, dtype=np.float64), shifts=shifts if settings.max_shift_px > 0 else None)
+        return _fsc_area(maps.halves_and_fsc(poses)[1].fsc)
+
+    area = None if start is None else _fsc_area(curve.fsc)
+    return initial_model(
+        work, settings, start_area=area, area_of=area_of, device=device, q_true=q_true, q_start=q_start
+    )
+
+
 def _polish(maps: _Maps, poses: _Poses, half_maps, settings: GlobalRefineSettings, step_deg: float) -> _Poses:
     """``local_polish_rounds`` of the local refiner on each half against that half's map."""
     q = poses.q.copy()
@@ -921,8 +950,15 @@ def global_refine(
     else:
         poses = _start(work, start, settings, p, shifted)
         half_maps, curve = maps.halves_and_fsc(poses)
+        init = _initial_model(work, start, settings, maps, curve, device, qt, poses.q)
+        if init.kind == "ab initio":  # both halves start from the ab initio map, from its poses
+            res0 = init.result
+            poses = _Poses(q=res0.quaternions, shifts=res0.shifts if shifted else None)
+            half_maps, curve = maps.halves_and_fsc(poses)
         if settings.start_resolution_A is not None:
             edge = lsize * work.pixel_size_A / settings.start_resolution_A
+        elif init.kind == "ab initio":
+            edge = init.result.band_radius
         elif start is None:
             edge = lsize / 8
         else:
@@ -934,11 +970,12 @@ def global_refine(
             shifts=poses.shifts,
             halves=halves,
             band_A=resolution_of(edge),
-            best_fsc_A=math.inf if start is None else curve.resolution_0143,
-            best_fsc_area=0.0 if start is None else _fsc_area(curve.fsc),
+            best_fsc_A=math.inf if init.kind != "given" else curve.resolution_0143,
+            best_fsc_area=0.0 if init.kind != "given" else _fsc_area(curve.fsc),
         )
         entry0 = {
             "iteration": 0,
+            **init.summary(),
             "band_A": state.band_A,
             "resolution_0143_A": curve.resolution_0143,
             "resolution_05_A": curve.resolution_05,
@@ -946,7 +983,10 @@ def global_refine(
             "seconds": time.perf_counter() - t_start,
         }
         state.history.append(entry0)
-        if start is None:
+        if init.reference is not None:
+            ab_map = torch.from_numpy(init.reference) * maps.mask
+            refs = [ab_map, ab_map]
+        elif start is None:
             # From random orientations both halves start from the same blob (RELION's common initial
             # model), else each would settle in its own gauge and the half maps could not be compared.
             full0 = maps.full(poses)
