@@ -116,12 +116,21 @@ def _carry_over(ctx: Context, table: list[dict], notes: list[str]) -> list[dict]
     old = json.loads(path.read_text())
     done = {r["row"] for r in table}
     kept = [r for r in old["tables"][0]["rows"] if r["row"] not in done and r["row"] in PAPER_ROWS]
-    if kept:
-        names = ", ".join(sorted({r["row"] for r in kept}))
+    earlier = {}  # rows that run had itself carried over: their own notes go on
+    for note in old.get("notes", []):
+        if note.startswith("Rows ") and "carried over from the run of" in note:
+            for name in note[len("Rows ") :].split(":", 1)[0].split(", "):
+                earlier[name] = note
+    fresh = sorted({r["row"] for r in kept if r["row"] not in earlier})
+    if fresh:
         notes.append(
-            f"Rows {names}: carried over from the run of {old.get('date')} (load average "
+            f"Rows {', '.join(fresh)}: carried over from the run of {old.get('date')} (load average "
             f"{old.get('load_average')}, {old.get('wall_s')} s for the rows it ran), not run again here."
         )
+    for note in dict.fromkeys(earlier[r["row"]] for r in kept if r["row"] in earlier):
+        names = [n for n in note[len("Rows ") :].split(":", 1)[0].split(", ") if n not in done]
+        if names:
+            notes.append(f"Rows {', '.join(names)}:" + note.split(":", 1)[1])
     order = {name: k for k, name in enumerate(PAPER_ROWS)}
     return sorted(table + kept, key=lambda r: order[r["row"]])  # stable: each row's starts keep their order
 
