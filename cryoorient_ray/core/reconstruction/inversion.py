@@ -65,11 +65,13 @@ from cryoorient_ray.errors import CryoOrientError
 
 __all__ = [
     "METHODS",
+    "fourier_sums",
     "half_maps",
     "reconstruct",
     "reconstruct_astra",
     "reconstruct_cg",
     "reconstruct_fourier",
+    "volume_from_sums",
 ]
 
 METHODS = ("auto", "fourier", "cg", "astra")
@@ -212,11 +214,14 @@ def _crop_centre(vol: torch.Tensor, d: int) -> torch.Tensor:
 
 
 class _HalfPlane:
-    """The rfft half-plane points of an ``N × N`` image inside the Nyquist circle ``|k| ≤ N/2``."""
+    """The rfft half-plane points of an ``N × N`` image inside the Nyquist circle ``|k| ≤ N/2``
+    (and within ``radius`` when given)."""
 
-    def __init__(self, n: int, dtype, device) -> None:
+    def __init__(self, n: int, dtype, device, radius: float | None = None) -> None:
         gy, gx = index_grid_2d(n, device=device)  # rows 0, 1, …, -1; columns 0 … N//2
         keep = (gx * gx + gy * gy) <= (n / 2) ** 2
+        if radius is not None:  # only the points within radius (padded grid units) of the origin
+            keep &= (gx * gx + gy * gy) <= float(radius) ** 2
         self.flat = torch.nonzero(keep.reshape(-1)).squeeze(1)  # into the (N, N//2+1) grid
         self.kx = gx.reshape(-1)[self.flat].to(dtype)
         self.ky = gy.reshape(-1)[self.flat].to(dtype)
@@ -292,12 +297,14 @@ def _backproject(
     sym: torch.Tensor | None,
     batch_size: int,
     image_weights: torch.Tensor | None = None,
+    radius: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulated ``Σ w c P`` (complex) and ``Σ w c²`` on the centred ``N³`` grid, mates included
-    (each image's terms times its ``image_weights`` entry when given)."""
+    (each image's terms times its ``image_weights`` entry when given; only the frequencies within
+    ``radius`` padded-grid units when given)."""
     dtype, device = imgs.dtype, imgs.device
     cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-    plane = _HalfPlane(n, dtype, device)
+    plane = _HalfPlane(n, dtype, device, radius)
     n_sym = 1 if sym is None else sym.shape[0]
     chunk = max(1, min(batch_size, _INSERT_POINTS_PER_CHUNK // (8 * plane.size * n_sym)))
     m = n + 2
@@ -385,25 +392,67 @@ def reconstruct_fourier(
     stack = as_particle_stack(stack)
     oversampling = _int_option(oversampling, "oversampling")
     wiener = _float_option(wiener, "wiener")
+    data, weight, was_np = _sums(stack, rotmats, ctf_grid, oversampling, symmetry, batch_size, device, weights, None)
+    d = stack.image_size
+    with torch.no_grad():
+        vol = volume_from_sums(data, weight, wiener, d)
+        if mask_radius is not None:
+            vol = vol * torch.from_numpy(soft_mask(d, mask_radius, mask_width)).to(device=vol.device, dtype=vol.dtype)
+    return to_output(vol, was_np)
+
+
+def _sums(stack, rotmats, ctf_grid, oversampling, symmetry, batch_size, device, weights, radius):
+    """:func:`fourier_sums` of an already converted stack, and whether its images were numpy."""
+    oversampling = _int_option(oversampling, "oversampling")
     imgs, r, t, was_np = _inputs(stack, rotmats, device)
     dtype, dev = imgs.dtype, imgs.device
     if batch_size is None:
         batch_size = 64 if dev.type == "cpu" else 1024
     batch_size = _int_option(batch_size, "batch_size")
-    d = imgs.shape[1]
-    n = oversampling * d
+    n = oversampling * imgs.shape[1]
     ctf_fn = _ctf_source(stack, ctf_grid, n, dtype, dev)
     sym = _symmetry_rotmats(symmetry, dtype, dev)
     with torch.no_grad():
         iw = _image_weights(weights, imgs.shape[0], dtype, dev)
-        data, weight = _backproject(imgs, r, t, ctf_fn, n, sym, batch_size, iw)
+        data, weight = _backproject(imgs, r, t, ctf_fn, n, sym, batch_size, iw, radius)
+    return data, weight, was_np
+
+
+def fourier_sums(
+    stack: ParticleStack | ArrayLike,
+    rotmats: ArrayLike,
+    *,
+    ctf_grid: ArrayLike | None = None,
+    oversampling: int = 2,
+    symmetry: str | None = None,
+    batch_size: int | None = None,
+    device=None,
+    weights: ArrayLike | None = None,
+    radius: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inserted sums of :func:`reconstruct_fourier` before the division: ``Σ w c P`` (complex)
+    and ``Σ w c²`` on the centred padded ``N³`` grid (``N = oversampling · L``), mates included,
+    for callers that accumulate them across batches (an online map; :func:`volume_from_sums` turns
+    them into a volume). Arguments as :func:`reconstruct_fourier`'s; ``radius``: insert only the
+    frequencies within this many padded-grid units of the origin (the sums are those of the full
+    insertion there, 0 beyond).
+    """
+    data, weight, _ = _sums(
+        as_particle_stack(stack), rotmats, ctf_grid, oversampling, symmetry, batch_size, device, weights, radius
+    )
+    return data, weight
+
+
+def volume_from_sums(data: torch.Tensor, weight: torch.Tensor, wiener: float, size: int) -> torch.Tensor:
+    """The ``(L, L, L)`` volume (``L = size``) of :func:`fourier_sums`' sums: their Wiener ratio
+    ``data / (weight + wiener)`` (``wiener`` 0: ``data / weight`` where there is weight, else 0),
+    inverse transformed, gridding-corrected and cropped from the padded grid."""
+    n = data.shape[0]
+    with torch.no_grad():
         ft = data / (weight + wiener) if wiener > 0 else torch.where(weight > 0, data / weight, torch.zeros_like(data))
         vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(ft))).real
-        vol = vol / gridding_correction_3d(n, "linear", dtype, dev)
-        vol = _crop_centre(vol, d).contiguous()
-        if mask_radius is not None:
-            vol = vol * torch.from_numpy(soft_mask(d, mask_radius, mask_width)).to(device=dev, dtype=dtype)
-    return to_output(vol, was_np)
+        vol = vol / gridding_correction_3d(n, "linear", vol.dtype, vol.device)
+        return _crop_centre(vol, size).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,19 +46,9 @@ import torch
 from cryoorient_ray.core.geometry.grids import grid_level_for_step
 from cryoorient_ray.core.geometry.quaternion import quat_canonicalize, unitquat_to_rotmat
 from cryoorient_ray.core.geometry.sampling import sample_orientations
-from cryoorient_ray.core.imaging.fourier import gridding_correction_3d, phase_ramp
 from cryoorient_ray.core.imaging.particles import ParticleStack
 from cryoorient_ray.core.reconstruction.fsc import soft_mask
-from cryoorient_ray.core.reconstruction.inversion import (
-    _add_hermitian_mates,
-    _crop_centre,
-    _ctf_source,
-    _fold,
-    _HalfPlane,
-    _inputs,
-    _insert,
-    _pad_images,
-)
+from cryoorient_ray.core.reconstruction.inversion import fourier_sums, volume_from_sums
 from cryoorient_ray.core.recovery.align import align_rotation
 from cryoorient_ray.core.refinement.global_search import ImageBatch, SearchPlan, prepare_references, search_batch
 from cryoorient_ray.core.refinement.matching import SliceMatcher
@@ -199,7 +189,6 @@ class _RunningMap:
     def __init__(self, stack: ParticleStack, settings: AbInitioSettings) -> None:
         self.stack = stack
         self.lsize = stack.image_size
-        self.n = _OVERSAMPLING * self.lsize
         self.wiener = settings.wiener
         self.decay = settings.decay
         radius = self.lsize / 2 - 4 if settings.mask_radius is None else settings.mask_radius
@@ -216,11 +205,14 @@ class _RunningMap:
         if shifts is not None:
             part = dataclasses.replace(part, shifts=torch.from_numpy(shifts.astype(np.float32)))
         rot = unitquat_to_rotmat(torch.from_numpy(np.asarray(quats, dtype=np.float64))).float()
-        imgs, r, t, _ = _inputs(part, rot)
-        ctf_fn = _ctf_source(part, None, self.n, imgs.dtype, imgs.device)
-        iw = torch.from_numpy(np.asarray(weights, dtype=np.float32))
-        with torch.no_grad():
-            data, weight = _backproject_band(imgs, r, t, ctf_fn, self.n, iw, _OVERSAMPLING * (edge + _INSERT_MARGIN))
+        data, weight = fourier_sums(
+            part,
+            rot,
+            oversampling=_OVERSAMPLING,
+            batch_size=_INSERT_CHUNK,
+            weights=np.asarray(weights, dtype=np.float32),
+            radius=_OVERSAMPLING * (edge + _INSERT_MARGIN),
+        )
         if self.data is None:
             self.data, self.weight = data, weight
         else:
@@ -229,39 +221,7 @@ class _RunningMap:
 
     def volume(self) -> torch.Tensor:
         """The masked map ``(L, L, L)`` of the running sums (Wiener ratio, gridding-corrected)."""
-        with torch.no_grad():
-            ft = self.data / (self.weight + self.wiener)
-            vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(ft))).real
-            vol = vol / gridding_correction_3d(self.n, "linear", vol.dtype, vol.device)
-            return _crop_centre(vol, self.lsize).contiguous().float() * self.mask
-
-
-def _backproject_band(imgs, r, t, ctf_fn, n: int, weights: torch.Tensor, radius: float):
-    """``Σ w c P`` and ``Σ w c²`` on the centred ``n³`` grid, mates included, as
-    :func:`~cryoorient_ray.core.reconstruction.inversion.reconstruct_fourier`'s insertion but only for
-    the rfft points within ``radius`` (padded grid units)."""
-    plane = _HalfPlane(n, imgs.dtype, imgs.device)
-    keep = plane.kx**2 + plane.ky**2 <= radius**2
-    plane.flat, plane.kx, plane.ky, plane.half = plane.flat[keep], plane.kx[keep], plane.ky[keep], plane.half[keep]
-    plane.size = int(keep.sum())
-    m = n + 2
-    data = torch.zeros(m**3, dtype=torch.complex64, device=imgs.device)
-    weight = torch.zeros(m**3, dtype=imgs.dtype, device=imgs.device)
-    for start in range(0, imgs.shape[0], _INSERT_CHUNK):
-        stop = min(imgs.shape[0], start + _INSERT_CHUNK)
-        ft = torch.fft.rfft2(_pad_images(imgs[start:stop], n)).reshape(stop - start, -1)[:, plane.flat]
-        if t is not None:
-            ft = ft * phase_ramp(t[start:stop], plane.kx / n, plane.ky / n, sign=1.0)
-        if ctf_fn is None:
-            ctf2 = plane.half.expand(stop - start, -1)
-        else:
-            c = ctf_fn(torch.arange(start, stop)).reshape(stop - start, -1)[:, plane.flat]
-            ft, ctf2 = ft * c, c * c * plane.half
-        iw = weights[start:stop, None]
-        _insert(data, weight, ft * plane.half * iw, ctf2 * iw, r[start:stop], plane, n)
-    data = _add_hermitian_mates(_fold(data.reshape(m, m, m), n), conj=True)
-    weight = _add_hermitian_mates(_fold(weight.reshape(m, m, m), n), conj=False)
-    return data, weight
+        return volume_from_sums(self.data, self.weight, self.wiener, self.lsize).float() * self.mask
 
 
 def lowpass_volume(volume: np.ndarray, edge: float, width: float = 2.0) -> np.ndarray:
