@@ -200,27 +200,17 @@ class ProjectionStore:
             has_clean=bool(clean),
         )
         group = zarr.open_group(str(path), mode="w-", zarr_format=3, storage_options=_storage_options(path))
-        group.create_array(
-            "images",
-            shape=(n_samples, image_size, image_size),
-            chunks=(1, image_size, image_size),
-            shards=(shard_size, image_size, image_size),
-            dtype="float32",
-            fill_value=0.0,
-        )
-        group.create_array("noise_variance", shape=(n_samples,), chunks=(shard_size,), dtype="float32", fill_value=0.0)
-        if clean:
+        # the noisy images and, with clean, the clean projections: each a stack and a per-image variance
+        for images, variance in [("images", "noise_variance")] + ([("clean", "clean_variance")] if clean else []):
             group.create_array(
-                "clean",
+                images,
                 shape=(n_samples, image_size, image_size),
                 chunks=(1, image_size, image_size),
                 shards=(shard_size, image_size, image_size),
                 dtype="float32",
                 fill_value=0.0,
             )
-            group.create_array(
-                "clean_variance", shape=(n_samples,), chunks=(shard_size,), dtype="float32", fill_value=0.0
-            )
+            group.create_array(variance, shape=(n_samples,), chunks=(shard_size,), dtype="float32", fill_value=0.0)
         for name, (trail, dtype, fill) in METADATA_ARRAYS.items():
             group.create_array(
                 name, shape=(n_samples, *trail), chunks=(shard_size, *trail), dtype=dtype, fill_value=fill
