@@ -26,12 +26,12 @@ from cryoorient_ray.core.refinement.ab_initio import (
 )
 from cryoorient_ray.core.refinement.global_search import GlobalRefineSettings, GlobalRefineState, global_refine
 from cryoorient_ray.errors import CryoOrientError
+from tests.test_global_search import COARSE
 from tests.test_refine import VOXEL, make_data, perturb
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAST = {"steps": 40, "batch_size": 150}
-COARSE = {"start_deg": 15.0, "final_deg": 3.75, "keep": 4, "batch_size": 128}
 
 
 @pytest.fixture(scope="module")

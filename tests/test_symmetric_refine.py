@@ -37,11 +37,10 @@ from cryoorient_ray.core.refinement.global_search import GlobalRefineSettings, _
 from cryoorient_ray.errors import CryoOrientError
 from cryoorient_ray.io.files import atomic_savez
 from tests.helpers import make_projection_store
+from tests.test_global_search import COARSE
 from tests.test_refine import BOX, VOXEL, perturb
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-COARSE = {"start_deg": 15.0, "final_deg": 3.75, "keep": 4, "batch_size": 128}
 
 
 def _nearest_mate_distance(probe: np.ndarray, q: np.ndarray, symmetry: str) -> np.ndarray:
