@@ -152,8 +152,7 @@ def store_preprocess(
         if not flip:
             return None
         return Preprocess(store.image_size, store.pixel_size, True, "none", None, None)
-    rng = np.random.default_rng([seed, 8191])
-    pick = np.sort(rng.choice(rows, size=min(len(rows), PREPROCESS_SAMPLE), replace=False))
+    pick = _preprocess_sample(rows, seed)
     gen = torch.Generator().manual_seed(seed * 8191 + 1)
     if store.has_clean or store.images_are_clean:
         clean, clean_var = (torch.from_numpy(np.asarray(a)) for a in store.read_clean(pick))
@@ -181,8 +180,19 @@ def store_preprocess(
         noise_var = float(np.mean(meta["noise_variance"])) * float(store.acquisition["noise_variance_to_working"])
     if flip:
         signal = phase_flip(signal, store.pixel_size, ctf)
-    target = snr if not isinstance(snr, (tuple, list)) else float(np.mean(snr))
+    target = _target_snr(snr)
     return estimate_preprocess(signal, noise_var, store.pixel_size, pre.filter, flip, snr_db=target, noisy=noisy)
+
+
+def _preprocess_sample(rows: np.ndarray, seed: int) -> np.ndarray:
+    """The (sorted) rows, at most :data:`PREPROCESS_SAMPLE`, a preprocessing is estimated from."""
+    rng = np.random.default_rng([seed, 8191])
+    return np.sort(rng.choice(rows, size=min(len(rows), PREPROCESS_SAMPLE), replace=False))
+
+
+def _target_snr(snr) -> float | None:
+    """The SNR (dB) a preprocessing records: the training SNR, or the middle of its range."""
+    return snr if not isinstance(snr, (tuple, list)) else float(np.mean(snr))
 
 
 def _ctf_wiener(store: ProjectionStore, rows: np.ndarray, corruption, snr, seed: int) -> Preprocess:
@@ -193,8 +203,7 @@ def _ctf_wiener(store: ProjectionStore, rows: np.ndarray, corruption, snr, seed:
             "train.preprocess.ctf_correction wiener needs the clean projections; this store has none "
             "(simulate it again, or use ctf_correction: flip)"
         )
-    rng = np.random.default_rng([seed, 8191])
-    pick = np.sort(rng.choice(rows, size=min(len(rows), PREPROCESS_SAMPLE), replace=False))
+    pick = _preprocess_sample(rows, seed)
     clean, clean_var = (torch.from_numpy(np.asarray(a)) for a in store.read_clean(pick))
     noise_var = 0.0
     if snr is not None:
@@ -206,7 +215,7 @@ def _ctf_wiener(store: ProjectionStore, rows: np.ndarray, corruption, snr, seed:
             meta = store.read_metadata(pick, names=["defocus_u", "defocus_v", "defocus_angle"])
             out = corruption.apply(clean, clean_var, 1.0, gen, ctf=store.ctf_parameters(meta))
             noise_var = float(out.noise_variance_working.mean())
-    target = snr if not isinstance(snr, (tuple, list)) else float(np.mean(snr))
+    target = _target_snr(snr)
     return estimate_ctf_wiener(clean, noise_var, store.pixel_size, snr_db=target)
 
 
