@@ -47,6 +47,7 @@ SUITE = (
     "scaling",
     "throughput",
     "refine",
+    "unseen",
 )
 
 

@@ -267,6 +267,13 @@ def run(
     seed: SeedOption = None,
     sets: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Re-run every stage, even those already done.")] = False,
+    model: Annotated[
+        Optional[str],
+        option(
+            help="Recover with this model.pt or 'pretrained' (the shipped general distance) instead of training one.",
+            key="recover.model",
+        ),
+    ] = None,
     address: AddressOption = None,
     progress: ProgressOption = True,
 ) -> None:
@@ -505,7 +512,12 @@ def recover(
     store: Annotated[str, store_argument("Projection store (simulated or imported with import-star).")],
     config: Annotated[Optional[Path], config_option("YAML run config (recover section).")] = None,
     model: Annotated[
-        Optional[Path], option(help="Trained model.pt (the learned distance).", key="recover.model")
+        Optional[str],
+        option(
+            help="Trained model.pt, or 'pretrained' (the shipped general distance; the default when the output "
+            "folder holds no model.pt).",
+            key="recover.model",
+        ),
     ] = None,
     euclidean: Annotated[bool, typer.Option("--euclidean", help="Use the Euclidean baseline ‖p_i − p_j‖.")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="Use the true distances d_q (experiment).")] = False,

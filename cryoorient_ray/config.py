@@ -81,6 +81,9 @@ class InputSpec(StrictModel):
     name: str | None = Field(None, description="name in the store (default: from the source)")
     symmetry: str | None = Field(None, description="point group (default: orientations.symmetry)")
     heldout: bool = Field(False, description="hold this protein out of training (tests generalisation)")
+    n_per_map: int | None = Field(
+        None, ge=1, description="projections of each map of this source (default: simulate.n_per_map)"
+    )
 
     @field_validator("symmetry")
     @classmethod
@@ -492,7 +495,11 @@ class RecoverConfig(SolverConfig):
     estimator: Literal["model", "euclidean", "exact"] = Field(
         "model", description="model: the trained distance; euclidean: the baseline; exact: true d_q (experiments)"
     )
-    model: str | None = Field(None, description="trained model file (default: the run's model.pt)")
+    model: str | None = Field(
+        None,
+        description="trained model file, or pretrained[:NAME] (a shipped general distance, docs/MODEL_CARD.md); "
+        "set, `cryoorient run` trains nothing; null = the run's model.pt, else (none trained) pretrained",
+    )
     perturb_sigma2: float = Field(0.0, ge=0, description="with exact: add Gaussian noise of this variance (rad²)")
     split: Literal["train", "val", "test"] = "test"
     protein: str | None = Field(None, description="protein name or index in the store (default: the first)")

@@ -130,6 +130,17 @@ def headline(results: list[StageResult]) -> dict[str, str]:
     return lines
 
 
+def _check_model(cfg: RunConfig) -> None:
+    """Before anything runs: a given ``recover.model`` (a file or ``pretrained[:NAME]``) exists."""
+    from cryoorient_ray.errors import CryoOrientError
+    from cryoorient_ray.pretrained import resolve_model_path
+
+    if cfg.recover.estimator == "model" and cfg.recover.model is not None:
+        path = resolve_model_path(cfg.recover.model)
+        if not Path(path).is_file():
+            raise CryoOrientError(f"model file not found: {path} (recover.model)")
+
+
 def run_pipeline(
     cfg: RunConfig,
     out_dir: str | os.PathLike | None = None,
@@ -148,6 +159,7 @@ def run_pipeline(
     check_ray_address(cfg)
     check_simulate(cfg, output_dir_for(cfg, out_dir))  # before config.yaml is (re)written
     check_refine(cfg)
+    _check_model(cfg)
     out = prepare_output_dir(cfg, out_dir, argv)
     if force:  # re-run refine from its start, not from its saved iterations
         shutil.rmtree(out / RUN_FOLDER / STATE_DIR, ignore_errors=True)
@@ -165,6 +177,9 @@ def run_pipeline(
             continue
         if name == "refine" and not cfg.refine.enabled:
             log.info("stage refine: off (refine.enabled false), skipping")
+            continue
+        if name == "train" and cfg.recover.model is not None and cfg.recover.estimator == "model":
+            log.info("stage train: recover.model is %s, nothing to train, skipping", cfg.recover.model)
             continue
         key = stage_key(cfg, name)
         cached = None if force else _cached_stage(out, name, key)

@@ -251,6 +251,11 @@ def test_model_trained_elsewhere_is_named(tmp_path):
     store.update_manifest(config={"noise": {"snr_db": -12.0}})
     assert "SNR noiseless, not -12 dB" in training_mismatch({"image_size": 8, "snr_db": [None]}, store)
     assert training_mismatch({"image_size": 8, "snr_db": [-12.0, 0.0]}, store) is None
+    # fresh noise: the range the model was trained at counts, not its store's SNR
+    fresh = {"image_size": 8, "snr_db": [-12.0], "fresh_noise": {"snr_db": [-3.0, 0.0]}}
+    assert "SNR -12 dB, not" not in (training_mismatch(fresh, store) or "") and "SNR" in training_mismatch(fresh, store)
+    fresh["fresh_noise"]["snr_db"] = [-15.0, 0.0]
+    assert training_mismatch(fresh, store) is None
 
 
 # ----------------------------------------------------------------------------- with Ray

@@ -320,3 +320,33 @@ def test_bad_acquisition_is_one_line_and_exit_1(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "acquisition.image_size 16 is smaller" in lines[0], result.stderr
     assert not out.exists()
+
+
+def test_each_input_can_have_its_own_number_of_projections(ray_local, tmp_path):
+    """inputs[k].n_per_map: a pseudo range of 2 maps × 3 and one map × 7 is 13 rows, each protein's
+    rows contiguous where the manifest says, with the same orientations a store of that map alone gets."""
+    from cryoorient_ray.config import InputSpec
+    from cryoorient_ray.distributed.cluster import _n_projections
+    from cryoorient_ray.distributed.simulate_tasks import simulate_store
+
+    base = [
+        "simulate.n_per_map=3",
+        "simulate.image_size=32",
+        "simulate.voxel_size=6",
+        "simulate.shard_size=4",
+        "simulate.backend=torch",
+    ]
+    cfg = load_config(None, None, base)
+    cfg.simulate.inputs = ["pseudo:1-2", InputSpec(source="pseudo:5", n_per_map=7)]
+    assert _n_projections(cfg) == 13
+    store = simulate_store(cfg.simulate, 0, tmp_path / "a.zarr", progress=False)
+    assert store.n_samples == 13
+    proteins = store.manifest["proteins"]
+    assert [(p["name"], p["start"], p["count"]) for p in proteins] == [
+        ("pseudo_1", 0, 3),
+        ("pseudo_2", 3, 3),
+        ("pseudo_5", 6, 7),
+    ]
+    meta = store.read_metadata()
+    assert np.bincount(meta["protein"]).tolist() == [3, 3, 7]
+    assert (meta["protein"][6:] == 2).all()

@@ -112,8 +112,16 @@ def _fit(nodes: list[NodeInfo], units: int, per_unit: dict[str, float]) -> tuple
     )
 
 
-def _n_inputs(cfg: RunConfig) -> int:
-    return max(1, len(cfg.simulate.inputs))
+def _n_projections(cfg: RunConfig) -> int:
+    """Projections the simulation writes (a folder counts as one map: an estimate)."""
+    from cryoorient_ray.config import InputSpec
+    from cryoorient_ray.io.maps import pseudo_range
+
+    sim, n = cfg.simulate, 0
+    for item in sim.inputs:
+        spec = item if isinstance(item, InputSpec) else InputSpec(source=item)
+        n += (spec.n_per_map or sim.n_per_map) * len(pseudo_range(spec.source) or [spec.source])
+    return max(1, n)
 
 
 def plan_stages(cfg: RunConfig, nodes: list[NodeInfo], driver_has_gpu: bool = False) -> list[StagePlan]:
@@ -131,7 +139,7 @@ def plan_stages(cfg: RunConfig, nodes: list[NodeInfo], driver_has_gpu: bool = Fa
 def _plan_simulate(cfg: RunConfig, nodes: list[NodeInfo]) -> StagePlan:
     """One 1-CPU Ray task per shard of the store."""
     sim = cfg.simulate
-    n_proj = sim.n_per_map * _n_inputs(cfg)
+    n_proj = _n_projections(cfg)
     shards = -(-n_proj // min(sim.shard_size, n_proj))
     fits, note = _fit(nodes, 1, {"CPU": 1.0})
     parallel = min(shards, int(sum(n.cpus for n in nodes)))

@@ -53,6 +53,7 @@ class ProteinEntry:
     source: str
     symmetry: str
     heldout: bool
+    count: int  # projections of this protein
 
 
 def resolve_inputs(sim: SimulateConfig) -> list[ProteinEntry]:
@@ -71,6 +72,7 @@ def resolve_inputs(sim: SimulateConfig) -> list[ProteinEntry]:
                     source=str(src),
                     symmetry=spec.symmetry or sim.orientations.symmetry,
                     heldout=spec.heldout,
+                    count=spec.n_per_map or sim.n_per_map,
                 )
             )
     if not entries:
@@ -295,11 +297,11 @@ def _ctf_ranges(sim: SimulateConfig) -> dict | None:
     }
 
 
-def _projection_metadata(sim: SimulateConfig, seed: int, n_proteins: int) -> dict[str, np.ndarray]:
-    """Every projection's parameters, ``n_per_map`` rows per protein in protein order (deterministic for the seed)."""
-    n = sim.n_per_map
+def _projection_metadata(sim: SimulateConfig, seed: int, counts: list[int]) -> dict[str, np.ndarray]:
+    """Every projection's parameters, ``counts[k]`` rows for protein ``k``, in protein order
+    (deterministic for the seed)."""
     parts = []
-    for k in range(n_proteins):
+    for k, n in enumerate(counts):
         p = sample_projection_parameters(
             n,
             seed,
@@ -335,9 +337,16 @@ def _manifest(
     pixel_size: float,
     acquisition_pixel_size: float,
 ) -> dict:
-    n = sim.n_per_map
+    starts = np.concatenate([[0], np.cumsum([e.count for e in entries])]).astype(int)
     proteins = [
-        {"name": e.name, "source": e.source, "symmetry": e.symmetry, "heldout": e.heldout, "start": k * n, "count": n}
+        {
+            "name": e.name,
+            "source": e.source,
+            "symmetry": e.symmetry,
+            "heldout": e.heldout,
+            "start": int(starts[k]),
+            "count": e.count,
+        }
         for k, e in enumerate(entries)
     ]
     return {
@@ -362,7 +371,7 @@ def _build_store(
     entries, volumes, acq_pixel = _prepare_maps(resolve_inputs(sim), sim, cache_dir, progress)
     cropped = sim.acquisition_size != sim.image_size
     pixel_size = sim.working_pixel_size(acq_pixel) if cropped else acq_pixel
-    metadata = _projection_metadata(sim, seed, len(entries))
+    metadata = _projection_metadata(sim, seed, [e.count for e in entries])
     manifest = _manifest(sim, entries, fingerprint, pixel_size, acq_pixel)
     local = not is_url(path)
     target = Path(path)

@@ -130,6 +130,9 @@ def training_mismatch(training: dict, store) -> str | None:
     if pix is not None and abs(float(pix) - store.pixel_size) > 0.01 * float(pix):
         diffs.append(f"{float(pix):g} Å/px, not {store.pixel_size:g}")
     trained = training.get("snr_db")
+    fresh = (training.get("fresh_noise") or {}).get("snr_db")
+    if fresh is not None:  # fresh noise every batch: the SNR (or range) it was drawn at, not the store's
+        trained = list(fresh) if isinstance(fresh, (list, tuple)) else [fresh]
     snr = store.manifest.get("config", {}).get("noise", {}).get("snr_db", "unknown")
     if trained and snr != "unknown":
         level = [math.inf if v is None else float(v) for v in trained]

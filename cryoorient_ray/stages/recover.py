@@ -664,11 +664,25 @@ def write_recovery_outputs(
 
 
 def _model_file(rcfg: RecoverConfig, out: Path, model_path: str | os.PathLike | None) -> str | None:
-    """The model file recovery reads (absolute: Ray Data workers do not share the driver's folder)."""
+    """The model file recovery reads (absolute: Ray Data workers do not share the driver's folder).
+
+    ``model_path``, else ``recover.model`` (a file, or ``pretrained[:NAME]``: a shipped model),
+    else the run's ``model.pt``, else (no model trained in this run) the shipped general distance.
+    """
+    from cryoorient_ray.pretrained import resolve_model_path
+
     if model_path is None and rcfg.estimator == "model":
-        model_path = rcfg.model or str(out / MODEL_NAME)
-        if not Path(model_path).is_file():
-            raise CryoOrientError(f"model file not found: {model_path} (train first, or set recover.model)")
+        model_path = rcfg.model
+        if model_path is None:
+            model_path = str(out / MODEL_NAME)
+            if not Path(model_path).is_file():
+                model_path = "pretrained"
+                log.info(
+                    "no model trained in this run: recovering with the shipped general distance (docs/MODEL_CARD.md)"
+                )
+    model_path = resolve_model_path(None if model_path is None else str(model_path))
+    if model_path is not None and not Path(model_path).is_file():
+        raise CryoOrientError(f"model file not found: {model_path} (train first, or set recover.model)")
     return None if model_path is None else os.path.abspath(model_path)
 
 
@@ -707,8 +721,11 @@ def stage_recover(
 
 def check_recover_inputs(cfg: RunConfig, store_path: str, model_path: str | os.PathLike | None) -> None:
     """Before anything is written: the store opens intact and the model file (if one is needed) exists."""
+    from cryoorient_ray.pretrained import resolve_model_path
+
     ProjectionStore.open(store_path)
     model = model_path or (cfg.recover.model if cfg.recover.estimator == "model" else None)
+    model = resolve_model_path(None if model is None else str(model))
     if model is not None and not Path(model).is_file():
         raise CryoOrientError(f"model file not found: {model} (train first, or set recover.model)")
 
