@@ -353,6 +353,10 @@ def train(
     batch_size: Annotated[Optional[int], option(help="Pairs per step per worker.", key="train.batch_size")] = None,
     lr: Annotated[Optional[float], option(help="Learning rate.", key="train.lr")] = None,
     n_features: Annotated[Optional[int], option(help="n_f, the embedding size.", key="train.model.n_features")] = None,
+    init_model: Annotated[
+        Optional[Path],
+        option("--init-model", help="Fine-tune: start from this model.pt (its architecture).", key="train.init_model"),
+    ] = None,
     seed: SeedOption = None,
     out: OutOption = None,
     sets: SetOption = None,
@@ -362,7 +366,8 @@ def train(
     """Train the Siamese distance data-parallel with Ray Train (simulating the store first if none is given).
 
     Writes model.pt (loadable without Ray), training.png (L_DE curves), distances.png (learned vs
-    Euclidean on test pairs), history.json, TensorBoard logs and Ray Train checkpoints.
+    Euclidean on test pairs), history.json, TensorBoard logs and Ray Train checkpoints. With
+    --init-model the training starts from that model's weights (fine-tuning).
     """
     from cryoorient_ray.stages.train import run_train
 

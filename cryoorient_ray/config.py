@@ -383,6 +383,11 @@ class TrainConfig(StrictModel):
         description="where Ray Train keeps checkpoints (RunConfig.storage_path): a folder every node can reach "
         "or an s3:// / gs:// URL; needed for multi-node training; default: <run folder>/ray_train",
     )
+    init_model: str | None = Field(
+        None,
+        description="fine-tune: a model.pt to start from (its architecture wins over train.model); a Ray Train "
+        "checkpoint of the same run still wins (resume); the preprocessing is re-estimated from the new store",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     noise: TrainNoiseConfig = Field(default_factory=TrainNoiseConfig)
