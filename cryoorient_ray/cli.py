@@ -267,6 +267,14 @@ def run(
     seed: SeedOption = None,
     sets: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Re-run every stage, even those already done.")] = False,
+    bootstrap: Annotated[
+        Optional[int],
+        option(
+            "--bootstrap",
+            help="Bootstrap rounds after the pipeline: project the map, fine-tune the distance, recover, refine.",
+            key="bootstrap.rounds",
+        ),
+    ] = None,
     address: AddressOption = None,
     progress: ProgressOption = True,
 ) -> None:
@@ -275,6 +283,8 @@ def run(
     Stages already done with the same settings are skipped (re-running resumes). Ends with
     report.html (figures and numbers), summary.json, recovered.star and reconstruction.mrc.
     With --address every stage runs on that Ray cluster (see clusters/ and docs/SCALING.md).
+    With --bootstrap N, N rounds fine-tune the distance on projections of the run's own map and
+    recover and refine again (bootstrap/bootstrap.json: resolution and error per round).
     """
     from cryoorient_ray.pipeline import run_pipeline
     from cryoorient_ray.stages.base import SUMMARY_NAME

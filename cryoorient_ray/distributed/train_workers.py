@@ -915,9 +915,7 @@ def training_spec(cfg: TrainConfig) -> SiameseSpec:
     return model.spec
 
 
-def worker_settings(
-    job: TrainJob, manifests: list[ProjectionStore], spec: SiameseSpec | None = None
-) -> WorkerSettings:
+def worker_settings(job: TrainJob, manifests: list[ProjectionStore], spec: SiameseSpec | None = None) -> WorkerSettings:
     """The :class:`WorkerSettings` of ``job`` on its opened stores (:func:`open_training_stores`);
     ``spec``: the architecture (default :func:`training_spec` of ``job.cfg``)."""
     cfg, out = job.cfg, Path(job.out_dir).resolve()
@@ -951,7 +949,9 @@ def worker_settings(
         fault_injection=job.fault_injection,
         corruption=None if corruption is None else corruption.to_dict(),
         preprocess=None if pre is None else pre.to_dict(),
-        init_model=os.path.abspath(cfg.init_model) if cfg.init_model and "://" not in cfg.init_model else cfg.init_model,
+        init_model=os.path.abspath(cfg.init_model)
+        if cfg.init_model and "://" not in cfg.init_model
+        else cfg.init_model,
     )
 
 
