@@ -158,3 +158,12 @@ def test_run_with_one_bootstrap_round(ray_local, tmp_path):
     assert result.exit_code == 0, result.output
     again = json.loads((out / "summary.json").read_text())["stages"]
     assert all(s["status"] == "cached" for s in again), [(s["name"], s["status"]) for s in again]
+
+
+def test_cluster_check_plans_the_bootstrap_as_training():
+    from cryoorient_ray.distributed.cluster import NodeInfo, plan_stages
+
+    nodes = [NodeInfo("a", "10.0.0.1", True, 4, 0, 8, 2)]
+    assert "bootstrap" not in {p.stage for p in plan_stages(load_config("configs/demo.yaml"), nodes)}
+    plans = {p.stage: p for p in plan_stages(load_config("configs/demo.yaml", sets=["bootstrap.rounds=2"]), nodes)}
+    assert plans["bootstrap"].per_unit == plans["train"].per_unit and "2 round(s)" in plans["bootstrap"].note

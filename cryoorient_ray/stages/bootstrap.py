@@ -175,7 +175,9 @@ def fine_tune(cfg: RunConfig, store_path: str, model_path: str, folder: Path, r:
     )
     data["noise"].update(snr_db=None, curriculum_start_db=None)  # the data's SNR, as the store records it
     tcfg = TrainConfig.model_validate(data)
-    summary = train_distance(TrainJob(tcfg, [store_path], folder, seed=cfg.seed + r, name=f"bootstrap_{r}"), progress)
+    # a shared train.storage_path outlives the round's folder: a name of its own, so no old checkpoint resumes
+    name = f"bootstrap_{r}" if not tcfg.storage_path else f"bootstrap_{r}_{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = train_distance(TrainJob(tcfg, [store_path], folder, seed=cfg.seed + r, name=name), progress)
     calibrate_distance(store_path, folder / MODEL_NAME, seed=cfg.seed)  # σ(d̂) for recover.weights: confidence
     history = json.loads((folder / "history.json").read_text())
     return {
