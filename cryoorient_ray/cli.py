@@ -274,6 +274,14 @@ def run(
             key="recover.model",
         ),
     ] = None,
+    bootstrap: Annotated[
+        Optional[int],
+        option(
+            "--bootstrap",
+            help="Bootstrap rounds after the pipeline: project the map, fine-tune the distance, recover, refine.",
+            key="bootstrap.rounds",
+        ),
+    ] = None,
     address: AddressOption = None,
     progress: ProgressOption = True,
 ) -> None:
@@ -282,6 +290,8 @@ def run(
     Stages already done with the same settings are skipped (re-running resumes). Ends with
     report.html (figures and numbers), summary.json, recovered.star and reconstruction.mrc.
     With --address every stage runs on that Ray cluster (see clusters/ and docs/SCALING.md).
+    With --bootstrap N, N rounds fine-tune the distance on projections of the run's own map and
+    recover and refine again (bootstrap/bootstrap.json: resolution and error per round).
     """
     from cryoorient_ray.pipeline import run_pipeline
     from cryoorient_ray.stages.base import SUMMARY_NAME
@@ -360,6 +370,10 @@ def train(
     batch_size: Annotated[Optional[int], option(help="Pairs per step per worker.", key="train.batch_size")] = None,
     lr: Annotated[Optional[float], option(help="Learning rate.", key="train.lr")] = None,
     n_features: Annotated[Optional[int], option(help="n_f, the embedding size.", key="train.model.n_features")] = None,
+    init_model: Annotated[
+        Optional[Path],
+        option("--init-model", help="Fine-tune: start from this model.pt (its architecture).", key="train.init_model"),
+    ] = None,
     seed: SeedOption = None,
     out: OutOption = None,
     sets: SetOption = None,
@@ -369,7 +383,8 @@ def train(
     """Train the Siamese distance data-parallel with Ray Train (simulating the store first if none is given).
 
     Writes model.pt (loadable without Ray), training.png (L_DE curves), distances.png (learned vs
-    Euclidean on test pairs), history.json, TensorBoard logs and Ray Train checkpoints.
+    Euclidean on test pairs), history.json, TensorBoard logs and Ray Train checkpoints. With
+    --init-model the training starts from that model's weights (fine-tuning).
     """
     from cryoorient_ray.stages.train import run_train
 

@@ -386,6 +386,11 @@ class TrainConfig(StrictModel):
         description="where Ray Train keeps checkpoints (RunConfig.storage_path): a folder every node can reach "
         "or an s3:// / gs:// URL; needed for multi-node training; default: <run folder>/ray_train",
     )
+    init_model: str | None = Field(
+        None,
+        description="fine-tune: a model.pt to start from (its architecture wins over train.model); a Ray Train "
+        "checkpoint of the same run still wins (resume); the preprocessing is re-estimated from the new store",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     noise: TrainNoiseConfig = Field(default_factory=TrainNoiseConfig)
@@ -650,6 +655,28 @@ class RefineConfig(StrictModel):
         )
 
 
+class BootstrapConfig(StrictModel):
+    """Bootstrap from the data (``cryoorient run ... --bootstrap N``; stages/bootstrap.py): each round
+    projects the current map (low-passed to its half-map FSC0.143) with the data store's box, pixel
+    size, SNR, CTF and shifts, fine-tunes the current distance on those projections
+    (``train.init_model``), recovers the data's orientations with it, refines and reconstructs."""
+
+    rounds: int = Field(0, ge=0, description="bootstrap rounds after the pipeline (0 = none)")
+    map: Literal["auto", "refined", "reconstruct"] = Field(
+        "auto",
+        description="the map round 1 projects: refined (the refine stage's map.mrc), reconstruct (the "
+        "reconstruct stage's reconstruction.mrc), auto = refined when the refine stage runs; later rounds "
+        "project the previous round's refined map",
+    )
+    n_images: int | None = Field(
+        None, ge=10, description="projections simulated per round; null = the data protein's count"
+    )
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of them that validates the fine-tune")
+    epochs: int = Field(2, ge=1, description="fine-tune epochs per round (train.* gives the rest)")
+    passes_per_epoch: int = Field(2, ge=1, description="passes over the simulated train images per epoch")
+    lr: float | None = Field(None, gt=0, description="fine-tune learning rate; null = train.lr / 3")
+
+
 class RayConfig(StrictModel):
     """Where stages run: local Ray (address null) or an existing cluster (see clusters/ and docs/SCALING.md).
 
@@ -691,6 +718,7 @@ class RunConfig(StrictModel):
     recover: RecoverConfig = Field(default_factory=RecoverConfig)
     refine: RefineConfig = Field(default_factory=RefineConfig)
     reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     stamp: Stamp | None = Field(None, description="filled in when the config is written next to outputs")
 

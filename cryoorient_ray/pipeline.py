@@ -24,11 +24,12 @@ from cryoorient_ray.stages.base import (
     prepare_output_dir,
     write_summary,
 )
+from cryoorient_ray.stages.bootstrap import check_bootstrap, stage_bootstrap
 from cryoorient_ray.stages.reconstruct import stage_reconstruct
 from cryoorient_ray.stages.recover import stage_recover
 from cryoorient_ray.stages.refine import REFINED_NAME, RUN_FOLDER, STATE_DIR, check_refine, stage_refine
 from cryoorient_ray.stages.simulate import check_simulate, stage_simulate
-from cryoorient_ray.stages.train import stage_train
+from cryoorient_ray.stages.train import check_init_model, stage_train
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ STAGE_SECTIONS = {
     "recover": ("seed", "simulate", "train", "recover"),
     "refine": ("seed", "simulate", "train", "recover", "refine"),
     "reconstruct": ("seed", "simulate", "train", "recover", "reconstruct"),
+    "bootstrap": ("seed", "simulate", "train", "recover", "refine", "reconstruct", "bootstrap"),
 }
 # refine keys that change how the stage runs, not its result (a changed one resumes, not restarts).
 REFINE_RUN_KEYS = ("actors", "cpus_per_actor", "gpu", "batch_size")
@@ -126,6 +128,18 @@ def headline(results: list[StageResult]) -> dict[str, str]:
         lines["half-map resolution (no ground truth)"] = (
             f"FSC0.143 {m['reconstruct.halfmap_fsc0143_A']} Å, FSC0.5 {m.get('reconstruct.halfmap_fsc05_A')} Å"
         )
+    if "bootstrap.rounds" in m:
+        line = (
+            f"half maps FSC0.143 {m.get('bootstrap.refined_halfmap_fsc0143_A')} Å, "
+            f"FSC0.5 {m.get('bootstrap.refined_halfmap_fsc05_A')} Å"
+        )
+        if "bootstrap.refined_registration" in m:
+            line += (
+                f"; error {m['bootstrap.refined_registration']} rad after rotation + hand "
+                f"(E_OR {m.get('bootstrap.refined_e_or_o4')} rad), "
+                f"recovered {m.get('bootstrap.recovered_registration')} rad"
+            )
+        lines[f"bootstrap (after round {m['bootstrap.rounds']})"] = line
     lines["wall time"] = f"{sum(r.seconds for r in results):.0f} s"
     return lines
 
@@ -160,6 +174,8 @@ def run_pipeline(
     check_simulate(cfg, output_dir_for(cfg, out_dir))  # before config.yaml is (re)written
     check_refine(cfg)
     _check_model(cfg)
+    check_init_model(cfg)
+    check_bootstrap(cfg)
     out = prepare_output_dir(cfg, out_dir, argv)
     if force:  # re-run refine from its start, not from its saved iterations
         shutil.rmtree(out / RUN_FOLDER / STATE_DIR, ignore_errors=True)
@@ -170,6 +186,7 @@ def run_pipeline(
         "recover": stage_recover,
         "refine": stage_refine,
         "reconstruct": functools.partial(stage_reconstruct, orientations=orientations),
+        "bootstrap": stage_bootstrap,
     }
     results = []
     for name in PIPELINE_STAGES:
@@ -180,6 +197,8 @@ def run_pipeline(
             continue
         if name == "train" and cfg.recover.model is not None and cfg.recover.estimator == "model":
             log.info("stage train: recover.model is %s, nothing to train, skipping", cfg.recover.model)
+            continue
+        if name == "bootstrap" and cfg.bootstrap.rounds == 0:
             continue
         key = stage_key(cfg, name)
         cached = None if force else _cached_stage(out, name, key)

@@ -274,6 +274,43 @@ def plot_refinement(history: list[dict], path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
+def plot_bootstrap_rounds(start: dict, rounds: list[dict], path: str | os.PathLike) -> Path:
+    """Bootstrap rounds (round 0 = the pipeline's start): half-map FSC0.143 (Å) and, when the truth is
+    known, the recovery's and the refinement's error after rotation + hand (rad)."""
+    fig, (ax_res, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
+    x = list(range(len(rounds) + 1))
+
+    def values(key: str, section: str) -> list[float]:
+        entries = [start.get(section, {}) if section else start, *[r.get(section, {}) for r in rounds]]
+        return [np.nan if e.get(key) is None else float(e[key]) for e in entries]
+
+    res = [start.get("halfmap_fsc0143_A"), *[r.get("refine", {}).get("halfmap_fsc0143_A") for r in rounds]]
+    ax_res.plot(x, [np.nan if v is None else v for v in res], "o-", label="half maps FSC0.143")
+    fsc05 = values("halfmap_fsc05_A", "refine")
+    if np.isfinite(fsc05).any():
+        ax_res.plot(x, fsc05, "s--", label="half maps FSC0.5")
+    ax_res.set_xlabel("bootstrap round")
+    ax_res.set_ylabel("resolution (Å)")
+    ax_res.legend()
+    for key, section, label, style in (
+        ("registration", "recover", "recovered", "o-"),
+        ("registration", "refine", "refined", "s-"),
+    ):
+        v = values(key, section)
+        if np.isfinite(v).any():
+            ax_err.plot(x, v, style, label=f"{label} (rotation + hand)")
+    if ax_err.lines:
+        ax_err.legend()
+    else:
+        ax_err.text(0.5, 0.5, "no true orientations", ha="center", va="center", transform=ax_err.transAxes)
+    ax_err.set_xlabel("bootstrap round")
+    ax_err.set_ylabel("orientation error (rad)")
+    for ax in (ax_res, ax_err):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_fsc_iterations(
     curves: list[tuple[str, np.ndarray, np.ndarray]],
     path: str | os.PathLike,

@@ -41,6 +41,12 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
     ("Reconstruction", "fsc.png", "FSC curves: half maps, and against the true map (paper Fig. 11e)."),
     ("Reconstruction", "volumes.png", "Central slices and projections of the reconstructions and the true map."),
     ("Reconstruction", "refinement.png", "Projection-matching refinement: error and resolution per round."),
+    (
+        "Bootstrap",
+        "bootstrap/bootstrap.png",
+        "Bootstrap rounds (0 = the pipeline's result): half-map resolution, and the recovery's and the "
+        "refinement's error after rotation + hand (when the truth is known).",
+    ),
 )
 
 
@@ -135,6 +141,52 @@ def refine_table(out: Path) -> str:
     return f"<ul>{items}</ul><table><tr>{head}</tr>{rows}</table>"
 
 
+BOOTSTRAP_SECTION = "Bootstrap"
+
+
+def bootstrap_table(out: Path) -> str:
+    """The bootstrap's rounds as an HTML table, from ``bootstrap/bootstrap.json`` ('' when there is none)."""
+    path = out / "bootstrap" / "bootstrap.json"
+    if not path.is_file():
+        return ""
+    rep = json.loads(path.read_text())
+    start = rep.get("start", {})
+    cols = (
+        ("lowpass_A", "map low-passed to (Å)"),
+        ("n_images", "projections"),
+        ("fine_tune.start_val_L_DE", "fine-tune val L_DE start (rad²)"),
+        ("fine_tune.best_val_L_DE", "fine-tune val L_DE best (rad²)"),
+        ("recover.registration", "recovered error (rad)"),
+        ("recover.e_or_o4", "recovered E_OR (rad)"),
+        ("refine.registration", "refined error (rad)"),
+        ("refine.e_or_o4", "refined E_OR (rad)"),
+        ("refine.halfmap_fsc0143_A", "half maps FSC0.143 (Å)"),
+        ("refine.halfmap_fsc05_A", "half maps FSC0.5 (Å)"),
+        ("total_s", "seconds"),
+    )
+
+    def get(entry: dict, key: str):
+        for part in key.split("."):
+            entry = entry.get(part, {}) if isinstance(entry, dict) else {}
+        return None if entry == {} else entry
+
+    first = {
+        "recover": start.get("recover", {}),
+        "refine": {**start.get("refine", {}), "halfmap_fsc0143_A": start.get("halfmap_fsc0143_A")},
+    }
+    entries = [("0 (pipeline)", first), *[(str(r.get("round")), r) for r in rep.get("rounds", [])]]
+    shown = [c for c in cols if any(get(e, c[0]) is not None for _, e in entries)]
+    head = "<th>round</th>" + "".join(f"<th>{html.escape(label)}</th>" for _, label in shown)
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(f"<td>{html.escape(_fmt(get(e, k), None, 3))}</td>" for k, _ in shown)
+        + "</tr>"
+        for name, e in entries
+    )
+    where = "files: <code>bootstrap/round_&lt;r&gt;/</code>; numbers: <code>bootstrap/bootstrap.json</code>"
+    return f"<p>{where}</p><table><tr>{head}</tr>{rows}</table>"
+
+
 def write_report(out: Path, summary: dict) -> Path:
     """``report.html`` in ``out`` from ``summary`` (as in summary.json) and the PNGs found there."""
     parts = [
@@ -159,15 +211,18 @@ def write_report(out: Path, summary: dict) -> Path:
         parts.append("<h2>Results</h2><ul>")
         parts += [f"<li>{html.escape(k)}: <b>{html.escape(str(v))}</b></li>" for k, v in headline.items()]
         parts.append("</ul>")
-    refined = any(st.get("name") == "refine" for st in summary.get("stages", []))
+    ran = {st.get("name") for st in summary.get("stages", [])}
     section = None
     for sec, name, caption in FIGURES:
         path = _figure_path(out, name)
-        if path is None or (sec == REFINE_SECTION and not refined):  # left from an earlier run with refine
+        stale = (sec == REFINE_SECTION and "refine" not in ran) or (sec == BOOTSTRAP_SECTION and "bootstrap" not in ran)
+        if path is None or stale:  # left from an earlier run with refine / bootstrap
             continue
         if sec != section:
             if section == REFINE_SECTION:
                 parts.append(refine_table(out))
+            if section == BOOTSTRAP_SECTION:
+                parts.append(bootstrap_table(out))
             parts.append(f"<h2>{html.escape(sec)}</h2>")
             section = sec
         parts.append(
@@ -175,6 +230,8 @@ def write_report(out: Path, summary: dict) -> Path:
         )
     if section == REFINE_SECTION:
         parts.append(refine_table(out))
+    if section == BOOTSTRAP_SECTION:
+        parts.append(bootstrap_table(out))
     parts.append("<h2>Stages and timings</h2>")
     parts.append(_metrics_table(summary.get("stages", [])))
     parts.append("<h2>summary.json</h2><pre>" + html.escape(json.dumps(summary, indent=2)) + "</pre>")

@@ -157,9 +157,13 @@ def test_options_override_the_config_keys_they_name():
         "simulate.backend": "torch",
         "ray.address": "auto",
     }
-    unset = {name: None for name in ("stores", "workers", "gpu", "epochs", "batch_size", "lr", "n_features", "seed")}
+    names = ("stores", "workers", "gpu", "epochs", "batch_size", "lr", "n_features", "init_model", "seed")
+    unset = {name: None for name in names}
     got = cli.config_overrides(cli.train, unset | dict(stores=[], config=None, out=None, sets=None, address=None))
-    assert all(value is None for value in got.values()) and len(got) == 9  # empty --store list: the config's
+    assert all(value is None for value in got.values()) and len(got) == 10  # empty --store list: the config's
+    assert cli.config_overrides(cli.train, unset | dict(init_model=Path("m.pt"), address=None))["train.init_model"] == (
+        "m.pt"
+    )
     rec = dict(model=Path("m.pt"), perturb=0.1, protein="0", split="val", n=50, k=4, n_random=6, actors=2, gauge=True)
     assert cli.config_overrides(cli.recover, rec | dict(seed=1, address=None)) == {
         "recover.model": "m.pt",
@@ -200,7 +204,12 @@ def test_options_override_the_config_keys_they_name():
         "reconstruct.refine_rounds": 2,
         "reconstruct.method": "cg",
     }
-    assert cli.config_overrides(cli.run, dict(seed=5, address="h:6379")) == {"seed": 5, "ray.address": "h:6379"}
+    assert cli.config_overrides(cli.run, dict(seed=5, address="h:6379", bootstrap=None)) == {
+        "seed": 5,
+        "ray.address": "h:6379",
+        "bootstrap.rounds": None,
+    }
+    assert cli.config_overrides(cli.run, dict(seed=None, address=None, bootstrap=2))["bootstrap.rounds"] == 2
     assert cli.config_overrides(cli.cluster_check, dict(address=None)) == {"ray.address": None}
     assert cli.config_overrides(cli.config_show, {}) == {}
 

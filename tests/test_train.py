@@ -88,6 +88,41 @@ def test_one_worker_same_seed_same_model(two_protein_store, tmp_path):
     assert first["data_seconds"] < first["seconds"] and first["threads"] == 1  # 1 CPU from Ray: 1 thread
 
 
+def test_fine_tuning_starts_from_the_init_model(two_protein_store, tmp_path, caplog):
+    """train.init_model: the run starts from that model's weights and architecture (its first
+    validation L_DE is the init model's own on the store, far below a fresh model's), changes
+    them, and records where it started."""
+    import logging
+
+    import torch
+
+    from cryoorient_ray.distributed.train_workers import TrainJob, train_distance
+
+    base = ONE_WORKER.model_copy(update={"epochs": 3, "lr": 5e-3})
+    first = train_distance(TrainJob(base, [two_protein_store], tmp_path / "a", seed=3), progress=False)
+    fresh_start = json.loads((tmp_path / "a" / "history.json").read_text())[0]["initial_val_loss"]
+    init = str(tmp_path / "a" / "model.pt")
+    # another train.model: the init model's architecture wins, with a warning
+    update = {"epochs": 1, "lr": 1e-3, "init_model": init, "model": {"channels": [4, 8]}}
+    tune = TrainConfig(**{**base.model_dump(), **update})
+    with caplog.at_level(logging.WARNING):
+        summary = train_distance(TrainJob(tune, [two_protein_store], tmp_path / "b", seed=3), progress=False)
+    assert any("its architecture" in r.getMessage() for r in caplog.records)
+    history = json.loads((tmp_path / "b" / "history.json").read_text())
+    start = history[0]["initial_val_loss"]
+    assert abs(start - first["best_val_loss"]) < 0.02 * first["best_val_loss"], (start, first["best_val_loss"])
+    assert start < 0.8 * fresh_start, (start, fresh_start)
+    (old, _), (new, meta) = load_distance_model(init), load_distance_model(tmp_path / "b" / "model.pt")
+    assert new.spec == old.spec and meta["training"]["init_model"] == init == summary["init_model"]
+    assert any(not torch.equal(old.state_dict()[k], new.state_dict()[k]) for k in old.state_dict())
+    # a missing or unreadable init model: one line, before Ray trains anything
+    (tmp_path / "junk.pt").write_text("not a model")
+    for bad, why in ((tmp_path / "none.pt", "model file not found"), (tmp_path / "junk.pt", "cannot read")):
+        args = ["train", "-s", two_protein_store, "--init-model", str(bad), "-o", str(tmp_path / "c"), "--no-progress"]
+        _one_line(runner.invoke(app, args), f"train.init_model: {why}")
+        assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.slow
 def test_streamed_data_still_trains(two_protein_store, tmp_path):
     """Data stream (stream pairing): Ray Data reads and pairs the store every pass, as before; fresh

@@ -133,6 +133,10 @@ def plan_stages(cfg: RunConfig, nodes: list[NodeInfo], driver_has_gpu: bool = Fa
     method = cfg.reconstruct.method
     gpu_note = " (ASTRA CGLS if installed: the driver has a GPU)" if driver_has_gpu else " (CPU)"
     plans.append(StagePlan("reconstruct", "driver process", 1, {}, True, f"method {method}" + gpu_note))
+    if cfg.bootstrap.rounds > 0:  # per round: a simulation, a fine-tune (as train), a recovery, a refinement
+        train = _plan_train(cfg, nodes)
+        note = f"{cfg.bootstrap.rounds} round(s), each simulate + fine-tune as train ({train.note}) + recover + refine"
+        plans.append(StagePlan("bootstrap", train.runs_on, train.units, train.per_unit, train.fits_now, note))
     return plans
 
 

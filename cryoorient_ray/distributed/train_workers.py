@@ -275,6 +275,8 @@ class WorkerSettings:
             (``FreshCorruption.to_dict()``), or None (the store's fixed images).
         preprocess: what every image goes through before the network (``Preprocess.to_dict()``):
             applied here to freshly corrupted batches, by the readers to fixed images; or None.
+        init_model: fine-tuning: the absolute path of a ``model.pt`` whose weights the model starts
+            from (:func:`_load_init_weights`; a checkpoint of the run, when there is one, wins), or None.
     """
 
     model: SiameseSpec
@@ -300,6 +302,7 @@ class WorkerSettings:
     fault_injection: FaultInjection | None
     corruption: dict | None = None
     preprocess: dict | None = None
+    init_model: str | None = None
 
     def __post_init__(self) -> None:
         # rebuilt from dataclasses.asdict in the worker: the nested settings arrive as dicts
@@ -423,7 +426,7 @@ class _LoopState:
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"val_loss": float("inf"), "epoch": -1, "state": None})
     resumed_from: int = -1  # epoch of the checkpoint this run resumed from, -1 when it started afresh
-    initial_val: float | None = None  # the untrained model's validation L_DE (a fresh start only)
+    initial_val: float | None = None  # the start model's validation L_DE (untrained, or train.init_model)
 
 
 @dataclass
@@ -448,6 +451,13 @@ class _Worker:
 def _make_optimizer(model: torch.nn.Module, s: WorkerSettings) -> torch.optim.Optimizer:
     kind = torch.optim.RMSprop if s.optimizer == "rmsprop" else torch.optim.Adam
     return kind(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+
+
+def _load_init_weights(model: torch.nn.Module, path: str) -> None:
+    """Fine-tuning: the weights of the ``model.pt`` at ``path`` (same architecture: the driver took
+    the spec from that file, :func:`training_spec`), loaded in place."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(payload["state_dict"])
 
 
 def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> _LoopState:
@@ -499,6 +509,8 @@ def _start_worker(s: WorkerSettings) -> tuple[_Worker, _LoopState]:
     device = ray.train.torch.get_device()
     torch.manual_seed(s.seed)  # the same initial weights for the same seed (DDP then broadcasts rank 0's)
     model = SiameseDistance(s.model)
+    if s.init_model:  # fine-tuning: start from a trained model (a checkpoint of this run, below, wins)
+        _load_init_weights(model, s.init_model)
     opt = _make_optimizer(model, s)
     state = _restore(model, opt)
     prepared = ray.train.torch.prepare_model(model)
@@ -712,7 +724,7 @@ def train_loop_per_worker(config: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(s.tensorboard_dir)
-    if state.start_epoch == 0:  # the untrained model's validation L_DE: the start of the learning curve
+    if state.start_epoch == 0:  # the start model's validation L_DE (untrained or init_model): the curve's start
         state.initial_val = _evaluate(w, "val")[0]
     for epoch in range(state.start_epoch, s.epochs):
         _die_if_asked(s.fault_injection, w.rank, epoch)
@@ -879,13 +891,38 @@ def noise_and_preprocess(
     return corruption, pre
 
 
-def worker_settings(job: TrainJob, manifests: list[ProjectionStore]) -> WorkerSettings:
-    """The :class:`WorkerSettings` of ``job`` on its opened stores (:func:`open_training_stores`)."""
+def training_spec(cfg: TrainConfig) -> SiameseSpec:
+    """The architecture a run trains: ``cfg.model``, or with ``cfg.init_model`` (fine-tuning) that
+    model's own ``spec``, which wins over a ``train.model`` set to something else (with a warning).
+
+    Raises:
+        CryoOrientError: the init model is missing or not a model file.
+    """
+    if not cfg.init_model:
+        return SiameseSpec(**cfg.model.model_dump())
+    from cryoorient_ray.config import ModelConfig
+    from cryoorient_ray.core.learning.model import load_distance_model
+
+    model, _ = load_distance_model(cfg.init_model)
+    asked = cfg.model.model_dump()
+    if asked != ModelConfig().model_dump() and asked != {k: v for k, v in model.spec.to_dict().items() if k in asked}:
+        log.warning(
+            "train.init_model %s: its architecture (%s) is used, not train.model (%s)",
+            cfg.init_model,
+            model.spec.to_dict(),
+            asked,
+        )
+    return model.spec
+
+
+def worker_settings(job: TrainJob, manifests: list[ProjectionStore], spec: SiameseSpec | None = None) -> WorkerSettings:
+    """The :class:`WorkerSettings` of ``job`` on its opened stores (:func:`open_training_stores`);
+    ``spec``: the architecture (default :func:`training_spec` of ``job.cfg``)."""
     cfg, out = job.cfg, Path(job.out_dir).resolve()
     augment = cfg.augment
     corruption, pre = noise_and_preprocess(cfg, manifests, job.seed)
     return WorkerSettings(
-        model=SiameseSpec(**cfg.model.model_dump()),
+        model=spec or training_spec(cfg),
         optimizer=cfg.optimizer,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -912,6 +949,9 @@ def worker_settings(job: TrainJob, manifests: list[ProjectionStore]) -> WorkerSe
         fault_injection=job.fault_injection,
         corruption=None if corruption is None else corruption.to_dict(),
         preprocess=None if pre is None else pre.to_dict(),
+        init_model=os.path.abspath(cfg.init_model)
+        if cfg.init_model and "://" not in cfg.init_model
+        else cfg.init_model,
     )
 
 
@@ -967,9 +1007,9 @@ def build_trainer(job: TrainJob, callbacks: list | None = None) -> TrainRun:
     cfg = job.cfg
     out = Path(job.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    spec = SiameseSpec(**cfg.model.model_dump())
+    spec = training_spec(cfg)
     manifests = open_training_stores(job.stores, spec)
-    settings = worker_settings(job, manifests)
+    settings = worker_settings(job, manifests, spec)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
@@ -1038,6 +1078,7 @@ def _train_summary(run: TrainRun, state: dict, seconds: float) -> dict:
         else {k: v for k, v in run.settings.preprocess.items() if k != "gain"},
         "proteins_seen": sorted({p["name"] for st in manifests for p in st.proteins if not p.get("heldout")}),
         "proteins_heldout": sorted({p["name"] for st in manifests for p in st.proteins if p.get("heldout")}),
+        "init_model": None if run.settings is None else run.settings.init_model,
     }
 
 

@@ -20,8 +20,8 @@ from cryoorient_ray.io.files import atomic_write_text
 log = logging.getLogger(__name__)
 
 
-# The end-to-end order of `cryoorient run` (refine only when refine.enabled).
-PIPELINE_STAGES: tuple[str, ...] = ("simulate", "train", "recover", "refine", "reconstruct")
+# The end-to-end order of `cryoorient run` (refine only when refine.enabled, bootstrap when bootstrap.rounds > 0).
+PIPELINE_STAGES: tuple[str, ...] = ("simulate", "train", "recover", "refine", "reconstruct", "bootstrap")
 MODEL_NAME = "model.pt"
 SUMMARY_NAME = "summary.json"
 STORE_NAME = "projections.zarr"

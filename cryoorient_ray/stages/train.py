@@ -167,9 +167,27 @@ def run_train(
     return run_standalone(cfg, out_dir, argv, stages, checks=[lambda o: check_train_inputs(cfg, o)])
 
 
+def check_init_model(cfg: RunConfig) -> None:
+    """Before Ray starts: ``train.init_model`` (fine-tuning), when set, is a readable model file.
+
+    Raises:
+        CryoOrientError: one line, e.g. ``train.init_model: model file not found: runs/x/model.pt``.
+    """
+    from cryoorient_ray.core.learning.model import load_distance_model
+
+    if cfg.train.init_model:
+        try:
+            load_distance_model(cfg.train.init_model)
+        except CryoOrientError as exc:
+            raise CryoOrientError(f"train.init_model: {exc}") from None
+
+
 def check_train_inputs(cfg: RunConfig, out: Path) -> None:
-    """Before Ray starts: the given stores open intact, or (none given) the simulation's inputs exist."""
+    """Before Ray starts: the given stores open intact, or (none given) the simulation's inputs exist,
+    and the init model (fine-tuning) reads."""
     from cryoorient_ray.io.store import ProjectionStore
+
+    check_init_model(cfg)
 
     for path in cfg.train.stores:
         store = ProjectionStore.open(path)
