@@ -494,12 +494,20 @@ def import_star(
     symmetry: SymmetryOption = "C1",
     split: Annotated[str, typer.Option(help="Split the particles go to (test = to recover).")] = "test",
     shard_size: Annotated[int, typer.Option(help="Particles per shard.")] = 256,
+    image_size: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Fourier-crop the particles to this working box (the pixel size grows to match; "
+            "32 for --model pretrained).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Import a RELION particle stack (.star + .mrcs) into a projection store."""
     from cryoorient_ray.io.relion import import_relion
     from cryoorient_ray.stages.simulate import write_store_preview
 
-    st = import_relion(star, store, shard_size=shard_size, symmetry=symmetry, split=split)
+    st = import_relion(star, store, shard_size=shard_size, symmetry=symmetry, split=split, image_size=image_size)
     preview = write_store_preview(st, store.with_name(store.stem + "_samples.png"))
     stdout.print(
         f"Imported {st.n_samples} particles of {st.image_size}² px at {st.pixel_size:g} Å/px into {store} "

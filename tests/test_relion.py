@@ -66,6 +66,24 @@ def test_import_without_angles_and_relion30_layout(tmp_path):
     assert store.read_metadata()["shift"][0, 0] == pytest.approx(-1.0)
 
 
+def test_import_crops_to_a_working_box(tmp_path):
+    """--image-size: Fourier-cropped particles, the pixel size and shifts rescaled, the box kept as acquisition."""
+    from cryoorient_ray.core.imaging.fourier import fourier_crop
+
+    store = make_store(tmp_path / "s.zarr", n_per_protein=10, shard_size=16, size=16)
+    star, _ = export_relion(store, tmp_path / "relion", name="parts")
+    back = import_relion(star, tmp_path / "crop.zarr", image_size=8)
+    assert back.image_size == 8 and back.pixel_size == pytest.approx(5.0)
+    acq = back.manifest["acquisition"]
+    assert acq["image_size"] == 16 and acq["pixel_size"] == pytest.approx(2.5) and acq["snr_db"] is None
+    np.testing.assert_allclose(back.read_metadata()["shift"], store.read_metadata()["shift"] / 2, atol=1e-5)
+    want = fourier_crop(store.read_images(slice(None)), 8).numpy()
+    np.testing.assert_allclose(back.read_images(slice(None)), want, atol=1e-5)
+    with pytest.raises(CryoOrientError, match="cannot crop 16² particles to 32²"):
+        import_relion(star, tmp_path / "big.zarr", image_size=32)
+    assert not (tmp_path / "big.zarr").exists()
+
+
 def test_import_errors_leave_nothing(tmp_path):
     import pandas as pd
 

@@ -49,11 +49,16 @@ N_HELD_OUT = 5
 HELD_OUT = ("1ncb", "1rb8", "3sn6", "7ddo", "8zpm")  # = held_out(); written out so configs can be checked
 SNRS = (("noiseless", None), ("m12", -12.0))
 GOALS = {"m12_refined": 0.15, "m12_general": 0.6, "noiseless_refined": 0.05}
-SIZES = {"small": 2400, "paper": 15000}  # projections per protein (a third of them in the test split)
+SIZES = {"small": 5000, "paper": 15000}  # projections per protein (a third of them in the test split)
 OWN_STEPS = {"small": 2000, "paper": 20000}
 AB_INITIO = {"ab_initio": "auto", "ab_initio_steps": 60, "ab_initio_batch_size": 300}
+REFINE = {"iterations": 5, "start_deg": 15.0, "final_deg": 1.9, "keep": 8, "patience": 2, "local_polish_rounds": 1}
+# Each bootstrap round: n_images projections of the map (None: as many as the data), fine-tuned
+# epochs × passes over their train part (80 %).
+BOOTSTRAP = {"n_images": 5000, "epochs": 3, "passes_per_epoch": 3}
 COLUMNS = ["protein", "SNR", "row", "images", "rot+hand (rad)", "E_OR (rad)", "10-NN true d_q (rad)",
-           "half-map FSC0.143 (Å)", "initial model", "seconds"]  # fmt: skip
+           "half-map FSC0.143 (Å)", "initial model", "recovery rot+hand (rad)", "fine-tune val L_DE (rad²)",
+           "seconds"]  # fmt: skip
 
 
 def held_out() -> list[str]:
@@ -140,10 +145,7 @@ def _refine_row(store, folder: Path, ctx: Context, start_tag: str) -> dict:
     rows, start = np.asarray(rec["rows"]), np.asarray(rec["quaternions"], dtype=np.float64)
     stack = store.particles(rows)
     q_true = np.asarray(store.read_metadata(rows, names=["quaternion"])["quaternion"], dtype=np.float64)
-    settings = GlobalRefineSettings(
-        iterations=5, start_deg=15.0, final_deg=1.9, keep=8, patience=2, local_polish_rounds=1, seed=ctx.seed,
-        **AB_INITIO,
-    )  # fmt: skip
+    settings = GlobalRefineSettings(seed=ctx.seed, **REFINE, **AB_INITIO)
     t0 = time.perf_counter()
     res = global_refine(stack, start, settings, scorer=RayScorer(n_actors=2), q_true=q_true)
     seconds = time.perf_counter() - t0
@@ -159,31 +161,54 @@ def _refine_row(store, folder: Path, ctx: Context, start_tag: str) -> dict:
     }
 
 
+def _bootstrap_cfg(cfg, n_images: int):
+    """The run config of the bootstrap rounds: the data's recover settings, the refined row's
+    refinement (on 2 Ray actors), a fine-tune of BOOTSTRAP's size."""
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.refine.enabled = True
+    for key, value in {**REFINE, **AB_INITIO, "actors": 2, "cpus_per_actor": 0.5}.items():
+        setattr(run_cfg.refine, key, value)
+    run_cfg.recover.gauge.enabled = True
+    run_cfg.train.num_workers, run_cfg.train.cpus_per_worker = 1, 1.0
+    run_cfg.train.val_pairs_per_shard = 200
+    run_cfg.bootstrap.n_images = BOOTSTRAP["n_images"] or n_images
+    run_cfg.bootstrap.epochs = BOOTSTRAP["epochs"]
+    run_cfg.bootstrap.passes_per_epoch = BOOTSTRAP["passes_per_epoch"]
+    return run_cfg
+
+
 def _bootstrap_rows(store, cfg, model_path: Path, folder: Path, ctx: Context) -> list[dict]:
     from cryoorient_ray.stages.bootstrap import bootstrap_rounds
 
-    run_cfg = cfg.model_copy(deep=True)
-    run_cfg.refine.enabled = True
-    for key, value in AB_INITIO.items():
-        setattr(run_cfg.refine, key, value)
+    refined = json.loads((folder / "refined.json").read_text())[0]
     t0 = time.perf_counter()
     rounds = bootstrap_rounds(
-        str(store.path), str(model_path), str(folder / "refined_map.mrc"), run_cfg, folder / "bootstrap", rounds=2
+        str(store.path),
+        str(model_path),
+        str(folder / "refined_map.mrc"),
+        _bootstrap_cfg(cfg, len(store.done_rows())),
+        folder / "bootstrap",
+        rounds=2,
+        map_resolution_A=refined["half-map FSC0.143 (Å)"],
     )
     ctx.say(f"  bootstrap: {len(rounds)} rounds in {time.perf_counter() - t0:.0f} s")
     out = []
     for r in rounds:
+        rec, ref, ft = r.get("recover", {}), r.get("refine", {}), r.get("fine_tune", {})
         out.append(
             {
                 "row": f"bootstrap {r['round']}",
-                "images": r.get("images"),
-                "rot+hand (rad)": r.get("refined_registration"),
-                "E_OR (rad)": r.get("refined_e_or_o4"),
-                "10-NN true d_q (rad)": r.get("knn_median_dq"),
-                "half-map FSC0.143 (Å)": r.get("halfmap_fsc0143_A"),
-                "initial model": r.get("initial_model"),
-                "seconds": r.get("seconds"),
-                "recovery rot+hand (rad)": r.get("recovered_registration"),
+                "images": rec.get("recovered"),
+                "rot+hand (rad)": ref.get("registration"),
+                "E_OR (rad)": ref.get("e_or_o4"),
+                "10-NN true d_q (rad)": rec.get("knn_median_dq"),
+                "half-map FSC0.143 (Å)": ref.get("halfmap_fsc0143_A"),
+                "initial model": ref.get("initial_model"),
+                "seconds": r.get("total_s"),
+                "recovery rot+hand (rad)": rec.get("registration"),
+                "recovery E_OR (rad)": rec.get("e_or_o4"),
+                "fine-tune val L_DE (rad²)": ft.get("best_val_L_DE"),
+                "fine-tune steps": ft.get("steps"),
             }
         )
     return out
@@ -293,6 +318,7 @@ def _figure(ctx: Context, rows: list[dict]) -> None:
     "after refinement/bootstrap on every held-out protein and ≤ 0.6 rad from the general distance alone; "
     "noiseless ≤ 0.05 rad after refinement",
     headline=headline,
+    small_threads=1,
 )
 def run(ctx: Context) -> dict:
     from cryoorient_ray.pretrained import pretrained_model_path

@@ -272,6 +272,24 @@ def _write_new_store(target: Path, manifest: dict, images: np.ndarray, arrays: d
             shutil.rmtree(tmp)
 
 
+def _crop_particles(
+    images: np.ndarray, arrays: dict, pix: float, size: int, star_path: Path
+) -> tuple[np.ndarray, dict, float]:
+    """``images`` Fourier-cropped to ``size``² (in blocks), the shifts rescaled, the new pixel size."""
+    from cryoorient_ray.core.imaging.fourier import fourier_crop
+
+    box = images.shape[-1]
+    if size > box or size < 8:
+        raise CryoOrientError(
+            f"{star_path}: cannot crop {box}² particles to {size}² (the working box must be 8 to {box} pixels)"
+        )
+    out = np.empty((len(images), size, size), dtype=np.float32)
+    for a in range(0, len(images), 1024):
+        out[a : a + 1024] = fourier_crop(images[a : a + 1024], size).numpy()
+    arrays = {**arrays, "shift": arrays["shift"] * (size / box)}
+    return out, arrays, pix * box / size
+
+
 def import_relion(
     star_path: str | os.PathLike,
     store_path: str | os.PathLike,
@@ -279,11 +297,15 @@ def import_relion(
     symmetry: str = "C1",
     split: str = "test",
     name: str | None = None,
+    image_size: int | None = None,
 ) -> ProjectionStore:
     """Read a RELION particle stack into a new projection store (all rows in ``split``).
 
     Angles (if present) become the store's orientations; without them the store records
-    ``has_orientations: false`` and its quaternions are NaN.
+    ``has_orientations: false`` and its quaternions are NaN. ``image_size``: Fourier-crop the
+    particles to this working box (as RELION's rescale at extraction: the pixel size grows by
+    ``L / image_size``, shifts in pixels shrink by it); the manifest's ``acquisition`` keeps the
+    extracted box and pixel size.
     """
     from cryoorient_ray.core.geometry.symmetry import normalize_symmetry_name
 
@@ -297,6 +319,16 @@ def import_relion(
         raise CryoOrientError(f"{star_path}: images contain NaN or inf")
     n = images.shape[0]
     arrays, has_angles, has_ctf = _particle_metadata(particles, pix, n, split)
+    box = int(images.shape[-1])
+    if image_size is not None and image_size != box:
+        images, arrays, pix = _crop_particles(images, arrays, pix, image_size, star_path)
+    acquisition = {
+        "image_size": box,
+        "pixel_size": pix * images.shape[-1] / box,
+        "snr_db": None,  # unknown for real particles
+        "noise_variance_box": "acquisition",
+        "noise_variance_to_working": (images.shape[-1] / box) ** 2,
+    }
     protein = {"name": name or star_path.stem, "source": str(star_path), "symmetry": symmetry}
     manifest = {
         "config": {"imported_from": str(star_path)},
@@ -307,6 +339,7 @@ def import_relion(
         "optics": _optics(particles, optics, star_path),
         "ctf_applied": has_ctf,
         "source": "relion",
+        "acquisition": acquisition,
     }
     target = Path(store_path)
     if target.exists():

@@ -131,14 +131,17 @@ def training_mismatch(training: dict, store) -> str | None:
         diffs.append(f"{float(pix):g} Å/px, not {store.pixel_size:g}")
     trained = training.get("snr_db")
     fresh = (training.get("fresh_noise") or {}).get("snr_db")
+    span = None
     if fresh is not None:  # fresh noise every batch: the SNR (or range) it was drawn at, not the store's
         trained = list(fresh) if isinstance(fresh, (list, tuple)) else [fresh]
+        span = f"{_snr_text(trained[0])} to {_snr_text(trained[-1])}" if len(trained) == 2 else None
     snr = store.manifest.get("config", {}).get("noise", {}).get("snr_db", "unknown")
     if trained and snr != "unknown":
         level = [math.inf if v is None else float(v) for v in trained]
         here = math.inf if snr is None else float(snr)
         if not min(level) - 1.0 <= here <= max(level) + 1.0:
-            diffs.append(f"SNR {', '.join(sorted({_snr_text(v) for v in trained}))}, not {_snr_text(snr)}")
+            said = span or ", ".join(sorted({_snr_text(v) for v in trained}))
+            diffs.append(f"SNR {said}, not {_snr_text(snr)}")
     if not diffs:
         return None
     return f"the model was trained on {'; '.join(diffs)} of {store.path}: its distances will not fit these images"
