@@ -162,6 +162,9 @@ def bootstrap_table(out: Path) -> str:
         ("refine.e_or_o4", "refined E_OR (rad)"),
         ("refine.halfmap_fsc0143_A", "half maps FSC0.143 (Å)"),
         ("refine.halfmap_fsc05_A", "half maps FSC0.5 (Å)"),
+        ("halfmap_area", "half-map FSC area (shells)"),
+        ("kept", "poses kept"),
+        ("final.registration", "kept error (rad)"),
         ("total_s", "seconds"),
     )
 

@@ -91,6 +91,28 @@ def map_resolution(map_path: str | Path) -> float | None:
     )
 
 
+def halfmap_area(data_store: str, orientations: str | Path, symmetry: str | None = None) -> float:
+    """How well orientations explain the data, without ground truth: the sum over shells ``1 … L/2``
+    of the FSC (clipped at 0) between two half maps of the data's images at those orientations (even
+    and odd images, Fourier inversion, soft sphere ``L/2 − 4``). ``orientations``: an ``.npz`` with
+    ``rows`` and ``quaternions`` (``recovered``/``refined_orientations.npz``). Every candidate of a
+    bootstrap is scored by this one function, so their scores compare."""
+    from cryoorient_ray.core.geometry.quaternion import unitquat_to_rotmat
+    from cryoorient_ray.core.reconstruction.fsc import fsc
+    from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier
+
+    saved = np.load(orientations)
+    rows, q = np.asarray(saved["rows"]), np.asarray(saved["quaternions"], dtype=np.float64)
+    store = ProjectionStore.open(data_store)
+    stack = store.particles(rows)
+    rot = unitquat_to_rotmat(q).astype(np.float32)
+    halves = []
+    for part in (slice(0, None, 2), slice(1, None, 2)):
+        halves.append(reconstruct_fourier(stack.subset(np.arange(len(rows))[part]), rot[part], symmetry=symmetry))
+    curve = fsc(halves[0], halves[1], pixel_size=stack.pixel_size_A, mask=stack.image_size / 2 - 4).fsc
+    return float(np.clip(np.asarray(curve, dtype=np.float64)[1:], 0.0, 1.0).sum())
+
+
 def _finite(value) -> float | None:
     return None if value is None or not math.isfinite(float(value)) else float(value)
 
@@ -307,13 +329,19 @@ def bootstrap_rounds(
     rounds: int | None = None,
     progress: bool = False,
     map_resolution_A: float | None = None,
+    start_orientations: str | Path | None = None,
+    start_refine: dict | None = None,
 ) -> list[dict]:
     """``rounds`` (default ``cfg.bootstrap.rounds``) bootstrap rounds into ``out/round_<r>/``: the per-round records.
 
     ``data_store``: the data's projections (``cfg.recover`` picks the split and protein);
     ``model_path``: the distance to start from; ``map_path``: the map round 1 projects, its
     resolution read beside it (:func:`map_resolution`) unless ``map_resolution_A`` is given.
-    Starts (or reuses) Ray (``cfg.ray``).
+    ``start_orientations`` (an ``.npz`` with ``rows``, ``quaternions``) and ``start_refine`` (their
+    errors, when known) are the start's poses: a round whose refined poses explain the data worse
+    (:func:`halfmap_area`) than the best so far keeps the best (``kept: "previous"``; its ``final``
+    holds the kept numbers, its ``next_map`` the kept map); the distance goes on from the round's
+    fine-tuned model either way. Starts (or reuses) Ray (``cfg.ray``).
 
     Raises:
         CryoOrientError: a missing store, model or map, ``rounds`` < 1, or a recovery that does not use a model.
@@ -332,11 +360,25 @@ def bootstrap_rounds(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
+    best_area = None if start_orientations is None else halfmap_area(data_store, start_orientations)
+    best_final = dict(start_refine or {})
     with ray_runtime(cfg.ray):
         for r in range(1, rounds + 1):
-            rec = one_round(cfg, data_store, model, current, out / f"round_{r}", r, progress)
+            folder = out / f"round_{r}"
+            rec = one_round(cfg, data_store, model, current, folder, r, progress)
+            area = halfmap_area(data_store, folder / "refined_orientations.npz")
+            rec["halfmap_area"], rec["start_halfmap_area"] = round(area, 3), _round(best_area)
+            if best_area is not None and area < best_area:
+                rec["kept"], rec["final"], rec["next_map"] = "previous", best_final, str(current[0])
+                log.info("bootstrap round %d: its poses explain the data less (half-map FSC area %.2f < %.2f); "
+                         "keeping the previous ones", r, area, best_area)  # fmt: skip
+            else:
+                rec["kept"], rec["final"] = "this round", rec["refine"]
+                best_area, best_final = area, rec["refine"]
+                current = (Path(rec["next_map"]), rec["refine"].get("halfmap_fsc0143_A"))
+            atomic_write_text(folder / ROUND_RECORD, json.dumps(rec, indent=2) + "\n")
             records.append(rec)
-            current, model = (Path(rec["next_map"]), rec["refine"].get("halfmap_fsc0143_A")), rec["model"]
+            model = rec["model"]
     return records
 
 
@@ -388,13 +430,25 @@ def stage_bootstrap(cfg: RunConfig, out: Path, progress: bool = True) -> StageRe
         final = json.loads(refined.read_text()).get("final", {})
         start["refine"] = {k: final[k] for k in ("halfmap_fsc0143_A", "e_or_o4", "registration") if k in final}
     folder = out / FOLDER
-    records = bootstrap_rounds(store_path_for(cfg, out), model, str(map_path), cfg, folder, progress=progress)
+    poses = out / "refine" / "refined_orientations.npz"
+    poses = poses if map_path.parent.name == "refine" and poses.is_file() else out / "recovered_orientations.npz"
+    records = bootstrap_rounds(
+        store_path_for(cfg, out),
+        model,
+        str(map_path),
+        cfg,
+        folder,
+        progress=progress,
+        start_orientations=poses if poses.is_file() else None,
+        start_refine=start.get("refine") or recovered,
+    )
     report = {"start": start, "rounds": records, "seconds": round(time.perf_counter() - t0, 2)}
     atomic_write_text(folder / REPORT_NAME, json.dumps(report, indent=2) + "\n")
     plot_bootstrap_rounds(start, records, folder / PLOT_NAME)
     last = records[-1]
     metrics = {"rounds": len(records), "round_s": round(float(np.mean([r["total_s"] for r in records])), 1)}
-    metrics.update({f"refined_{k}": v for k, v in last["refine"].items() if k != "initial_model"})
+    metrics.update({f"refined_{k}": v for k, v in last["final"].items() if k != "initial_model"})
+    metrics["kept_rounds"] = sum(r["kept"] == "this round" for r in records)
     metrics.update({f"recovered_{k}": v for k, v in last["recover"].items() if k in ("e_or_o4", "registration")})
     outputs = {
         "report": f"{FOLDER}/{REPORT_NAME}",
