@@ -143,6 +143,11 @@ def test_run_with_one_bootstrap_round(ray_local, tmp_path):
     for key in ("halfmap_fsc0143_A", "halfmap_fsc05_A", "registration", "e_or_o4"):
         assert key in rec["refine"], key
     assert {"registration", "e_or_o4"} <= set(rec["recover"])
+    # the round kept the better poses of its own and the pipeline's, by the half maps' FSC area
+    assert rec["kept"] in ("this round", "previous") and rec["start_halfmap_area"] is not None
+    better = rec["halfmap_area"] >= rec["start_halfmap_area"]
+    assert (rec["kept"] == "this round") == better
+    assert rec["final"] == (rec["refine"] if better else report["start"]["refine"])
     # the fine-tune started from the run's model, on a store made as the data
     assert rec["fine_tune"]["start_val_L_DE"] is not None and rec["n_images"] == 200
     training = json.loads((folder / "train_summary.json").read_text())
@@ -158,6 +163,29 @@ def test_run_with_one_bootstrap_round(ray_local, tmp_path):
     assert result.exit_code == 0, result.output
     again = json.loads((out / "summary.json").read_text())["stages"]
     assert all(s["status"] == "cached" for s in again), [(s["name"], s["status"]) for s in again]
+
+
+def test_halfmap_area_scores_true_poses_above_perturbed_and_random_ones(tmp_path):
+    """The no-ground-truth score the bootstrap keeps the better poses by: the truth > the truth turned
+    0.3 rad per image > random orientations."""
+    from cryoorient_ray.core import quat_product, sample_orientations
+    from cryoorient_ray.stages.bootstrap import halfmap_area
+    from tests.helpers import make_projection_store
+
+    path = tmp_path / "s.zarr"
+    make_projection_store(path, n=400, size=24)
+    store = ProjectionStore.open(path)
+    rows = store.done_rows()
+    q = np.asarray(store.read_metadata(rows, names=["quaternion"])["quaternion"], dtype=np.float64)
+    rng = np.random.default_rng(0)
+    axis = rng.standard_normal((len(q), 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    turn = np.concatenate([np.full((len(q), 1), np.cos(0.15)), np.sin(0.15) * axis], 1)
+    scores = []
+    for name, quats in (("true", q), ("turned", quat_product(turn, q)), ("random", sample_orientations(len(q), seed=1))):
+        np.savez(tmp_path / f"{name}.npz", rows=rows, quaternions=quats)
+        scores.append(halfmap_area(str(path), tmp_path / f"{name}.npz"))
+    assert scores[0] > scores[1] > scores[2] and scores[0] > 0.8 * (24 // 2), scores
 
 
 def test_cluster_check_plans_the_bootstrap_as_training():
