@@ -365,6 +365,8 @@ def run(ctx: Context) -> dict:
         f"own: the benchmark's small distance ({common.SMALL_MODEL['channels']}, n_f "
         f"{common.SMALL_MODEL['n_features']}) trained {OWN_STEPS[ctx.scale]:,} steps on the protein's own train "
         "split (fresh noise at the store's SNR), recovered, not refined: the reference a user does not have.",
+        f"Time in the rows (measured when each ran, stores' simulation not counted): "
+        f"{sum(float(r.get('seconds') or 0) for r in rows):,.0f} s.",
         "Rows reused from an earlier run (benchmarks/work/unseen_<scale>/<protein>_<snr>/<row>.json) keep their "
         "timings; UNSEEN_FRESH=1 measures all again.",
     ]
