@@ -182,7 +182,8 @@ def test_halfmap_area_scores_true_poses_above_perturbed_and_random_ones(tmp_path
     axis /= np.linalg.norm(axis, axis=1, keepdims=True)
     turn = np.concatenate([np.full((len(q), 1), np.cos(0.15)), np.sin(0.15) * axis], 1)
     scores = []
-    for name, quats in (("true", q), ("turned", quat_product(turn, q)), ("random", sample_orientations(len(q), seed=1))):
+    candidates = (("true", q), ("turned", quat_product(turn, q)), ("random", sample_orientations(len(q), seed=1)))
+    for name, quats in candidates:
         np.savez(tmp_path / f"{name}.npz", rows=rows, quaternions=quats)
         scores.append(halfmap_area(str(path), tmp_path / f"{name}.npz"))
     assert scores[0] > scores[1] > scores[2] and scores[0] > 0.8 * (24 // 2), scores
