@@ -204,12 +204,16 @@ def test_options_override_the_config_keys_they_name():
         "reconstruct.refine_rounds": 2,
         "reconstruct.method": "cg",
     }
-    assert cli.config_overrides(cli.run, dict(seed=5, address="h:6379", bootstrap=None)) == {
+    assert cli.config_overrides(cli.run, dict(seed=5, address="h:6379", bootstrap=None, model=None)) == {
         "seed": 5,
         "ray.address": "h:6379",
         "bootstrap.rounds": None,
+        "recover.model": None,
     }
-    assert cli.config_overrides(cli.run, dict(seed=None, address=None, bootstrap=2))["bootstrap.rounds"] == 2
+    got = cli.config_overrides(cli.run, dict(seed=None, address=None, bootstrap=2, model=None))
+    assert got["bootstrap.rounds"] == 2
+    got = cli.config_overrides(cli.run, dict(seed=None, address=None, bootstrap=None, model="pretrained"))
+    assert got["recover.model"] == "pretrained"
     assert cli.config_overrides(cli.cluster_check, dict(address=None)) == {"ray.address": None}
     assert cli.config_overrides(cli.config_show, {}) == {}
 

@@ -16,6 +16,7 @@ from cryoorient_ray.errors import CryoOrientError
 
 PRETRAINED_MODELS = {"general": "general_32px.pt"}
 DEFAULT_PRETRAINED = "general"
+PRETRAINED_IMAGE_SIZE = 32  # the working box the shipped models were trained at (pixels)
 HERE = Path(__file__).resolve().parent
 
 

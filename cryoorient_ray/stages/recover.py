@@ -663,26 +663,30 @@ def write_recovery_outputs(
 # ----------------------------------------------------------------------------------------------- stage
 
 
-def _model_file(rcfg: RecoverConfig, out: Path, model_path: str | os.PathLike | None) -> str | None:
+def _model_file(
+    rcfg: RecoverConfig, out: Path, model_path: str | os.PathLike | None, image_size: int | None = None
+) -> str | None:
     """The model file recovery reads (absolute: Ray Data workers do not share the driver's folder).
 
     ``model_path``, else ``recover.model`` (a file, or ``pretrained[:NAME]``: a shipped model),
-    else the run's ``model.pt``, else (no model trained in this run) the shipped general distance.
+    else the run's ``model.pt``, else (no model trained in this run) the shipped general distance
+    when the store's images (``image_size``) have its box.
     """
-    from cryoorient_ray.pretrained import resolve_model_path
+    from cryoorient_ray.pretrained import PRETRAINED_IMAGE_SIZE, resolve_model_path
 
     if model_path is None and rcfg.estimator == "model":
         model_path = rcfg.model
         if model_path is None:
             model_path = str(out / MODEL_NAME)
-            if not Path(model_path).is_file():
+            if not Path(model_path).is_file() and image_size == PRETRAINED_IMAGE_SIZE:
                 model_path = "pretrained"
-                log.info(
-                    "no model trained in this run: recovering with the shipped general distance (docs/MODEL_CARD.md)"
-                )
+                log.info("no model trained in this run: recovering with the shipped general distance")
     model_path = resolve_model_path(None if model_path is None else str(model_path))
     if model_path is not None and not Path(model_path).is_file():
-        raise CryoOrientError(f"model file not found: {model_path} (train first, or set recover.model)")
+        raise CryoOrientError(
+            f"model file not found: {model_path} (train first, set recover.model, or --model pretrained for "
+            f"{PRETRAINED_IMAGE_SIZE}² images)"
+        )
     return None if model_path is None else os.path.abspath(model_path)
 
 
@@ -703,7 +707,7 @@ def stage_recover(
     rcfg = cfg.recover
     store_path = absolute_store_path(store_path) if store_path else store_path_for(cfg, out)
     clear_nodes_used("recover")
-    model_file = _model_file(rcfg, out, model_path)
+    model_file = _model_file(rcfg, out, model_path, ProjectionStore.open(store_path).image_size)
     runtime = ray_runtime(cfg.ray) if rcfg.actors > 0 else nullcontext()
     bar, callback, status = _recovery_progress(progress)
     with runtime, bar:
