@@ -147,11 +147,6 @@ def _random_error(q_true: np.ndarray, seed: int) -> float:
     return float(align_rotation(q_true, np.asarray(q, dtype=np.float64)).mean)
 
 
-def _fsc_area(curve) -> float:
-    """The sum of an FSC over the shells ``1 … L/2`` (clipped at 0): still informative where FSC 0.5 sits at Nyquist."""
-    return float(np.clip(np.asarray(curve, dtype=np.float64)[1:], 0.0, 1.0).sum())
-
-
 def effective_goal(row: str, oracle: float | None) -> float:
     goal = GOALS[row]
     return goal if oracle is None else max(goal, ORACLE_SLACK * oracle)
@@ -283,7 +278,7 @@ def _refine_one(stack, start, q_true, true_map, truth_map, settings, label: str,
     """One refinement on 2 Ray actors and its measures (the final map from the orientations registered
     onto the truth, rotation and hand, with the refined shifts; unmasked like the true-orientation map)."""
     from cryoorient_ray.core import unitquat_to_rotmat
-    from cryoorient_ray.core.reconstruction.fsc import fsc
+    from cryoorient_ray.core.reconstruction.fsc import fsc, fsc_area
     from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier
     from cryoorient_ray.core.recovery.align import align_o4, align_rotation
     from cryoorient_ray.core.refinement.global_search import global_refine
@@ -304,7 +299,7 @@ def _refine_one(stack, start, q_true, true_map, truth_map, settings, label: str,
     rot = unitquat_to_rotmat(np.asarray(reg.apply(res.quaternions), dtype=np.float64)).astype(np.float32)
     vol = reconstruct_fourier(part, rot)
     iterations = [e for e in res.history if isinstance(e["iteration"], int) and e["iteration"] > 0]
-    area = _fsc_area(fsc(vol, truth_map, stack.pixel_size_A).fsc)
+    area = fsc_area(fsc(vol, truth_map, stack.pixel_size_A).fsc)
     return {
         "fsc_area": area,
         "initial_model": first.get("start"),
@@ -328,7 +323,7 @@ def _refine_one(stack, start, q_true, true_map, truth_map, settings, label: str,
 )
 def run(ctx: Context) -> dict:
     from cryoorient_ray.core import unitquat_to_rotmat
-    from cryoorient_ray.core.reconstruction.fsc import fsc
+    from cryoorient_ray.core.reconstruction.fsc import fsc, fsc_area
     from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier
     from cryoorient_ray.core.recovery.align import align_rotation
     from cryoorient_ray.core.recovery.oracle import oracle_error
@@ -361,7 +356,7 @@ def run(ctx: Context) -> dict:
             **AB_INITIO,
         )
         work = dataclasses.replace(stack, shifts=None) if ctf_shifts else stack  # the shifts are searched
-        true_area = _fsc_area(fsc(true_map, truth_map, px).fsc)
+        true_area = fsc_area(fsc(true_map, truth_map, px).fsc)
         previous = None
         for start_name, start in (("recovery", recovered), ("random", None)):
             label = start_label if start_name == "recovery" else "random"

@@ -98,7 +98,7 @@ def halfmap_area(data_store: str, orientations: str | Path, symmetry: str | None
     ``rows`` and ``quaternions`` (``recovered``/``refined_orientations.npz``). Every candidate of a
     bootstrap is scored by this one function, so their scores compare."""
     from cryoorient_ray.core.geometry.quaternion import unitquat_to_rotmat
-    from cryoorient_ray.core.reconstruction.fsc import fsc
+    from cryoorient_ray.core.reconstruction.fsc import fsc, fsc_area
     from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier
 
     saved = np.load(orientations)
@@ -110,7 +110,7 @@ def halfmap_area(data_store: str, orientations: str | Path, symmetry: str | None
     for part in (slice(0, None, 2), slice(1, None, 2)):
         halves.append(reconstruct_fourier(stack.subset(np.arange(len(rows))[part]), rot[part], symmetry=symmetry))
     curve = fsc(halves[0], halves[1], pixel_size=stack.pixel_size_A, mask=stack.image_size / 2 - 4).fsc
-    return float(np.clip(np.asarray(curve, dtype=np.float64)[1:], 0.0, 1.0).sum())
+    return fsc_area(curve)
 
 
 def _finite(value) -> float | None:

@@ -160,6 +160,12 @@ def fsc(vol1: ArrayLike, vol2: ArrayLike, pixel_size: float = 1.0, mask: ArrayLi
     return FSCResult(frequency=freq, fsc=curve.cpu().numpy(), n_voxels=count.cpu().numpy(), pixel_size=px)
 
 
+def fsc_area(curve: ArrayLike) -> float:
+    """The sum of an FSC curve over the shells ``1 … L/2`` (clipped at 0): grows with resolution and
+    with the correlation of every shell, also once the 0.143 or 0.5 crossing sits at Nyquist."""
+    return float(np.clip(np.asarray(curve, dtype=np.float64)[1:], 0.0, 1.0).sum())
+
+
 def fsc_resolution(curve: ArrayLike, freqs: ArrayLike, threshold: float = 0.143) -> float:
     """Resolution (Å) where an FSC curve first falls below ``threshold``.
 

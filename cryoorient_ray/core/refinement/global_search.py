@@ -79,7 +79,7 @@ from cryoorient_ray.core.geometry.sampling import sample_orientations
 from cryoorient_ray.core.geometry.symmetry import normalize_symmetry_name
 from cryoorient_ray.core.imaging.fourier import centred_volume_ft, phase_ramp
 from cryoorient_ray.core.imaging.particles import ParticleStack, as_particle_stack
-from cryoorient_ray.core.reconstruction.fsc import FSCResult, fsc, soft_mask
+from cryoorient_ray.core.reconstruction.fsc import FSCResult, fsc, fsc_area, soft_mask
 from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier, split_halves
 from cryoorient_ray.core.recovery.align import align_rotation
 from cryoorient_ray.core.refinement.local import RefineSettings, _quats, _volume, _working_stack, refine_orientations
@@ -766,12 +766,6 @@ def _shell_edge(curve: np.ndarray) -> int:
     return int(below[0]) if below.size else len(curve) - 1
 
 
-def _fsc_area(curve: np.ndarray) -> float:
-    """The sum of the FSC over the shells ``1 … L/2`` (clipped at 0): grows with resolution and with
-    the correlation of every shell, also once the 0.143 crossing sits at Nyquist."""
-    return float(np.clip(np.asarray(curve, dtype=np.float64)[1:], 0.0, 1.0).sum())
-
-
 def _band_weights(curve: np.ndarray) -> np.ndarray:
     c = np.clip(np.asarray(curve, dtype=np.float64), 0.0, 1.0)
     return np.maximum(np.sqrt(2 * c / (1 + c)), 0.05)
@@ -865,9 +859,9 @@ def _initial_model(work, start, settings, maps: _Maps, curve: FSCResult, device,
 
     def area_of(q: np.ndarray, shifts: np.ndarray | None) -> float:
         poses = _Poses(q=np.asarray(q, dtype=np.float64), shifts=shifts if settings.max_shift_px > 0 else None)
-        return _fsc_area(maps.halves_and_fsc(poses)[1].fsc)
+        return fsc_area(maps.halves_and_fsc(poses)[1].fsc)
 
-    area = None if start is None else _fsc_area(curve.fsc)
+    area = None if start is None else fsc_area(curve.fsc)
     return initial_model(
         work, settings, start_area=area, area_of=area_of, device=device, q_true=q_true, q_start=q_start
     )
@@ -971,7 +965,7 @@ def global_refine(
             halves=halves,
             band_A=resolution_of(edge),
             best_fsc_A=math.inf if init.kind != "given" else curve.resolution_0143,
-            best_fsc_area=0.0 if init.kind != "given" else _fsc_area(curve.fsc),
+            best_fsc_area=0.0 if init.kind != "given" else fsc_area(curve.fsc),
         )
         entry0 = {
             "iteration": 0,
@@ -1016,7 +1010,7 @@ def global_refine(
             half_maps, curve = maps.halves_and_fsc(poses)
             seconds = time.perf_counter() - t0
             res = curve.resolution_0143
-            area = _fsc_area(curve.fsc)
+            area = fsc_area(curve.fsc)
             improved = res < state.best_fsc_A * (1 - _IMPROVEMENT) or area > state.best_fsc_area * (1 + _IMPROVEMENT)
             state.stale = 0 if improved else state.stale + 1
             state.best_fsc_A = min(state.best_fsc_A, res)
