@@ -26,7 +26,7 @@ from cryoorient_ray.stages.base import (
 )
 from cryoorient_ray.stages.bootstrap import check_bootstrap, stage_bootstrap
 from cryoorient_ray.stages.reconstruct import stage_reconstruct
-from cryoorient_ray.stages.recover import stage_recover
+from cryoorient_ray.stages.recover import existing_model_file, stage_recover
 from cryoorient_ray.stages.refine import REFINED_NAME, RUN_FOLDER, STATE_DIR, check_refine, stage_refine
 from cryoorient_ray.stages.simulate import check_simulate, stage_simulate
 from cryoorient_ray.stages.train import check_init_model, stage_train
@@ -146,13 +146,8 @@ def headline(results: list[StageResult]) -> dict[str, str]:
 
 def _check_model(cfg: RunConfig) -> None:
     """Before anything runs: a given ``recover.model`` (a file or ``pretrained[:NAME]``) exists."""
-    from cryoorient_ray.errors import CryoOrientError
-    from cryoorient_ray.pretrained import resolve_model_path
-
-    if cfg.recover.estimator == "model" and cfg.recover.model is not None:
-        path = resolve_model_path(cfg.recover.model)
-        if not Path(path).is_file():
-            raise CryoOrientError(f"model file not found: {path} (recover.model)")
+    if cfg.recover.estimator == "model":
+        existing_model_file(cfg.recover.model, "recover.model")
 
 
 def run_pipeline(

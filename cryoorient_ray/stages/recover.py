@@ -672,7 +672,7 @@ def _model_file(
     else the run's ``model.pt``, else (no model trained in this run) the shipped general distance
     when the store's images (``image_size``) have its box.
     """
-    from cryoorient_ray.pretrained import PRETRAINED_IMAGE_SIZE, resolve_model_path
+    from cryoorient_ray.pretrained import PRETRAINED_IMAGE_SIZE
 
     if model_path is None and rcfg.estimator == "model":
         model_path = rcfg.model
@@ -681,13 +681,23 @@ def _model_file(
             if not Path(model_path).is_file() and image_size == PRETRAINED_IMAGE_SIZE:
                 model_path = "pretrained"
                 log.info("no model trained in this run: recovering with the shipped general distance")
-    model_path = resolve_model_path(None if model_path is None else str(model_path))
-    if model_path is not None and not Path(model_path).is_file():
-        raise CryoOrientError(
-            f"model file not found: {model_path} (train first, set recover.model, or --model pretrained for "
-            f"{PRETRAINED_IMAGE_SIZE}² images)"
-        )
+    hint = f"train first, set recover.model, or --model pretrained for {PRETRAINED_IMAGE_SIZE}² images"
+    model_path = existing_model_file(model_path, hint)
     return None if model_path is None else os.path.abspath(model_path)
+
+
+def existing_model_file(model: str | os.PathLike | None, hint: str) -> str | None:
+    """``model`` with ``pretrained[:NAME]`` resolved to the shipped file (None stays None).
+
+    Raises:
+        CryoOrientError: ``model file not found: PATH (hint)``, or an unknown pretrained name.
+    """
+    from cryoorient_ray.pretrained import resolve_model_path
+
+    path = resolve_model_path(None if model is None else str(model))
+    if path is not None and not Path(path).is_file():
+        raise CryoOrientError(f"model file not found: {path} ({hint})")
+    return path
 
 
 def stage_recover(
@@ -725,13 +735,9 @@ def stage_recover(
 
 def check_recover_inputs(cfg: RunConfig, store_path: str, model_path: str | os.PathLike | None) -> None:
     """Before anything is written: the store opens intact and the model file (if one is needed) exists."""
-    from cryoorient_ray.pretrained import resolve_model_path
-
     ProjectionStore.open(store_path)
     model = model_path or (cfg.recover.model if cfg.recover.estimator == "model" else None)
-    model = resolve_model_path(None if model is None else str(model))
-    if model is not None and not Path(model).is_file():
-        raise CryoOrientError(f"model file not found: {model} (train first, or set recover.model)")
+    existing_model_file(model, "train first, or set recover.model")
 
 
 def run_recover(
