@@ -72,12 +72,11 @@ def held_out() -> list[str]:
 
 def _check_held_out(model_path: Path) -> dict:
     """The shipped model's training record, after checking it never saw a held-out protein."""
-    import torch
+    from cryoorient_ray.core.learning.model import load_distance_model
 
     if held_out() != list(HELD_OUT):
         raise SystemExit(f"the held-out draw changed: {held_out()} != {list(HELD_OUT)}")
-    info = torch.load(model_path, map_location="cpu", weights_only=False)
-    training = info.get("training") or {}
+    training = load_distance_model(model_path)[1].get("training") or {}
     seen = set(training.get("proteins_seen") or [])
     leaked = sorted(seen & set(HELD_OUT))
     if leaked:
@@ -209,7 +208,6 @@ def _bootstrap_rows(store, cfg, model_path: Path, folder: Path, ctx: Context) ->
                 "poses kept": r.get("kept"),
                 "round's refined rot+hand (rad)": ref.get("registration"),
                 "half-map FSC area (shells)": r.get("halfmap_area"),
-                "10-NN true d_q (rad)": rec.get("knn_median_dq"),
                 "half-map FSC0.143 (Å)": ref.get("halfmap_fsc0143_A"),
                 "initial model": ref.get("initial_model"),
                 "seconds": r.get("total_s"),
