@@ -307,8 +307,7 @@ def one_round(
         _errors_text(record["refine"]),
         times["total_s"],
     )
-    atomic_write_text(folder / ROUND_RECORD, json.dumps(record, indent=2) + "\n")
-    return record
+    return record  # bootstrap_rounds writes it (round.json) once it has decided which poses the round keeps
 
 
 def _errors_text(m: dict) -> str:
