@@ -124,6 +124,15 @@ def refine_table(out: Path) -> str:
             if "start" in init
             else []
         ),
+        *(
+            [
+                f"ab initio map turned {init['symmetry_frame']['angle_deg']:.1f}° onto the declared symmetry axes "
+                f"(self-agreement {init['symmetry_frame']['identity_score']:.3f} → "
+                f"{init['symmetry_frame']['score']:.3f})"
+            ]
+            if "symmetry_frame" in init
+            else []
+        ),
         f"final half-map resolution FSC0.143 {final.get('halfmap_fsc0143_A')} Å, "
         f"FSC0.5 {final.get('halfmap_fsc05_A')} Å",
     ]

@@ -100,29 +100,39 @@ def test_auto_keeps_clearly_good_starts_and_lets_the_fsc_area_decide_otherwise(d
     fast = GlobalRefineSettings(**COARSE, ab_initio_steps=2, ab_initio_batch_size=100)
     calls = []
 
-    def area_of(area):
+    def area_of(*areas):  # the areas of successive calls: random orientations first, then ab initio's
+        left = list(areas)
+
         def f(quats, shifts):
             calls.append(quats.shape)
-            return area
+            return left.pop(0)
 
         return f
 
-    # 16 shells at 32²: an area of 13 (≥ 0.75 × 16) is a good start, kept without running ab initio
-    good = initial_model(stack, fast, start_area=13.0, area_of=area_of(20.0))
-    assert good.kind == "given" and good.result is None and calls == []
+    # 16 shells at 32²: with random orientations at 4, an area of 13 (≥ 4 + 0.75 × (16 − 4)) is a
+    # good start, kept without running ab initio
+    good = initial_model(stack, fast, start_area=13.0, area_of=area_of(4.0))
+    assert good.kind == "given" and good.result is None and calls == [(300, 4)]
+    assert good.summary()["random_fsc_area"] == 4.0 and "random orientations 4.00" in good.reason
+    # the same area where random orientations already score 8 (noiseless images) is not enough
+    calls.clear()
+    fooled = initial_model(stack, fast, start_area=13.0, area_of=area_of(8.0, 15.0))
+    assert fooled.kind == "ab initio" and calls == [(300, 4), (300, 4)] and "15.00 > the start's 13.00" in fooled.reason
     # below it, ab initio runs and the larger half-map FSC area wins
-    bad = initial_model(stack, fast, start_area=5.0, area_of=area_of(6.0), q_true=q, q_start=q)
+    calls.clear()
+    bad = initial_model(stack, fast, start_area=5.0, area_of=area_of(4.5, 6.0), q_true=q, q_start=q)
     assert bad.kind == "ab initio" and bad.result is not None and bad.reference.shape == (32,) * 3
-    assert calls == [(300, 4)] and "6.00 > the start's 5.00" in bad.reason
+    assert calls == [(300, 4), (300, 4)] and "6.00 > the start's 5.00" in bad.reason
     summary = bad.summary()
     assert summary["start_error_rad"] < 1e-6 and summary["ab_initio_fsc_area"] == 6.0 and "ab_initio" in summary
-    kept = initial_model(stack, fast, start_area=7.0, area_of=area_of(6.0))
+    kept = initial_model(stack, fast, start_area=7.0, area_of=area_of(4.5, 6.0))
     assert kept.kind == "given" and kept.reference is None and kept.result is not None
-    off = initial_model(stack, GlobalRefineSettings(**COARSE, ab_initio="off"), start_area=None, area_of=area_of(1.0))
+    calls.clear()
+    off = initial_model(stack, GlobalRefineSettings(**COARSE, ab_initio="off"), start_area=None, area_of=area_of())
     assert off.kind == "random" and off.result is None
-    on = initial_model(stack, dataclasses.replace(fast, ab_initio="on"), start_area=15.0, area_of=area_of(1.0))
-    assert on.kind == "ab initio" and len(calls) == 2  # "on" does not compare
-    rand = initial_model(stack, fast, start_area=None, area_of=area_of(1.0))
+    on = initial_model(stack, dataclasses.replace(fast, ab_initio="on"), start_area=15.0, area_of=area_of())
+    assert on.kind == "ab initio" and calls == []  # "on" does not compare
+    rand = initial_model(stack, fast, start_area=None, area_of=area_of())
     assert rand.kind == "ab initio" and rand.reason == "random start"
 
 

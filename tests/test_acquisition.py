@@ -129,3 +129,16 @@ def test_stores_made_before_the_record_report_the_working_box(tmp_path):
         "noise_variance_to_working": 1.0,
     }
     assert store.summary()["acquisition"] == store.acquisition
+
+
+def test_the_pseudo_protein_fills_an_acquisition_box_finer_than_its_default():
+    """116² at 1.66 Å/px (the paper's pixel count, the demo's 192 Å box): 64 default voxels would
+    hold only 106 Å, less than the pseudo-protein's 104 Å diameter plus its margin."""
+    from cryoorient_ray.distributed.simulate_tasks import _prepare_map_task
+
+    prepare = _prepare_map_task._function  # the task's body, without Ray
+    fine, voxel = prepare("pseudo:0", 192.0 / 116, None, 116, None)
+    assert fine.shape == (116,) * 3 and voxel == pytest.approx(192.0 / 116)
+    coarse, _ = prepare("pseudo:0", 3.0, None, 64, None)  # the default box: as before
+    # the same molecule: its mass (sum × voxel volume) agrees between the two samplings
+    assert float(fine.sum()) * voxel**3 == pytest.approx(float(coarse.sum()) * 27.0, rel=0.05)

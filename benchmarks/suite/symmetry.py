@@ -22,6 +22,12 @@ paper's variant, noiseless: the store calls 5a1a C1 and samples a quarter of the
 directions (the network learns, and the recovery fits, plain d_q; refined in C1 since its
 recovered frame need not put the 2-fold axes on the declared ones). Every error is D2-aware;
 the oracle (20,000 orientations against the true working map, D2-aware) is the floor.
+
+Every result is kept under ``benchmarks/work/symmetry_<scale>/``: per learned row its store,
+model, recovery, oracle, refinement and table row; per exact/perturbed row its JSON. A re-run
+reuses them. ``SYMMETRY_FRESH`` (comma-separated: simulate, train, recover, oracle, refine,
+exact, or all) redoes those stages (a redone learned stage redoes the ones after it);
+``SYMMETRY_ROWS`` runs only the learned rows it names and reads the others' cached rows.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from benchmarks.harness import Context, register  # noqa: E402
+from benchmarks.harness import ROOT, Context, register  # noqa: E402
+
+WORK = ROOT / "benchmarks" / "work"
 
 CASES = [  # (label, coverage, point group)
     ("C1 half", "half", "C1"),
@@ -223,6 +231,8 @@ def _refine(ctx: Context, store, rows: np.ndarray, start: np.ndarray, q_true: np
         "refined rot+hand (rad)": float(align_rotation(q_true, res.quaternions, symmetry="D2", seed=ctx.seed).mean),
         "refined E_OR (rad)": float(align_o4(q_true, res.quaternions, symmetry="D2", seed=ctx.seed).mean),
         "refine symmetry": group,
+        "initial model": res.history[0].get("start"),
+        "start reason": res.history[0].get("start_reason"),
         "refine (s)": round(time.perf_counter() - t0, 1),
     }
 
@@ -246,31 +256,97 @@ def _learned_note(ctx: Context) -> str:
     )
 
 
-def _learned(ctx: Context, key: str, snr_db, coverage: str, group: str) -> dict:
-    """One learned row: simulate, train, recover (+ gauge), oracle, refine; every error D2-aware."""
-    from cryoorient_ray.core.recovery.align import align_o4, align_rotation
+def _fresh() -> set[str]:
+    """``SYMMETRY_FRESH``: the stages to redo although cached (simulate, train, recover, oracle, refine
+    of the learned rows, exact for the exact/perturbed rows; ``all``), comma-separated."""
+    import os
 
+    words = {w.strip() for w in os.environ.get("SYMMETRY_FRESH", "").split(",") if w.strip()}
+    return set(STAGES) if "all" in words else words
+
+
+STAGES = ("simulate", "train", "recover", "oracle", "refine", "exact")
+
+
+def _cached(path, stage: str):
+    if stage in _fresh() or not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _learned(ctx: Context, key: str, snr_db, coverage: str, group: str) -> dict:
+    """One learned row: simulate, train, recover (+ gauge), oracle, refine; every error D2-aware.
+
+    Every stage keeps its result under ``benchmarks/work/symmetry_<scale>/<key>/`` (``store.zarr``,
+    ``model.pt`` + ``train.json``, ``recovered.npz`` + ``recover.json``, ``oracle.json``,
+    ``refined.json``) and a re-run reuses it unless ``SYMMETRY_FRESH`` names the stage (a redone stage
+    redoes the ones after it)."""
+    from cryoorient_ray.core.recovery.align import align_o4, align_rotation
+    from cryoorient_ray.io.store import ProjectionStore, store_exists
+
+    folder = WORK / f"symmetry_{ctx.scale}" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    fresh = _fresh()
+    redo = False  # a redone stage redoes the later ones
     steps = STEPS[ctx.scale]
-    store = common.simulate(ctx, key, _learned_sets(ctx, snr_db, coverage, group), common.PAPER_5J0N)
-    net, train_s = common.train_plain(
-        store, steps, model=ctx.pick(common.SMALL_MODEL, common.PAPER_MODEL), seed=ctx.seed
+    if "simulate" in fresh or not store_exists(folder / "store.zarr"):
+        store = common.simulate(
+            ctx, key, _learned_sets(ctx, snr_db, coverage, group), common.PAPER_5J0N, path=folder / "store.zarr"
+        )
+        redo = True
+    else:
+        store = ProjectionStore.open(folder / "store.zarr")
+    model_path = folder / "model.pt"
+    trained = None if redo else _cached(folder / "train.json", "train")
+    if trained is None or not model_path.is_file():
+        net, train_s = common.train_plain(
+            store, steps, model=ctx.pick(common.SMALL_MODEL, common.PAPER_MODEL), seed=ctx.seed
+        )
+        from cryoorient_ray.core.learning.model import save_distance_model
+
+        save_distance_model(model_path, net)
+        quality = common.distance_quality(store, model_path, split="test", n_pairs=2000, seed=ctx.seed)["learned"]
+        trained = {"train (s)": round(train_s, 1), "test L_DE": float(quality["L_DE"]), "steps": steps}
+        (folder / "train.json").write_text(json.dumps(trained, indent=2) + "\n")
+        redo = True
+    recovered = None if redo else _cached(folder / "recover.json", "recover")
+    if recovered is None or not (folder / "recovered.npz").is_file():
+        rec = common.recover(store, model_path, gauge=True, seed=ctx.seed)
+        outcome = rec["outcome"]
+        rows = outcome.selection.rows[outcome.nodes]
+        q_true = outcome.selection.q_true[outcome.nodes]
+        q_rec = np.asarray(outcome.q_final, dtype=np.float64)
+        np.savez(folder / "recovered.npz", rows=rows, quaternions=q_rec, q_true=q_true)
+        reg = align_rotation(q_true, q_rec, symmetry="D2", seed=ctx.seed)
+        e_or = float(align_o4(q_true, q_rec, symmetry="D2", seed=ctx.seed).mean)
+        recovered = {"E_OR (rad)": e_or, "rot+hand (rad)": float(reg.mean), "hand": reg.hand}
+        recovered["recover (s)"] = rec["wall_s"]
+        (folder / "recover.json").write_text(json.dumps(recovered, indent=2) + "\n")
+        redo = True
+    npz = np.load(folder / "recovered.npz")
+    rows, q_rec, q_true = np.asarray(npz["rows"]), np.asarray(npz["quaternions"]), np.asarray(npz["q_true"])
+    ctx.say(
+        f"{key}: L_DE {trained['test L_DE']:.3f}, E_OR {recovered['E_OR (rad)']:.3f}, rot+hand "
+        f"{recovered['rot+hand (rad)']:.3f} rad (D2-aware)"
     )
-    model_path = common.save_model(ctx, net, key)
-    quality = common.distance_quality(store, model_path, split="test", n_pairs=2000, seed=ctx.seed)["learned"]
-    rec = common.recover(store, model_path, gauge=True, seed=ctx.seed)
-    outcome = rec["outcome"]
-    rows = outcome.selection.rows[outcome.nodes]
-    q_true = outcome.selection.q_true[outcome.nodes]
-    q_rec = outcome.q_final
-    reg = align_rotation(q_true, q_rec, symmetry="D2", seed=ctx.seed)
-    e_or = float(align_o4(q_true, q_rec, symmetry="D2", seed=ctx.seed).mean)
-    ctx.say(f"{key}: L_DE {quality['L_DE']:.3f}, E_OR {e_or:.3f}, rot+hand {reg.mean:.3f} rad (D2-aware)")
     t0 = time.perf_counter()
-    oracle = _oracle(store, rows, q_true, ctx.seed)
-    ctx.say(f"{key}: oracle {oracle:.3f} rad ({time.perf_counter() - t0:.0f} s)")
-    refined = _refine(ctx, store, rows, q_rec, q_true, group)
+    cached = _cached(folder / "oracle.json", "oracle")
+    if cached is None:
+        oracle = _oracle(store, rows, q_true, ctx.seed)
+        (folder / "oracle.json").write_text(json.dumps({"oracle (rad)": oracle}) + "\n")
+        ctx.say(f"{key}: oracle {oracle:.3f} rad ({time.perf_counter() - t0:.0f} s)")
+    else:
+        oracle = cached["oracle (rad)"]
+    refined = None if redo else _cached(folder / "refined.json", "refine")
+    if refined is None:
+        refined = _refine(ctx, store, rows, q_rec, q_true, group)
+        (folder / "refined.json").write_text(json.dumps(refined, indent=2) + "\n")
     goals = LEARNED_GOALS.get(key, (None, None))
-    met = [v <= g for v, g in ((reg.mean, goals[0]), (refined["refined rot+hand (rad)"], goals[1])) if g is not None]
+    met = [
+        v <= g
+        for v, g in ((recovered["rot+hand (rad)"], goals[0]), (refined["refined rot+hand (rad)"], goals[1]))
+        if g is not None
+    ]
     return {
         "row": key,
         "SNR (dB)": snr_db,
@@ -278,17 +354,17 @@ def _learned(ctx: Context, key: str, snr_db, coverage: str, group: str) -> dict:
         "targets": group,
         "box (px)": store.image_size,
         "Å/px": round(store.pixel_size, 3),
-        "test L_DE": quality["L_DE"],
-        "E_OR (rad)": e_or,
-        "rot+hand (rad)": float(reg.mean),
-        "hand": reg.hand,
+        "test L_DE": trained["test L_DE"],
+        "E_OR (rad)": recovered["E_OR (rad)"],
+        "rot+hand (rad)": recovered["rot+hand (rad)"],
+        "hand": recovered["hand"],
         **refined,
         "oracle (rad)": oracle,
         "goal recovered (rad)": goals[0],
         "goal refined (rad)": goals[1],
         "met": all(met) if met else None,
-        "train (s)": round(train_s, 1),
-        "recover (s)": rec["wall_s"],
+        "train (s)": trained["train (s)"],
+        "recover (s)": recovered["recover (s)"],
     }
 
 
@@ -304,22 +380,35 @@ def run(ctx: Context) -> dict:
     import os
 
     p = 1000
-    # the learned rows first (each writes its row to the scratch folder as it finishes)
+    # ``SYMMETRY_ROWS``: the learned rows to run (comma-separated keys; default all); a row not named is
+    # read from its cached row.json when there is one, else left out
+    chosen = {w.strip() for w in os.environ.get("SYMMETRY_ROWS", "").split(",") if w.strip()}
     learned = []
     for key, snr_db, coverage, group in LEARNED:
+        row_file = WORK / f"symmetry_{ctx.scale}" / key / "row.json"
+        if chosen and key not in chosen:
+            if row_file.is_file():
+                learned.append(json.loads(row_file.read_text()))
+            continue
         t0 = time.perf_counter()
         learned.append(_learned(ctx, key, snr_db, coverage, group))
         r = learned[-1]
-        (ctx.work / f"{key}.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+        row_file.write_text(json.dumps(r, indent=2, default=str) + "\n")
         ctx.say(
             f"{key}: recovered {r['rot+hand (rad)']:.3f}, refined {r['refined rot+hand (rad)']:.3f}, oracle "
             f"{r['oracle (rad)']:.3f} rad ({time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f})"
         )
 
     rows = []
+    exact_dir = WORK / f"symmetry_{ctx.scale}" / "exact"
+    exact_dir.mkdir(parents=True, exist_ok=True)
     for label, coverage, sym in CASES:
         for s2 in SIGMA2:
-            r = _one(p, coverage, sym, s2, ctx.seed)
+            cache = exact_dir / f"{label.replace(' ', '_')}_sigma2_{s2}.json"
+            r = _cached(cache, "exact")
+            if r is None:
+                r = _one(p, coverage, sym, s2, ctx.seed)
+                cache.write_text(json.dumps(r, indent=2, default=str) + "\n")
             rows.append({"case": label, "coverage": coverage, "group": sym, "σ²": s2, **r})
             ctx.say(
                 f"{label} σ² = {s2}: E_OR {r['E_OR (rad)']:.2e} rad, registration {r['registration (rad)']:.2e} "

@@ -116,12 +116,15 @@ def _prepare_map_task(
     import torch
 
     from cryoorient_ray.core.density.volume import prepare_map
-    from cryoorient_ray.io.maps import load_density
+    from cryoorient_ray.io.maps import PSEUDO_DEFAULTS, is_pseudo_source, load_density
 
     torch.set_num_threads(1)
     if voxel_size is None and _is_model(source):
         voxel_size = DEFAULT_MODEL_VOXEL_SIZE
-    density = load_density(source, voxel_size=voxel_size, resolution=resolution, cache_dir=cache_dir)
+    # the pseudo-protein is built in its default box unless the image box is larger: at a fine
+    # pixel (e.g. 116² at 1.66 Å) its 64 voxels would not hold it
+    box = image_size if is_pseudo_source(source) and image_size > PSEUDO_DEFAULTS["box_size"] else None
+    density = load_density(source, voxel_size=voxel_size, resolution=resolution, box_size=box, cache_dir=cache_dir)
     prepared = prepare_map(density, box_size=image_size, voxel_size=voxel_size)
     return prepared.data.astype(np.float32), float(prepared.voxel_size)
 

@@ -78,6 +78,11 @@ def _pseudo_parts(text: str) -> tuple[str, str] | None:
     return shape, (seed.strip() if ":" in low else "0")
 
 
+def is_pseudo_source(text: str | os.PathLike) -> bool:
+    """Whether ``text`` names the built-in pseudo-protein (``pseudo[-SHAPE][:SEED]``)."""
+    return _pseudo_parts(str(text)) is not None
+
+
 def _pseudo_source(text: str) -> tuple[str, int] | None:
     """``(shape, seed)`` of ``pseudo[-SHAPE][:SEED]``; ``None`` if not a pseudo source."""
     parts = _pseudo_parts(text)

@@ -504,6 +504,12 @@ def refine_into(cfg: RunConfig, run: RefineRun, folder: Path, progress: bool = T
     first = result.history[0] if result.history else {}
     if "start" in first:
         say(f"initial model: {first['start']} ({first.get('start_reason', '')})")
+    if "symmetry_frame" in first:
+        fr = first["symmetry_frame"]
+        say(
+            f"ab initio map turned {fr['angle_deg']:.1f}° to put its {run.settings.symmetry} axes on the declared ones "
+            f"(self-agreement under the group {fr['identity_score']:.3f} → {fr['score']:.3f})"
+        )
     return write_refine_outputs(store, run, result, curves, folder, started=t0)
 
 
@@ -593,7 +599,9 @@ def write_refine_outputs(
         "projections": int(len(start.rows)),
         "start": {"kind": start.kind, "source": start.source},
         "initial_model": {
-            k: history[0][k] for k in ("start", "start_reason", "ab_initio") if history and k in history[0]
+            k: history[0][k]
+            for k in ("start", "start_reason", "ab_initio", "symmetry_frame")
+            if history and k in history[0]
         },
         "settings": dataclasses.asdict(run.settings),
         "history": history,

@@ -72,6 +72,7 @@ __all__ = [
     "SymmetricEdgeObjective",
     "anchor_solutions",
     "anchor_start",
+    "beam_anchor_starts",
     "choose_anchors",
     "recover_symmetric",
     "right_mult_matrices",
@@ -264,7 +265,10 @@ def anchor_solutions(
     top: int = 8,
 ) -> list[tuple[np.ndarray, float]]:
     """The ``top`` restarts of :func:`solve_anchors` with the lowest anchor residual, best first:
-    ``[(orientations (K, 4), mean squared residual), ...]``."""
+    ``[(orientations (K, 4), mean squared residual), ...]``.
+
+    For groups of order ≥ :data:`BEAM_MIN_ORDER` (O, I) the random starts are replaced by
+    :func:`beam_anchor_starts` (``restarts`` of them), polished at a low temperature."""
     dk = torch.as_tensor(np.asarray(d_anchors), dtype=torch.float32)
     k = dk.shape[0]
     if dk.shape != (k, k) or k < 4:
@@ -272,10 +276,65 @@ def anchor_solutions(
     grp = _group(symmetry)
     group_q = torch.tensor(np.array(grp.quaternions), dtype=torch.float32)
     iu, ju = torch.triu_indices(k, k, 1)
+    if grp.order >= BEAM_MIN_ORDER:
+        x0 = beam_anchor_starts(dk.numpy(), grp, starts=restarts, seed=seed)
+        x, loss = _batched_fit(x0, dk[iu, ju], group_q, max(steps, 1000), 0.003, 0.003, t_end=1e-4)
+        order = torch.argsort(loss)[: max(1, int(top))]
+        return [(x[r].double().numpy(), float(loss[r])) for r in order.tolist()]
     x0 = random_unitquat(restarts * k, seed=seed).view(restarts, k, 4)
     x, loss = _batched_fit(x0, dk[iu, ju], group_q, steps, lr, temperature)
     order = torch.argsort(loss)[: max(1, int(top))]
     return [(x[r].double().numpy(), float(loss[r])) for r in order.tolist()]
+
+
+# From this group order on (O: 24, I: 60) the anchors start from a beam search instead of random
+# starts. SO(3)/I is small (no two orientations farther apart than 0.72 rad) and its 60 mates make
+# the annealed fit's landscape rugged: with exact I distances between 16 anchors none of 128 random
+# starts reached a residual below 2.6·10⁻³ at temperatures 0.3, 0.1 or 0.03 (800 steps each).
+BEAM_MIN_ORDER = 24
+
+
+def beam_anchor_starts(
+    d_anchors: np.ndarray,
+    symmetry: SymmetryGroup | str,
+    starts: int = 128,
+    n_candidates: int = 4000,
+    beam: int = 1024,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``(starts, K, 4)`` anchor configurations placed one anchor at a time on a candidate set.
+
+    Anchor 0 sits at the identity (the distances are invariant under ``q → s ⊗ q``); anchor ``k``
+    is every one of ``n_candidates`` random rotations (plus the identity) for each of the ``beam``
+    partial configurations kept, scored by the squared residual of its ``d_G`` to anchors
+    ``0 … k − 1`` (a table of ``d_G`` between candidates, computed once), and the ``beam`` lowest
+    totals go on. The ``starts`` best full configurations are returned for a polish
+    (:func:`anchor_solutions`). Measured on exact I distances between 16 anchors (4,000
+    candidates): the beam's best configurations fit to a residual of 1.2·10⁻³ rad² (the
+    candidates' spacing), and after polishing the 128 best (1,000 steps) one reached 7·10⁻⁸,
+    the anchors then within 3·10⁻⁴ rad of the truth; polishing only the 64 best did not reach it.
+    """
+    grp = _group(symmetry)
+    dk = torch.as_tensor(np.asarray(d_anchors), dtype=torch.float32)
+    k = dk.shape[0]
+    cand = torch.cat([torch.tensor([[1.0, 0.0, 0.0, 0.0]]), random_unitquat(int(n_candidates) - 1, seed=seed + 7)])
+    c = cand.shape[0]
+    gq = torch.tensor(np.array(grp.quaternions), dtype=torch.float32)
+    conj = cand * cand.new_tensor([1.0, -1.0, -1.0, -1.0])
+    table = torch.empty(c, c)
+    for s in range(0, c, 256):
+        block = cand[s : s + 256]
+        rel = _hamilton(conj[None, :].expand(block.shape[0], c, 4), block[:, None].expand(-1, c, 4))
+        table[s : s + 256] = 2.0 * torch.acos((rel @ gq.T).abs().amax(-1).clamp(max=1.0))
+    paths = torch.zeros(1, 1, dtype=torch.long)  # anchor 0 at candidate 0, the identity
+    total = torch.zeros(1)
+    for a in range(1, k):
+        r = ((table[:, paths] - dk[a, :a]) ** 2).sum(-1).T  # (paths, candidates)
+        scores = (total[:, None] + r).reshape(-1)
+        keep = torch.topk(-scores, min(int(beam), scores.numel())).indices
+        paths = torch.cat([paths[keep // c], (keep % c)[:, None]], 1)
+        total = scores[keep]
+    return cand[paths[: max(1, int(starts))]].clone()
 
 
 def trilaterate(

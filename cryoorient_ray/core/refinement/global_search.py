@@ -81,6 +81,7 @@ from cryoorient_ray.core.imaging.fourier import centred_volume_ft, phase_ramp
 from cryoorient_ray.core.imaging.particles import ParticleStack, as_particle_stack
 from cryoorient_ray.core.reconstruction.fsc import FSCResult, fsc, fsc_area, soft_mask
 from cryoorient_ray.core.reconstruction.inversion import reconstruct_fourier, split_halves
+from cryoorient_ray.core.reconstruction.symmetrise import symmetry_frame
 from cryoorient_ray.core.recovery.align import align_rotation
 from cryoorient_ray.core.refinement.local import RefineSettings, _quats, _volume, _working_stack, refine_orientations
 from cryoorient_ray.core.refinement.matching import BAND_THRESHOLD, SliceMatcher
@@ -169,8 +170,8 @@ class GlobalRefineSettings:
         ab_initio: ``"auto"``, ``"on"`` or ``"off"``: start from the stochastic ab initio map of
             :mod:`~cryoorient_ray.core.refinement.ab_initio` (``auto``: from random orientations, and
             from a given start whose half maps' FSC area is below
-            :data:`~cryoorient_ray.core.refinement.ab_initio.GOOD_START_FRACTION` of the shells, when
-            the ab initio poses' area is larger).
+            :data:`~cryoorient_ray.core.refinement.ab_initio.GOOD_START_FRACTION` of the way from
+            random orientations' area to the shell count, when the ab initio poses' area is larger).
         ab_initio_steps, ab_initio_batch_size: the ab initio phase's minibatch steps and images per step.
     """
 
@@ -945,9 +946,17 @@ def global_refine(
         poses = _start(work, start, settings, p, shifted)
         half_maps, curve = maps.halves_and_fsc(poses)
         init = _initial_model(work, start, settings, maps, curve, device, qt, poses.q)
+        frame = None
         if init.kind == "ab initio":  # both halves start from the ab initio map, from its poses
             res0 = init.result
-            poses = _Poses(q=res0.quaternions, shifts=res0.shifts if shifted else None)
+            q0 = res0.quaternions
+            if maps.group != "C1":
+                # the C1 ab initio map's axes are wherever its random start put them: turn them onto
+                # the declared ones, or imposing (or finally averaging) the group blurs the map
+                frame = symmetry_frame(init.reference, maps.group)
+                q0 = np.asarray(quat_canonicalize(frame.orientations(q0)), dtype=np.float64)
+                init.reference = np.asarray(frame.volume(init.reference), dtype=np.float32)
+            poses = _Poses(q=q0, shifts=res0.shifts if shifted else None)
             half_maps, curve = maps.halves_and_fsc(poses)
         if settings.start_resolution_A is not None:
             edge = lsize * work.pixel_size_A / settings.start_resolution_A
@@ -970,6 +979,7 @@ def global_refine(
         entry0 = {
             "iteration": 0,
             **init.summary(),
+            **({} if frame is None else {"symmetry_frame": frame.summary()}),
             "band_A": state.band_A,
             "resolution_0143_A": curve.resolution_0143,
             "resolution_05_A": curve.resolution_05,
