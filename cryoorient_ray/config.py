@@ -613,7 +613,8 @@ class RefineConfig(StrictModel):
     ab_initio: Literal["auto", "on", "off"] = Field(
         _GLOBAL.ab_initio,
         description="start from the stochastic ab initio map: on, off, or auto (from random orientations; from a "
-        "given start whose half maps' FSC area is below 0.75 of the shells, when the ab initio poses' area is larger)",
+        "given start whose half maps' FSC area is less than 0.75 of the way from random orientations' area to the "
+        "shell count, when the ab initio poses' area is larger)",
     )
     ab_initio_steps: int = Field(_GLOBAL.ab_initio_steps, ge=1, description="minibatch steps of the ab initio phase")
     ab_initio_batch_size: int = Field(_GLOBAL.ab_initio_batch_size, ge=2, description="images per ab initio step")
