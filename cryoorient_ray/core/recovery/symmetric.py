@@ -319,13 +319,7 @@ def beam_anchor_starts(
     k = dk.shape[0]
     cand = torch.cat([torch.tensor([[1.0, 0.0, 0.0, 0.0]]), random_unitquat(int(n_candidates) - 1, seed=seed + 7)])
     c = cand.shape[0]
-    gq = torch.tensor(np.array(grp.quaternions), dtype=torch.float32)
-    conj = cand * cand.new_tensor([1.0, -1.0, -1.0, -1.0])
-    table = torch.empty(c, c)
-    for s in range(0, c, 256):
-        block = cand[s : s + 256]
-        rel = _hamilton(conj[None, :].expand(block.shape[0], c, 4), block[:, None].expand(-1, c, 4))
-        table[s : s + 256] = 2.0 * torch.acos((rel @ gq.T).abs().amax(-1).clamp(max=1.0))
+    table = _symmetric_distance_table(cand, cand, grp, chunk=256)  # 256 × C × |G| dots at a time
     paths = torch.zeros(1, 1, dtype=torch.long)  # anchor 0 at candidate 0, the identity
     total = torch.zeros(1)
     for a in range(1, k):
@@ -335,6 +329,17 @@ def beam_anchor_starts(
         paths = torch.cat([paths[keep // c], (keep % c)[:, None]], 1)
         total = scores[keep]
     return cand[paths[: max(1, int(starts))]].clone()
+
+
+def _symmetric_distance_table(x: torch.Tensor, y: torch.Tensor, grp: SymmetryGroup, chunk: int = 4096) -> torch.Tensor:
+    """``(N, M)`` ``d_G(x_n, y_m)`` of float32 quaternions ``x (N, 4)`` and ``y (M, 4)``, ``chunk`` rows at a time."""
+    mates = right_mult_matrices(torch.tensor(np.array(grp.quaternions), dtype=torch.float32))
+    yg = torch.einsum("gab,kb->kga", mates, y)  # (M, G, 4): every mate of every y
+    rows = []
+    for s in range(0, x.shape[0], chunk):
+        dots = torch.einsum("ca,kga->ckg", x[s : s + chunk], yg).abs().amax(-1).clamp(max=1.0)
+        rows.append(2.0 * torch.acos(dots))
+    return torch.cat(rows)
 
 
 def trilaterate(
@@ -358,13 +363,7 @@ def trilaterate(
         raise CryoOrientError(f"distances to anchors must be (P, {a.shape[0]}); got {tuple(dt.shape)}")
     n_c = max(4000, int(n_candidates) // grp.order)
     cand = random_unitquat(n_c, seed=seed + 101)
-    mates = right_mult_matrices(torch.tensor(np.array(grp.quaternions), dtype=torch.float32))
-    ag = torch.einsum("gab,kb->kga", mates, a)  # (K, G, 4): every mate of every anchor
-    table = []
-    for s in range(0, n_c, chunk):
-        dots = torch.einsum("ca,kga->ckg", cand[s : s + chunk], ag).abs().amax(-1).clamp(max=1.0)
-        table.append(2.0 * torch.acos(dots))
-    t = torch.cat(table)  # (C, K)
+    t = _symmetric_distance_table(cand, a, grp, chunk)  # (C, K)
     # ‖d_i − t_c‖² = ‖d_i‖² − 2 d_i·t_c + ‖t_c‖²; the first term does not change the argmin
     out = torch.empty(dt.shape[0], 4)
     tn = (t * t).sum(1)
