@@ -518,6 +518,12 @@ class RecoverConfig(SolverConfig):
     weights: Literal["none", "confidence"] = Field(
         "none", description="edge weights: none, or confidence 1/σ²(d̂) from the model's calibration (model only)"
     )
+    symmetric_start: Literal["auto", "anchors", "spectral"] = Field(
+        "auto",
+        description="start of the recovery on SO(3)/G (a protein with a point group): auto: for D2 both the "
+        "spectral start (every pair's d̂ of up to 2,000 projections) and the anchor start, the one that fits the "
+        "graph's d̂ better is kept; other groups: the anchor start; anchors or spectral (D2 only): that one alone",
+    )
     actors: int = Field(0, ge=0, description="Ray actors holding edge partitions (0 = in-process)")
     cpus_per_actor: float = Field(1.0, gt=0)
     gauge: GaugeConfig = Field(default_factory=GaugeConfig)

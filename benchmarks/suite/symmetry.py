@@ -28,6 +28,9 @@ model, recovery, oracle, refinement and table row; per exact/perturbed row its J
 reuses them. ``SYMMETRY_FRESH`` (comma-separated: simulate, train, recover, oracle, refine,
 exact, or all) redoes those stages (a redone learned stage redoes the ones after it);
 ``SYMMETRY_ROWS`` runs only the learned rows it names and reads the others' cached rows.
+``SYMMETRY_SEEDS`` (e.g. ``1,2``) trains each run learned row's distance again with those seeds and
+recovers the same test images with each (``model_seed<s>.pt``, ``recover_seed<s>.json``): the row
+then reports the error per training seed, their mean and spread (headline ``<row>_seed_mean_rad``).
 """
 
 from __future__ import annotations
@@ -84,6 +87,8 @@ LEARNED_COLUMNS = [
     "test L_DE",
     "E_OR (rad)",
     "rot+hand (rad)",
+    "rot+hand mean over seeds (rad)",
+    "rot+hand spread over seeds (rad)",
     "hand",
     "refined rot+hand (rad)",
     "refined E_OR (rad)",
@@ -110,6 +115,8 @@ def headline(result: dict) -> dict:
     learned = {}
     for r in result.get("learned_rows", []):
         learned[f"{r['row']}_rad"] = r["rot+hand (rad)"]
+        if "rot+hand mean over seeds (rad)" in r:
+            learned[f"{r['row']}_seed_mean_rad"] = r["rot+hand mean over seeds (rad)"]
         learned[f"{r['row']}_refined_rad"] = r["refined rot+hand (rad)"]
         learned[f"{r['row']}_oracle_rad"] = r["oracle (rad)"]
     out.update({k: learned.get(k) for k in LEARNED_KEYS})
@@ -347,6 +354,7 @@ def _learned(ctx: Context, key: str, snr_db, coverage: str, group: str) -> dict:
         for v, g in ((recovered["rot+hand (rad)"], goals[0]), (refined["refined rot+hand (rad)"], goals[1]))
         if g is not None
     ]
+    by_seed = _other_seeds(ctx, key, folder, store, steps, recovered)
     return {
         "row": key,
         "SNR (dB)": snr_db,
@@ -365,6 +373,52 @@ def _learned(ctx: Context, key: str, snr_db, coverage: str, group: str) -> dict:
         "met": all(met) if met else None,
         "train (s)": trained["train (s)"],
         "recover (s)": recovered["recover (s)"],
+        **by_seed,
+    }
+
+
+def _seeds() -> list[int]:
+    """``SYMMETRY_SEEDS``: extra training seeds of the learned rows (comma-separated; default none)."""
+    import os
+
+    return [int(w) for w in os.environ.get("SYMMETRY_SEEDS", "").split(",") if w.strip()]
+
+
+def _other_seeds(ctx: Context, key: str, folder, store, steps: int, recovered: dict) -> dict:
+    """The row's distance trained again with each of :func:`_seeds` (``model_seed<s>.pt``), the same
+    test images recovered with the gauge (``recover_seed<s>.json``); both cached like the rest.
+    Returns ``{"rot+hand by training seed (rad)": {seed: error}, "rot+hand mean over seeds (rad)",
+    "rot+hand spread over seeds (rad)"}`` (the row's own seed included), or ``{}`` without extra seeds."""
+    from cryoorient_ray.core.learning.model import save_distance_model
+    from cryoorient_ray.core.recovery.align import align_rotation
+
+    seeds = [s for s in _seeds() if s != ctx.seed]
+    if not seeds:
+        return {}
+    errors = {ctx.seed: recovered["rot+hand (rad)"]}
+    for seed in seeds:
+        model_path, rec_path = folder / f"model_seed{seed}.pt", folder / f"recover_seed{seed}.json"
+        if "train" in _fresh() or not model_path.is_file():
+            net, _ = common.train_plain(store, steps, model=ctx.pick(common.SMALL_MODEL, common.PAPER_MODEL), seed=seed)
+            save_distance_model(model_path, net)
+            rec_path.unlink(missing_ok=True)
+        cached = _cached(rec_path, "recover")
+        if cached is None:
+            rec = common.recover(store, model_path, gauge=True, seed=seed)
+            out = rec["outcome"]
+            q_true = out.selection.q_true[out.nodes]
+            q_rec = np.asarray(out.q_final, dtype=np.float64)
+            reg = align_rotation(q_true, q_rec, symmetry="D2", seed=seed)
+            cached = {"rot+hand (rad)": float(reg.mean), "start": out.metrics.get("start")}
+            cached["recover (s)"] = rec["wall_s"]
+            rec_path.write_text(json.dumps(cached, indent=2) + "\n")
+        errors[seed] = cached["rot+hand (rad)"]
+        ctx.say(f"{key}, training seed {seed}: recovered {errors[seed]:.3f} rad (start: {cached.get('start')})")
+    vals = np.array(list(errors.values()))
+    return {
+        "rot+hand by training seed (rad)": {str(k): v for k, v in errors.items()},
+        "rot+hand mean over seeds (rad)": float(vals.mean()),
+        "rot+hand spread over seeds (rad)": float(vals.max() - vals.min()),
     }
 
 

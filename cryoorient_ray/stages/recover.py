@@ -378,7 +378,7 @@ def solve_symmetric(
     if cfg.actors:
         log.warning("recovery with point group %s runs in process; recover.actors=%d is not used", symmetry, cfg.actors)
     nodes = edges.nodes
-    result, _ = recover_symmetric(
+    result, start = recover_symmetric(
         len(nodes),
         edges.i,
         edges.j,
@@ -387,7 +387,16 @@ def solve_symmetric(
         symmetry,
         settings=cfg.settings(seed),
         progress=progress,
+        spectral={"auto": "auto", "anchors": "off", "spectral": "only"}[cfg.symmetric_start],
     )
+    log.info(
+        "point group %s: the L_OR phase ran from the %s start (graph residual: anchors %.4g, spectral %.4g rad²)",
+        symmetry,
+        start.kind,
+        start.graph_residual,
+        start.spectral_graph_residual,
+    )
+    result.start = start.kind
     return result
 
 
@@ -499,6 +508,7 @@ def _recovery_metrics(
         "steps": int(result.steps),
         "converged": bool(result.converged),
         "restart_L_OR": [float(x) for x in result.restart_losses],
+        "start": result.start,
         "actors": int(actors),
     }
 

@@ -287,6 +287,8 @@ class RecoveryResult:
         steps: steps taken in all (all restarts included).
         seconds: wall time.
         converged: whether the convergence test stopped L_OR before ``max_steps``.
+        start: the start L_OR ran from where one was chosen among several (recovery on SO(3)/G:
+            ``"anchors"`` or ``"spectral"``); None otherwise.
     """
 
     quaternions: np.ndarray
@@ -296,6 +298,7 @@ class RecoveryResult:
     steps: int = 0
     seconds: float = 0.0
     converged: bool = False
+    start: str | None = None
 
     @property
     def final_loss(self) -> float:

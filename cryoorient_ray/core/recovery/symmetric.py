@@ -44,6 +44,15 @@ recovery (:mod:`cryoorient_ray.core.recovery.solver`) break there, and this modu
   It needs nothing of the full group: it runs for C1 too, and for restricted coverage (where the
   C1 Gram start also stays exact, measured: half and quarter coverage, E_OR 0).
 
+  With *learned* d̂ on D2 the anchors' own fit has wrong minima that no search avoided (the
+  ``symmetry`` benchmark's 5a1a: the true 32 anchors fit d̂ at 0.030 rad², the annealed fit found
+  0.054, a beam 0.039–0.045; E_OR 0.58). For D2, :func:`recover_symmetric` therefore also runs the
+  **spectral start** (:mod:`cryoorient_ray.core.recovery.spectral`: every pair's d̂ of up to 2,000
+  projections, the band-2 eigenvectors of a kernel of d̂, no anchors) and keeps the start whose
+  :func:`start_residual` over the pair graph is lower; from the spectral start the L_OR phase also
+  gets 128 random edges per projection from the d̂ it already has. Measured on that 5a1a store:
+  E_OR 0.168 from the spectral start alone, 0.114 after the L_OR phase.
+
 Quaternions are scalar-first ``(w, x, y, z)``. Pure numpy/torch: no ray.
 """
 
@@ -415,7 +424,13 @@ def start_residual(q0: np.ndarray, edges, symmetry: SymmetryGroup | str = "C1", 
 class AnchorStart:
     """The anchor start: the anchors' indices and orientations, their fit, every node's start and how
     well it fits all the distances (:func:`start_residual` over the node–anchor edges and the graph's;
-    ``candidates``: the anchor solutions tried, as ``(anchor residual, start residual)``)."""
+    ``candidates``: the anchor solutions tried, as ``(anchor residual, start residual)``).
+
+    From :func:`recover_symmetric` also: ``kind``, the start the L_OR phase ran from (``"anchors"``
+    or ``"spectral"``); ``graph_residual`` and ``spectral_graph_residual``, the two starts'
+    :func:`start_residual` over the pair graph's edges (what chose between them; NaN where that
+    start did not run); ``spectral``, the
+    :class:`~cryoorient_ray.core.recovery.spectral.SpectralStart` (or None)."""
 
     anchors: np.ndarray
     anchors_q: np.ndarray
@@ -424,6 +439,10 @@ class AnchorStart:
     seconds: float
     residual: float = float("nan")
     candidates: tuple = ()
+    kind: str = "anchors"
+    graph_residual: float = float("nan")
+    spectral: object = None
+    spectral_graph_residual: float = float("nan")
 
 
 def anchor_start(
@@ -483,8 +502,12 @@ def recover_symmetric(
     n_candidates: int = 60000,
     candidates: int = 8,
     progress=None,
+    spectral: str = "auto",
+    spectral_nodes: int = 2000,
+    spectral_edges: int = 128,
 ) -> tuple[RecoveryResult, AnchorStart]:
-    """Recovery on SO(3)/G: the anchor start, then the symmetric L_OR on the graph plus the anchor edges.
+    """Recovery on SO(3)/G: the anchor start (and, for D2, the spectral start), then the symmetric
+    L_OR on the graph plus the chosen start's extra edges.
 
     Args:
         n_nodes: ``P``.
@@ -502,17 +525,44 @@ def recover_symmetric(
             (:func:`anchor_start`); the attempt kept is the one whose start has the lowest
             :func:`start_residual` over all the distances it was given.
         progress: as :func:`~cryoorient_ray.core.recovery.solver.recover_orientations`'s.
+        spectral: ``"auto"``: where the group has a spectral start
+            (:func:`~cryoorient_ray.core.recovery.spectral.spectral_supported`: D2) and there are at
+            least 64 nodes, run it beside the anchor start and keep the start with the lower
+            :func:`start_residual` over the graph's edges; ``"only"``: the spectral start alone;
+            ``"off"``: the anchor start alone.
+        spectral_nodes: the spectral start's d̂ of every pair of at most this many nodes (a random
+            subset beyond it; the others are trilaterated from 32 of them).
+        spectral_edges: random partners per node among those, whose d̂ (already computed) join the
+            L_OR phase when the spectral start is kept (measured on 5a1a: the graph plus 32 anchor
+            edges per node, E_OR 0.125; plus 128 random ones instead, 0.114).
 
     Returns:
-        ``(RecoveryResult, AnchorStart)`` (the attempt kept); the result's ``seconds`` include the
-        start and ``restart_losses`` are the attempts' anchor residuals.
+        ``(RecoveryResult, AnchorStart)`` (the anchor attempt kept, with ``kind`` saying which start
+        ran); the result's ``seconds`` include the start and ``restart_losses`` are the attempts'
+        anchor residuals.
     """
     from cryoorient_ray.core.recovery.solver import check_distances
+    from cryoorient_ray.core.recovery.spectral import spectral_supported
 
+    if spectral not in ("auto", "only", "off"):
+        raise CryoOrientError(f"spectral must be 'auto', 'only' or 'off'; got {spectral!r}")
     s = settings or RecoverySettings()
     t0 = time.perf_counter()
+    use_spectral = spectral != "off" and spectral_supported(symmetry) and n_nodes >= 64
+    if spectral == "only" and not use_spectral:
+        raise CryoOrientError(
+            f"the spectral start needs point group D2 and at least 64 projections; got {_group(symmetry).name}, "
+            f"{n_nodes}"
+        )
+    graph_edges = (np.asarray(i), np.asarray(j), np.asarray(d))
+    spec = None
+    if use_spectral:
+        spec = _spectral_candidate(n_nodes, distance, symmetry, s.seed, spectral_nodes, spectral_edges, n_candidates)
+        spec["graph_residual"] = start_residual(spec["quaternions"], graph_edges, symmetry)
+        if progress is not None:
+            progress("spectral start", 1, 1, spec["graph_residual"])
     best, tried = None, []
-    for attempt in range(max(1, int(attempts))):
+    for attempt in range(0 if spectral == "only" else max(1, int(attempts))):
         # the second attempt (the residual stayed above anchor_tol: noisy d̂, or no restart
         # succeeded) uses twice the anchors with half the restarts: with noisy d̂, 16 anchors' 120
         # distances are fitted better by wrong solutions than by the true ones, 32 anchors' 496
@@ -538,10 +588,77 @@ def recover_symmetric(
             best = (start, d_anchor)
         if start.anchor_loss < anchor_tol:
             break
-    start, d_anchor = best
-    ei, ej, ed = with_anchor_edges(i, j, d, start.anchors, d_anchor)
+    if best is None:  # spectral == "only"
+        empty = np.zeros(0, dtype=np.int64)
+        start = AnchorStart(empty, np.zeros((0, 4)), float("nan"), spec["quaternions"], 0.0)
+    else:
+        start, d_anchor = best
+        start.graph_residual = start_residual(start.quaternions, graph_edges, symmetry)
+    if spec is not None:
+        start.spectral = spec["start"]
+        start.spectral_graph_residual = spec["graph_residual"]
+    if spec is not None and (best is None or spec["graph_residual"] < start.graph_residual):
+        start.kind = "spectral"
+        ei, ej, ed = _merge_edges(graph_edges, spec["edges"])
+        init = spec["quaternions"]
+    else:
+        ei, ej, ed = with_anchor_edges(i, j, d, start.anchors, d_anchor)
+        init = start.quaternions
     obj = SymmetricEdgeObjective(ei, ej, ed, symmetry, device=s.device)
-    res = recover_orientations(n_nodes, [obj], settings=s, init=start.quaternions, progress=progress)
+    res = recover_orientations(n_nodes, [obj], settings=s, init=init, progress=progress)
     res.restart_losses = tried
     res.seconds = time.perf_counter() - t0
     return res, start
+
+
+def _merge_edges(*edge_sets):
+    """Edge lists ``(i, j, d)`` joined, self-pairs and duplicates dropped (the first keeps its d̂)."""
+    from cryoorient_ray.core.recovery.graph import unique_edges
+
+    all_i = np.concatenate([np.asarray(e[0], dtype=np.int64) for e in edge_sets])
+    all_j = np.concatenate([np.asarray(e[1], dtype=np.int64) for e in edge_sets])
+    all_d = np.concatenate([np.asarray(e[2], dtype=np.float32) for e in edge_sets])
+    keep = all_i != all_j
+    all_i, all_j, all_d = all_i[keep], all_j[keep], all_d[keep]
+    lo, hi = np.minimum(all_i, all_j), np.maximum(all_i, all_j)
+    ui, uj = unique_edges(lo, hi)
+    width = int(hi.max(initial=0)) + 1
+    _, first = np.unique(lo * width + hi, return_index=True)
+    return ui, uj, all_d[first]
+
+
+def _spectral_candidate(n_nodes, distance, symmetry, seed, max_nodes, n_edges, n_candidates, n_anchors=32, block=256):
+    """The spectral start of :func:`recover_symmetric`: ``{"quaternions", "start", "edges"}``.
+
+    d̂ of every pair of ``min(n_nodes, max_nodes)`` nodes (a random subset beyond ``max_nodes``),
+    :func:`~cryoorient_ray.core.recovery.spectral.spectral_start` on them; nodes outside the subset
+    are trilaterated from ``n_anchors`` of the subset. ``edges``: ``n_edges`` random partners per
+    subset node (their d̂ from the matrix), plus the node–anchor edges of the trilaterated nodes."""
+    from cryoorient_ray.core.recovery.solver import check_distances
+    from cryoorient_ray.core.recovery.spectral import spectral_start
+
+    rng = np.random.default_rng(seed + 7)
+    sub = np.arange(n_nodes) if n_nodes <= max_nodes else np.sort(rng.choice(n_nodes, max_nodes, replace=False))
+    m = len(sub)
+    dm = np.zeros((m, m))
+    for a in range(0, m, block):
+        rows = np.arange(a, min(m, a + block))
+        ri, rj = np.repeat(rows, m), np.tile(np.arange(m), len(rows))
+        dm[rows] = check_distances(distance(sub[ri], sub[rj])).reshape(len(rows), m)
+    dm = 0.5 * (dm + dm.T)
+    np.fill_diagonal(dm, 0.0)
+    spec = spectral_start(dm, symmetry, seed=seed)
+    q0 = np.zeros((n_nodes, 4))
+    q0[sub] = spec.quaternions
+    pi = np.repeat(np.arange(m), n_edges)
+    pj = (pi + rng.integers(1, m, len(pi))) % m
+    edges = [(sub[pi], sub[pj], dm[pi, pj])]
+    rest = np.setdiff1d(np.arange(n_nodes), sub)
+    if len(rest):
+        anchors = sub[np.sort(rng.choice(m, min(n_anchors, m), replace=False))]
+        ai, aj = np.repeat(rest, len(anchors)), np.tile(anchors, len(rest))
+        d_anchor = check_distances(distance(ai, aj)).reshape(len(rest), len(anchors))
+        q0[rest] = trilaterate(d_anchor, q0[anchors], symmetry, n_candidates=n_candidates, seed=seed)
+        edges.append((ai, aj, d_anchor.reshape(-1)))
+    e = _merge_edges(*edges)
+    return {"quaternions": quat_canonicalize(q0), "start": spec, "edges": e}
