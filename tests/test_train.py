@@ -66,6 +66,7 @@ ONE_WORKER = TrainConfig(
 )
 
 
+@pytest.mark.slow  # two Ray Train fits, 43 s on 2 cores: determinism, run by `make test-all`
 def test_one_worker_same_seed_same_model(two_protein_store, tmp_path):
     """Data in memory: the batch order and the initial weights follow the seed, so one worker
     trains the same model twice."""
