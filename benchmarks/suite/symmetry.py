@@ -2,10 +2,11 @@
 
 Rows: C1 with half and quarter coverage of the viewing directions (the C1 Gram start and L_OR,
 :mod:`cryoorient_ray.core.recovery.solver`), and the point groups C2, C3, D2, D7 (GroEL-like) and
-I (a capsid's group) on full SO(3) (the anchor start and the symmetric L_OR,
-:mod:`cryoorient_ray.core.recovery.symmetric`); exact d_G and d_G + N(0, σ² = 0.1), P = 1,000
-each, on the pair graph of the other benchmarks (10 nearest + 20 random partners per
-projection; the symmetric recovery adds 16 anchor edges per projection). Errors are
+I (a capsid's group) on full SO(3) (the anchor start, for D2 also the spectral start, and the
+symmetric L_OR, :mod:`cryoorient_ray.core.recovery.symmetric`); exact d_G and d_G + N(0, σ² =
+0.1), P = 1,000 each, on the pair graph of the other benchmarks (10 nearest + 20 random partners
+per projection; the symmetric recovery adds the anchor start's 16 or 32 anchor edges per
+projection, or the spectral start's 128 random ones). Errors are
 symmetry-aware: E_OR (O(4)) and the registration error (rotation + hand), min over mates per
 image before the mean. Only orientations are simulated: the groups' rows need no map.
 
