@@ -289,7 +289,6 @@ def _learned(ctx: Context, key: str, snr_db, coverage: str, group: str) -> dict:
     ``model.pt`` + ``train.json``, ``recovered.npz`` + ``recover.json``, ``oracle.json``,
     ``refined.json``) and a re-run reuses it unless ``SYMMETRY_FRESH`` names the stage (a redone stage
     redoes the ones after it)."""
-    from cryoorient_ray.core.recovery.align import align_o4, align_rotation
     from cryoorient_ray.io.store import ProjectionStore, store_exists
 
     folder = WORK / f"symmetry_{ctx.scale}" / key
@@ -307,28 +306,16 @@ def _learned(ctx: Context, key: str, snr_db, coverage: str, group: str) -> dict:
     model_path = folder / "model.pt"
     trained = None if redo else _cached(folder / "train.json", "train")
     if trained is None or not model_path.is_file():
-        net, train_s = common.train_plain(
-            store, steps, model=ctx.pick(common.SMALL_MODEL, common.PAPER_MODEL), seed=ctx.seed
-        )
-        from cryoorient_ray.core.learning.model import save_distance_model
-
-        save_distance_model(model_path, net)
+        train_s = _train(ctx, store, steps, ctx.seed, model_path)
         quality = common.distance_quality(store, model_path, split="test", n_pairs=2000, seed=ctx.seed)["learned"]
         trained = {"train (s)": round(train_s, 1), "test L_DE": float(quality["L_DE"]), "steps": steps}
         (folder / "train.json").write_text(json.dumps(trained, indent=2) + "\n")
         redo = True
+    retrained = redo  # the store or the model is new: the extra seeds' models are stale
     recovered = None if redo else _cached(folder / "recover.json", "recover")
     if recovered is None or not (folder / "recovered.npz").is_file():
-        rec = common.recover(store, model_path, gauge=True, seed=ctx.seed)
-        outcome = rec["outcome"]
-        rows = outcome.selection.rows[outcome.nodes]
-        q_true = outcome.selection.q_true[outcome.nodes]
-        q_rec = np.asarray(outcome.q_final, dtype=np.float64)
+        recovered, (rows, q_rec, q_true) = _recover(store, model_path, ctx.seed)
         np.savez(folder / "recovered.npz", rows=rows, quaternions=q_rec, q_true=q_true)
-        reg = align_rotation(q_true, q_rec, symmetry="D2", seed=ctx.seed)
-        e_or = float(align_o4(q_true, q_rec, symmetry="D2", seed=ctx.seed).mean)
-        recovered = {"E_OR (rad)": e_or, "rot+hand (rad)": float(reg.mean), "hand": reg.hand}
-        recovered["recover (s)"] = rec["wall_s"]
         (folder / "recover.json").write_text(json.dumps(recovered, indent=2) + "\n")
         redo = True
     npz = np.load(folder / "recovered.npz")
@@ -355,7 +342,7 @@ def _learned(ctx: Context, key: str, snr_db, coverage: str, group: str) -> dict:
         for v, g in ((recovered["rot+hand (rad)"], goals[0]), (refined["refined rot+hand (rad)"], goals[1]))
         if g is not None
     ]
-    by_seed = _other_seeds(ctx, key, folder, store, steps, recovered)
+    by_seed = _other_seeds(ctx, key, folder, store, steps, recovered, retrained)
     return {
         "row": key,
         "SNR (dB)": snr_db,
@@ -385,33 +372,50 @@ def _seeds() -> list[int]:
     return [int(w) for w in os.environ.get("SYMMETRY_SEEDS", "").split(",") if w.strip()]
 
 
-def _other_seeds(ctx: Context, key: str, folder, store, steps: int, recovered: dict) -> dict:
+def _train(ctx: Context, store, steps: int, seed: int, model_path) -> float:
+    """The row's distance (``common.train_plain``, the scale's model) saved to ``model_path``; its seconds."""
+    from cryoorient_ray.core.learning.model import save_distance_model
+
+    net, train_s = common.train_plain(store, steps, model=ctx.pick(common.SMALL_MODEL, common.PAPER_MODEL), seed=seed)
+    save_distance_model(model_path, net)
+    return train_s
+
+
+def _recover(store, model_path, seed: int) -> tuple[dict, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The test images recovered with the gauge: the D2-aware errors ``{"E_OR (rad)", "rot+hand (rad)",
+    "hand", "start", "recover (s)"}`` and ``(rows, recovered, true)`` quaternions of the nodes kept."""
+    from cryoorient_ray.core.recovery.align import align_o4, align_rotation
+
+    rec = common.recover(store, model_path, gauge=True, seed=seed)
+    outcome = rec["outcome"]
+    rows = outcome.selection.rows[outcome.nodes]
+    q_true = outcome.selection.q_true[outcome.nodes]
+    q_rec = np.asarray(outcome.q_final, dtype=np.float64)
+    reg = align_rotation(q_true, q_rec, symmetry="D2", seed=seed)
+    e_or = float(align_o4(q_true, q_rec, symmetry="D2", seed=seed).mean)
+    errors = {"E_OR (rad)": e_or, "rot+hand (rad)": float(reg.mean), "hand": reg.hand}
+    errors |= {"start": outcome.metrics.get("start"), "recover (s)": rec["wall_s"]}
+    return errors, (rows, q_rec, q_true)
+
+
+def _other_seeds(ctx: Context, key: str, folder, store, steps: int, recovered: dict, retrained: bool) -> dict:
     """The row's distance trained again with each of :func:`_seeds` (``model_seed<s>.pt``), the same
-    test images recovered with the gauge (``recover_seed<s>.json``); both cached like the rest.
+    test images recovered with the gauge (``recover_seed<s>.json``); both cached like the rest, and
+    the models retrained when the row's store or model was (``retrained``).
     Returns ``{"rot+hand by training seed (rad)": {seed: error}, "rot+hand mean over seeds (rad)",
     "rot+hand spread over seeds (rad)"}`` (the row's own seed included), or ``{}`` without extra seeds."""
-    from cryoorient_ray.core.learning.model import save_distance_model
-    from cryoorient_ray.core.recovery.align import align_rotation
-
     seeds = [s for s in _seeds() if s != ctx.seed]
     if not seeds:
         return {}
     errors = {ctx.seed: recovered["rot+hand (rad)"]}
     for seed in seeds:
         model_path, rec_path = folder / f"model_seed{seed}.pt", folder / f"recover_seed{seed}.json"
-        if "train" in _fresh() or not model_path.is_file():
-            net, _ = common.train_plain(store, steps, model=ctx.pick(common.SMALL_MODEL, common.PAPER_MODEL), seed=seed)
-            save_distance_model(model_path, net)
+        if retrained or "train" in _fresh() or not model_path.is_file():
+            _train(ctx, store, steps, seed, model_path)
             rec_path.unlink(missing_ok=True)
         cached = _cached(rec_path, "recover")
         if cached is None:
-            rec = common.recover(store, model_path, gauge=True, seed=seed)
-            out = rec["outcome"]
-            q_true = out.selection.q_true[out.nodes]
-            q_rec = np.asarray(out.q_final, dtype=np.float64)
-            reg = align_rotation(q_true, q_rec, symmetry="D2", seed=seed)
-            cached = {"rot+hand (rad)": float(reg.mean), "start": out.metrics.get("start")}
-            cached["recover (s)"] = rec["wall_s"]
+            cached, _ = _recover(store, model_path, seed)
             rec_path.write_text(json.dumps(cached, indent=2) + "\n")
         errors[seed] = cached["rot+hand (rad)"]
         ctx.say(f"{key}, training seed {seed}: recovered {errors[seed]:.3f} rad (start: {cached.get('start')})")

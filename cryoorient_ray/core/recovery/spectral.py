@@ -99,19 +99,19 @@ def d2_features(rotmat: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-@lru_cache(maxsize=2)
-def _uniform(n: int = 200_000, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Uniform random rotations ``(n, 3, 3)`` and their features ``(n, 10)`` (Monte Carlo tables)."""
+@lru_cache(maxsize=1)
+def _uniform(n: int = 200_000, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Uniform random rotations as quaternions ``(n, 4)`` and matrices ``(n, 3, 3)``, and their
+    features ``(n, 10)`` (the Monte Carlo tables)."""
     q = random_unitquat(n, seed=seed, dtype=torch.float64).numpy()
     r = np.asarray(unitquat_to_rotmat(q))
-    return r, d2_features(r)
+    return q, r, d2_features(r)
 
 
 @lru_cache(maxsize=2)
 def _calibration(name: str = "D2", bins: int = 60) -> tuple[np.ndarray, np.ndarray]:
     """``F``: the mean of ``Σ_k (R_iᵀ R_j)_kk²`` given ``d_G``, tabulated at bin centres."""
-    r, _ = _uniform()
-    q = np.asarray(rotmat_to_unitquat(r))
+    q, r, _ = _uniform()
     ident = np.tile([1.0, 0.0, 0.0, 0.0], (len(q), 1))
     d = np.asarray(symmetric_quat_distance(ident, q, name), dtype=np.float64)
     h = (np.diagonal(r, axis1=1, axis2=2) ** 2).sum(1)
@@ -127,7 +127,7 @@ def _calibration(name: str = "D2", bins: int = 60) -> tuple[np.ndarray, np.ndarr
 @lru_cache(maxsize=1)
 def _moments(n: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
     """Third and fourth moments ``(10,)*3`` and ``(10,)*4`` of ``f`` over uniform rotations."""
-    _, f = _uniform()
+    _, _, f = _uniform()
     f = f[:n]
     c3 = np.einsum("pa,pb,pc->abc", f, f, f) / n
     c4 = np.einsum("pa,pb,pc,pd->abcd", f, f, f, f, optimize=True) / n
@@ -227,15 +227,15 @@ def _alternate(v: np.ndarray, q: np.ndarray, iters: int = 80) -> tuple[float, np
 
 
 def _pair_residual(q: np.ndarray, d: np.ndarray, grp: SymmetryGroup, max_pairs: int, seed: int) -> float:
-    """Mean ``(d̂ − d_G(q̂))²`` over up to ``max_pairs`` random pairs of ``d``."""
+    """:func:`~cryoorient_ray.core.recovery.symmetric.start_residual` over up to ``max_pairs`` random pairs of ``d``."""
+    from cryoorient_ray.core.recovery.symmetric import start_residual
+
     n = len(q)
     rng = np.random.default_rng(seed)
     m = min(max_pairs, n * (n - 1) // 2)
     i = rng.integers(0, n, m)
     j = (i + rng.integers(1, n, m)) % n
-    qt = torch.as_tensor(q, dtype=torch.float64)
-    dg = np.asarray(symmetric_quat_distance(qt[torch.as_tensor(i)], qt[torch.as_tensor(j)], grp), dtype=np.float64)
-    return float(np.mean((d[i, j] - dg) ** 2))
+    return start_residual(q, (i, j, d[i, j]), grp)
 
 
 @dataclass

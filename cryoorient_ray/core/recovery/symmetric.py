@@ -383,23 +383,27 @@ def trilaterate(
 
 
 def with_anchor_edges(i, j, d, anchors: np.ndarray, d_to_anchors: np.ndarray):
-    """The pair graph's edges plus every node–anchor edge (no self-pairs, no duplicates): ``(i, j, d)``."""
+    """The pair graph's edges plus every node–anchor edge (no self-pairs, no duplicates; the graph's
+    own d̂ kept where both have an edge): ``(i, j, d)``."""
+    p, k = d_to_anchors.shape
+    anchor_edges = (np.repeat(np.arange(p), k), np.tile(np.asarray(anchors), p), np.asarray(d_to_anchors).reshape(-1))
+    return _merge_edges((i, j, d), anchor_edges)
+
+
+def _merge_edges(*edge_sets):
+    """Edge lists ``(i, j, d)`` joined, self-pairs and duplicates dropped (the first keeps its d̂)."""
     from cryoorient_ray.core.recovery.graph import unique_edges
 
-    p, k = d_to_anchors.shape
-    ai = np.repeat(np.arange(p), k)
-    aj = np.tile(np.asarray(anchors), p)
-    ad = np.asarray(d_to_anchors, np.float32).reshape(-1)
-    keep = ai != aj
-    all_i = np.concatenate([np.asarray(i), ai[keep]])
-    all_j = np.concatenate([np.asarray(j), aj[keep]])
-    all_d = np.concatenate([np.asarray(d, np.float32), ad[keep]])
+    all_i = np.concatenate([np.asarray(e[0], dtype=np.int64) for e in edge_sets])
+    all_j = np.concatenate([np.asarray(e[1], dtype=np.int64) for e in edge_sets])
+    all_d = np.concatenate([np.asarray(e[2], dtype=np.float32) for e in edge_sets])
+    keep = all_i != all_j
+    all_i, all_j, all_d = all_i[keep], all_j[keep], all_d[keep]
     lo, hi = np.minimum(all_i, all_j), np.maximum(all_i, all_j)
     ui, uj = unique_edges(lo, hi)
-    # the first occurrence of each edge keeps its distance (the graph's own before the anchors')
-    width = int(max(hi.max(initial=0), 0)) + 1
-    key = lo * width + hi
-    _, first = np.unique(key, return_index=True)
+    # the first occurrence of each edge keeps its distance (e.g. the graph's own before the anchors')
+    width = int(hi.max(initial=0)) + 1
+    _, first = np.unique(lo * width + hi, return_index=True)
     return ui, uj, all_d[first]
 
 
@@ -609,22 +613,6 @@ def recover_symmetric(
     res.restart_losses = tried
     res.seconds = time.perf_counter() - t0
     return res, start
-
-
-def _merge_edges(*edge_sets):
-    """Edge lists ``(i, j, d)`` joined, self-pairs and duplicates dropped (the first keeps its d̂)."""
-    from cryoorient_ray.core.recovery.graph import unique_edges
-
-    all_i = np.concatenate([np.asarray(e[0], dtype=np.int64) for e in edge_sets])
-    all_j = np.concatenate([np.asarray(e[1], dtype=np.int64) for e in edge_sets])
-    all_d = np.concatenate([np.asarray(e[2], dtype=np.float32) for e in edge_sets])
-    keep = all_i != all_j
-    all_i, all_j, all_d = all_i[keep], all_j[keep], all_d[keep]
-    lo, hi = np.minimum(all_i, all_j), np.maximum(all_i, all_j)
-    ui, uj = unique_edges(lo, hi)
-    width = int(hi.max(initial=0)) + 1
-    _, first = np.unique(lo * width + hi, return_index=True)
-    return ui, uj, all_d[first]
 
 
 def _spectral_candidate(n_nodes, distance, symmetry, seed, max_nodes, n_edges, n_candidates, n_anchors=32, block=256):
