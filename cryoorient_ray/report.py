@@ -88,6 +88,14 @@ def _fmt(value, scale=None, digits: int = 2) -> str:
     return f"{(scale(value) if scale else value):.{digits}f}"
 
 
+def symmetry_frame_line(frame: dict) -> str:
+    """One line for a refinement's ``symmetry_frame`` (its :meth:`SymmetryFrame.summary`)."""
+    return (
+        f"ab initio map turned {frame['angle_deg']:.1f}° onto the declared symmetry axes "
+        f"(self-agreement under the group {frame['identity_score']:.3f} → {frame['score']:.3f})"
+    )
+
+
 def refine_table(out: Path) -> str:
     """The refinement's iterations and final numbers as HTML, from ``refined.json`` ('' when there is none)."""
     import math
@@ -124,15 +132,7 @@ def refine_table(out: Path) -> str:
             if "start" in init
             else []
         ),
-        *(
-            [
-                f"ab initio map turned {init['symmetry_frame']['angle_deg']:.1f}° onto the declared symmetry axes "
-                f"(self-agreement {init['symmetry_frame']['identity_score']:.3f} → "
-                f"{init['symmetry_frame']['score']:.3f})"
-            ]
-            if "symmetry_frame" in init
-            else []
-        ),
+        *([symmetry_frame_line(init["symmetry_frame"])] if "symmetry_frame" in init else []),
         f"final half-map resolution FSC0.143 {final.get('halfmap_fsc0143_A')} Å, "
         f"FSC0.5 {final.get('halfmap_fsc05_A')} Å",
     ]

@@ -505,11 +505,9 @@ def refine_into(cfg: RunConfig, run: RefineRun, folder: Path, progress: bool = T
     if "start" in first:
         say(f"initial model: {first['start']} ({first.get('start_reason', '')})")
     if "symmetry_frame" in first:
-        fr = first["symmetry_frame"]
-        say(
-            f"ab initio map turned {fr['angle_deg']:.1f}° to put its {run.settings.symmetry} axes on the declared ones "
-            f"(self-agreement under the group {fr['identity_score']:.3f} → {fr['score']:.3f})"
-        )
+        from cryoorient_ray.report import symmetry_frame_line
+
+        say(f"{run.settings.symmetry}: {symmetry_frame_line(first['symmetry_frame'])}")
     return write_refine_outputs(store, run, result, curves, folder, started=t0)
 
 
