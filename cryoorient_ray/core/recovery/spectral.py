@@ -226,16 +226,14 @@ def _alternate(v: np.ndarray, q: np.ndarray, iters: int = 80) -> tuple[float, np
     return resid, r
 
 
-def _pair_residual(q: np.ndarray, d: np.ndarray, grp: SymmetryGroup, max_pairs: int, seed: int) -> float:
-    """:func:`~cryoorient_ray.core.recovery.symmetric.start_residual` over up to ``max_pairs`` random pairs of ``d``."""
-    from cryoorient_ray.core.recovery.symmetric import start_residual
-
-    n = len(q)
+def _random_pairs(d: np.ndarray, max_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Up to ``max_pairs`` random pairs ``(i, j, d̂_ij)`` of ``d`` (``i ≠ j``): the edges candidates are judged on."""
+    n = d.shape[0]
     rng = np.random.default_rng(seed)
     m = min(max_pairs, n * (n - 1) // 2)
     i = rng.integers(0, n, m)
     j = (i + rng.integers(1, n, m)) % n
-    return start_residual(q, (i, j, d[i, j]), grp)
+    return i, j, d[i, j]
 
 
 @dataclass
@@ -283,14 +281,17 @@ def spectral_start(
         )
     t0 = time.perf_counter()
     d = np.asarray(d, dtype=np.float64)
+    from cryoorient_ray.core.recovery.symmetric import start_residual
+
     v_all, ev = spectral_embedding(d, max(12, max(dims)), grp)
+    pairs = _random_pairs(d, max_pairs, seed)
     best, tried = None, []
     for k in dims:
         v = v_all[:, :k]
         for mixing, q0 in enumerate(_match_moments(v, starts, steps, seed + k, keep)):
             fres, r = _alternate(v, q0)
             q = np.asarray(quat_canonicalize(rotmat_to_unitquat(r)), dtype=np.float64)
-            res = _pair_residual(q, d, grp, max_pairs, seed)
+            res = start_residual(q, pairs, grp)
             tried.append((k, mixing, fres, res))
             if best is None or res < best[0]:
                 best = (res, fres, k, q)
